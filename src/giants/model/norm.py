@@ -1,0 +1,44 @@
+"""Norms. Statistics in fp32, result cast back to the input dtype."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from giants.config import ModelConfig
+
+
+class Norm(nn.Module):
+    """RMSNorm (`w * x`), Gemma's RMSNorm (`(1 + w) * x`, weight stored as the offset) or LayerNorm."""
+
+    def __init__(self, dim: int, kind: str, eps: float) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        init = torch.zeros if kind == "rmsnorm_plus_one" else torch.ones
+        self.weight = nn.Parameter(init(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        if self.kind == "layernorm":
+            y = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), self.weight.float(),
+                                               self.bias.float() if self.bias is not None else None, self.eps)
+            return y.to(dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        if self.kind == "rmsnorm_plus_one":
+            w = 1.0 + w
+        return (y * w).to(dtype)
+
+    def reset_parameters(self) -> None:
+        if self.kind == "rmsnorm_plus_one":
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def make_norm(cfg: ModelConfig) -> Norm:
+    return Norm(cfg.d_model, cfg.norm_kind, cfg.norm_eps)
