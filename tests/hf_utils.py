@@ -21,7 +21,8 @@ def hf_model_from_config(cfg: ModelConfig, seed: int = 0):
         # tensor cannot hide behind an identity or zero initialisation.
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if cfg.norm_kind != "rmsnorm_plus_one" else 0.1 * torch.randn_like(p))
+                offset = 0.0 if cfg.norm_kind == "rmsnorm_plus_one" else 1.0
+                p.copy_(offset + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.05 if p.dim() > 1 else 0.1)
     return model.eval().float()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_TINY, HF_TINY
-from hf_utils import hf_model_from_config, load_hf_safetensors, save_hf
 
 from giants import ModelConfig, Transformer, build, get_config
 from giants.checkpoint.hf_map import giants_to_hf, hf_to_giants
+
+from conftest import ALL_TINY, HF_TINY
+from hf_utils import hf_model_from_config, load_hf_safetensors, save_hf
 
 
 def _ours_from_hf_dir(cfg: ModelConfig, path) -> Transformer:

@@ -204,7 +204,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                 mismatch.append("router_bias/mlp_bias/router_softmax_before_topk")
     elif mt == "gemma2":
         hf.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
-                  attention_bias=cfg.attn_qkv_bias, query_pre_attn_scalar=_int_if_whole(cfg.query_scale or cfg.head_dim),
+                  attention_bias=cfg.attn_qkv_bias,
+                  query_pre_attn_scalar=_int_if_whole(cfg.query_scale or cfg.head_dim),
                   sliding_window=window or cfg.max_context, layer_types=types,
                   attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
         if cfg.is_moe or cfg.norm_kind != "rmsnorm_plus_one":

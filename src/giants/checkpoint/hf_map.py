@@ -76,7 +76,8 @@ def family_rules(cfg: ModelConfig) -> list[Rule]:
             # HF: gate_up_proj (E, D, 2F) with gate/up interleaved on the last axis; ours (E, F, D) each.
             rules.append(Rule(
                 (o + "mlp.w_gate", o + "mlp.w_up"), (m + "experts.gate_up_proj",),
-                lambda ts: [ts[0][..., ::2].transpose(1, 2).contiguous(), ts[0][..., 1::2].transpose(1, 2).contiguous()],
+                lambda ts: [ts[0][..., 0::2].transpose(1, 2).contiguous(),
+                            ts[0][..., 1::2].transpose(1, 2).contiguous()],
                 lambda ts: [_interleave(ts[0], ts[1]).transpose(1, 2).contiguous()]))
             rules.append(Rule(
                 (o + "mlp.b_gate", o + "mlp.b_up"), (m + "experts.gate_up_proj_bias",),
@@ -115,8 +116,7 @@ def hf_to_giants(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, *, strict: bo
             raise MissingTensorError(f"{source}: missing tensor {missing[0]!r}"
                                      + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
         used.update(rule.hf)
-        for name, t in zip(rule.ours, rule.to_ours([hf[n] for n in rule.hf])):
-            yield name, t
+        yield from zip(rule.ours, rule.to_ours([hf[n] for n in rule.hf]))
     if strict:
         extra = sorted(k for k in hf.keys() if k not in used and not _ignorable(k, cfg))
         if extra:
@@ -132,8 +132,7 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 def giants_to_hf(ours: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for export; the inverse of `hf_to_giants`."""
     for rule in family_rules(cfg):
-        for name, t in zip(rule.hf, rule.to_hf([ours[n] for n in rule.ours])):
-            yield name, t
+        yield from zip(rule.hf, rule.to_hf([ours[n] for n in rule.ours]))
 
 
 def hf_names(cfg: ModelConfig) -> list[str]:
