@@ -42,17 +42,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     # Math path for soft-capped or sink attention: scores (B, Hkv, G, T, S) without repeating k/v.
     G = H // Hkv
     qg = q.view(B, Hkv, G, T, D)
-    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float() * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # soft-cap and softmax in fp32 (fp64 in tests)
+    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).to(acc) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
-        scores = scores + bias.float().view(B, Hkv, G, T, S)
+        scores = scores + bias.to(acc).view(B, Hkv, G, T, S)
     if allowed is None:
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None]
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     if sinks is not None:
         # The sink is an extra logit in each row's softmax denominator whose value is dropped.
-        sink = sinks.float().view(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
+        sink = sinks.to(acc).view(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
         scores = torch.cat([scores, sink], dim=-1)
         probs = torch.softmax(scores, dim=-1)[..., :-1]
     else:
