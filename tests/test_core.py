@@ -298,3 +298,13 @@ def test_config_json_round_trip(tmp_path):
         p = tmp_path / f"{name}.json"
         p.write_text(json.dumps(cfg.to_dict()))
         assert ModelConfig.from_json(p) == cfg
+
+
+def test_to_hf_refuses_what_the_family_cannot_express():
+    cfg = get_config("tiny-llama")
+    with pytest.raises(ValueError, match="attn_softcap"):
+        cfg.replace(attn_softcap=30.0).to_hf()
+    with pytest.raises(ValueError, match="norm_kind"):
+        cfg.replace(norm_kind="layernorm").to_hf()
+    with pytest.raises(ValueError, match="position"):
+        get_config("tiny-gpt-oss-described").to_hf()

@@ -170,6 +170,26 @@ def _int_if_whole(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
+def _unexpressible(cfg: ModelConfig, mt: str) -> list[str]:
+    """Fields set to values the target HF family has no way to express."""
+    gemma = mt == "gemma2"
+    want = {
+        "activation": {"llama": "silu_glu", "mixtral": "silu_glu", "gemma2": "gelu_tanh_glu",
+                       "gpt_oss": "clamped_swiglu"}[mt],
+        "norm_kind": "rmsnorm_plus_one" if gemma else "rmsnorm",
+        "post_norms": gemma,
+        "embed_scale": float(cfg.d_model) ** 0.5 if gemma else None,
+    }
+    out = [f"{k}={getattr(cfg, k)!r} (HF {mt} needs {v!r})" for k, v in want.items()
+           if (getattr(cfg, k) != v if not isinstance(v, float) else abs((getattr(cfg, k) or 0) - v) > 1e-6)]
+    if not gemma:
+        out += [f"{k}={getattr(cfg, k)!r} (HF {mt} has none)" for k in ("attn_softcap", "final_softcap")
+                if getattr(cfg, k) is not None]
+        if cfg.query_scale not in (None, float(cfg.head_dim)):
+            out.append(f"query_scale={cfg.query_scale!r} (HF {mt} scales by head_dim)")
+    return out
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     mt = hf_model_type(cfg)
     hf: dict[str, Any] = dict(
@@ -185,7 +205,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         attention_dropout=0.0, use_cache=True,
     )
     window, types = _layer_types(cfg)
-    mismatch = []
+    mismatch = _unexpressible(cfg, mt)
     if mt in ("llama", "mixtral"):
         if cfg.attn_qkv_bias != cfg.attn_out_bias:
             mismatch.append("attn_qkv_bias/attn_out_bias must be equal")
