@@ -1,0 +1,350 @@
+"""The engine: requests in, a continuous batch over a paged KV cache, outputs out, one step at a time.
+
+Each `step()` schedules work under a token budget: running sequences first (one token each when
+decoding, a chunk when a prompt is still being prefilled), then waiting sequences while blocks, the
+budget and `max_num_seqs` allow (prefix-cache hits skip the matching prompt blocks). When a running
+sequence needs a block and none is free, the most recently admitted sequence is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed from its tokens later (the
+prefix cache usually gives most of them back). Requests join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from giants.inference.detokenize import IncrementalText
+from giants.inference.kv_cache import KVCacheManager, SeqBlocks
+from giants.inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from giants.inference.params import SamplingParams
+from giants.inference.runner import Chunk, ModelRunner
+from giants.inference.sampling import Sampler, SamplingRow
+from giants.model.transformer import Transformer
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request: Request, index: int, n_groups: int, generator: torch.Generator | None,
+                 tokenizer: Any) -> None:
+        self.seq_id, self.request, self.index = seq_id, request, index
+        self.prompt_ids = request.prompt_token_ids
+        self.output_ids: list[int] = []
+        self.num_computed = 0
+        self.status = WAITING
+        self.blocks = SeqBlocks(n_groups)
+        self.generator = generator
+        p = request.params
+        self.text = IncrementalText(tokenizer, self.prompt_ids, p.stop_strings, p.skip_special_tokens)
+        self.logprobs: list[dict[int, float]] | None = [] if p.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.reported_tokens = 0
+        self.finish_reported = False
+        self.admitted_once = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    prompt: str | None = None
+    seqs: list[Sequence] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status == FINISHED for s in self.seqs)
+
+
+def _eos_ids(model: Transformer, tokenizer: Any) -> set[int]:
+    eos = model.config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tok_eos, int):
+        ids.add(tok_eos)
+    return ids
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Any = None, *, max_model_len: int | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 device: torch.device | str | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
+                 use_cuda_graphs: bool = True) -> None:
+        cfg = model.config
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        if p.device != self.device:
+            model = model.to(self.device)
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
+        self.max_model_len = int(max_model_len or cfg.max_context)
+        if not 1 <= self.max_model_len <= cfg.max_context:
+            raise ValueError(f"max_model_len: must be in [1, max_context={cfg.max_context}] (got {max_model_len})")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1 (got {max_num_seqs})")
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = int(max_num_batched_tokens or 2048)
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1 (got {max_num_batched_tokens})")
+        self.block_size = block_size
+        dtype = p.dtype
+        if num_blocks is None:
+            num_blocks = self._auto_num_blocks(block_size, dtype, gpu_memory_utilization)
+        self.kv = KVCacheManager(cfg, block_size=block_size, num_blocks=num_blocks, max_model_len=self.max_model_len,
+                                 dtype=dtype, device=self.device, enable_prefix_caching=enable_prefix_caching)
+        self.runner = self._make_runner(use_cuda_graphs)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.sampler = Sampler(self.generator)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # ---- setup -------------------------------------------------------------------
+    def _auto_num_blocks(self, block_size: int, dtype: torch.dtype, util: float) -> list[int]:
+        cfg = self.cfg
+        windows = sorted({w if w and w < self.max_model_len else 0 for w in cfg.windows})
+        layers = {w: sum(1 for x in cfg.windows if (x if x and x < self.max_model_len else 0) == w) for w in windows}
+        per_seq = {w: (-(-self.max_model_len // block_size) if not w else
+                       min(-(-(w + self.max_num_batched_tokens) // block_size) + 1,
+                           -(-self.max_model_len // block_size))) for w in windows}
+        per_block = {w: KVCacheManager.bytes_per_block(cfg, block_size, layers[w], dtype) for w in windows}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * util) - (total - free) - (1 << 30) - 4 * self.max_num_batched_tokens * cfg.vocab_size
+        else:
+            budget = 1 << 30
+        # Enough for every sequence at full length if that fits, else as many as the budget allows.
+        full = sum(per_seq[w] * per_block[w] for w in windows) * self.max_num_seqs
+        scale = min(1.0, max(budget, 0) / full)
+        counts = [max(per_seq[w], int(per_seq[w] * self.max_num_seqs * scale)) for w in windows]
+        return counts
+
+    def _make_runner(self, use_cuda_graphs: bool):
+        if self.device.type == "cuda" and use_cuda_graphs:
+            from giants.inference.cuda_runner import CudaModelRunner
+
+            return CudaModelRunner(self.model, self.kv, max_num_seqs=self.max_num_seqs)
+        return ModelRunner(self.model, self.kv)
+
+    # ---- requests ----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: must be a SamplingParams (got {type(params).__name__})")
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt_token_ids: the prompt is empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.cfg.vocab_size for t in ids):
+            bad = next(t for t in ids if not (isinstance(t, int) and 0 <= t < self.cfg.vocab_size))
+            raise ValueError(f"prompt_token_ids: token id {bad!r} outside [0, vocab_size={self.cfg.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt_token_ids: the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} "
+                             "leaves no room to generate")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer (this engine has none)")
+        if not self.kv.fits_at_all(len(ids) + 1, self.max_num_batched_tokens):
+            raise ValueError(f"prompt_token_ids: {len(ids)} tokens do not fit in the KV cache "
+                             f"({self.kv.num_blocks_total} blocks of {self.block_size})")
+        now = time.perf_counter() if arrival_time is None else arrival_time
+        req = Request(request_id, ids, params, RequestMetrics(now, num_prompt_tokens=len(ids)), prompt)
+        req.seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                s = params.seed if i == 0 else hash((params.seed, i)) & ((1 << 63) - 1)
+                gen = torch.Generator(device=self.device).manual_seed(s)
+            seq = Sequence(next(self._seq_ids), req, i, len(self.kv.groups), gen, self.tokenizer)
+            req.seqs.append(seq)
+            self.waiting.append(seq)
+        self.requests[request_id] = req
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.status != FINISHED:
+                self._finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict[str, Any]:
+        total, free = self.kv.num_blocks_total, self.kv.num_blocks_free
+        return {
+            "num_running": len(self.running), "num_waiting": len(self.waiting),
+            "num_requests": len(self.requests),
+            "kv_blocks_used": total - free, "kv_blocks_free": free, "kv_blocks_total": total,
+            "kv_block_size": self.block_size,
+            "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
+            "num_preemptions": self.num_preemptions, "num_steps": self.num_steps,
+            "prefix_cache_queries": self.kv.prefix_queries, "prefix_cache_hits": self.kv.prefix_hits,
+        }
+
+    # ---- scheduling --------------------------------------------------------------
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING:
+            self.waiting.remove(seq)
+        seq.status = FINISHED
+        self.kv.free(seq.blocks)
+        if seq.request.finished:
+            seq.request.metrics.finished_time = time.perf_counter()
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.blocks)
+        seq.num_computed = 0
+        seq.status = WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        seq.request.metrics.num_preemptions += 1
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != RUNNING:
+                continue  # preempted below while making room for an earlier sequence
+            n = min(len(seq) - seq.num_computed, budget)
+            self.kv.release_outside_window(seq.blocks, seq.num_computed)
+            while not self.kv.allocate(seq.blocks, seq.num_computed, seq.num_computed + n):
+                victim = self.running[-1]
+                preempted = True
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status == RUNNING:
+                scheduled.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if seq.num_computed == 0:
+                seq.num_computed = self.kv.match_prefix(seq.blocks, seq.token_ids)
+                if not seq.admitted_once:
+                    seq.request.metrics.num_cached_tokens = max(seq.request.metrics.num_cached_tokens,
+                                                                seq.num_computed)
+            n = min(len(seq) - seq.num_computed, budget)
+            if not self.kv.allocate(seq.blocks, seq.num_computed, seq.num_computed + n):
+                if not self.running:
+                    # Nothing left to preempt: the sequence alone outgrew the cache.
+                    self._finish(seq, "length")
+                    continue
+                self.kv.free(seq.blocks)
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            seq.status = RUNNING
+            self.running.append(seq)
+            if not seq.admitted_once:
+                seq.admitted_once = True
+                self.prompt_tokens_total += len(seq.prompt_ids)
+                m = seq.request.metrics
+                m.first_scheduled_time = m.first_scheduled_time or time.perf_counter()
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    # ---- the step ----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self._schedule()
+        touched: dict[str, Request] = {}
+        if scheduled:
+            chunks = [Chunk(seq.blocks, seq.num_computed, seq.token_ids[seq.num_computed:seq.num_computed + n],
+                            seq.num_computed + n == len(seq)) for seq, n in scheduled]
+            logits = self.runner.execute(chunks)
+            sampling = [seq for (seq, n), c in zip(scheduled, chunks) if c.sample]
+            for seq, n in scheduled:
+                seq.num_computed += n
+            if sampling:
+                rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s in sampling]
+                result = self.sampler(logits, rows)
+                now = time.perf_counter()
+                for seq, tok, lp in zip(sampling, result.tokens, result.logprobs):
+                    self._append_token(seq, tok, lp, now)
+            for seq, _ in scheduled:
+                if seq.status == RUNNING:
+                    self.kv.register_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
+                touched[seq.request.request_id] = seq.request
+        # Requests finished outside a step (too long for the cache) still report once.
+        for req in list(self.requests.values()):
+            if req.finished:
+                touched[req.request_id] = req
+        self.num_steps += 1
+        outputs = []
+        for req in touched.values():
+            out = self._output(req)
+            if out is not None:
+                outputs.append(out)
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, tok: int, lp: dict[int, float] | None, now: float) -> None:
+        params = seq.request.params
+        seq.output_ids.append(tok)
+        self.generation_tokens_total += 1
+        m = seq.request.metrics
+        m.num_generated_tokens += 1
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        if seq.logprobs is not None:
+            seq.logprobs.append(lp)
+        if tok in params.stop_token_ids or (tok in self.eos_ids and not params.ignore_eos):
+            self._finish(seq, "stop", tok)
+            return
+        stop = seq.text.add(tok)
+        if stop is not None:
+            self._finish(seq, "stop", stop)
+        elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
+            self._finish(seq, "length")
+        elif len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _output(self, req: Request) -> RequestOutput | None:
+        comps = []
+        progressed = False
+        for seq in req.seqs:
+            new_ids = seq.output_ids[seq.reported_tokens:]
+            done = seq.status == FINISHED
+            new_text = seq.text.take_new(done)
+            if new_ids or new_text or (done and not seq.finish_reported):
+                progressed = True
+            seq.reported_tokens = len(seq.output_ids)
+            seq.finish_reported = done
+            comps.append(CompletionOutput(
+                index=seq.index, text=seq.text.text[:seq.text.emitted], token_ids=list(seq.output_ids),
+                finish_reason=seq.finish_reason, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                new_token_ids=new_ids, new_text=new_text, stop_reason=seq.stop_reason))
+        if not progressed:
+            return None
+        return RequestOutput(req.request_id, req.prompt_token_ids, comps, req.finished, req.metrics, req.prompt)

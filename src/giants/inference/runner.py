@@ -1,0 +1,169 @@
+"""One engine step through the model: a flat batch of tokens from many sequences over the paged cache.
+
+The step's N tokens (decode tokens and prefill chunks of different sequences) go through every
+projection and MLP as one (N, d_model) matrix. Attention reads each sequence's blocks: decode tokens
+of all sequences in one batched call, each prefill chunk on its own. The model's own modules do the
+work (norms, projections, rotary, `attend` with `attention_mask`, relative bias, MoE), so soft-caps,
+sinks, windows and T5 bias behave exactly as in `Transformer.forward`.
+
+Legend: N tokens in the step, B sequences, H / Hkv heads, D head dim, bs block size, nb blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from giants.inference.kv_cache import KVCacheManager, SeqBlocks
+from giants.model.attention import attend, attention_mask
+from giants.model.positions import apply_rotary
+from giants.model.transformer import Transformer
+
+
+@dataclass
+class Chunk:
+    """Tokens [start, start + len(token_ids)) of one sequence, computed this step."""
+
+    blocks: SeqBlocks
+    start: int
+    token_ids: list[int]
+    sample: bool  # the chunk ends at the sequence's last known token: its logits are needed
+
+
+@dataclass
+class AttnRows:
+    """Attention inputs for a set of sequences in one group: gathered block ids and key positions."""
+
+    table: torch.Tensor  # (B, nb) block ids, -1 = none
+    k_pos: torch.Tensor  # (B, nb * bs) absolute key positions, -1 = masked
+
+
+class StepInputs:
+    def __init__(self, kv: KVCacheManager, chunks: list[Chunk], device: torch.device) -> None:
+        bs = kv.block_size
+        ids, pos, starts = [], [], []
+        for c in chunks:
+            starts.append(len(ids))
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start, c.start + len(c.token_ids)))
+        self.n_tokens = len(ids)
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.pos = torch.tensor(pos, dtype=torch.long, device=device)
+        # slot of every new token in each group's pool (flat index over num_blocks * bs)
+        self.slots = []
+        for gi in range(len(kv.groups)):
+            s = []
+            for c in chunks:
+                t = c.blocks.tables[gi]
+                s.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.start + len(c.token_ids)))
+            self.slots.append(torch.tensor(s, dtype=torch.long, device=device))
+        self.decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        self.prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        self.starts = starts
+        self.chunks = chunks
+        self.decode_rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long, device=device)
+        self.attn_decode = [self._rows(kv, gi, self.decode, device) for gi in range(len(kv.groups))]
+        self.attn_prefill = [[self._rows(kv, gi, [i], device) for gi in range(len(kv.groups))]
+                             for i in self.prefill]
+        self.sample_rows = torch.tensor([starts[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.sample],
+                                        dtype=torch.long, device=device)
+
+    def _rows(self, kv: KVCacheManager, gi: int, which: list[int], device: torch.device) -> AttnRows | None:
+        if not which:
+            return None
+        g, bs = kv.groups[gi], kv.block_size
+        firsts, tables = [], []
+        for i in which:
+            c = self.chunks[i]
+            first = kv.first_needed_block(g, c.start)
+            end = c.start + len(c.token_ids)
+            firsts.append(first)
+            tables.append(c.blocks.tables[gi][first:-(-end // bs)])
+        nb = max(len(t) for t in tables)
+        table = torch.full((len(which), nb), -1, dtype=torch.long)
+        for r, t in enumerate(tables):
+            table[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+        first = torch.tensor(firsts, dtype=torch.long)
+        k_pos = ((first[:, None] + torch.arange(nb)) * bs)[:, :, None] + torch.arange(bs)  # (B, nb, bs)
+        end = torch.tensor([self.chunks[i].start + len(self.chunks[i].token_ids) for i in which])
+        valid = (table >= 0)[:, :, None] & (k_pos < end[:, None, None])
+        k_pos = torch.where(valid, k_pos, -1).reshape(len(which), nb * bs)
+        return AttnRows(table.to(device), k_pos.to(device))
+
+
+class ModelRunner:
+    """Runs steps of a giants Transformer against a KVCacheManager (any device, any dtype)."""
+
+    def __init__(self, model: Transformer, kv: KVCacheManager) -> None:
+        self.model, self.kv, self.cfg = model, kv, model.config
+        self.device = kv.device
+
+    def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+        """q: (N, H, D) -> (N, H, D) reading keys/values from the paged pool."""
+        kv, cfg = self.kv, self.cfg
+        gi = kv.group_of_layer[layer]
+        g = kv.groups[gi]
+        li = kv.layer_index[layer]
+        k_pool, v_pool = g.k[li], g.v[li]
+        attn_mod = self.model.layers[layer].attn
+        out = torch.empty_like(q)
+        batches = []
+        if inp.decode:
+            batches.append((inp.decode_rows[:, None], inp.attn_decode[gi]))
+        for j, i in enumerate(inp.prefill):
+            c = inp.chunks[i]
+            rows = torch.arange(inp.starts[i], inp.starts[i] + len(c.token_ids), device=q.device)[None]
+            batches.append((rows, inp.attn_prefill[j][gi]))
+        for rows, meta in batches:
+            B, T = rows.shape
+            qb = q[rows].transpose(1, 2).contiguous()  # (B, H, T, D)
+            idx = meta.table.clamp(min=0)
+            kb = k_pool[idx].flatten(1, 2).transpose(1, 2)  # (B, Hkv, nb*bs, D)
+            vb = v_pool[idx].flatten(1, 2).transpose(1, 2)
+            q_pos = inp.pos[rows]
+            allowed = attention_mask(q_pos, meta.k_pos, g.window)
+            bias = self.model.rel_bias(q_pos, meta.k_pos) if self.model.rel_bias is not None else None
+            o = attend(qb, kb, vb, allowed, scale=cfg.attn_scale, softcap=cfg.attn_softcap, sinks=attn_mod.sinks,
+                       bias=bias)
+            out[rows] = o.transpose(1, 2).to(out.dtype)
+        return out
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Runs the chunks; returns logits (n_sampled, vocab) in chunk order for chunks with sample=True."""
+        inp = StepInputs(self.kv, chunks, self.device)
+        model, cfg, kv = self.model, self.cfg, self.kv
+        N = inp.n_tokens
+        x = model.embed(inp.ids)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        rope = model.rotary(inp.pos[None], x.dtype) if model.rotary is not None else None  # (1, 1, N, D/2)
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        for i, layer in enumerate(model.layers):
+            attn = layer.attn
+            h = layer.attn_norm(x)
+            q = attn.q_proj(h).view(N, H, D)
+            k = attn.k_proj(h).view(N, Hkv, D)
+            v = attn.v_proj(h).view(N, Hkv, D)
+            if rope is not None:
+                q = apply_rotary(q.transpose(0, 1)[None], *rope)[0].transpose(0, 1)
+                k = apply_rotary(k.transpose(0, 1)[None], *rope)[0].transpose(0, 1)
+            gi = kv.group_of_layer[i]
+            g, li = kv.groups[gi], kv.layer_index[i]
+            g.k[li].view(-1, Hkv, D).index_copy_(0, inp.slots[gi], k.to(g.k[li].dtype))
+            g.v[li].view(-1, Hkv, D).index_copy_(0, inp.slots[gi], v.to(g.v[li].dtype))
+            o = self._attention(i, q, inp)
+            h = attn.o_proj(o.reshape(N, H * D))
+            if layer.attn_post_norm is not None:
+                h = layer.attn_post_norm(h)
+            x = x + h
+            h = layer.mlp(layer.mlp_norm(x)[None])
+            if isinstance(h, tuple):
+                h = h[0]
+            h = h[0]
+            if layer.mlp_post_norm is not None:
+                h = layer.mlp_post_norm(h)
+            x = x + h
+        x = model.norm(x[inp.sample_rows])
+        return model.logits(x)

@@ -1,0 +1,145 @@
+"""Sampling vectorised over a batch whose rows carry their own parameters.
+
+Order (as transformers' generate applies its processors): penalties -> temperature -> top-k -> top-p
+-> min-p -> sample. Greedy rows (temperature 0) take the argmax of the penalised logits. Each step
+skips the stages no row in the batch uses. Sampling is an exponential race (argmax of p / q with
+q ~ Exp(1)), which draws exactly from p; seeded rows draw their q from their own torch.Generator so a
+request's tokens do not depend on what else is in the batch.
+
+Legend: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from giants.inference.params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence at this step."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition penalty (transformers/CTRL: over prompt and output tokens, divide positive logits,
+    multiply negative ones) and OpenAI's presence/frequency penalties (over output tokens)."""
+    B, V = logits.shape
+    dev = logits.device
+    rep = [r.params.repetition_penalty for r in rows]
+    pres = [r.params.presence_penalty for r in rows]
+    freq = [r.params.frequency_penalty for r in rows]
+    if any(p != 1.0 for p in rep):
+        seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            if rep[i] != 1.0:
+                ids = torch.tensor(r.prompt_ids + r.output_ids, dtype=torch.long, device=dev)
+                seen[i, ids] = True
+        p = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None]
+        penalised = torch.where(logits > 0, logits / p, logits * p)
+        logits = torch.where(seen, penalised, logits)
+    if any(pres) or any(freq):
+        counts = torch.zeros(B, V, dtype=logits.dtype, device=dev)
+        for i, r in enumerate(rows):
+            if (pres[i] or freq[i]) and r.output_ids:
+                ids = torch.tensor(r.output_ids, dtype=torch.long, device=dev)
+                counts[i].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=dev))
+        f = torch.tensor(freq, dtype=logits.dtype, device=dev)[:, None]
+        pr = torch.tensor(pres, dtype=logits.dtype, device=dev)[:, None]
+        logits = logits - f * counts - pr * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_filters(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """logits: (B, V) float; per-row temperature (> 0), top_k (0 = off), top_p (1 = off), min_p (0 = off).
+    Returns tempered logits with filtered-out tokens at -inf (at least one token always survives)."""
+    logits = logits / temperature[:, None]
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    if bool((top_k > 0).any()):
+        kmax = int(top_k.max())
+        top = torch.topk(logits, min(kmax, logits.shape[-1]), dim=-1).values  # (B, kmax) descending
+        k = top_k.clamp(min=1, max=top.shape[-1])
+        kth = top.gather(1, (k - 1)[:, None])
+        kth = torch.where((top_k > 0)[:, None], kth, neg_inf)
+        logits = torch.where(logits < kth, neg_inf, logits)
+    if bool((top_p < 1).any()):
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)[:, None]
+        remove[:, -1] = False  # the most likely token always stays
+        remove = remove.scatter(1, sorted_idx, remove)
+        logits = logits.masked_fill(remove, float("-inf"))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        top_prob = probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < min_p[:, None] * top_prob, float("-inf"))
+    return logits
+
+
+def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None],
+                     default: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from probs (B, V); rows with a generator use it, the rest share `default`."""
+    q = torch.empty_like(probs)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        q.exponential_(generator=default)
+    for i in seeded:
+        q[i].exponential_(generator=generators[i])
+    return (probs / q).argmax(dim=-1)
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        """logits: (B, V) for the rows that produce a token this step."""
+        logits = logits.float()
+        raw = logits
+        dev = logits.device
+        logits = apply_penalties(logits, rows)
+        params = [r.params for r in rows]
+        greedy = [p.greedy for p in params]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+            top_k = torch.tensor([p.k for p in params], dtype=torch.long, device=dev)
+            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            filtered = apply_filters(logits, temp, top_k, top_p, min_p)
+            gen = self.generator
+            if gen is not None and gen.device != dev:
+                gen = None
+            sampled = exponential_race(filtered.softmax(dim=-1), [r.generator for r in rows], gen)
+            is_greedy = torch.tensor(greedy, device=dev)
+            tokens = torch.where(is_greedy, tokens, sampled)
+        token_list = tokens.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(rows)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(raw[want], dim=-1)
+            n_top = max(params[i].logprobs for i in want)
+            top_v, top_i = torch.topk(lp, n_top, dim=-1) if n_top else (None, None)
+            chosen = lp.gather(1, tokens[want][:, None])[:, 0].tolist()
+            for j, i in enumerate(want):
+                d: dict[int, float] = {}
+                n = params[i].logprobs
+                if n:
+                    d.update(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()))
+                d[token_list[i]] = chosen[j]
+                logprobs[i] = d
+        return SampleResult(token_list, logprobs)
