@@ -1,9 +1,67 @@
-"""CLI subcommands of this area (filled in by its issue)."""
+"""`giants serve` and `giants chat`."""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _positive(kind: type):
+    def parse(v: str):
+        x = kind(v)
+        if x <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0 (got {v})")
+        return x
+    return parse
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from giants.serve.server import ServeOptions, serve
+
+    opts = ServeOptions(model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+                        max_model_len=args.max_model_len, max_queue=args.max_queue, max_num_seqs=args.max_num_seqs,
+                        num_blocks=args.num_blocks, served_model_name=args.served_model_name, dtype=args.dtype,
+                        device=args.device, seed=args.seed, max_body=args.max_body_bytes,
+                        drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return serve(opts)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from giants.serve.chat import ChatOptions, chat
+
+    return chat(ChatOptions(model=args.model, system=args.system, max_tokens=args.max_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_model_len=args.max_model_len, dtype=args.dtype, device=args.device))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the continuous-batching engine")
+    p.add_argument("model", help="preset (tiny-llama), known model (smollm2-135m), HF directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-model-len", type=_positive(int), default=None, help="context length (default: model's)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests allowed to wait beyond the running batch; more get 429 (default: unbounded)")
+    p.add_argument("--max-num-seqs", type=_positive(int), default=64, help="sequences in the running batch")
+    p.add_argument("--num-blocks", type=_positive(int), default=None, help="KV cache blocks (default: auto)")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients ask for (default: MODEL)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random presets' weights and unseeded sampling")
+    p.add_argument("--max-body-bytes", type=_positive(int), default=4 * 1024 * 1024, help="larger bodies get 413")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may run before they are ended")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_serve)
+
+    c = sub.add_parser("chat", help="talk to a model in the terminal (streams tokens; /reset, /exit, Ctrl-C)")
+    c.add_argument("model", help="preset, known model (smollm2-135m), HF directory or .gguf file")
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--max-tokens", type=_positive(int), default=512)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--max-model-len", type=_positive(int), default=None)
+    c.add_argument("--dtype", default=None)
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=_chat)

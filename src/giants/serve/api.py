@@ -1,0 +1,477 @@
+"""The two generation endpoints: OpenAI request -> prompts + SamplingParams -> engine -> OpenAI response/SSE.
+
+Everything that can be refused is refused before the request reaches the engine, so the HTTP status is
+right even for streams (whose 200 goes out with the first byte): unsupported fields, sampling values
+(SamplingParams names the field), unknown model, prompt too long for the context, token ids outside the
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from giants.serve.bridge import Aborted, AsyncEngine, RequestGroup
+from giants.serve.errors import APIError
+from giants.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    new_id,
+    now,
+)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Served:
+    """What the endpoints need of the loaded model."""
+
+    name: str
+    aliases: tuple[str, ...]
+    bridge: AsyncEngine
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+def check_model(served: Served, model: str | None) -> str:
+    if model is None or model in (served.name, *served.aliases):
+        return served.name
+    raise APIError(404, f"The model `{model}` does not exist; this server serves `{served.name}`", "model",
+                   "model_not_found")
+
+
+def _reject_unsupported(body: Any, names: dict[str, Any]) -> None:
+    for name, ok in names.items():
+        v = getattr(body, name, None)
+        if v is not None and not ok(v):
+            raise APIError(400, f"{name} is not supported by this server (got {v!r})", name, "unsupported_parameter")
+
+
+def sampling_params(body: Any, max_tokens: int, logprobs: int | None) -> Any:
+    from giants.inference import SamplingParams
+
+    stop = body.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    for i, s in enumerate(stop or []):
+        if not s:
+            raise APIError(400, "stop strings must be non-empty", f"stop[{i}]" if isinstance(body.stop, list)
+                           else "stop", "invalid_value")
+    kw = dict(n=body.n, max_tokens=max_tokens, logprobs=logprobs, stop=stop or None, seed=body.seed,
+              stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos)
+    defaults = dict(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0)
+    for name, default in defaults.items():
+        v = getattr(body, name)
+        kw[name] = default if v is None else v
+    if kw["top_k"] == 0:
+        kw["top_k"] = -1
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        param = msg.split(":", 1)[0].removeprefix("SamplingParams.").strip()
+        raise APIError(400, msg.removeprefix("SamplingParams."), param if param.isidentifier() else None,
+                       "invalid_value") from None
+
+
+def _check_length(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> None:
+    n, limit = len(prompt), served.max_model_len
+    if n == 0:
+        raise APIError(400, "the prompt is empty", param, "invalid_value")
+    if n >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                       f"{n} tokens, which leaves no room for a completion. Please reduce the length of the "
+                       f"{param}.", param, "context_length_exceeded")
+    if max_tokens is not None and n + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). Please "
+                       "reduce the length of the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+
+
+def _check_ids(served: Served, ids: list[int], param: str) -> None:
+    for i, t in enumerate(ids):
+        if not 0 <= t < served.vocab_size:
+            raise APIError(400, f"token id {t} at position {i} is outside the vocabulary (0..{served.vocab_size - 1})",
+                           param, "invalid_value")
+
+
+# --- engine plumbing ----------------------------------------------------------------------------------
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(request: Request, group: RequestGroup) -> dict[int, Any]:
+    """Final RequestOutput per prompt index; cancels the engine requests if the client goes away."""
+    finals: dict[int, Any] = {}
+
+    async def run() -> None:
+        async for i, out in group:
+            if out.finished:
+                finals[i] = out
+
+    work = asyncio.ensure_future(run())
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise APIError(499, "client closed the request", None, "client_closed")
+        try:
+            work.result()
+        except Aborted:
+            raise APIError(503, "the server is shutting down and ended this request", None, "draining") from None
+        return finals
+    finally:
+        watch.cancel()
+        work.cancel()
+        group.cancel()
+
+
+def _sse(obj: Any) -> str:
+    data = obj.model_dump_json(exclude_unset=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+async def _stream_events(group: RequestGroup, events: Any) -> AsyncIterator[str]:
+    """Run `events(index, output)` per engine output and frame what it yields; errors become an SSE error event.
+    Starlette cancels this generator when the client disconnects; `finally` then aborts the engine requests."""
+    try:
+        try:
+            async for i, out in group:
+                for ev in events(i, out):
+                    yield _sse(ev)
+        except Aborted:
+            for ev in events(None, None):
+                yield _sse(ev)
+        except APIError as e:
+            yield _sse(e.body())
+        for ev in events("end", None):
+            yield _sse(ev)
+        yield "data: [DONE]\n\n"
+    finally:
+        group.cancel()
+
+
+# --- logprobs -----------------------------------------------------------------------------------------
+
+
+def _token_text(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id])
+
+
+def _top(d: dict[int, float] | None, n: int) -> list[tuple[int, float]]:
+    if not d:
+        return []
+    return sorted(d.items(), key=lambda kv: -kv[1])[:n]
+
+
+def completion_logprobs(tok: Any, token_ids: list[int], lps: list[Any] | None, n: int,
+                        offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    pos = offset
+    for t, d in zip(token_ids, lps or []):
+        text = _token_text(tok, t)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if d is None else float(d.get(t, float("-inf"))))
+        out.top_logprobs.append(None if d is None else {_token_text(tok, i): float(v) for i, v in _top(d, n)})
+        out.text_offset.append(pos)
+        pos += len(text)
+    return out
+
+
+def chat_logprobs(tok: Any, token_ids: list[int], lps: list[Any] | None, n: int) -> ChatLogprobs:
+    content = []
+    for t, d in zip(token_ids, lps or []):
+        text = _token_text(tok, t)
+        tops = [TopLogprob(token=_token_text(tok, i), logprob=float(v), bytes=list(_token_text(tok, i).encode()))
+                for i, v in _top(d, n)]
+        content.append(TokenLogprob(token=text, logprob=float((d or {}).get(t, float("-inf"))),
+                                    bytes=list(text.encode()), top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+def _new_slice(c: Any) -> tuple[list[int], list[Any] | None]:
+    new = list(c.new_token_ids or [])
+    lps = c.logprobs[len(c.logprobs) - len(new):] if c.logprobs is not None and new else None
+    return new, lps
+
+
+class EngineStream(StreamingResponse):
+    """A streaming response that cancels its engine requests however it ends (done, error, client gone),
+    without waiting for the body generator to be garbage-collected."""
+
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.group = group
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.group.cancel()
+
+
+# --- /v1/completions ----------------------------------------------------------------------------------
+
+
+def _completion_prompts(served: Served, body: CompletionRequest) -> list[list[int]]:
+    p = body.prompt
+    tok = served.tokenizer
+    if isinstance(p, str):
+        prompts = [tok.encode(p)]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        prompts = [tok.encode(x) for x in p]
+    elif isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        prompts = [list(x) for x in p]
+    else:
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                       "of token ids, and not empty", "prompt", "invalid_value")
+    if len(prompts) > 64:
+        raise APIError(400, f"at most 64 prompts per request (got {len(prompts)})", "prompt", "invalid_value")
+    for i, ids in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        _check_ids(served, ids, param)
+    return prompts
+
+
+async def create_completion(served: Served, body: CompletionRequest, request: Request) -> Any:
+    model = check_model(served, body.model)
+    _reject_unsupported(body, {"suffix": lambda v: v == "", "logit_bias": lambda v: not v,
+                               "best_of": lambda v: v == body.n})
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_parameter")
+    prompts = _completion_prompts(served, body)
+    for i, ids in enumerate(prompts):
+        _check_length(served, ids, body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+    params = sampling_params(body, body.max_tokens or 16, body.logprobs)
+    echo = [served.tokenizer.decode(ids) for ids in prompts] if body.echo else None
+    group = served.bridge.submit(prompts, params)
+    rid, created, n, tok, nlp = new_id("cmpl"), now(), body.n, served.tokenizer, body.logprobs
+
+    if not body.stream:
+        finals = await collect(request, group)
+        choices, completion_tokens = [], 0
+        for i in range(len(prompts)):
+            for c in finals[i].outputs:
+                completion_tokens += len(c.token_ids)
+                prefix = echo[i] if echo else ""
+                lp = completion_logprobs(tok, list(c.token_ids), c.logprobs, nlp, 0) if nlp is not None else None
+                choices.append(CompletionChoice(index=i * n + c.index, text=prefix + c.text, logprobs=lp,
+                                                finish_reason=c.finish_reason))
+        choices.sort(key=lambda ch: ch.index)
+        prompt_tokens = sum(len(p) for p in prompts)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+        resp = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    counts: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+    done: set[int] = set()
+    started: set[int] = set()
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
+        d = CompletionResponse(id=rid, created=created, model=model, choices=choices).model_dump()
+        if include_usage:
+            d["usage"] = usage.model_dump() if usage is not None else None
+        else:
+            d.pop("usage")
+        return d
+
+    def events(i: Any, out: Any):
+        if i is None:  # aborted by the server: close every open choice
+            left = [CompletionChoice(index=k, text="", finish_reason="abort")
+                    for k in range(len(prompts) * n) if k not in done]
+            done.update(c.index for c in left)
+            if left:
+                yield chunk(left)
+            return
+        if i == "end":
+            if include_usage:
+                pt = sum(len(p) for p in prompts)
+                ct = sum(counts.values())
+                yield chunk([], Usage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct))
+            return
+        choices = []
+        for c in out.outputs:
+            idx = i * n + c.index
+            if idx in done:
+                continue
+            new, lps = _new_slice(c)
+            counts[idx] = len(c.token_ids)
+            text = c.new_text or ""
+            if echo and idx not in started:
+                text = echo[i] + text
+            started.add(idx)
+            finish = c.finish_reason
+            if not text and not new and finish is None:
+                continue
+            lp = None
+            if nlp is not None:
+                lp = completion_logprobs(tok, new, lps, nlp, offsets.get(idx, 0))
+                offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp.tokens)
+            if finish is not None:
+                done.add(idx)
+            choices.append(CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=finish))
+        if choices:
+            yield chunk(choices)
+
+    return EngineStream(_stream_events(group, events), group)
+
+
+# --- /v1/chat/completions -----------------------------------------------------------------------------
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
+                                   f"messages[{i}].content[{j}].type", "unsupported_parameter")
+                parts.append(part.text)
+            content = "".join(parts)
+        role = "system" if m.role == "developer" else m.role
+        msg: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
+    tok = served.tokenizer
+    messages = _messages(body)
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+    except ValueError as e:
+        raise APIError(400, f"cannot apply the chat template: {e}", "messages", "invalid_value") from None
+    except Exception as e:  # template errors (raise_exception in the template, e.g. role order)
+        raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
+    return tok.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(served: Served, body: ChatCompletionRequest, request: Request) -> Any:
+    model = check_model(served, body.model)
+    _reject_unsupported(body, {"logit_bias": lambda v: not v, "tools": lambda v: not v,
+                               "tool_choice": lambda v: v in ("none", "auto") or not v,
+                               "response_format": lambda v: v.get("type", "text") == "text"})
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
+    prompt = chat_prompt(served, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    _check_length(served, prompt, max_tokens, "messages")
+    if max_tokens is None:
+        max_tokens = served.max_model_len - len(prompt)
+    nlp = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, nlp)
+    group = served.bridge.submit([prompt], params)
+    rid, created, n, tok = new_id("chatcmpl"), now(), body.n, served.tokenizer
+
+    if not body.stream:
+        finals = await collect(request, group)
+        choices, completion_tokens = [], 0
+        for c in finals[0].outputs:
+            completion_tokens += len(c.token_ids)
+            lp = chat_logprobs(tok, list(c.token_ids), c.logprobs, nlp) if nlp is not None else None
+            choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=lp,
+                                      finish_reason=c.finish_reason))
+        choices.sort(key=lambda ch: ch.index)
+        usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                      total_tokens=len(prompt) + completion_tokens)
+        resp = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    counts: dict[int, int] = {}
+    done: set[int] = set()
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
+        d = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices).model_dump(exclude_none=False)
+        for ch in d["choices"]:  # deltas carry only what they set, as OpenAI's do
+            ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
+        if include_usage:
+            d["usage"] = usage.model_dump() if usage is not None else None
+        else:
+            d.pop("usage")
+        return d
+
+    def first() -> dict[str, Any]:
+        return chunk([ChatChunkChoice(index=k, delta=Delta(role="assistant", content="")) for k in range(n)])
+
+    def events(i: Any, out: Any):
+        if i is None:
+            left = [ChatChunkChoice(index=k, delta=Delta(), finish_reason="abort") for k in range(n) if k not in done]
+            done.update(c.index for c in left)
+            if left:
+                yield chunk(left)
+            return
+        if i == "end":
+            if include_usage:
+                ct = sum(counts.values())
+                yield chunk([], Usage(prompt_tokens=len(prompt), completion_tokens=ct, total_tokens=len(prompt) + ct))
+            return
+        content, finished = [], []
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            new, lps = _new_slice(c)
+            counts[c.index] = len(c.token_ids)
+            text = c.new_text or ""
+            if text or new:
+                lp = chat_logprobs(tok, new, lps, nlp) if nlp is not None else None
+                content.append(ChatChunkChoice(index=c.index, delta=Delta(content=text), logprobs=lp))
+            if c.finish_reason is not None:
+                done.add(c.index)
+                finished.append(ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=c.finish_reason))
+        # one entry per choice per chunk; the finish comes in its own chunk with an empty delta, as OpenAI's does
+        if content:
+            yield chunk(content)
+        if finished:
+            yield chunk(finished)
+
+    async def framed() -> AsyncIterator[str]:
+        yield _sse(first())
+        async for s in _stream_events(group, events):
+            yield s
+
+    return EngineStream(framed(), group)

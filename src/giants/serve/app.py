@@ -1,0 +1,272 @@
+"""The FastAPI app: routes, the gate in front of them (auth, state, body size, status metrics), and the
+server's lifecycle (loading -> ready -> draining).
+
+The model loads in a thread after the socket is open, so a client (or a load balancer) sees a clean 503
+"loading" instead of a refused connection, and `/health` turns 200 the moment the engine is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from giants.serve import api
+from giants.serve.bridge import AsyncEngine
+from giants.serve.errors import (
+    APIError,
+    api_error_handler,
+    error_bytes,
+    error_response,
+    http_error_handler,
+    unhandled_handler,
+    validation_handler,
+)
+from giants.serve.metrics import Metrics
+from giants.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+
+log = logging.getLogger("giants.serve")
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class Loaded:
+    engine: Any
+    tokenizer: Any
+    max_model_len: int
+    max_running: int
+    vocab_size: int
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from inside `receive` for chunked bodies; an HTTPException so FastAPI's body reader re-raises it
+    as is (anything else there becomes a generic 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class ServerState:
+    def __init__(self, name: str, aliases: tuple[str, ...], max_queue: int | None, metrics: Metrics):
+        self.name, self.aliases, self.max_queue, self.metrics = name, aliases, max_queue, metrics
+        self.status = "loading"
+        self.error: str | None = None
+        self.served: api.Served | None = None
+        self.bridge: AsyncEngine | None = None
+        self.created = now()
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.metrics.set_state(status)
+
+    def ready(self, loaded: Loaded, loop: asyncio.AbstractEventLoop) -> None:
+        self.bridge = AsyncEngine(loaded.engine, self.metrics, max_running=loaded.max_running,
+                                  max_queue=self.max_queue)
+        self.bridge.start(loop)
+        self.served = api.Served(self.name, self.aliases, self.bridge, loaded.tokenizer, loaded.max_model_len,
+                                 loaded.vocab_size)
+        if self.status == "loading":
+            self.set_status("ready")
+        else:  # a drain began while loading: never admit anything
+            self.bridge.draining = True
+
+    def unavailable(self) -> APIError | None:
+        if self.status == "ready":
+            return None
+        msg = {"loading": "the model is still loading; retry shortly",
+               "draining": "server is shutting down; not accepting new requests",
+               "failed": f"the model failed to load: {self.error}"}[self.status]
+        return APIError(503, msg, None, self.status)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests, let in-flight ones finish for up to `timeout` s, then end the rest cleanly.
+        True if everything finished on its own."""
+        self.set_status("draining")
+        if self.bridge is None:
+            return True
+        self.bridge.draining = True
+        if await self.bridge.wait_idle(timeout):
+            return True
+        log.warning("drain timeout (%.0f s): ending %d requests", timeout, self.bridge.in_flight)
+        self.bridge.abort_all()
+        await self.bridge.wait_idle(10.0)
+        return False
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.shutdown()
+
+
+class Gate:
+    """Pure ASGI middleware (streams pass straight through): per-endpoint status counts, and for /v1/*:
+    API key (constant-time), availability (503), and the body-size limit (413), in that order."""
+
+    def __init__(self, app: Any, state: ServerState, api_key: str | None, max_body: int):
+        self.app, self.state, self.max_body = app, state, max_body
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        status = [500]
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if path.startswith("/v1/"):
+                err = self._check(scope)
+                if err is not None:
+                    await _send_error(send_status, err)
+                    return
+                receive = self._limited(receive)
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+            self.state.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+
+    def _check(self, scope: Any) -> APIError | None:
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, given = auth.partition(b" ")
+            if not auth:
+                return APIError(401, "You didn't provide an API key. Provide it in the Authorization header as "
+                                "'Bearer YOUR_KEY'.", None, "invalid_api_key")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                return APIError(401, "Incorrect API key provided.", None, "invalid_api_key")
+        unavailable = self.state.unavailable()
+        if unavailable is not None:
+            return unavailable
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return APIError(400, "invalid Content-Length header", None, "invalid_value")
+            if n > self.max_body:
+                return _too_large(self.max_body)
+        return None
+
+    def _limited(self, receive: Any) -> Any:
+        seen = 0
+        limit = self.max_body
+
+        async def wrapped() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # chunked upload without Content-Length
+                    raise BodyTooLarge(limit)
+            return message
+
+        return wrapped
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than the limit of {limit} bytes", None, "request_too_large")
+
+
+async def _send_error(send: Any, err: APIError) -> None:
+    body = error_bytes(err.status, err.message, err.param, err.code)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, ...] = (), api_key: str | None = None,
+               max_queue: int | None = None, max_body: int = DEFAULT_MAX_BODY,
+               on_load_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
+    metrics = Metrics(name)
+    state = ServerState(name, tuple(a for a in aliases if a != name), max_queue, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            try:
+                loaded = loader()
+            except BaseException as e:  # noqa: BLE001 - reported to the client as 503 "failed" and to the CLI
+                log.error("loading %s failed: %s", name, e)
+                loop.call_soon_threadsafe(_failed, e)
+                return
+            loop.call_soon_threadsafe(state.ready, loaded, loop)
+
+        def _failed(e: BaseException) -> None:
+            state.error = f"{type(e).__name__}: {e}"
+            state.set_status("failed")
+            if on_load_failed is not None:
+                on_load_failed(e)
+
+        threading.Thread(target=load, name="giants-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="giants", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.giants = state
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unhandled_handler)
+    app.add_middleware(Gate, state=state, api_key=api_key, max_body=max_body)
+
+    def served() -> api.Served:
+        err = state.unavailable()
+        if err is not None:
+            raise err
+        return state.served
+
+    @app.get("/health")
+    async def health() -> Response:
+        err = state.unavailable()
+        if err is not None:
+            return error_response(503, err.message, None, err.code)
+        return JSONResponse({"status": "ok", "model": name, "in_flight": state.bridge.in_flight})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    def card() -> ModelCard:
+        return ModelCard(id=name, created=state.created, max_model_len=state.served.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        served()
+        return JSONResponse(ModelList(data=[card()]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        api.check_model(served(), model_id)
+        return JSONResponse(card().model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await api.create_completion(served(), body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await api.create_chat_completion(served(), body, request)
+
+    return app

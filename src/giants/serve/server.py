@@ -1,0 +1,125 @@
+"""`giants serve`: build the loader, run uvicorn, drain on SIGTERM/SIGINT, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from types import FrameType
+
+import uvicorn
+
+from giants.serve.app import DEFAULT_MAX_BODY, Loaded, create_app
+
+log = logging.getLogger("giants.serve")
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_model_len: int | None = None
+    max_queue: int | None = None
+    max_num_seqs: int = 64
+    num_blocks: int | None = None
+    block_size: int = 16
+    served_model_name: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    seed: int = 0
+    max_body: int = DEFAULT_MAX_BODY
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+
+
+def load_model(opts: ServeOptions) -> Loaded:
+    """The engine over `opts.model` (preset, HF directory, GGUF file or known name)."""
+    import torch
+
+    import giants
+    from giants.inference.engine import Engine
+    from giants.presets import PRESETS
+
+    if opts.model in PRESETS:  # TODO(dev): switch to giants.LLM once it lands
+        model = giants.build(giants.get_config(opts.model), seed=opts.seed)
+        tok = giants.load_tokenizer("smollm2-135m")
+    else:
+        model = giants.load(opts.model)
+        tok = giants.load_tokenizer(opts.model)
+    torch.manual_seed(opts.seed)
+    engine = Engine(model, tok, max_model_len=opts.max_model_len, block_size=opts.block_size,
+                    num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs, device=opts.device)
+    return Loaded(engine=engine, tokenizer=tok, max_model_len=engine.max_model_len, max_running=opts.max_num_seqs,
+                  vocab_size=model.config.vocab_size)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain in front of its shutdown: on the first SIGTERM/SIGINT the app refuses new work
+    (503), in-flight requests run to completion for up to `drain_timeout` s and are then ended cleanly, and
+    only then does uvicorn close the listener. The signal is not re-raised afterwards, so the exit code is 0.
+    A second signal skips the wait."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float):
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self.load_failed: BaseException | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.loop is None or not self.started:
+            # not serving yet, or a second signal: stop now, ending whatever is still running
+            if self.draining:
+                self.force_exit = sig == signal.SIGINT
+                self.loop.call_soon_threadsafe(self._abort_all)
+            self.should_exit = True
+            return
+        self.draining = True
+        log.info("received %s: draining (up to %.0f s)", signal.Signals(sig).name, self.drain_timeout)
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    def _state(self):
+        return self.config.app.state.giants
+
+    def _abort_all(self) -> None:
+        bridge = self._state().bridge
+        if bridge is not None:
+            bridge.abort_all()
+
+    async def _drain(self) -> None:
+        try:
+            finished = await self._state().drain(self.drain_timeout)
+            log.info("drained: %s", "all requests finished" if finished else "remaining requests were ended")
+            await asyncio.sleep(0.05)  # let the last SSE frames reach their sockets
+        finally:
+            self.should_exit = True
+
+    def fail_load(self, e: BaseException) -> None:
+        self.load_failed = e
+        self.should_exit = True
+
+
+def serve(opts: ServeOptions) -> int:
+    logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    name = opts.served_model_name or opts.model
+    holder: dict[str, DrainingServer] = {}
+    app = create_app(lambda: load_model(opts), name, aliases=(opts.model,), api_key=opts.api_key,
+                     max_queue=opts.max_queue, max_body=opts.max_body,
+                     on_load_failed=lambda e: holder["server"].fail_load(e))
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, access_log=False,
+                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)), lifespan="on")
+    server = holder["server"] = DrainingServer(config, opts.drain_timeout)
+    server.run()
+    if server.load_failed is not None:
+        print(f"giants serve: error: cannot load {opts.model}: {server.load_failed}", file=sys.stderr)
+        return 1
+    return 0
