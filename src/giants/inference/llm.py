@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -89,6 +90,11 @@ def _default_tokenizer(model: Transformer) -> Any:
     """Tiny twins and SmolLM2-shaped presets share SmolLM2's vocabulary: use its tokenizer when cached."""
     if model.config.vocab_size != SMOLLM2_VOCAB:
         return None
+    return _smollm2_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer() -> Any:
     try:
         import giants
 
