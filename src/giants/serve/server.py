@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -37,24 +38,16 @@ class ServeOptions:
 
 
 def load_model(opts: ServeOptions) -> Loaded:
-    """The engine over `opts.model` (preset, HF directory, GGUF file or known name)."""
-    import torch
+    """The engine over `opts.model` (preset, HF directory, GGUF file or known name), built by `giants.LLM`."""
+    from giants.inference import LLM
 
-    import giants
-    from giants.inference.engine import Engine
-    from giants.presets import PRESETS
-
-    if opts.model in PRESETS:  # TODO(dev): switch to giants.LLM once it lands
-        model = giants.build(giants.get_config(opts.model), seed=opts.seed)
-        tok = giants.load_tokenizer("smollm2-135m")
-    else:
-        model = giants.load(opts.model)
-        tok = giants.load_tokenizer(opts.model)
-    torch.manual_seed(opts.seed)
-    engine = Engine(model, tok, max_model_len=opts.max_model_len, block_size=opts.block_size,
-                    num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs, device=opts.device)
-    return Loaded(engine=engine, tokenizer=tok, max_model_len=engine.max_model_len, max_running=opts.max_num_seqs,
-                  vocab_size=model.config.vocab_size)
+    llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len, seed=opts.seed,
+              block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs)
+    if llm.tokenizer is None:
+        raise ValueError(f"{opts.model}: no tokenizer found; the OpenAI API needs one to read and write text")
+    engine = llm.engine
+    return Loaded(engine=engine, tokenizer=llm.tokenizer, max_model_len=engine.max_model_len,
+                  max_running=engine.max_num_seqs, vocab_size=llm.model.config.vocab_size)
 
 
 class DrainingServer(uvicorn.Server):
@@ -107,7 +100,20 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def check_source(model: str) -> None:
+    """Fail fast (exit 2, one line) on a model that cannot exist, before a port is opened."""
+    from giants.checkpoint.hub import KNOWN_MODELS
+    from giants.presets import PRESETS, get_preset
+
+    if os.path.exists(model) or model in KNOWN_MODELS or model in PRESETS:
+        return
+    if model.endswith(".gguf") or os.sep in model:
+        raise FileNotFoundError(f"{model}: no such file or directory")
+    get_preset(model)  # ValueError naming close presets
+
+
 def serve(opts: ServeOptions) -> int:
+    check_source(opts.model)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
     name = opts.served_model_name or opts.model
