@@ -134,10 +134,10 @@ def check_claims(context: int = 8192) -> list[Claim]:
     claims.append(Claim(
         "gpt-oss-8xh100", "gpt-oss-120b", "gpt-oss-120b needs 8x H100 at minimum",
         f"as shipped (MXFP4 experts, bf16 rest: {_gb(weight_bytes(oss, 'mxfp4'))}) with a bf16 KV cache for the "
-        f"full {full}-token context: {n_mx} x H100 80GB"
+        f"full {full}-token context: {n_mx or 'more than 8'} x H100 80GB"
         + (f" ({_gb(mx_fit.memory.total)} used)" if mx_fit else "")
-        + f"; all-bf16 ({_gb(weight_bytes(oss, 'bf16'))}): {n_bf} x H100",
-        _tf(n_mx is not None and n_mx >= 8)))
+        + f"; all-bf16 ({_gb(weight_bytes(oss, 'bf16'))}): {n_bf or 'more than 8'} x H100",
+        _tf(n_mx is None or n_mx >= 8)))
 
     # 10. Gemma 2 27B runs on a single 80GB A100.
     g_fit = _fewest(gemma, "a100-80gb", gemma.max_context, "bf16")
