@@ -88,6 +88,7 @@ def test_fit_budget(capsys):
     assert by["gemma-2-27b"]["fits"] and by["gemma-2-27b"]["dtype"] == "bf16" and by["gemma-2-27b"]["gpus"] == 1
     assert by["llama-3-70b"]["fits"] and by["llama-3-70b"]["gpus"] == 2
     assert by["mixtral-8x22b"]["dtype"] != "bf16"  # 281 GB of bf16 cannot fit 160 GB
+    assert by["gpt-oss-120b"]["dtype"] == "mxfp4" and by["gpt-oss-120b"]["gpus"] == 1  # as published
     assert all(m["gpus"] <= 2 for m in r["models"] if m["fits"])
     code, out, _ = run(capsys, "fit", "--budget", "1x rtx-4090-24gb", "--dtype", "bf16", "--format", "json")
     by = {m["preset"]: m for m in json.loads(out)["models"]}

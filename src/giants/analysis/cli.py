@@ -71,7 +71,7 @@ def _fit_one(args: argparse.Namespace) -> int:
             {"part": "workspace", "bytes": m.workspace, "why": "runtime ~1 GB + prefill-chunk activations + logits"},
             {"part": "total", "bytes": m.total, "why": f"of {human_bytes(gpu.memory_bytes)} per GPU, "
                                                        f"{human_bytes(f.free_bytes)} free"}]
-    cols = [Column("per GPU", "part"), Column("bytes", "bytes", human_bytes), Column("why", "why")]
+    cols = [Column("per GPU", "part"), Column("bytes", "bytes", human_bytes), Column("why", "why", align="left")]
     title = (f"{label} on {f.gpus} x {gpu.label} ({f.layout(cfg)}), {args.dtype} weights, context {args.context}, "
              f"batch {args.batch}")
     notes = [f"roofline decode: {d1.tokens_per_s:,.0f} tok/s at batch 1; {db.tokens_per_s_per_seq:,.0f} tok/s per "
@@ -82,17 +82,18 @@ def _fit_one(args: argparse.Namespace) -> int:
 
 
 def _fit_budget(args: argparse.Namespace) -> int:
-    from giants.analysis.compare import REAL_PRESETS, resolve_model
+    from giants.analysis.compare import REAL_PRESETS, published_format, resolve_model
     from giants.analysis.hardware import parse_budget
     from giants.analysis.params import count_params
     from giants.analysis.perf import FitError, decode, fit
 
     count, gpu = parse_budget(args.budget)
     names = [args.model] if args.model else list(REAL_PRESETS)
-    dtypes = [args.dtype] if args.dtype_given else list(PREFERENCE)
     records = []
     for spec in names:
         label, cfg, _ = resolve_model(spec)
+        # Wider formats than the published one add bytes, not quality: start the preference there.
+        dtypes = [args.dtype] if args.dtype_given else list(PREFERENCE[PREFERENCE.index(published_format(label)):])
         rec: dict = {"preset": label, "params_total": count_params(cfg).total, "fits": False}
         if args.context > cfg.max_context:
             rec["why_not"] = f"context {args.context} > max_context {cfg.max_context}"
@@ -121,13 +122,13 @@ def _fit_budget(args: argparse.Namespace) -> int:
             Column("tok/s @1", "decode_batch1_tokens_per_s", lambda v: f"{v:,.0f}"),
             Column(f"tok/s/seq @{args.batch}", "decode_tokens_per_s_per_seq", lambda v: f"{v:,.0f}"),
             Column(f"tok/s total @{args.batch}", "decode_tokens_per_s", lambda v: f"{v:,.0f}"),
-            Column("why not", "why_not")]
+            Column("why not", "why_not", align="left")]
     payload = {"budget": {"gpus": count, "gpu": gpu.name}, "context": args.context, "batch": args.batch,
                "models": records}
     _out(render(records, cols, args.format, json_payload=payload,
                 title=f"which models fit {count} x {gpu.label} (context {args.context}, batch {args.batch})",
-                notes=["best dtype = the highest-quality weight format that fits (bf16 > fp8 > int8 > mxfp4 > int4); "
-                       "tok/s are roofline upper bounds"]))
+                notes=["best dtype = the highest-quality weight format that fits (bf16 > fp8 > int8 > mxfp4 > int4), "
+                       "starting from the published one (gpt-oss: mxfp4); tok/s are roofline upper bounds"]))
     return 0
 
 
@@ -193,7 +194,11 @@ def _report(args: argparse.Namespace) -> int:
     from giants.analysis.report import write_report
 
     paths = write_report(args.out, context=args.context)
-    print(f"report written: {paths['html']} and {paths['md']} ({len(paths['plots'])} plots)")
+    cols = [Column("claim", "claim"), Column("verdict", "verdict", align="left"),
+            Column("computed evidence", "evidence", align="left")]
+    _out(render(paths["claims"], cols, args.format, title="the article's claims, checked"))
+    if args.format in ("rich", "md"):
+        print(f"report written: {paths['html']} and {paths['md']} ({len(paths['plots'])} plots)")
     return 0
 
 
@@ -240,5 +245,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="HTML + Markdown deep-dive with plots and the article's claims checked")
     p.add_argument("--out", default="report", help="output folder (default report/)")
     p.add_argument("--context", type=_positive_int, default=8192)
+    _format_arg(p)
     p.set_defaults(func=_report)
 

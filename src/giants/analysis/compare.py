@@ -13,6 +13,14 @@ from giants.presets import ARTICLE_PRESETS, PRESETS, TINY_PRESETS, get_preset
 
 REAL_PRESETS = tuple(n for n in PRESETS if n not in TINY_PRESETS)
 
+# Weight formats the makers publish, where not bf16: gpt-oss ships MXFP4 experts (model card, "Quantization").
+# Storing such a model in a wider format adds bytes but no quality, so fits start from this format.
+PUBLISHED_FORMAT = {"gpt-oss-120b": "mxfp4", "gpt-oss-20b": "mxfp4"}
+
+
+def published_format(name: str) -> str:
+    return PUBLISHED_FORMAT.get(name, "bf16")
+
 
 def resolve_model(spec: str) -> tuple[str, ModelConfig, str]:
     """(label, config, source) for a preset name or a config.json path (giants or HF layout)."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from giants.analysis.claims import check_claims
-from giants.analysis.compare import REAL_PRESETS, compare_columns, compare_record
+from giants.analysis.compare import REAL_PRESETS, compare_columns, compare_record, published_format
 from giants.analysis.hardware import GPUS, NODE_SIZE, get_gpu
 from giants.analysis.memory import kv_cache_bytes, serving_memory, training_memory
 from giants.analysis.params import count_params
@@ -35,8 +35,7 @@ def _contexts(max_context: int) -> list[int]:
 
 
 def _shipped_dtype(name: str) -> str:
-    """gpt-oss ships MXFP4 experts; everything else is published in bf16."""
-    return "mxfp4" if name.startswith("gpt-oss") and get_config(name).is_moe else "bf16"
+    return published_format(name)
 
 
 # ---- plots -----------------------------------------------------------------------------------

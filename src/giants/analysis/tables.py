@@ -35,6 +35,7 @@ class Column:
     header: str
     key: str  # dotted path into a record
     fmt: Callable[[Any], str] = str
+    align: str = "right"  # rich only; text columns read better "left"
 
 
 def get_path(record: dict, key: str) -> Any:
@@ -121,7 +122,7 @@ def _print_rich(records: Sequence[dict], columns: Sequence[Column], title: str, 
             table.add_row(c.header, *(row[j] for row in cells))
     else:
         for i, c in enumerate(columns):
-            table.add_column(c.header, justify="left" if i == 0 else "right")
+            table.add_column(c.header, justify="left" if i == 0 else c.align)  # type: ignore[arg-type]
         for row in cells:
             table.add_row(*row)
     console.print(table)
