@@ -143,7 +143,8 @@ class Engine:
         if self.device.type == "cuda" and use_cuda_graphs:
             from giants.inference.cuda_runner import CudaModelRunner
 
-            return CudaModelRunner(self.model, self.kv, max_num_seqs=self.max_num_seqs)
+            return CudaModelRunner(self.model, self.kv, max_num_seqs=self.max_num_seqs,
+                                   max_model_len=self.max_model_len)
         return ModelRunner(self.model, self.kv)
 
     # ---- requests ----------------------------------------------------------------

@@ -112,8 +112,9 @@ class KVCacheManager:
                 raise ValueError(f"num_blocks: must be >= 1 (got {nb})")
             g = LayerGroup(w, layers, BlockPool(nb))
             for layer in layers:
-                g.k.append(torch.zeros((nb, *shape_tail), dtype=dtype, device=device))
-                g.v.append(torch.zeros((nb, *shape_tail), dtype=dtype, device=device))
+                # One block past the pool's end is scratch: padded rows of a CUDA-graph batch write there.
+                g.k.append(torch.zeros((nb + 1, *shape_tail), dtype=dtype, device=device))
+                g.v.append(torch.zeros((nb + 1, *shape_tail), dtype=dtype, device=device))
                 self.group_of_layer[layer] = gi
             self.groups.append(g)
         self.layer_index = {layer: g.layers.index(layer) for g in self.groups for layer in g.layers}

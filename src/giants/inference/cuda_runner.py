@@ -1,0 +1,234 @@
+"""GPU decode: fused weights, Triton kernels, and CUDA graphs over static buffers.
+
+Steps where every sequence decodes one token run a hand-fused forward (residual+RMSNorm, one QKV
+matmul, rotary fused with the paged KV write, paged decode attention, one gate|up matmul, fused GLU,
+MoE through torch._grouped_mm or the packed-MXFP4 kernel) that is captured once per batch-size bucket
+in a CUDA graph and replayed; everything else (prefill chunks, mixed steps) takes the generic path.
+The fused weights are views into one new buffer per layer, so the model's modules keep working and no
+weight is stored twice.
+
+Legend: B decode rows (padded to the bucket), H / Hkv heads, D head dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from giants.inference import triton_kernels as tk
+from giants.inference.kv_cache import KVCacheManager
+from giants.inference.mxfp4 import MXFP4MoE
+from giants.inference.runner import Chunk, ModelRunner
+from giants.model.mlp import MoE
+from giants.model.positions import t5_relative_bucket
+from giants.model.transformer import Transformer
+
+LONG_CONTEXT = 4096  # above this many keys a decode step splits each sequence's keys over programs
+
+
+def _fuse_rows(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum out, in) weight for several linears sharing an input; the modules become views into it."""
+    w = torch.cat([m.weight.data for m in mods])
+    b = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = w[start:start + n]
+        if b is not None:
+            m.bias.data = b[start:start + n]
+        start += n
+    return w, b
+
+
+def _fuse_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    F_ = moe.w_gate.shape[1]
+    w = torch.cat([moe.w_gate.data, moe.w_up.data], dim=1)  # (E, 2F, D)
+    moe.w_gate.data, moe.w_up.data = w[:, :F_], w[:, F_:]
+    b = None
+    if moe.b_gate is not None:
+        b = torch.cat([moe.b_gate.data, moe.b_up.data], dim=1)
+        moe.b_gate.data, moe.b_up.data = b[:, :F_], b[:, F_:]
+    return w, b
+
+
+class CudaModelRunner(ModelRunner):
+    def __init__(self, model: Transformer, kv: KVCacheManager, *, max_num_seqs: int, max_model_len: int,
+                 use_graphs: bool = True) -> None:
+        super().__init__(model, kv)
+        cfg = self.cfg
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.fast = cfg.norm_kind != "layernorm"
+        self.buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+                        if b < max_num_seqs] + [max_num_seqs]
+        self.max_pages = -(-max_model_len // kv.block_size)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        with torch.no_grad():
+            self.fused = []
+            for layer in model.layers:
+                a = layer.attn
+                qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj])
+                if isinstance(layer.mlp, MoE):
+                    mlp = ("moe",) + _fuse_experts(layer.mlp)
+                elif isinstance(layer.mlp, MXFP4MoE):
+                    mlp = ("mxfp4",)
+                else:
+                    gu = _fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj])
+                    mlp = ("dense",) + gu
+                self.fused.append((qkv, mlp))
+        bias_table = None
+        if model.rel_bias is not None:
+            # T5 bias depends only on the distance: one (H, max_model_len) table replaces the bucket maths.
+            dist = torch.arange(max_model_len, device=self.device)
+            bucket = t5_relative_bucket(-dist, model.rel_bias.num_buckets, model.rel_bias.max_distance)
+            bias_table = model.rel_bias.weight.detach()[bucket].t().float().contiguous()
+        self.attn = []
+        for i, layer in enumerate(model.layers):
+            g = kv.groups[kv.group_of_layer[i]]
+            sinks = layer.attn.sinks.detach().float() if layer.attn.sinks is not None else None
+            self.attn.append(tk.PagedAttention(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                               block_size=kv.block_size, scale=cfg.attn_scale, window=g.window,
+                                               softcap=cfg.attn_softcap, sinks=sinks, bias_table=bias_table))
+        Bm, dev = self.buckets[-1], self.device
+        self.s_ids = torch.zeros(Bm, dtype=torch.long, device=dev)
+        self.s_pos = torch.zeros(Bm, dtype=torch.long, device=dev)
+        self.s_lens = torch.ones(Bm, dtype=torch.int32, device=dev)
+        self.s_tables = [torch.zeros(Bm, self.max_pages, dtype=torch.int32, device=dev) for _ in kv.groups]
+        self.s_slots = [torch.zeros(Bm, dtype=torch.long, device=dev) for _ in kv.groups]
+
+    # ---- the fused decode forward ------------------------------------------------------------
+    def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual)
+
+    def _moe(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        kind = self.fused[i][1][0]
+        _, weights, idx = mlp.route(h)  # (B, K)
+        B, K = idx.shape
+        if kind == "mxfp4":
+            flat = idx.reshape(-1)
+            rows = torch.arange(B, device=h.device).repeat_interleave(K)
+            gu = tk.mxfp4_gemv(h, rows, flat, mlp.gate_up_blocks, mlp.gate_up_scales, mlp.b_gate_up)
+            a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+            pairs = torch.arange(B * K, device=h.device)
+            y = tk.mxfp4_gemv(a, pairs, flat, mlp.down_blocks, mlp.down_scales, mlp.b_down)
+            return (y.view(B, K, -1).float() * weights[..., None].float()).sum(1).to(h.dtype)
+        _, w_gu, b_gu = self.fused[i][1]
+        E = cfg.n_experts
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        expert_of_row = flat[order]
+        token_of_row = order // K
+        counts = torch.zeros(E, dtype=torch.int32, device=h.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        xs = h[token_of_row]
+        gu = torch._grouped_mm(xs, w_gu.transpose(-1, -2), offs=offsets)
+        if b_gu is not None:
+            gu = gu + b_gu[expert_of_row]
+        a = tk.glu(gu.contiguous(), cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+        y = torch._grouped_mm(a, mlp.w_down.transpose(-1, -2), offs=offsets)
+        if mlp.b_down is not None:
+            y = y + mlp.b_down[expert_of_row]
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(h).index_add_(0, token_of_row, y.to(h.dtype))
+
+    def _forward(self, B: int, num_splits: int) -> torch.Tensor:
+        model, cfg, kv = self.model, self.cfg, self.kv
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        ids, pos, lens = self.s_ids[:B], self.s_pos[:B], self.s_lens[:B]
+        x = model.embed(ids)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        cos = sin = None
+        if model.rotary is not None:
+            cos, sin = model.rotary(pos[None], x.dtype)
+            cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
+        q = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
+        o = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
+        residual, delta = x, None
+        for i, layer in enumerate(model.layers):
+            (w_qkv, b_qkv), mlp_w = self.fused[i]
+            if delta is None:
+                h = self._norm(layer.attn_norm, residual)
+            else:
+                h, residual = self._norm(layer.attn_norm, delta, residual)
+            qkv = F.linear(h, w_qkv, b_qkv)
+            gi = kv.group_of_layer[i]
+            g, li = kv.groups[gi], kv.layer_index[i]
+            tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
+            self.attn[i](q, g.k[li], g.v[li], self.s_tables[gi][:B], lens, o, num_splits=num_splits)
+            a = layer.attn.o_proj(o.view(B, H * D))
+            if layer.attn_post_norm is not None:
+                a = self._norm(layer.attn_post_norm, a)
+            h, residual = self._norm(layer.mlp_norm, a, residual)
+            if mlp_w[0] == "dense":
+                gu = F.linear(h, mlp_w[1], mlp_w[2])
+                delta = layer.mlp.down_proj(tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit))
+            else:
+                delta = self._moe(i, layer.mlp, h)
+            if layer.mlp_post_norm is not None:
+                delta = self._norm(layer.mlp_post_norm, delta)
+        h, _ = self._norm(model.norm, delta, residual)
+        return model.logits(h)
+
+    # ---- step --------------------------------------------------------------------------------
+    def _splits(self, B: int, long: bool) -> int:
+        if not long:
+            return 1
+        want = max(1, 2 * 132 // (B * self.cfg.n_kv_heads))
+        return min(16, 1 << (want.bit_length() - 1))
+
+    def _fill(self, chunks: list[Chunk], Bp: int) -> int:
+        """Copy this step's inputs into the static buffers (rows past the real batch point at a
+        scratch block); returns the longest key count."""
+        kv, bs = self.kv, self.kv.block_size
+        B = len(chunks)
+        ids = torch.zeros(Bp, dtype=torch.long)
+        pos = torch.zeros(Bp, dtype=torch.long)
+        ids[:B] = torch.tensor([c.token_ids[0] for c in chunks])
+        pos[:B] = torch.tensor([c.start for c in chunks])
+        lens = (pos + 1).to(torch.int32)
+        self.s_ids[:Bp].copy_(ids, non_blocking=True)
+        self.s_pos[:Bp].copy_(pos, non_blocking=True)
+        self.s_lens[:Bp].copy_(lens, non_blocking=True)
+        width = -(-int(lens.max()) // bs)
+        for gi, g in enumerate(kv.groups):
+            scratch = g.pool.num_blocks  # the extra block at the end of every pool
+            table = torch.full((Bp, width), scratch, dtype=torch.int32)
+            slots = torch.full((Bp,), scratch * bs, dtype=torch.long)
+            for r, c in enumerate(chunks):
+                t = c.blocks.tables[gi]
+                n = -(-(c.start + 1) // bs)
+                table[r, :n] = torch.tensor([x if x >= 0 else scratch for x in t[:n]], dtype=torch.int32)
+                slots[r] = t[c.start // bs] * bs + c.start % bs
+            self.s_tables[gi][:Bp, :width].copy_(table, non_blocking=True)
+            self.s_slots[gi][:Bp].copy_(slots, non_blocking=True)
+        return int(lens.max())
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[Chunk]) -> torch.Tensor:
+        B = len(chunks)
+        if not self.fast or B > self.buckets[-1] or any(len(c.token_ids) != 1 for c in chunks):
+            return super().execute(chunks)
+        Bp = next(b for b in self.buckets if b >= B) if self.use_graphs else B
+        max_len = self._fill(chunks, Bp)
+        splits = self._splits(Bp, max_len > LONG_CONTEXT)
+        if not self.use_graphs:
+            return self._forward(Bp, splits)[:B]
+        key = (Bp, splits)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(Bp, splits)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:B]
+
+    def _capture(self, Bp: int, splits: int):
+        self._forward(Bp, splits)  # compiles the Triton kernels outside the capture
+        torch.cuda.synchronize()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(Bp, splits)
+        return graph, logits

@@ -1,0 +1,315 @@
+"""Triton kernels for the GPU decode path: fused residual+RMSNorm, rotary+paged KV write, paged
+decode attention (GQA, sliding window, soft-cap, sinks, T5 relative bias; split-K), gated activations.
+
+Imported only on CUDA (or under TRITON_INTERPRET=1 for checking on a CPU). Shapes: B sequences (one
+token each), H query heads, Hkv kv heads, G = H // Hkv, D head dim, bs block size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _np2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+# ---- residual add + RMSNorm ---------------------------------------------------------------
+@triton.jit
+def _rmsnorm_kernel(X, R, W, Y, RES, D, eps, stride_x, HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(RES + row * D + cols, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / D
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    if PLUS_ONE:
+        w = w + 1.0
+    y = (xf * tl.rsqrt(var + eps)) * w
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool,
+            residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            res_out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = norm(x [+ residual]); with a residual also returns the sum (the new residual stream)."""
+    N, D = x.shape
+    y = out if out is not None else torch.empty(N, D, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        res_out = res_out if res_out is not None else torch.empty_like(y)
+    _rmsnorm_kernel[(N,)](x, residual if residual is not None else x, weight, y,
+                          res_out if residual is not None else y, D, eps, x.stride(0),
+                          HAS_RES=residual is not None, PLUS_ONE=plus_one, BLOCK=_np2(D))
+    return (y, res_out) if residual is not None else y
+
+
+# ---- gated activation -------------------------------------------------------------------------
+@triton.jit
+def _glu_kernel(GU, OUT, F, alpha, limit, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < F
+    g = tl.load(GU + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
+    if ACT == 0:  # silu
+        a = g * tl.sigmoid(g)
+        y = a * u
+    elif ACT == 1:  # gelu, tanh approximation: tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+        y = a * u
+    else:  # gpt-oss clamped swiglu
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        y = g * tl.sigmoid(alpha * g) * (u + 1.0)
+    tl.store(OUT + row * F + cols, y.to(OUT.dtype.element_ty), mask=m)
+
+
+ACTS = {"silu_glu": 0, "gelu_tanh_glu": 1, "clamped_swiglu": 2}
+
+
+def glu(gu: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """gu: (N, 2F) = [gate | up] -> (N, F)."""
+    N, F2 = gu.shape
+    F = F2 // 2
+    out = out if out is not None else torch.empty(N, F, dtype=gu.dtype, device=gu.device)
+    BLOCK = min(1024, _np2(F))
+    _glu_kernel[(N, triton.cdiv(F, BLOCK))](gu, out, F, alpha, limit, ACT=ACTS[activation], BLOCK=BLOCK)
+    return out
+
+
+# ---- rotary + KV write ---------------------------------------------------------------------
+@triton.jit
+def _rope_kv_kernel(QKV, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, stride_qkv, H, HKV,
+                    HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    D: tl.constexpr = 2 * HALF
+    i = tl.arange(0, HALF)
+    base = QKV + b * stride_qkv + h * D
+    x1 = tl.load(base + i).to(tl.float32)
+    x2 = tl.load(base + HALF + i).to(tl.float32)
+    if HAS_ROPE:
+        c = tl.load(COS + b * HALF + i).to(tl.float32)
+        s = tl.load(SIN + b * HALF + i).to(tl.float32)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+    else:
+        y1 = x1
+        y2 = x2
+    if h < H:
+        dst = Q_OUT + (b * H + h) * D
+        tl.store(dst + i, y1.to(Q_OUT.dtype.element_ty))
+        tl.store(dst + HALF + i, y2.to(Q_OUT.dtype.element_ty))
+    else:
+        hk = h - H
+        slot = tl.load(SLOT + b)
+        dst = K_CACHE + (slot * HKV + hk) * D
+        tl.store(dst + i, y1.to(K_CACHE.dtype.element_ty))
+        tl.store(dst + HALF + i, y2.to(K_CACHE.dtype.element_ty))
+        vsrc = QKV + b * stride_qkv + (H + HKV + hk) * D
+        vdst = V_CACHE + (slot * HKV + hk) * D
+        tl.store(vdst + i, tl.load(vsrc + i))
+        tl.store(vdst + HALF + i, tl.load(vsrc + HALF + i))
+
+
+def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int) -> None:
+    """qkv: (B, (H + 2 Hkv) D); cos/sin: (B, D/2); q_out: (B, H, D); caches (num_blocks, bs, Hkv, D);
+    slots: (B,) flat slot (block * bs + offset) for each token's k and v."""
+    B = qkv.shape[0]
+    D = q_out.shape[-1]
+    _rope_kv_kernel[(B, H + Hkv)](qkv, cos if cos is not None else qkv, sin if sin is not None else qkv, q_out,
+                                  k_cache, v_cache, slots, qkv.stride(0), H, Hkv, HALF=D // 2,
+                                  HAS_ROPE=cos is not None)
+
+
+# ---- paged decode attention -------------------------------------------------------------------
+@triton.jit
+def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, ACC_OUT, OUT, SINKS,
+                       scale, softcap, stride_table, max_dist, H: tl.constexpr, HKV: tl.constexpr,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    g = tl.arange(0, GP)
+    gm = g < G
+    d = tl.arange(0, D)
+    heads = hk * G + g
+    q = tl.load(Q + (b * H + heads)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)  # (GP, D)
+    L = tl.load(SEQ_LEN + b)
+    q_pos = L - 1
+    lo_tok = 0
+    if WINDOW > 0:
+        lo_tok = tl.maximum(q_pos - WINDOW + 1, 0)
+    first_page = lo_tok // BS
+    n_pages = tl.cdiv(L, BS) - first_page
+    pps = tl.cdiv(n_pages, NUM_SPLITS)
+    start = (first_page + split * pps) * BS
+    end = tl.minimum((first_page + (split + 1) * pps) * BS, L)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + n
+        valid = (t < end) & (t >= lo_tok)
+        blk = tl.load(TABLE + b * stride_table + t // BS, mask=valid, other=0)
+        off = ((blk * BS + t % BS) * HKV + hk) * D
+        k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (GP, BLOCK_N)
+        if HAS_SOFTCAP:
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        if HAS_BIAS:
+            dist = tl.minimum(q_pos - t, max_dist - 1)
+            s += tl.load(BIAS + heads[:, None] * max_dist + dist[None, :], mask=gm[:, None] & valid[None, :],
+                         other=0.0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            sink = tl.load(SINKS + heads, mask=gm, other=0.0).to(tl.float32)
+            m_f = tl.maximum(m_i, sink)
+            l_f = l_i * tl.exp(m_i - m_f) + tl.exp(sink - m_f)
+            acc = acc * tl.exp(m_i - m_f)[:, None]
+        else:
+            l_f = l_i
+        o = acc / l_f[:, None]
+        tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], o.to(OUT.dtype.element_ty), mask=gm[:, None])
+    else:
+        row = (b * H + heads) * NUM_SPLITS + split
+        tl.store(M_OUT + row, m_i, mask=gm)
+        tl.store(L_OUT + row, l_i, mask=gm)
+        tl.store(ACC_OUT + row[:, None] * D + d[None, :], acc, mask=gm[:, None])
+
+
+@triton.jit
+def _attn_reduce_kernel(M_IN, L_IN, ACC_IN, OUT, SINKS, H: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                        HAS_SINKS: tl.constexpr):
+    bh = tl.program_id(0)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(M_IN + bh * NUM_SPLITS + s)
+    l = tl.load(L_IN + bh * NUM_SPLITS + s)
+    m_max = tl.max(m, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + bh % H).to(tl.float32)
+        m_max = tl.maximum(m_max, sink)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    denom = tl.sum(w * l, axis=0)
+    if HAS_SINKS:
+        denom += tl.exp(sink - m_max)
+    acc = tl.load(ACC_IN + (bh * NUM_SPLITS + s)[:, None] * D + d[None, :])
+    o = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(OUT + bh * D + d, o.to(OUT.dtype.element_ty))
+
+
+class PagedAttention:
+    """Decode attention over the paged cache for one layer configuration; holds its split buffers."""
+
+    def __init__(self, *, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int, scale: float,
+                 window: int = 0, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                 bias_table: torch.Tensor | None = None) -> None:
+        self.H, self.Hkv, self.D, self.bs = n_heads, n_kv_heads, head_dim, block_size
+        self.G = n_heads // n_kv_heads
+        self.scale, self.window, self.softcap = scale, window, softcap
+        self.sinks, self.bias_table = sinks, bias_table  # bias_table: (H, max_dist) float32
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                 seq_lens: torch.Tensor, out: torch.Tensor, num_splits: int = 1,
+                 scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q: (B, H, D); table: (B, max_pages) int32; seq_lens: (B,) keys per sequence (query at L-1)."""
+        B = q.shape[0]
+        H, D = self.H, self.D
+        if num_splits > 1:
+            if scratch is None:
+                scratch = (torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device),
+                           torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device),
+                           torch.empty(B * H * num_splits * D, dtype=torch.float32, device=q.device))
+            m, l, acc = scratch
+        else:
+            m = l = acc = out
+        block_n = max(16, min(64, self.bs * max(1, 64 // self.bs)))
+        bias = self.bias_table
+        sinks = self.sinks
+        _paged_attn_kernel[(B, self.Hkv, num_splits)](
+            q, k_cache, v_cache, table, seq_lens, bias if bias is not None else q, m, l, acc, out,
+            sinks if sinks is not None else q, self.scale, float(self.softcap or 1.0), table.stride(0),
+            bias.shape[1] if bias is not None else 1, H=H, HKV=self.Hkv, G=self.G, GP=max(16, _np2(self.G)), D=D,
+            BS=self.bs, BLOCK_N=block_n, WINDOW=self.window, NUM_SPLITS=num_splits,
+            HAS_SOFTCAP=self.softcap is not None, HAS_BIAS=bias is not None, HAS_SINKS=sinks is not None,
+            num_warps=4)
+        if num_splits > 1:
+            _attn_reduce_kernel[(B * H,)](m, l, acc, out, sinks if sinks is not None else q, H=H, D=D,
+                                          NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None)
+        return out
+
+
+# ---- MXFP4 expert GEMV ------------------------------------------------------------------------
+@triton.jit
+def _e2m1(n):
+    """FP4 E2M1 nibble -> float32: sign bit 3, exponent bits 2..1, mantissa bit 0."""
+    e = ((n >> 1) & 3).to(tl.float32)
+    m = (n & 1).to(tl.float32)
+    mag = tl.where(e == 0.0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2(e - 1.0))
+    return tl.where((n & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _mxfp4_gemv_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]); W packed MXFP4."""
+    p = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rows < N_OUT
+    e = tl.load(EXPERT + p).to(tl.int64)
+    xr = tl.load(X_ROW + p).to(tl.int64)
+    j = tl.arange(0, BLOCK_K // 2)
+    wrow = (e * N_OUT + rows).to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + 2 * j  # even element of each byte
+        km = kk < K
+        m2 = rm[:, None] & km[None, :]
+        byte = tl.load(BLOCKS + wrow[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=m2, other=0).to(tl.int32)
+        sc = tl.load(SCALES + wrow[:, None] * (K // 32) + (kk // 32)[None, :], mask=m2, other=127)
+        scale = tl.exp2(sc.to(tl.float32) - 127.0)
+        xe = tl.load(X + xr * K + kk, mask=km, other=0.0).to(tl.float32)
+        xo = tl.load(X + xr * K + kk + 1, mask=km, other=0.0).to(tl.float32)
+        w_lo = _e2m1(byte & 15)
+        w_hi = _e2m1(byte >> 4)
+        acc += tl.sum((w_lo * xe[None, :] + w_hi * xo[None, :]) * scale, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + e * N_OUT + rows, mask=rm, other=0.0).to(tl.float32)
+    tl.store(Y + p * N_OUT + rows, acc.to(Y.dtype.element_ty), mask=rm)
+
+
+def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, blocks: torch.Tensor,
+               scales: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (M, K); x_row, expert: (P,) int; blocks (E, N, K/2) uint8; scales (E, N, K/32) -> (P, N)."""
+    P = expert.shape[0]
+    N, K = blocks.shape[1], x.shape[1]
+    out = out if out is not None else torch.empty(P, N, dtype=x.dtype, device=x.device)
+    BLOCK_N, BLOCK_K = 16, 256
+    _mxfp4_gemv_kernel[(P, triton.cdiv(N, BLOCK_N))](x, x_row, expert, blocks, scales,
+                                                     bias if bias is not None else x, out, N, K,
+                                                     HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                                     num_warps=4)
+    return out
