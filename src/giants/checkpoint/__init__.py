@@ -8,7 +8,7 @@ from typing import Any
 from giants.checkpoint.errors import CheckpointError, DownloadError
 from giants.checkpoint.hub import KNOWN_MODELS, cache_dir, download
 
-_LAZY = {"load": "giants.checkpoint.load", "save": "giants.checkpoint.save", "inspect": "giants.checkpoint.inspect"}
+_LAZY = {"load": "giants.checkpoint.loading", "save": "giants.checkpoint.saving"}
 
 
 def __getattr__(name: str) -> Any:

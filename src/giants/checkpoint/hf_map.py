@@ -24,6 +24,11 @@ class Rule:
     to_ours: Callable[[Tensors], Tensors]
     to_hf: Callable[[Tensors], Tensors]
 
+    @property
+    def identity(self) -> bool:
+        """One tensor in, the same tensor out (no fusing, splitting or transposing)."""
+        return self.to_ours is _same and len(self.ours) == len(self.hf) == 1
+
 
 def _same(ts: Tensors) -> Tensors:
     return list(ts)
