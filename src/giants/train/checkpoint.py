@@ -33,9 +33,20 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "manifest.json"
 FORMAT = "giants-train-checkpoint-v1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: when set to a file path, a checkpoint write stops after its big files are written (before
-# the manifest and the rename), touches that file and sleeps, so a test can SIGKILL it mid-write.
+# Test hook: "STEP:PATH" (or just "PATH" for every step). The checkpoint write of that step stops after its
+# big files are written (before the manifest and the rename), writes PATH and sleeps, so a test can
+# SIGKILL the process in the middle of writing a checkpoint.
 PAUSE_ENV = "GIANTS_TRAIN_PAUSE_IN_CHECKPOINT"
+
+
+def _pause_marker(step: int) -> Path | None:
+    value = os.environ.get(PAUSE_ENV)
+    if not value:
+        return None
+    at, sep, path = value.partition(":")
+    if sep and at.isdigit():
+        return Path(path) if int(at) == step else None
+    return Path(value)
 
 
 class TrainCheckpointError(ValueError):
@@ -208,9 +219,9 @@ def save(run_dir: str | os.PathLike, step: int, *, optimizer: torch.optim.Optimi
         full_state = {"format": FORMAT, "step": step, "saved_at": time.time(), **state, "optimizer": opt_meta,
                       "rng": rng_meta}
         (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
-        pause = os.environ.get(PAUSE_ENV)
-        if pause:
-            Path(pause).write_text(str(tmp))
+        pause = _pause_marker(step)
+        if pause is not None:
+            pause.write_text(str(tmp))
             time.sleep(3600)
         _fsync_tree(tmp)
         manifest = {"format": FORMAT, "step": step,

@@ -1,9 +1,187 @@
-"""CLI subcommands of this area (filled in by its issue)."""
+"""`giants prepare`, `giants train`, `giants plot`, `giants arena`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. --set n_layers=4)")
+        v = _value(val)
+        out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from giants.train.data import prepare
+
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                   shard_tokens=args.shard_tokens, progress=not args.quiet)
+    tr, va = meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"]
+    print(f"{args.out}: {meta['documents']} documents, {tr:,} train + {va:,} validation tokens "
+          f"({meta['dtype']}, vocab {meta['vocab_size']:,}, eos {meta['eos_token_id']})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from giants.train.trainer import TrainConfig, Trainer
+
+    if args.preset is None and args.config is None and args.init is None:
+        args.preset = "tiny-llama"
+    resume: bool | str = False
+    if args.resume is not None:
+        resume = True if args.resume is True else str(args.resume)
+    tc = TrainConfig(
+        out=args.out, preset=args.preset, model_config=args.config, init=args.init, overrides=_overrides(args.set),
+        task=args.task, data=args.data, val_data=args.val_data, tokenizer=args.tokenizer, seq_len=args.seq_len,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, decay_fraction=args.decay_fraction,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, aux_loss_coef=args.aux_loss_coef,
+        z_loss_coef=args.z_loss_coef, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_targets), lora_dropout=args.lora_dropout, dpo_beta=args.dpo_beta,
+        device=args.device, precision=args.precision, compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing, seed=args.seed, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every,
+        keep_last=args.keep_last, resume=resume, save_final=not args.no_final, tensorboard=args.tensorboard,
+        progress=not args.quiet, peak_tflops=args.peak_tflops, memory_limit_gb=args.memory_limit_gb)
+    trainer = Trainer(tc)
+    if trainer.step >= tc.steps:
+        print(f"{args.out}: already at step {trainer.step} of {tc.steps}; raise --steps to train further")
+        return 0
+    s = trainer.run()
+    val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
+    print(f"{args.out}: step {s['step']}, train loss {s['train_loss']:.4f}{val}, "
+          f"{s['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {s['last_checkpoint']}"
+          + (f"; model {s['final']}" if s.get("final") else ""))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from giants.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _arena(args: argparse.Namespace) -> int:
+    from giants.train.arena import ArenaConfig, run_arena
+
+    kw: dict[str, Any] = dict(out=args.out, n_layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+                              seq_len=args.seq_len, lr=args.lr, scale=args.scale, data=args.data,
+                              tokenizer=args.tokenizer, device=args.device, eval_every=args.eval_every,
+                              eval_batches=args.eval_batches, seed=args.seed, isolate=not args.no_isolate,
+                              progress=not args.quiet, aux_loss_coef=args.aux_loss_coef,
+                              z_loss_coef=args.z_loss_coef)
+    if args.presets:
+        kw["presets"] = tuple(args.presets)
+    report = run_arena(ArenaConfig(**kw))
+    for name, s in report["results"].items():
+        vals = [h["val_loss"] for h in s["history"] if "val_loss" in h]
+        print(f"{name:24s} val loss {vals[-1]:.4f}  {s['tokens_per_s'] or 0:10,.0f} tok/s")
+    print(f"report: {args.out}/report.md")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("prepare", help="tokenise text files into packed token shards for training")
+    p.add_argument("inputs", nargs="+", help="text files (.txt/.md, .jsonl with a 'text' field) or directories")
+    p.add_argument("--tokenizer", required=True, help="tokenizer source: smollm2-135m, an HF dir, .gguf, or 'bytes'")
+    p.add_argument("--out", required=True, help="output dataset directory (must not exist or be empty)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="document shuffle seed")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="pretrain or finetune (SFT, DPO, LoRA) with resumable checkpoints")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", help="a preset name (default tiny-llama)")
+    g.add_argument("--config", help="model config JSON (giants or HF config.json)")
+    g.add_argument("--init", help="initial weights: an HF dir, .gguf or known model (finetuning)")
+    g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ModelConfig field (repeatable)")
+    g = p.add_argument_group("data")
+    g.add_argument("--task", choices=("lm", "sft", "dpo"), default="lm")
+    g.add_argument("--data", default="shakespeare",
+                   help="lm: 'shakespeare' or a `giants prepare` dir; sft/dpo: a JSONL file")
+    g.add_argument("--val-data", help="sft/dpo: held-out JSONL")
+    g.add_argument("--tokenizer", default="smollm2-135m")
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=8, help="micro-batch (DPO: pairs)")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--schedule", choices=("cosine", "wsd", "constant"), default="cosine")
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of steps spent decaying")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--aux-loss-coef", type=float, help="MoE load-balancing coefficient (default: model config)")
+    g.add_argument("--z-loss-coef", type=float, help="MoE router z-loss coefficient (default: model config)")
+    g = p.add_argument_group("finetuning")
+    g.add_argument("--lora-rank", type=int, default=0)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU on devices giants does not know")
+    g.add_argument("--memory-limit-gb", type=float, help="refuse configs estimated above this")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run directory")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in --out (or the one given)")
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--eval-batches", type=int, default=8)
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--ckpt-every", type=int, default=0, help="0: only at the end")
+    g.add_argument("--keep-last", type=int, default=3)
+    g.add_argument("--no-final", action="store_true", help="skip writing RUN_DIR/final")
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("plot", help="draw a run's training curves to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("arena", help="train the five tiny twins at a matched budget and compare them")
+    p.add_argument("--out", default="arena")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--scale", type=int, default=1, help="multiply width by this (use on a GPU with more --steps)")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--tokenizer", default="smollm2-135m")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--aux-loss-coef", type=float, default=0.02)
+    p.add_argument("--z-loss-coef", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--presets", nargs="+", help="subset of the tiny twins")
+    p.add_argument("--no-isolate", action="store_true", help="train every twin in this process")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_arena)

@@ -93,6 +93,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 1
     ckpt_every: int = 0  # 0 = only at the end
+    checkpoint_at_end: bool = True
     keep_last: int = 3
     resume: bool | str = False  # True: latest checkpoint in out; a path: that checkpoint
     save_final: bool = True
@@ -295,12 +296,9 @@ class Trainer:
 
     @staticmethod
     def _init_config(source: str) -> ModelConfig:
-        p = Path(source)
-        if p.is_dir() and (p / "config.json").is_file():
-            return ModelConfig.from_json(p / "config.json")
-        import giants
+        from giants.checkpoint.loading import load_config
 
-        return giants.load(source).config
+        return load_config(source)
 
     def _check_memory(self) -> None:
         need = estimate_memory(self.model_config, self.cfg, self.bf16)
@@ -353,10 +351,9 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.init is not None:
-            model = giants.load(cfg.init)
-            if model.config.to_dict() != self.model_config.to_dict() and not cfg.overrides:
-                raise ValueError(f"{cfg.init}: loaded model config differs from the expected one")
-            model = model.to(device=self.device, dtype=torch.float32)
+            if cfg.overrides:
+                raise ValueError("model overrides (--set) cannot change the architecture of --init weights")
+            model = giants.load(cfg.init, dtype=torch.float32, device=self.device)
         else:
             model = giants.build(self.model_config, device=self.device, seed=cfg.seed)
         return model
@@ -689,7 +686,7 @@ class Trainer:
                     self.history.append(m)
                     self._tensorboard(m)
                     bar.update(self.step, m)
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or is_last:
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or (is_last and cfg.checkpoint_at_end):
                     self.save_checkpoint()
         finally:
             metrics_file.close()

@@ -1,0 +1,246 @@
+"""The training loop on the tiny twins: learning, bit-exact resume, checkpoints that survive SIGKILL,
+refusal of corrupt or mismatched checkpoints, NaN stops, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from giants.cli import main
+from giants.train import TrainConfig, Trainer, TrainingDiverged
+from giants.train.checkpoint import PAUSE_ENV, TrainCheckpointError, latest_checkpoint, list_checkpoints, verify
+from giants.train.data import prepare
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    """A small byte-level dataset (no tokenizer download) for the mechanics tests."""
+    root = tmp_path_factory.mktemp("bytes")
+    (root / "text.txt").write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n"
+                                           for i in range(400)))
+    prepare(root / "text.txt", "bytes", root / "ds", val_fraction=0.1)
+    return root / "ds"
+
+
+SMALL_VOCAB = {"vocab_size": 320}  # byte data needs 257 ids; keeps the mechanics tests' models and checkpoints small
+
+
+def _cfg(out, data, **kw) -> TrainConfig:
+    base = dict(out=str(out), preset="tiny-mixtral", data=str(data), tokenizer="bytes", steps=6, seq_len=32,
+                batch_size=2, lr=3e-3, progress=False, eval_every=3, eval_batches=1, ckpt_every=2,
+                z_loss_coef=1e-3, save_final=False, overrides=dict(SMALL_VOCAB))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(run: Path, key: str = "train_loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_shakespeare(tmp_path):
+    tr = Trainer(TrainConfig(out=str(tmp_path / "run"), preset="tiny-llama", data="shakespeare", steps=20,
+                             seq_len=64, batch_size=4, lr=3e-3, warmup_steps=2, progress=False, eval_every=0,
+                             eval_batches=4, save_final=False, checkpoint_at_end=False))
+    before = tr.evaluate()["val_loss"]
+    summary = tr.run()
+    losses = [h["train_loss"] for h in tr.history]
+    assert before > 10.0  # ln(49152) = 10.8 at initialisation
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    assert summary["val_loss"] < before - 1.0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert all({"step", "train_loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert "val_loss" in rows[-1] and rows[-1]["val_ppl"] == pytest.approx(2.718281828 ** rows[-1]["val_loss"])
+
+
+def test_resume_is_bit_exact(tmp_path, byte_data):
+    """A MoE run (router aux + z losses, grad accumulation) interrupted after step 3 (checkpoint at 2)
+    and resumed gives the uninterrupted run's losses and weights bit for bit."""
+    full = Trainer(_cfg(tmp_path / "full", byte_data, grad_accum=2))
+    full.run()
+    part = Trainer(_cfg(tmp_path / "part", byte_data, grad_accum=2))
+    part.run(until=3)
+    del part
+    resumed = Trainer(_cfg(tmp_path / "part", byte_data, grad_accum=2, resume=True))
+    assert resumed.step == 2
+    resumed.run()
+    for key in ("train_loss", "aux_loss", "z_loss", "grad_norm", "lr"):
+        assert _losses(tmp_path / "full", key) == _losses(tmp_path / "part", key)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in list_checkpoints(tmp_path / "part")] == ["step_00000002", "step_00000004",
+                                                                     "step_00000006"]
+    row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(row["router"]["utilisation"]) == 2 and len(row["router"]["utilisation"][0]) == 8
+    assert len(row["router"]["aux_loss"]) == 2 and all(0 < b <= 1 for b in row["router"]["balance"])
+
+
+def test_activation_checkpointing_and_grad_accum(tmp_path, byte_data):
+    kw = dict(preset="tiny-llama", steps=3, eval_every=0, ckpt_every=0, checkpoint_at_end=False, z_loss_coef=None)
+    plain = Trainer(_cfg(tmp_path / "a", byte_data, batch_size=4, **kw))
+    plain.run()
+    ckpt = Trainer(_cfg(tmp_path / "b", byte_data, batch_size=4, activation_checkpointing=True, **kw))
+    assert ckpt.model.gradient_checkpointing
+    ckpt.run()
+    torch.testing.assert_close(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-6, atol=1e-6)
+    accum = Trainer(_cfg(tmp_path / "c", byte_data, batch_size=2, grad_accum=2, **kw))
+    accum.run()
+    # same 4 sequences per step, in two micro-batches: equal up to summation order
+    torch.testing.assert_close(_losses(tmp_path / "a"), _losses(tmp_path / "c"), rtol=1e-4, atol=1e-4)
+
+
+def test_sigkill_mid_checkpoint_leaves_previous_loadable(tmp_path, byte_data):
+    run = tmp_path / "run"
+    marker = tmp_path / "paused"
+    env = dict(os.environ, **{PAUSE_ENV: f"4:{marker}"})
+    cmd = [sys.executable, "-m", "giants.cli", "train", "--preset", "tiny-mixtral", "--data", str(byte_data),
+           "--tokenizer", "bytes", "--steps", "6", "--seq-len", "32", "--batch-size", "2", "--lr", "3e-3",
+           "--eval-every", "3", "--eval-batches", "1", "--ckpt-every", "2", "--z-loss-coef", "1e-3", "--quiet",
+           "--no-final", "--set", "vocab_size=320", "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "training never reached the step-4 checkpoint"
+            time.sleep(0.2)
+        partial = Path(marker.read_text())
+        assert partial.is_dir() and (partial / "model").is_dir()  # step 4 is half written
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert latest_checkpoint(run).name == "step_00000002"
+    assert verify(latest_checkpoint(run))["step"] == 2
+    resumed = Trainer(_cfg(run, byte_data, resume=True))
+    assert resumed.step == 2
+    resumed.run()
+    assert not partial.exists()  # the next save cleared the leftover
+    # and the interrupted run, resumed in another process, matches an uninterrupted one exactly
+    ref = Trainer(_cfg(tmp_path / "ref", byte_data))
+    ref.run()
+    assert _losses(run) == _losses(tmp_path / "ref")
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, byte_data):
+    run = tmp_path / "run"
+    Trainer(_cfg(run, byte_data, steps=4)).run()
+    step4 = run / "checkpoints" / "step_00000004"
+    with pytest.raises(ValueError, match="holds a previous run"):
+        Trainer(_cfg(run, byte_data, steps=4))
+    # mismatches, named
+    with pytest.raises(TrainCheckpointError, match=r"model config: .*n_experts"):
+        Trainer(_cfg(run, byte_data, preset="tiny-llama", resume=True))
+    with pytest.raises(TrainCheckpointError, match=r"run settings: batch_size: checkpoint 2 != this run 3"):
+        Trainer(_cfg(run, byte_data, batch_size=3, resume=True))
+    # an explicit older checkpoint resumes
+    assert Trainer(_cfg(run, byte_data, resume=str(run / "checkpoints" / "step_00000002"))).step == 2
+    # corruption: one flipped byte
+    opt = step4 / "optimizer.safetensors"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    with pytest.raises(TrainCheckpointError, match=r"optimizer.safetensors: sha256 does not match"):
+        Trainer(_cfg(run, byte_data, resume=True))
+    # truncation of the weights
+    weights = step4 / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(TrainCheckpointError, match=r"model.safetensors: 1000 bytes, manifest says"):
+        verify(step4)
+    # no manifest: an incomplete write
+    (step4 / "manifest.json").unlink()
+    with pytest.raises(TrainCheckpointError, match="incomplete checkpoint"):
+        Trainer(_cfg(run, byte_data, resume=True))
+    # nothing to resume from is an error, not a fresh start
+    with pytest.raises(TrainCheckpointError, match="no checkpoint to resume from"):
+        Trainer(_cfg(tmp_path / "empty", byte_data, resume=True))
+    assert main(["train", "--out", str(tmp_path / "empty2"), "--data", str(byte_data), "--tokenizer", "bytes",
+                 "--resume", "--quiet"]) == 2
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, byte_data):
+    run = tmp_path / "run"
+    tr = Trainer(_cfg(run, byte_data, preset="tiny-llama", steps=6, z_loss_coef=None))
+    tr.run(until=2)
+    good = latest_checkpoint(run)
+    with torch.no_grad():
+        tr.model.layers[0].attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=rf"non-finite loss \(nan\) at step 3.*{good.name}"):
+        tr.run()
+    assert tr.step == 2 and latest_checkpoint(run) == good
+    assert verify(good)["step"] == 2
+    resumed = Trainer(_cfg(run, byte_data, preset="tiny-llama", steps=6, z_loss_coef=None, resume=True))
+    assert torch.isfinite(resumed.model.layers[0].attn.q_proj.weight).all()
+
+
+def test_bad_configs_fail_early(tmp_path, byte_data):
+    with pytest.raises(ValueError, match=r"seq_len=4096 is beyond the model's max_context=2048"):
+        Trainer(_cfg(tmp_path / "a", byte_data, seq_len=4096))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"needs about \d+\.\d GiB .* only \d+\.\d GiB"):
+        Trainer(_cfg(tmp_path / "b", byte_data, preset="llama-3-70b", overrides={}))
+    assert time.perf_counter() - t0 < 5  # refused from the estimate, before allocating 70B parameters
+    with pytest.raises(ValueError, match="needs about"):
+        Trainer(_cfg(tmp_path / "c", byte_data, memory_limit_gb=0.01))
+    with pytest.raises(FileNotFoundError, match="not a prepared token dataset"):
+        Trainer(_cfg(tmp_path / "d", tmp_path))
+    with pytest.raises(ValueError, match="unknown preset"):
+        Trainer(_cfg(tmp_path / "e", byte_data, preset="tiny-lama"))
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        Trainer(_cfg(tmp_path / "f", byte_data, overrides={"n_layer": 3}))
+    with pytest.raises(ValueError, match="vocabulary of 257 but the model has vocab_size=200"):
+        Trainer(_cfg(tmp_path / "h", byte_data, overrides={"vocab_size": 200}))
+    with pytest.raises(ValueError, match="TrainConfig.task"):
+        Trainer(_cfg(tmp_path / "g", byte_data, task="rlhf"))
+
+
+def test_cli_train_plot_resume(tmp_path, byte_data, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny-gpt-oss", "--data", str(byte_data), "--tokenizer", "bytes", "--steps", "3",
+            "--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--quiet",
+            "--schedule", "wsd", "--peak-tflops", "1", "--set", "n_layers=1", "--set", "layer_windows=[16]",
+            "--set", "vocab_size=320", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "step 3" in out and "final" in out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * json.loads((run / "run.json").read_text())
+                                         ["flops_per_token"] / 1e12) for r in rows)
+    assert json.loads((run / "run.json").read_text())["model_config"]["n_layers"] == 1
+    import giants
+
+    model = giants.load(run / "final")
+    assert model.config.n_layers == 1 and model.config.is_moe
+    assert main(["plot", str(run)]) == 0
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*args, "--resume"]) == 0
+    assert "already at step 3" in capsys.readouterr().out
+    assert main([*args[:-2], "--steps", "4", "--resume", "--out", str(run)]) == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_tensorboard_flag(tmp_path, byte_data):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        has_tb = True
+    except ImportError:
+        has_tb = False
+    cfg = _cfg(tmp_path / "tb", byte_data, preset="tiny-llama", steps=1, tensorboard=True, z_loss_coef=None,
+               checkpoint_at_end=False)
+    if has_tb:
+        Trainer(cfg).run()
+        assert list((tmp_path / "tb" / "tensorboard").glob("events.*"))
+    else:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            Trainer(cfg).run()
