@@ -3,7 +3,8 @@
 - 64 concurrent streaming clients (completions and chat mixed) in a closed loop: no request fails or is
   lost, and every greedy answer equals the same request run alone. The test runs GIANTS_SERVE_LOAD_S
   seconds (default 8, to keep CI short); benchmarks/bench_serve.py runs the full 30 s and records numbers.
-- 20 clients drop mid-stream: their sequences are cancelled and the KV blocks come back at once.
+- 20 clients drop mid-stream (and 4 non-streaming ones time out): their sequences are cancelled and the
+  KV blocks come back at once.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def test_64_concurrent_streams_equal_alone(server):
 
 
 def test_disconnects_free_kv_at_once(server):
-    n = 20
+    n, n_plain = 20, 4
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=60)
     m0 = server.metrics()
 
@@ -83,12 +84,25 @@ def test_disconnects_free_kv_at_once(server):
                 break
         return stream
 
+    async def impatient(i: int) -> str:
+        quick = openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=1.0)
+        try:
+            await quick.completions.create(model="tiny-llama", prompt=f"non-streaming {i}", max_tokens=1500,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        except openai.APITimeoutError:
+            return "gave up"
+        finally:
+            await quick.close()
+        return "finished"
+
     async def scenario():
         streams = await asyncio.gather(*(open_stream(i) for i in range(n)))
         mid = server.metrics()
         for s in streams:  # drop the connections mid-stream
             await s.close()
         await client.close()
+        # non-streaming clients that time out and hang up are noticed too
+        assert await asyncio.gather(*(impatient(i) for i in range(n_plain))) == ["gave up"] * n_plain
         return mid
 
     mid = asyncio.run(scenario())
@@ -99,7 +113,7 @@ def test_disconnects_free_kv_at_once(server):
     freed_after = time.monotonic() - t0
     assert m["giants_running_sequences"] == 0 and m["giants_kv_blocks_used"] == 0, m
     assert m["giants_in_flight_requests"] == 0
-    assert m["giants_aborted_requests_total"] - m0.get("giants_aborted_requests_total", 0) == n
+    assert m["giants_aborted_requests_total"] - m0.get("giants_aborted_requests_total", 0) == n + n_plain
     # 1500 tokens x 20 streams would take minutes to finish on their own: these were cancelled
-    assert m["giants_generation_tokens_total"] - mid["giants_generation_tokens_total"] < n * 1500 // 4
+    assert m["giants_generation_tokens_total"] - mid["giants_generation_tokens_total"] < (n + n_plain) * 1500 // 4
     print(f"\nKV freed {freed_after:.2f} s after the disconnects")

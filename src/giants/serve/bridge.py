@@ -173,7 +173,6 @@ class AsyncEngine:
     # --- engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        engine = self.engine
         busy = False
         while True:
             with self._cv:
@@ -183,23 +182,32 @@ class AsyncEngine:
                     break
                 cmds, self._cmds = self._cmds, []
             out: list[tuple[asyncio.Queue, Any]] = []
-            for kind, arg in cmds:
-                self._apply(kind, arg, out)
-            if engine.has_unfinished_requests():
-                try:
-                    results = engine.step()
-                except Exception as e:  # the whole batch failed: fail its requests, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(APIError(500, f"engine error: {type(e).__name__}: {e}", None, "engine_error"),
-                                   out)
-                    results = []
-                now = time.monotonic()
-                for r in results:
-                    self._deliver(r, now, out)
-            busy = engine.has_unfinished_requests()
-            self._update_metrics()
+            try:
+                busy = self._turn(cmds, out)
+            except Exception as e:  # never let the thread die with requests waiting on it
+                log.exception("engine loop failed")
+                self._fail_all(APIError(500, f"engine error: {type(e).__name__}: {e}", None, "engine_error"), out)
+                busy = False
             if out:
                 self.loop.call_soon_threadsafe(_fan_out, out)
+
+    def _turn(self, cmds: list[tuple[str, Any]], out: list) -> bool:
+        """Apply commands, run one engine step; True while the engine has work left."""
+        engine = self.engine
+        for kind, arg in cmds:
+            self._apply(kind, arg, out)
+        if engine.has_unfinished_requests():
+            try:
+                results = engine.step()
+            except Exception as e:  # the whole batch failed: fail its requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(APIError(500, f"engine error: {type(e).__name__}: {e}", None, "engine_error"), out)
+                results = []
+            now = time.monotonic()
+            for r in results:
+                self._deliver(r, now, out)
+        self._update_metrics()
+        return engine.has_unfinished_requests()
 
     def _apply(self, kind: str, arg: Any, out: list) -> None:
         if kind == "add":

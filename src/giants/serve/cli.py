@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=_positive(int), default=None, help="context length (default: model's)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond the running batch; more get 429 (default: unbounded)")
-    p.add_argument("--max-num-seqs", type=_positive(int), default=64, help="sequences in the running batch")
+    p.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=_positive(int), default=None, help="KV cache blocks (default: auto)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients ask for (default: MODEL)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")

@@ -25,7 +25,7 @@ class ServeOptions:
     api_key: str | None = None
     max_model_len: int | None = None
     max_queue: int | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256
     num_blocks: int | None = None
     block_size: int = 16
     served_model_name: str | None = None
