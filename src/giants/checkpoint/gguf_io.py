@@ -192,7 +192,11 @@ def gguf_metadata(reader, path: str | Path | None = None) -> dict[str, Any]:
         if key.startswith("GGUF."):
             continue
         try:
-            out[key] = field.contents()
+            value = field.contents()
+            if len(field.types) == 1 and field.types[0] == 6 and isinstance(value, float):
+                # float32 metadata: keep the number that was written (1e-05), not its binary neighbour
+                value = float(str(np.float32(value)))
+            out[key] = value
         except Exception as e:
             raise CheckpointError(f"metadata {key!r} cannot be decoded: {type(e).__name__}: {e}",
                                   file=path or reader.data.filename) from None
@@ -395,6 +399,27 @@ def gguf_rules(cfg: ModelConfig, arch: str, names: set[str]) -> list[GGUFRule]:
     return rules
 
 
+def dequantize_tensor(t, path: str | Path) -> torch.Tensor:
+    """One `ReaderTensor` as float32, in numpy (PyTorch) dimension order, via gguf.quants.dequantize."""
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(f"GGML type {t.tensor_type.name} cannot be dequantized", file=path,
+                              tensor=t.name) from None
+    except Exception as e:
+        raise CheckpointError(f"cannot dequantize: {type(e).__name__}: {e}", file=path, tensor=t.name) from None
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if math.prod(arr.shape) != math.prod(shape):
+        raise CheckpointError(f"dequantized to {arr.shape}, header says {shape}", file=path, tensor=t.name)
+    # F32 comes back as a view of the read-only file mapping; everything else is a fresh array.
+    arr = np.array(arr, dtype=np.float32, copy=True if not (arr.flags.owndata and arr.flags.writeable) else None)
+    if not np.isfinite(arr).all():
+        raise CheckpointError("non-finite values after dequantization", file=path, tensor=t.name)
+    return torch.from_numpy(arr.reshape(shape))
+
+
 class GGUFFile:
     """A validated GGUF file: metadata, config, and our tensors dequantized on demand."""
 
@@ -416,26 +441,7 @@ class GGUFFile:
         return self.tensors[name].tensor_type.name
 
     def dequant(self, name: str) -> torch.Tensor:
-        """One tensor as float32 in numpy (PyTorch) dimension order."""
-        from gguf.quants import dequantize
-
-        t = self.tensors[name]
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(f"GGML type {t.tensor_type.name} cannot be dequantized", file=self.path,
-                                  tensor=name) from None
-        except Exception as e:
-            raise CheckpointError(f"cannot dequantize: {type(e).__name__}: {e}", file=self.path, tensor=name) from None
-        arr = np.asarray(arr)
-        if arr.dtype != np.float32:
-            arr = arr.astype(np.float32)
-        shape = self.shapes[name]
-        if math.prod(arr.shape) != math.prod(shape):
-            raise CheckpointError(f"dequantized to {arr.shape}, header says {shape}", file=self.path, tensor=name)
-        if not np.isfinite(arr).all():
-            raise CheckpointError("non-finite values after dequantization", file=self.path, tensor=name)
-        return torch.from_numpy(np.array(arr, copy=True).reshape(shape))
+        return dequantize_tensor(self.tensors[name], self.path)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Every rule's tensors present with the shapes the config implies; nothing unexpected left over."""
