@@ -50,7 +50,7 @@ class Fit:
         heads = cfg.n_heads // self.gpus
         kvh = kv_heads_per_gpu(cfg, self.gpus)
         rep = " (kv heads replicated)" if self.gpus > cfg.n_kv_heads else ""
-        experts = f", {cfg.n_experts / self.gpus:g} experts' worth" if cfg.is_moe else ""
+        experts = f", 1/{self.gpus} of each of {cfg.n_experts} experts" if cfg.is_moe else ""
         return f"TP={self.gpus}: {heads} q / {kvh} kv heads{rep}{experts} per GPU"
 
     def as_dict(self, cfg: ModelConfig) -> dict:
