@@ -12,6 +12,7 @@ Legend: B decode rows (padded to the bucket), H / Hkv heads, D head dim, E exper
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +58,10 @@ class CudaModelRunner(ModelRunner):
         super().__init__(model, kv)
         cfg = self.cfg
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        self.fast = cfg.norm_kind != "layernorm"
+        # The fused path needs RMSNorm, and on CUDA bf16 experts for torch._grouped_mm.
+        dense_moe = cfg.is_moe and any(isinstance(layer.mlp, MoE) for layer in model.layers)
+        self.fast = cfg.norm_kind != "layernorm" and not (
+            dense_moe and self.device.type == "cuda" and next(model.parameters()).dtype != torch.bfloat16)
         self.buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
                         if b < max_num_seqs] + [max_num_seqs]
         self.max_pages = -(-max_model_len // kv.block_size)
@@ -184,27 +188,35 @@ class CudaModelRunner(ModelRunner):
         scratch block); returns the longest key count."""
         kv, bs = self.kv, self.kv.block_size
         B = len(chunks)
-        ids = torch.zeros(Bp, dtype=torch.long)
-        pos = torch.zeros(Bp, dtype=torch.long)
-        ids[:B] = torch.tensor([c.token_ids[0] for c in chunks])
-        pos[:B] = torch.tensor([c.start for c in chunks])
-        lens = (pos + 1).to(torch.int32)
-        self.s_ids[:Bp].copy_(ids, non_blocking=True)
-        self.s_pos[:Bp].copy_(pos, non_blocking=True)
-        self.s_lens[:Bp].copy_(lens, non_blocking=True)
-        width = -(-int(lens.max()) // bs)
+        ids = np.zeros(Bp, dtype=np.int64)
+        pos = np.zeros(Bp, dtype=np.int64)
+        ids[:B] = [c.token_ids[0] for c in chunks]
+        pos[:B] = [c.start for c in chunks]
+        lens = (pos + 1).astype(np.int32)
+        max_len = int(lens.max())
+        width = -(-max_len // bs)
+        host = [ids, pos, lens]
         for gi, g in enumerate(kv.groups):
             scratch = g.pool.num_blocks  # the extra block at the end of every pool
-            table = torch.full((Bp, width), scratch, dtype=torch.int32)
-            slots = torch.full((Bp,), scratch * bs, dtype=torch.long)
+            table = np.full((Bp, width), scratch, dtype=np.int32)
             for r, c in enumerate(chunks):
                 t = c.blocks.tables[gi]
-                n = -(-(c.start + 1) // bs)
-                table[r, :n] = torch.tensor([x if x >= 0 else scratch for x in t[:n]], dtype=torch.int32)
-                slots[r] = t[c.start // bs] * bs + c.start % bs
-            self.s_tables[gi][:Bp, :width].copy_(table, non_blocking=True)
-            self.s_slots[gi][:Bp].copy_(slots, non_blocking=True)
-        return int(lens.max())
+                n = c.start // bs + 1
+                table[r, :n] = t[:n]
+            table[table < 0] = scratch
+            slots = np.full(Bp, scratch * bs, dtype=np.int64)
+            slots[:B] = table[np.arange(B), pos[:B] // bs].astype(np.int64) * bs + pos[:B] % bs
+            host += [table, slots]
+        ts = [torch.from_numpy(a) for a in host]
+        if self.device.type == "cuda":
+            ts = [t.pin_memory() for t in ts]
+        self.s_ids[:Bp].copy_(ts[0], non_blocking=True)
+        self.s_pos[:Bp].copy_(ts[1], non_blocking=True)
+        self.s_lens[:Bp].copy_(ts[2], non_blocking=True)
+        for gi in range(len(kv.groups)):
+            self.s_tables[gi][:Bp, :width].copy_(ts[3 + 2 * gi], non_blocking=True)
+            self.s_slots[gi][:Bp].copy_(ts[4 + 2 * gi], non_blocking=True)
+        return max_len
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> torch.Tensor:

@@ -52,6 +52,13 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (decode steps read one token)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.token_ids[start:end]
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
@@ -65,9 +72,11 @@ class Request:
     prompt: str | None = None
     seqs: list[Sequence] | None = None
 
+    num_unfinished: int = 0
+
     @property
     def finished(self) -> bool:
-        return all(s.status == FINISHED for s in self.seqs)
+        return self.num_unfinished == 0
 
 
 def _eos_ids(model: Transformer, tokenizer: Any) -> set[int]:
@@ -118,6 +127,7 @@ class Engine:
         self.generation_tokens_total = 0
         self.num_preemptions = 0
         self.num_steps = 0
+        self._finished_outside: list[Request] = []
 
     # ---- setup -------------------------------------------------------------------
     def _auto_num_blocks(self, block_size: int, dtype: torch.dtype, util: float) -> list[int]:
@@ -172,6 +182,7 @@ class Engine:
         now = time.perf_counter() if arrival_time is None else arrival_time
         req = Request(request_id, ids, params, RequestMetrics(now, num_prompt_tokens=len(ids)), prompt)
         req.seqs = []
+        req.num_unfinished = params.n
         for i in range(params.n):
             gen = None
             if params.seed is not None:
@@ -213,6 +224,7 @@ class Engine:
         elif seq.status == WAITING:
             self.waiting.remove(seq)
         seq.status = FINISHED
+        seq.request.num_unfinished -= 1
         self.kv.free(seq.blocks)
         if seq.request.finished:
             seq.request.metrics.finished_time = time.perf_counter()
@@ -258,6 +270,7 @@ class Engine:
                 if not self.running:
                     # Nothing left to preempt: the sequence alone outgrew the cache.
                     self._finish(seq, "length")
+                    self._finished_outside.append(seq.request)
                     continue
                 self.kv.free(seq.blocks)
                 seq.num_computed = 0
@@ -279,7 +292,7 @@ class Engine:
         scheduled = self._schedule()
         touched: dict[str, Request] = {}
         if scheduled:
-            chunks = [Chunk(seq.blocks, seq.num_computed, seq.token_ids[seq.num_computed:seq.num_computed + n],
+            chunks = [Chunk(seq.blocks, seq.num_computed, seq.tokens(seq.num_computed, seq.num_computed + n),
                             seq.num_computed + n == len(seq)) for seq, n in scheduled]
             logits = self.runner.execute(chunks)
             sampling = [seq for (seq, n), c in zip(scheduled, chunks) if c.sample]
@@ -291,14 +304,15 @@ class Engine:
                 now = time.perf_counter()
                 for seq, tok, lp in zip(sampling, result.tokens, result.logprobs):
                     self._append_token(seq, tok, lp, now)
+            bs = self.block_size
             for seq, _ in scheduled:
-                if seq.status == RUNNING:
+                if seq.status == RUNNING and seq.num_computed // bs > seq.blocks.registered:
                     self.kv.register_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
                 touched[seq.request.request_id] = seq.request
         # Requests finished outside a step (too long for the cache) still report once.
-        for req in list(self.requests.values()):
-            if req.finished:
-                touched[req.request_id] = req
+        for req in self._finished_outside:
+            touched[req.request_id] = req
+        self._finished_outside.clear()
         self.num_steps += 1
         outputs = []
         for req in touched.values():

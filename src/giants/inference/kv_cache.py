@@ -117,6 +117,7 @@ class KVCacheManager:
                 g.v.append(torch.zeros((nb + 1, *shape_tail), dtype=dtype, device=device))
                 self.group_of_layer[layer] = gi
             self.groups.append(g)
+        self.has_windows = any(g.window for g in self.groups)
         self.layer_index = {layer: g.layers.index(layer) for g in self.groups for layer in g.layers}
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
@@ -160,6 +161,8 @@ class KVCacheManager:
 
     # ---- per-sequence operations ---------------------------------------------
     def release_outside_window(self, blocks: SeqBlocks, next_pos: int) -> None:
+        if not self.has_windows:
+            return
         for gi, g in enumerate(self.groups):
             if not g.window:
                 continue
@@ -171,6 +174,9 @@ class KVCacheManager:
 
     def allocate(self, blocks: SeqBlocks, start: int, end: int) -> bool:
         """Give the sequence slots for positions [start, end); all-or-nothing."""
+        want = -(-end // self.block_size)
+        if all(len(t) >= want for t in blocks.tables):
+            return True  # the usual decode step: the token lands in a block it already has
         needs = [self._needed(g, blocks, gi, start, end) for gi, g in enumerate(self.groups)]
         if any(n > g.pool.num_free for n, g in zip(needs, self.groups)):
             return False

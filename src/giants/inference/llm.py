@@ -56,9 +56,15 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype, seed: int)
 
 
 def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: torch.device,
-                  seed: int) -> tuple[Transformer, Any]:
+                  seed: int, quantization: str | None = None) -> tuple[Transformer, Any]:
     """(model, tokenizer or None) for a Transformer, a path (HF dir / .gguf), a known name or a preset."""
+    if quantization not in (None, "mxfp4"):
+        raise ValueError(f"quantization: only 'mxfp4' (MoE experts) is supported (got {quantization!r})")
     if isinstance(model, Transformer):
+        if quantization == "mxfp4":
+            from giants.inference.mxfp4 import pack_experts
+
+            model = pack_experts(model)
         if dtype is not None or next(model.parameters()).device != device:
             model = model.to(device=device, dtype=dtype)
         return model.eval(), None
@@ -76,7 +82,12 @@ def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: t
         return m.eval(), tok
     if model in PRESETS:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        m = random_model(model, device, dtype, seed)
+        if quantization == "mxfp4":
+            from giants.inference.mxfp4 import build_mxfp4
+
+            m = build_mxfp4(PRESETS[model].config, device, dtype, seed)
+        else:
+            m = random_model(model, device, dtype, seed)
         return m, _default_tokenizer(m)
     if model.endswith(".gguf") or os.sep in model:
         raise FileNotFoundError(f"model: {model} does not exist")
@@ -109,7 +120,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 use_cuda_graphs: bool = True) -> None:
+                 use_cuda_graphs: bool = True, quantization: str | None = None) -> None:
         if tensor_parallel_size != 1:
             raise NotImplementedError(
                 f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism arrives with the scale-out work; "
@@ -120,7 +131,7 @@ class LLM:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         torch.manual_seed(seed)
-        m, tok = resolve_model(model, parse_dtype(dtype), device, seed)
+        m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
         self.model = m
         self.tokenizer = tokenizer if tokenizer is not None else tok
         self.engine = Engine(m, self.tokenizer, max_model_len=max_model_len, block_size=block_size,

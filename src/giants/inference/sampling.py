@@ -58,26 +58,33 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
 
 
 def apply_filters(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
+                  min_p: torch.Tensor, *, kmax: int | None = None, any_top_p: bool | None = None,
+                  any_min_p: bool | None = None) -> torch.Tensor:
     """logits: (B, V) float; per-row temperature (> 0), top_k (0 = off), top_p (1 = off), min_p (0 = off).
-    Returns tempered logits with filtered-out tokens at -inf (at least one token always survives)."""
+    Returns tempered logits with filtered-out tokens at -inf (at least one token always survives).
+    kmax / any_top_p / any_min_p, when the caller knows them, spare a device sync each."""
     logits = logits / temperature[:, None]
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    if bool((top_k > 0).any()):
+    if kmax is None:
         kmax = int(top_k.max())
+    if any_top_p is None:
+        any_top_p = bool((top_p < 1).any())
+    if any_min_p is None:
+        any_min_p = bool((min_p > 0).any())
+    if kmax > 0:
         top = torch.topk(logits, min(kmax, logits.shape[-1]), dim=-1).values  # (B, kmax) descending
         k = top_k.clamp(min=1, max=top.shape[-1])
         kth = top.gather(1, (k - 1)[:, None])
         kth = torch.where((top_k > 0)[:, None], kth, neg_inf)
         logits = torch.where(logits < kth, neg_inf, logits)
-    if bool((top_p < 1).any()):
+    if any_top_p:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cum <= (1 - top_p)[:, None]
         remove[:, -1] = False  # the most likely token always stays
         remove = remove.scatter(1, sorted_idx, remove)
         logits = logits.masked_fill(remove, float("-inf"))
-    if bool((min_p > 0).any()):
+    if any_min_p:
         probs = logits.softmax(dim=-1)
         top_prob = probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < min_p[:, None] * top_prob, float("-inf"))
@@ -120,7 +127,9 @@ class Sampler:
             top_k = torch.tensor([p.k for p in params], dtype=torch.long, device=dev)
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             min_p = torch.tensor([p.min_p for p in params], device=dev)
-            filtered = apply_filters(logits, temp, top_k, top_p, min_p)
+            filtered = apply_filters(logits, temp, top_k, top_p, min_p, kmax=max(p.k for p in params),
+                                     any_top_p=any(p.top_p < 1 for p in params),
+                                     any_min_p=any(p.min_p > 0 for p in params))
             gen = self.generator
             if gen is not None and gen.device != dev:
                 gen = None

@@ -138,7 +138,8 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
                        scale, softcap, stride_table, max_dist, H: tl.constexpr, HKV: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr):
+                       HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr,
+                       IEEE: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -167,7 +168,10 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
         blk = tl.load(TABLE + b * stride_table + t // BS, mask=valid, other=0)
         off = ((blk * BS + t % BS) * HKV + hk) * D
         k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (GP, BLOCK_N)
+        if IEEE:  # fp32 caches: full-precision products (checks against the eager path)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (GP, BLOCK_N)
         if HAS_SOFTCAP:
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
         if HAS_BIAS:
@@ -181,7 +185,10 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     if NUM_SPLITS == 1:
         if HAS_SINKS:
@@ -255,7 +262,7 @@ class PagedAttention:
             bias.shape[1] if bias is not None else 1, H=H, HKV=self.Hkv, G=self.G, GP=max(16, _np2(self.G)), D=D,
             BS=self.bs, BLOCK_N=block_n, WINDOW=self.window, NUM_SPLITS=num_splits,
             HAS_SOFTCAP=self.softcap is not None, HAS_BIAS=bias is not None, HAS_SINKS=sinks is not None,
-            num_warps=4)
+            IEEE=q.dtype == torch.float32, num_warps=4)
         if num_splits > 1:
             _attn_reduce_kernel[(B * H,)](m, l, acc, out, sinks if sinks is not None else q, H=H, D=D,
                                           NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None)

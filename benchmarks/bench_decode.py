@@ -1,0 +1,259 @@
+"""Batch-1 decode speed: giants' engine against transformers in the same run, same shapes, random weights.
+
+GPU (bf16): Llama-3.1-8B shape (giants vs transformers eager and static cache + torch.compile),
+gpt-oss-20b shape (giants vs transformers eager), gpt-oss-120b shape with MXFP4 experts (giants only:
+in bf16 it does not fit one GPU). Roofline = measured device-to-device copy bandwidth / bytes read per
+token (non-embedding weights the token touches + its KV reads). A correctness check of the fused GPU
+path against the generic path on every tiny twin runs first.
+
+    python benchmarks/bench_decode.py --models check,llama,gpt-oss-20b,gpt-oss-120b --out results.json
+    python benchmarks/bench_decode.py --models tiny --device cpu      # smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import giants
+from giants.inference import LLM, SamplingParams
+from giants.inference.mxfp4 import MXFP4MoE
+from giants.model.mlp import MoE
+
+
+def env(device: torch.device) -> dict:
+    import transformers
+
+    e = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
+    try:
+        import triton
+
+        e["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return e
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 20)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+    times = []
+    for i in range(23):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            b.copy_(a)
+            e.record()
+            torch.cuda.synchronize()
+            t = s.elapsed_time(e) / 1e3
+        else:
+            t0 = time.perf_counter()
+            b.copy_(a)
+            t = time.perf_counter() - t0
+        if i >= 3:
+            times.append(t)
+    del a, b
+    return 2 * n / statistics.median(times)
+
+
+def bytes_per_token(model, ctx: float) -> dict:
+    """Weights one decode token reads (all but the input embedding; only its experts' share of MoE) + KV."""
+    cfg = model.config
+    total = active = 0
+    for mod_name, mod in model.named_modules():
+        tensors = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        for name, t in tensors:
+            full = f"{mod_name}.{name}" if mod_name else name
+            if full == "embed.weight" or name == "inv_freq":
+                continue
+            nb = t.numel() * t.element_size()
+            total += nb
+            expert = isinstance(mod, (MoE, MXFP4MoE)) and not full.endswith(("router.weight", "router.bias"))
+            active += nb * cfg.experts_per_token / cfg.n_experts if expert else nb
+    kv_elt = next(model.parameters()).element_size() if next(model.parameters()).is_floating_point() else 2
+    kv = sum(2 * cfg.n_kv_heads * cfg.head_dim * kv_elt * (min(ctx, w) if w else ctx) for w in cfg.windows)
+    return {"weights_total": total, "weights_active": active, "kv": kv, "per_token": active + kv}
+
+
+def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # captures the graph
+    rates, ttfts, toks = [], [], None
+    for _ in range(runs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out = llm.generate([prompt], sp)[0]
+        m = out.metrics
+        rates.append((new - 1) / (m.finished_time - m.first_token_time))
+        ttfts.append(m.first_token_time - m.arrival_time)
+        toks = out.outputs[0].token_ids
+    return {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks}
+
+
+def hf_model(cfg, dtype: torch.dtype, device: torch.device):
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    return model.eval()
+
+
+def hf_decode(model, prompt: list[int], new: int, static: bool, runs: int = 2) -> dict:
+    ids = torch.tensor([prompt], device=model.device)
+    kw = dict(do_sample=False, pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+
+    def timed(n: int) -> tuple[float, list[int]]:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out[0, len(prompt):].tolist()
+
+    with torch.inference_mode():
+        timed(new)  # warm-up (compiles the static-cache forward)
+        timed(1)
+        t1 = statistics.median(timed(1)[0] for _ in range(runs))
+        results = [timed(new) for _ in range(runs)]
+    tn = statistics.median(r[0] for r in results)
+    return {"tok_s": (new - 1) / (tn - t1), "ttft_s": t1, "tokens": results[0][1]}
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def run_check(device: torch.device) -> dict:
+    """The fused GPU decode path (CUDA graphs, Triton kernels) against the generic path: greedy tokens."""
+    from giants.presets import TINY_PRESETS
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (3, 17, 40, 70, 5, 33)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    res = {}
+    for name in TINY_PRESETS:
+        for quant in ([None, "mxfp4"] if giants.get_config(name).is_moe else [None]):
+            dtype = "bfloat16" if giants.get_config(name).is_moe else "float32"
+            outs = []
+            for graphs in (False, True):
+                llm = LLM(name, device=device, dtype=dtype, seed=0, num_blocks=512, max_model_len=256,
+                          use_cuda_graphs=graphs, quantization=quant, max_num_seqs=16)
+                outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
+            same = sum(a == b for a, b in zip(*outs))
+            key = name + (f"-{quant}" if quant else "") + f"-{dtype}"
+            res[key] = f"{same}/{len(prompts)} identical, first-divergence tokens " + \
+                str([agree(a, b) for a, b in zip(*outs)])
+            print("check", key, res[key], flush=True)
+    return res
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def section(name: str, preset: str, device: torch.device, bw: float, new: int, hf_modes: tuple[str, ...],
+            quantization: str | None = None, hf_new: int | None = None, share_weights: bool = True) -> dict:
+    """share_weights: transformers gets giants' weights (same tokens expected up to bf16 rounding);
+    otherwise its own random weights (when both copies would not fit on the GPU)."""
+    cfg = giants.get_config(preset)
+    prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    llm = LLM(preset, device=device, dtype=dtype, seed=0, max_model_len=1024, max_num_seqs=4,
+              gpu_memory_utilization=0.45, quantization=quantization)
+    build_s = time.perf_counter() - t0
+    b = bytes_per_token(llm.model, 16 + new / 2)
+    roof = bw / b["per_token"]
+    r = {"preset": preset, "quantization": quantization, "build_s": round(build_s, 1), "new_tokens": new,
+         "bytes_per_token": b, "roofline_tok_s": roof}
+    g = giants_decode(llm, prompt, new)
+    r["giants"] = {"tok_s": g["tok_s"], "ttft_s": g["ttft_s"], "fraction_of_roofline": g["tok_s"] / roof}
+    print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}", flush=True)
+    state = None
+    if hf_modes and share_weights:
+        from giants.checkpoint.hf_map import giants_to_hf
+
+        state = dict(giants_to_hf(llm.model.state_dict(), cfg))
+    else:
+        del llm
+        free()
+    if hf_modes:
+        hf = hf_model(cfg, dtype, device)
+        if state is not None:
+            missing, unexpected = hf.load_state_dict(state, strict=False)
+            r["transformers_weights"] = f"giants' (missing {missing}, unexpected {unexpected})"
+            del state, llm
+            free()
+        else:
+            r["transformers_weights"] = "own random init"
+        for mode in hf_modes:
+            n = hf_new or new
+            h = hf_decode(hf, prompt, n, static=mode == "static+compile")
+            r[f"transformers_{mode}"] = {"tok_s": h["tok_s"], "ttft_s": h["ttft_s"], "new_tokens": n,
+                                         "tokens_agree_with_giants": agree(h["tokens"], g["tokens"])}
+            r[f"ratio_vs_{mode}"] = g["tok_s"] / h["tok_s"]
+            print(f"{name}: transformers {mode} {h['tok_s']:.1f} tok/s; giants/transformers = "
+                  f"{g['tok_s'] / h['tok_s']:.2f}x", flush=True)
+        del hf
+        free()
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="check,llama,gpt-oss-20b,gpt-oss-120b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results = {"env": env(device)}
+    bw = copy_bandwidth(device)
+    results["copy_bandwidth_GBs"] = bw / 1e9
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    todo = args.models.split(",")
+    if "check" in todo:
+        results["check"] = run_check(device)
+    if "tiny" in todo:
+        results["tiny-llama"] = section("tiny-llama", "tiny-llama", device, bw, args.new, ("eager", ))
+    if "llama" in todo:
+        results["llama-3.1-8b"] = section("llama-3.1-8b", "llama-3.1-8b", device, bw, args.new,
+                                          ("eager", "static+compile"))
+    if "gpt-oss-20b" in todo:
+        results["gpt-oss-20b"] = section("gpt-oss-20b", "gpt-oss-20b", device, bw, args.new, ("eager",), hf_new=32,
+                                         share_weights=False)
+    if "gpt-oss-120b" in todo:
+        results["gpt-oss-120b-mxfp4"] = section("gpt-oss-120b-mxfp4", "gpt-oss-120b", device, bw, args.new, (),
+                                                quantization="mxfp4")
+    text = json.dumps(results, indent=1, default=str)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
