@@ -270,6 +270,8 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
         cfg = self.cfg
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"{self.out}: exists and is not a directory (--out names the run directory)")
         if cfg.resume:
             return
         if ckpt.list_checkpoints(self.out) or (self.out / "metrics.jsonl").exists():

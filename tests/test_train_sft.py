@@ -1,0 +1,89 @@
+"""SFT on chat JSONL: the loss sees assistant tokens only, through the chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import giants
+from giants.train import TrainConfig, Trainer
+from giants.train.finetune_data import collate, load_sft, sft_example
+from giants.train.losses import IGNORE_INDEX, causal_lm_loss
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"},
+        {"role": "assistant", "content": "Rome."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return giants.load_tokenizer("smollm2-135m")
+
+
+def test_sft_masks_everything_but_assistant_turns(tok):
+    ex = sft_example(tok, CHAT)
+    # the ids are exactly the tokenised chat template rendering
+    full = tok.apply_chat_template(CHAT, add_generation_prompt=False)
+    assert ex.ids == tok.encode(full, add_special_tokens=False)
+    trained = [t + 1 for t in range(len(ex.ids) - 1) if ex.labels[t] != IGNORE_INDEX]
+    assert all(ex.labels[t - 1] == ex.ids[t] for t in trained)
+    assert tok.decode([ex.ids[t] for t in trained]) == "Paris.<|im_end|>\nRome.<|im_end|>\n"
+    # system, user and the template's headers are never targets
+    masked = tok.decode([ex.ids[t + 1] for t in range(len(ex.ids) - 1) if ex.labels[t] == IGNORE_INDEX])
+    for text in ("Be brief.", "Capital of France?", "And Italy?", "<|im_start|>assistant", "<|im_start|>user"):
+        assert text in masked
+    assert "Paris" not in masked and "Rome" not in masked
+    assert ex.labels[-1] == IGNORE_INDEX
+
+
+def test_sft_loss_ignores_non_assistant_tokens(tok):
+    """Changing the user's words changes the inputs but not which positions count, and the loss equals a
+    cross-entropy over the assistant positions alone."""
+    model = giants.build(giants.get_config("tiny-llama"), seed=0)
+    ids, labels, mask = collate([sft_example(tok, CHAT)], 256, tok.pad_token_id)
+    logits = model(ids)
+    pos = (labels != IGNORE_INDEX).nonzero()
+    ref = torch.nn.functional.cross_entropy(logits[pos[:, 0], pos[:, 1]], labels[pos[:, 0], pos[:, 1]])
+    torch.testing.assert_close(causal_lm_loss(logits, labels), ref)
+    assert int((labels != IGNORE_INDEX).sum()) == 8
+
+
+def test_collate_pads_right_and_truncates(tok):
+    a, b = sft_example(tok, CHAT), sft_example(tok, CHAT[1:3])
+    ids, labels, mask = collate([a, b], 256, pad_id=tok.pad_token_id)
+    assert ids.shape == (2, len(a.ids)) and int(mask[1].sum()) == len(b.ids)
+    assert (ids[1, len(b.ids):] == tok.pad_token_id).all() and (labels[1, len(b.ids) - 1:] == IGNORE_INDEX).all()
+    ids, labels, mask = collate([a], 10, pad_id=0)
+    assert ids.shape == (1, 10) and labels[0, -1] == IGNORE_INDEX
+
+
+def test_sft_data_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="no assistant message"):
+        sft_example(tok, CHAT[:2])
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": CHAT}) + "\n" + '{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: every message needs"):
+        load_sft(f, tok)
+    f.write_text("not json\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: invalid JSON"):
+        load_sft(f, tok)
+    f.write_text("")
+    with pytest.raises(ValueError, match="no examples"):
+        load_sft(f, tok)
+
+
+def test_sft_training_run(tok, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    convs = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+             for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    tr = Trainer(TrainConfig(out=str(tmp_path / "run"), task="sft", preset="tiny-llama", data=str(data),
+                             val_data=str(data), steps=12, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=1,
+                             progress=False, eval_every=0, eval_batches=1, checkpoint_at_end=False))
+    first = tr.evaluate()["val_loss"]
+    summary = tr.run()
+    assert summary["val_loss"] < first - 1.0
+    # the final model directory carries the tokenizer with its chat template
+    assert giants.load_tokenizer(str(tmp_path / "run" / "final")).chat_template
