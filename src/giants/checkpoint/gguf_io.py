@@ -221,6 +221,27 @@ def _llama3_factors(cfg: ModelConfig) -> torch.Tensor:
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]], path: str | Path,
                      rope_freqs: np.ndarray | None = None) -> ModelConfig:
     """ModelConfig from GGUF metadata; `tensors` maps GGUF tensor names to numpy-order shapes."""
+    try:
+        cfg = _config_from_gguf(meta, tensors, path, rope_freqs)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError) as e:
+        raise CheckpointError(f"metadata does not describe a model: {type(e).__name__}: {e}", file=path) from None
+    # Layer and expert counts drive Python loops; they must match tensors actually in the file.
+    layers = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if layers != set(range(cfg.n_layers)):
+        raise CheckpointError(f"block_count={cfg.n_layers} but the file has blocks {_span(layers)}", file=path)
+    if cfg.n_experts > max(len(tensors), 256):
+        raise CheckpointError(f"expert_count={cfg.n_experts} is implausible for {len(tensors)} tensors", file=path)
+    return cfg
+
+
+def _span(xs: set[int]) -> str:
+    return f"{min(xs)}..{max(xs)} ({len(xs)} distinct)" if xs else "none"
+
+
+def _config_from_gguf(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]], path: str | Path,
+                      rope_freqs: np.ndarray | None = None) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})",

@@ -145,8 +145,20 @@ class _MXFP4View:
             raise CheckpointError(str(e), file=self.st.file_of(packed[0]), tensor=packed[0]) from None
 
 
+def check_plausible(cfg: ModelConfig, n_tensors: int, where: Path) -> None:
+    """Counts that size Python-side work (layers, per-expert names) must be backed by tensors in the file,
+    so a corrupt config cannot make us build a billion-layer model before the shape checks run."""
+    if cfg.n_layers > n_tensors:
+        raise CheckpointError(f"config says {cfg.n_layers} layers but the checkpoint holds only {n_tensors} tensors",
+                              file=where)
+    if cfg.n_experts > max(n_tensors, 256):
+        raise CheckpointError(f"config says {cfg.n_experts} experts; the checkpoint holds {n_tensors} tensors",
+                              file=where)
+
+
 def _check_dir(st: SafetensorsSet, cfg: ModelConfig, naming: str, path: Path) -> None:
     """Names, shapes and dtypes of every tensor against what the config implies, before allocation."""
+    check_plausible(cfg, len(st), path)
     if naming == "giants":
         expected = {n: tuple(t.shape) for n, t in build(cfg, device="meta").state_dict().items()}
     else:

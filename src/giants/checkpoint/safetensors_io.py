@@ -59,22 +59,21 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
 
     try:
         size = path.stat().st_size
-        with safe_open(str(path), framework="pt") as f:  # safetensors' own structural validation
-            f.keys()
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError("truncated: no header length", file=path)
+                raise CheckpointError(f"truncated: {size} bytes, too short for a header", file=path)
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"header length {n} is impossible for a {size}-byte file", file=path)
+                raise CheckpointError(f"header length {n} is impossible for a {size}-byte file (truncated or "
+                                      "not safetensors)", file=path)
             header = json.loads(f.read(n).decode("utf-8"))
     except CheckpointError:
         raise
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", file=path) from None
-    except Exception as e:  # SafetensorError, JSON and UTF-8 errors
-        raise CheckpointError(f"not a valid safetensors file: {type(e).__name__}: {e}", file=path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"header is not valid JSON: {type(e).__name__}: {e}", file=path) from None
     if not isinstance(header, dict):
         raise CheckpointError("header is not a JSON object", file=path)
     meta = header.pop("__metadata__", None) or {}
@@ -83,7 +82,8 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     for name, info in header.items():
         try:
             dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
+            b, e = int(b), int(e)
+        except (TypeError, KeyError, ValueError, OverflowError):
             raise CheckpointError("malformed header entry", file=path, tensor=name) from None
         if dtype not in DTYPES:
             raise CheckpointError(f"unsupported dtype {dtype!r}", file=path, tensor=name)
@@ -94,6 +94,11 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
             raise CheckpointError(f"shape {shape} of {dtype} needs {math.prod(shape) * DTYPES[dtype].itemsize} "
                                   f"bytes, the header gives {e - b}", file=path, tensor=name)
         entries[name] = Entry(name, path, dtype, shape, base + b, base + e)
+    try:  # and safetensors' own validation (overlaps, gaps, exact file length)
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise CheckpointError(f"not a valid safetensors file: {type(e).__name__}: {e}", file=path) from None
     return entries, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
