@@ -50,7 +50,23 @@ def test_64_concurrent_streams_equal_alone(server):
     assert all(r.error is None and r.done for r in alone), [r.error for r in alone]
     before = _requests_total(server.metrics())
 
-    results, wall = asyncio.run(run_load(server.base_url, "tiny-llama", specs, concurrency=64, duration=LOAD_S))
+    peak = []
+
+    async def load():
+        async def watch():  # how many sequences share the batch while the clients run
+            while True:
+                await asyncio.sleep(0.5)
+                m = await asyncio.get_running_loop().run_in_executor(None, server.metrics)
+                peak.append(m["giants_running_sequences"])
+
+        w = asyncio.ensure_future(watch())
+        try:
+            return await run_load(server.base_url, "tiny-llama", specs, concurrency=64, duration=LOAD_S)
+        finally:
+            w.cancel()
+
+    results, wall = asyncio.run(load())
+    assert max(peak) >= 32  # the requests really share one continuous batch
     s = summarize(results, wall)
     assert s.failed == 0, s.errors
     assert s.requests >= 64

@@ -65,20 +65,19 @@ def test_stop_and_max_tokens(client):
 
 def test_n_and_seed(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
-              max_tokens=16, temperature=1.0, n=2)
+              max_tokens=8, temperature=1.0, n=2)
     a = client.chat.completions.create(**kw, seed=42)
     b = client.chat.completions.create(**kw, seed=42)
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
-    assert a.usage.completion_tokens == b.usage.completion_tokens <= 32
+    assert a.usage.completion_tokens == b.usage.completion_tokens <= 16
 
 
 def test_concurrent_greedy_equals_alone(client):
-    questions = ["What is the capital of Italy?", "Name a primary colour.", "What is 2 + 2?",
-                 "Who wrote Hamlet?"]
+    questions = ["What is the capital of Italy?", "Name a primary colour.", "Who wrote Hamlet?"]
 
     def ask(q: str) -> str:
-        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=16,
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=12,
                                               temperature=0).choices[0].message.content
 
     alone = [ask(q) for q in questions]

@@ -273,7 +273,7 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_parameter")
-    prompts = _completion_prompts(served, body)
+    prompts = await asyncio.to_thread(_completion_prompts, served, body)  # big prompts must not stall the loop
     for i, ids in enumerate(prompts):
         _check_length(served, ids, body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     params = sampling_params(body, body.max_tokens or 16, body.logprobs)
@@ -397,7 +397,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
-    prompt = chat_prompt(served, body)
+    prompt = await asyncio.to_thread(chat_prompt, served, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     _check_length(served, prompt, max_tokens, "messages")
     if max_tokens is None:
