@@ -98,7 +98,23 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
         rates.append((new - 1) / (m.finished_time - m.first_token_time))
         ttfts.append(m.first_token_time - m.arrival_time)
         toks = out.outputs[0].token_ids
-    return {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks}
+    res = {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks}
+    runner = llm.engine.runner
+    graphs = getattr(runner, "graphs", {})
+    if graphs:
+        # GPU time of one decode step alone (graph replays back to back): the rest is host work.
+        graph = graphs[min(graphs)][0]
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(50):
+            graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        res["graph_replay_ms"] = s.elapsed_time(e) / 50
+        res["engine_step_ms"] = 1e3 / res["tok_s"]
+        res["gemv_choice"] = {str(k): v for k, v in runner.gemv_choice.items()}
+        res["gemv_times_us"] = {str(k): {n: round(t, 1) for n, t in v.items()} for k, v in runner.gemv_times.items()}
+    return res
 
 
 def hf_model(cfg, dtype: torch.dtype, device: torch.device):
@@ -154,15 +170,21 @@ def run_check(device: torch.device) -> dict:
     for name in TINY_PRESETS:
         for quant in ([None, "mxfp4"] if giants.get_config(name).is_moe else [None]):
             dtype = "bfloat16" if giants.get_config(name).is_moe else "float32"
-            outs = []
-            for graphs in (False, True):
-                llm = LLM(name, device=device, dtype=dtype, seed=0, num_blocks=512, max_model_len=256,
-                          use_cuda_graphs=graphs, quantization=quant, max_num_seqs=16)
-                outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
-            same = sum(a == b for a, b in zip(*outs))
             key = name + (f"-{quant}" if quant else "") + f"-{dtype}"
-            res[key] = f"{same}/{len(prompts)} identical, first-divergence tokens " + \
-                str([agree(a, b) for a, b in zip(*outs)])
+            try:
+                outs = []
+                for graphs in (False, True):
+                    llm = LLM(name, device=device, dtype=dtype, seed=0, num_blocks=512, max_model_len=256,
+                              use_cuda_graphs=graphs, quantization=quant, max_num_seqs=16)
+                    outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
+                same = sum(a == b for a, b in zip(*outs))
+                res[key] = f"{same}/{len(prompts)} identical, first-divergence tokens " + \
+                    str([agree(a, b) for a, b in zip(*outs)])
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                res[key] = f"error: {e!r}"
             print("check", key, res[key], flush=True)
     return res
 
@@ -189,8 +211,10 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     r = {"preset": preset, "quantization": quantization, "build_s": round(build_s, 1), "new_tokens": new,
          "bytes_per_token": b, "roofline_tok_s": roof}
     g = giants_decode(llm, prompt, new)
-    r["giants"] = {"tok_s": g["tok_s"], "ttft_s": g["ttft_s"], "fraction_of_roofline": g["tok_s"] / roof}
-    print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}", flush=True)
+    r["giants"] = {k: v for k, v in g.items() if k != "tokens"}
+    r["giants"]["fraction_of_roofline"] = g["tok_s"] / roof
+    print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}; graph replay "
+          f"{g.get('graph_replay_ms', 0):.2f} ms/step; gemv {g.get('gemv_choice')}", flush=True)
     state = None
     if hf_modes and share_weights:
         from giants.checkpoint.hf_map import giants_to_hf
@@ -227,6 +251,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--llama-hf-modes", default="eager,static+compile")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -235,19 +260,26 @@ def main() -> None:
     results["copy_bandwidth_GBs"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     todo = args.models.split(",")
-    if "check" in todo:
-        results["check"] = run_check(device)
-    if "tiny" in todo:
-        results["tiny-llama"] = section("tiny-llama", "tiny-llama", device, bw, args.new, ("eager", ))
-    if "llama" in todo:
-        results["llama-3.1-8b"] = section("llama-3.1-8b", "llama-3.1-8b", device, bw, args.new,
-                                          ("eager", "static+compile"))
-    if "gpt-oss-20b" in todo:
-        results["gpt-oss-20b"] = section("gpt-oss-20b", "gpt-oss-20b", device, bw, args.new, ("eager",), hf_new=32,
-                                         share_weights=False)
-    if "gpt-oss-120b" in todo:
-        results["gpt-oss-120b-mxfp4"] = section("gpt-oss-120b-mxfp4", "gpt-oss-120b", device, bw, args.new, (),
-                                                quantization="mxfp4")
+    jobs = {
+        "check": ("check", lambda: run_check(device)),
+        "tiny": ("tiny-llama", lambda: section("tiny-llama", "tiny-llama", device, bw, args.new, ("eager",))),
+        "llama": ("llama-3.1-8b", lambda: section("llama-3.1-8b", "llama-3.1-8b", device, bw, args.new,
+                                                  tuple(args.llama_hf_modes.split(",")))),
+        "gpt-oss-20b": ("gpt-oss-20b", lambda: section("gpt-oss-20b", "gpt-oss-20b", device, bw, args.new,
+                                                       ("eager",), hf_new=32, share_weights=False)),
+        "gpt-oss-120b": ("gpt-oss-120b-mxfp4", lambda: section("gpt-oss-120b-mxfp4", "gpt-oss-120b", device, bw,
+                                                               args.new, (), quantization="mxfp4")),
+    }
+    for t in todo:
+        key, fn = jobs[t]
+        try:
+            results[key] = fn()
+        except Exception as e:  # noqa: BLE001 - one failing section must not hide the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            results[key] = {"error": repr(e)}
+        free()
     text = json.dumps(results, indent=1, default=str)
     if args.out:
         with open(args.out, "w") as f:

@@ -66,6 +66,9 @@ class CudaModelRunner(ModelRunner):
                         if b < max_num_seqs] + [max_num_seqs]
         self.max_pages = -(-max_model_len // kv.block_size)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.gemv_tuning = True
+        self.gemv_choice: dict[tuple, str] = {}
+        self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
         with torch.no_grad():
             self.fused = []
@@ -99,8 +102,30 @@ class CudaModelRunner(ModelRunner):
         self.s_lens = torch.ones(Bm, dtype=torch.int32, device=dev)
         self.s_tables = [torch.zeros(Bm, self.max_pages, dtype=torch.int32, device=dev) for _ in kv.groups]
         self.s_slots = [torch.zeros(Bm, dtype=torch.long, device=dev) for _ in kv.groups]
+        pin = dev.type == "cuda"
+        # Host staging buffers, pinned once, so each step's inputs go over with async copies.
+        self.h_ids = torch.zeros(Bm, dtype=torch.long, pin_memory=pin)
+        self.h_pos = torch.zeros(Bm, dtype=torch.long, pin_memory=pin)
+        self.h_lens = torch.zeros(Bm, dtype=torch.int32, pin_memory=pin)
+        self.h_tables = [torch.zeros(Bm * self.max_pages, dtype=torch.int32, pin_memory=pin) for _ in kv.groups]
+        self.h_slots = [torch.zeros(Bm, dtype=torch.long, pin_memory=pin) for _ in kv.groups]
 
     # ---- the fused decode forward ------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """F.linear, or for a single row the fastest measured kernel for this weight shape."""
+        if x.shape[0] == 1 and self.device.type == "cuda" and self.gemv_tuning:
+            key = (tuple(w.shape), b is not None)
+            if key not in self.gemv_choice:
+                _, name, times = tk.pick_linear_1row(w, b)
+                self.gemv_choice[key] = name
+                self.gemv_times[key] = times
+            name = self.gemv_choice[key]
+            if name != "cublas":
+                cfg = next(c for c in tk.GEMV_CONFIGS
+                           if name == f"triton{c['block_n']}x{c['block_k']}w{c['num_warps']}s{c['num_stages']}")
+                return tk.gemv(x, w, b, **cfg)
+        return F.linear(x, w, b)
+
     def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
         return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual)
 
@@ -157,24 +182,28 @@ class CudaModelRunner(ModelRunner):
                 h = self._norm(layer.attn_norm, residual)
             else:
                 h, residual = self._norm(layer.attn_norm, delta, residual)
-            qkv = F.linear(h, w_qkv, b_qkv)
+            qkv = self._linear(h, w_qkv, b_qkv)
             gi = kv.group_of_layer[i]
             g, li = kv.groups[gi], kv.layer_index[i]
             tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
             self.attn[i](q, g.k[li], g.v[li], self.s_tables[gi][:B], lens, o, num_splits=num_splits)
-            a = layer.attn.o_proj(o.view(B, H * D))
+            a = self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias)
             if layer.attn_post_norm is not None:
                 a = self._norm(layer.attn_post_norm, a)
             h, residual = self._norm(layer.mlp_norm, a, residual)
             if mlp_w[0] == "dense":
-                gu = F.linear(h, mlp_w[1], mlp_w[2])
-                delta = layer.mlp.down_proj(tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit))
+                gu = self._linear(h, mlp_w[1], mlp_w[2])
+                act = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+                delta = self._linear(act, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
             else:
                 delta = self._moe(i, layer.mlp, h)
             if layer.mlp_post_norm is not None:
                 delta = self._norm(layer.mlp_post_norm, delta)
         h, _ = self._norm(model.norm, delta, residual)
-        return model.logits(h)
+        logits = self._linear(h, model.output_weight, None)
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        return logits
 
     # ---- step --------------------------------------------------------------------------------
     def _splits(self, B: int, long: bool) -> int:
@@ -188,14 +217,17 @@ class CudaModelRunner(ModelRunner):
         scratch block); returns the longest key count."""
         kv, bs = self.kv, self.kv.block_size
         B = len(chunks)
-        ids = np.zeros(Bp, dtype=np.int64)
-        pos = np.zeros(Bp, dtype=np.int64)
+        ids, pos, lens = self.h_ids.numpy()[:Bp], self.h_pos.numpy()[:Bp], self.h_lens.numpy()[:Bp]
+        ids[B:] = 0
+        pos[B:] = 0
         ids[:B] = [c.token_ids[0] for c in chunks]
         pos[:B] = [c.start for c in chunks]
-        lens = (pos + 1).astype(np.int32)
+        lens[:] = pos + 1
         max_len = int(lens.max())
         width = -(-max_len // bs)
-        host = [ids, pos, lens]
+        self.s_ids[:Bp].copy_(self.h_ids[:Bp], non_blocking=True)
+        self.s_pos[:Bp].copy_(self.h_pos[:Bp], non_blocking=True)
+        self.s_lens[:Bp].copy_(self.h_lens[:Bp], non_blocking=True)
         for gi, g in enumerate(kv.groups):
             scratch = g.pool.num_blocks  # the extra block at the end of every pool
             table = np.full((Bp, width), scratch, dtype=np.int32)
@@ -204,18 +236,13 @@ class CudaModelRunner(ModelRunner):
                 n = c.start // bs + 1
                 table[r, :n] = t[:n]
             table[table < 0] = scratch
-            slots = np.full(Bp, scratch * bs, dtype=np.int64)
+            slots = self.h_slots[gi].numpy()[:Bp]
+            slots[:] = scratch * bs
             slots[:B] = table[np.arange(B), pos[:B] // bs].astype(np.int64) * bs + pos[:B] % bs
-            host += [table, slots]
-        ts = [torch.from_numpy(a) for a in host]
-        if self.device.type == "cuda":
-            ts = [t.pin_memory() for t in ts]
-        self.s_ids[:Bp].copy_(ts[0], non_blocking=True)
-        self.s_pos[:Bp].copy_(ts[1], non_blocking=True)
-        self.s_lens[:Bp].copy_(ts[2], non_blocking=True)
-        for gi in range(len(kv.groups)):
-            self.s_tables[gi][:Bp, :width].copy_(ts[3 + 2 * gi], non_blocking=True)
-            self.s_slots[gi][:Bp].copy_(ts[4 + 2 * gi], non_blocking=True)
+            h_table = self.h_tables[gi][:Bp * width].view(Bp, width)
+            h_table.numpy()[:] = table
+            self.s_tables[gi][:Bp, :width].copy_(h_table, non_blocking=True)
+            self.s_slots[gi][:Bp].copy_(self.h_slots[gi][:Bp], non_blocking=True)
         return max_len
 
     @torch.inference_mode()

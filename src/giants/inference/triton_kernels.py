@@ -7,6 +7,8 @@ token each), H query heads, Hkv kv heads, G = H // Hkv, D head dim, bs block siz
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -320,3 +322,75 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
                                                      HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                                      num_warps=4)
     return out
+
+
+# ---- batch-1 GEMV ---------------------------------------------------------------------------
+@triton.jit
+def _gemv_kernel(X, W, B, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(X + k0 + rk)
+            w = tl.load(w_ptr + k0, mask=nm[:, None], other=0.0)
+        else:
+            km = k0 + rk < K
+            x = tl.load(X + k0 + rk, mask=km, other=0.0)
+            w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = 8,
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """x: (1, K), w: (N, K) row-major -> (1, N); F.linear for a single row."""
+    N, K = w.shape
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, bias if bias is not None else w, y, N, K,
+                                             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                             EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                for bn, bk, nw, ns in ((4, 1024, 4, 4), (8, 512, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3),
+                                       (16, 512, 8, 3), (32, 256, 8, 3), (2, 2048, 4, 4))]
+
+
+def pick_linear_1row(w: torch.Tensor, bias: torch.Tensor | None, reps: int = 30):
+    """Time F.linear (cuBLAS) against the Triton GEMV configs for a one-row input; returns the fastest as
+    a callable x -> y, with its name and the measured microseconds of each candidate."""
+    import torch.nn.functional as F
+
+    x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
+    cands = {"cublas": lambda x: F.linear(x, w, bias)}
+    for c in GEMV_CONFIGS:
+        cands[f"triton{c['block_n']}x{c['block_k']}w{c['num_warps']}s{c['num_stages']}"] = \
+            functools.partial(gemv, w=w, bias=bias, **c)
+    ref = cands["cublas"](x).float()
+    times = {}
+    for name, fn in cands.items():
+        try:
+            y = fn(x)
+            if name != "cublas" and not torch.allclose(y.float(), ref, atol=2e-2, rtol=2e-2):
+                continue
+            fn(x)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn(x)
+            end.record()
+            torch.cuda.synchronize()
+            times[name] = start.elapsed_time(end) * 1e3 / reps
+        except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
+            continue
+    best = min(times, key=times.get)
+    return cands[best], best, times
