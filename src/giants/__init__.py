@@ -6,13 +6,15 @@ import importlib
 from typing import Any
 
 from giants.config import ModelConfig
-from giants.model import Transformer, build
 from giants.presets import PRESETS, get_config, get_preset
 
 __version__ = "0.1.0"
 
 # Heavier entry points load on first use so `import giants` stays quick.
+# torch itself loads on first use of the model, so `giants compare` starts in a fraction of a second.
 _LAZY = {
+    "Transformer": "giants.model",
+    "build": "giants.model",
     "load": "giants.checkpoint",
     "save": "giants.checkpoint",
     "load_tokenizer": "giants.tokenizer",
@@ -28,4 +30,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'giants' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "build", "get_config", "get_preset", "__version__", *_LAZY]
+__all__ = ["ModelConfig", "PRESETS", "get_config", "get_preset", "__version__", *_LAZY]
