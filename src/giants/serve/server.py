@@ -12,7 +12,7 @@ from types import FrameType
 
 import uvicorn
 
-from giants.serve.app import DEFAULT_MAX_BODY, Loaded, create_app
+from giants.serve.app import DEFAULT_MAX_BODY, Loaded, ServerState, create_app
 
 log = logging.getLogger("giants.serve")
 
@@ -56,12 +56,14 @@ class DrainingServer(uvicorn.Server):
     only then does uvicorn close the listener. The signal is not re-raised afterwards, so the exit code is 0.
     A second signal skips the wait."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
         super().__init__(config)
+        self.state = state
         self.drain_timeout = drain_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
         self.load_failed: BaseException | None = None
+        self._drain_task: asyncio.Future | None = None
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -77,19 +79,19 @@ class DrainingServer(uvicorn.Server):
             return
         self.draining = True
         log.info("received %s: draining (up to %.0f s)", signal.Signals(sig).name, self.drain_timeout)
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self.loop.call_soon_threadsafe(self._start_drain)
 
-    def _state(self):
-        return self.config.app.state.giants
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())  # keep a reference: tasks are weakly held
 
     def _abort_all(self) -> None:
-        bridge = self._state().bridge
+        bridge = self.state.bridge
         if bridge is not None:
             bridge.abort_all()
 
     async def _drain(self) -> None:
         try:
-            finished = await self._state().drain(self.drain_timeout)
+            finished = await self.state.drain(self.drain_timeout)
             log.info("drained: %s", "all requests finished" if finished else "remaining requests were ended")
             await asyncio.sleep(0.05)  # let the last SSE frames reach their sockets
         finally:
@@ -123,7 +125,7 @@ def serve(opts: ServeOptions) -> int:
                      on_load_failed=lambda e: holder["server"].fail_load(e))
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, access_log=False,
                             timeout_graceful_shutdown=max(5, int(opts.drain_timeout)), lifespan="on")
-    server = holder["server"] = DrainingServer(config, opts.drain_timeout)
+    server = holder["server"] = DrainingServer(config, app.state.giants, opts.drain_timeout)
     server.run()
     if server.load_failed is not None:
         print(f"giants serve: error: cannot load {opts.model}: {server.load_failed}", file=sys.stderr)
