@@ -78,3 +78,26 @@ def test_64_greedy_tokens_identical_to_transformers_generate(ours, ref, tok):
     assert len(mine) == 64  # the story is long enough that neither side stops early
     assert mine == theirs
     assert "paint" in tok.decode(mine).lower() or "art" in tok.decode(mine).lower()
+
+
+def test_convert_gguf_to_hf_dir_transformers_loads(ours, tok, tmp_path):
+    import transformers
+
+    from giants.cli import main
+
+    out = tmp_path / "smollm2-hf"
+    assert main(["convert", "smollm2-135m", str(out), "--dtype", "float32"]) == 0
+    again = giants.load(out)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    ids = torch.tensor([tok.apply_chat_template(PROMPT, tokenize=True)])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(PROMPT)
+    for text in ("Hello 12 worlds!\n\n  indented", "emoji 🦙 and 中文", "<|im_start|>user\nhi<|im_end|>"):
+        assert hf_tok.encode(text) == tok.encode(text), text
+    assert hf_tok.eos_token_id == 2 and hf.generation_config.eos_token_id == 2

@@ -8,7 +8,8 @@ from typing import Any
 from giants.checkpoint.errors import CheckpointError, DownloadError
 from giants.checkpoint.hub import KNOWN_MODELS, cache_dir, download
 
-_LAZY = {"load": "giants.checkpoint.loading", "save": "giants.checkpoint.saving"}
+_LAZY = {"load": "giants.checkpoint.loading", "save": "giants.checkpoint.saving",
+         "inspect": "giants.checkpoint.inspection", "load_config": "giants.checkpoint.loading"}
 
 
 def __getattr__(name: str) -> Any:

@@ -20,9 +20,59 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from giants.checkpoint.inspection import inspect, print_report
+
+    info = inspect(args.source)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print_report(info, None if args.all else 40)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from giants.checkpoint.loading import load, resolve
+    from giants.checkpoint.saving import save
+    from giants.tokenizer import load_tokenizer
+
+    src = resolve(args.src)
+    model = load(src, dtype=args.dtype)
+    tok = None
+    has_tok = src.suffix == ".gguf" or (src.is_dir() and (src / "tokenizer.json").is_file())
+    if has_tok and not args.no_tokenizer:
+        tok = load_tokenizer(src)
+    out = save(model, Path(args.dst), tokenizer=tok, max_shard_size=args.max_shard_size,
+               quantize="mxfp4" if args.mxfp4 else None, format="giants" if args.giants else "hf")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({n:,} parameters, {next(model.parameters()).dtype}"
+          f"{', tokenizer' if tok is not None else ''})")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch a known model into the user cache (e.g. smollm2-135m)")
     p.add_argument("name", nargs="?", help="known model name; omit to list them")
     p.add_argument("--force", action="store_true", help="download again even when cached")
     p.add_argument("--list", action="store_true", help="list known models and where they are cached")
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("inspect", help="show a checkpoint's config, tensors, shapes, dtypes and quant types")
+    p.add_argument("source", help="HF directory, .safetensors or .gguf file, or known model name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="list every tensor (default: first 40)")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("convert", help="GGUF or HF directory -> HF directory transformers can load")
+    p.add_argument("src", help="HF directory, .gguf file or known model name")
+    p.add_argument("dst", help="output directory (replaced if it holds a checkpoint)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep; GGUF -> float32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--mxfp4", action="store_true", help="store gpt-oss experts as MXFP4 blocks + scales")
+    p.add_argument("--giants", action="store_true", help="giants tensor names + giants_config.json (any config)")
+    p.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
+    p.set_defaults(func=_convert)

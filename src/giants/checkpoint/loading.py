@@ -200,11 +200,17 @@ def _default_dtype(st: SafetensorsSet) -> torch.dtype:
     return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
+def _allocate(cfg: ModelConfig, device, dtype: torch.dtype) -> Transformer:
+    """Uninitialised weights, allocated once, directly in the target dtype (no float32 detour)."""
+    model = build(cfg, device="meta").to(dtype)
+    return model.materialize(device)
+
+
 def _load_dir(path: Path, dtype: torch.dtype | None, device) -> Transformer:
     cfg, naming = read_dir_config(path)
     st = SafetensorsSet.from_dir(path)
     _check_dir(st, cfg, naming, path)
-    model = build(cfg, device="meta").materialize(device, dtype or _default_dtype(st))
+    model = _allocate(cfg, device, dtype or _default_dtype(st))
     params = dict(model.named_parameters())
     with torch.no_grad():
         if naming == "giants":
@@ -234,7 +240,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device) -> Transformer:
     cfg = g.config
     expected = {n: tuple(t.shape) for n, t in build(cfg, device="meta").state_dict().items()}
     g.check(expected)
-    model = build(cfg, device="meta").materialize(device, dtype or torch.float32)
+    model = _allocate(cfg, device, dtype or torch.float32)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in g.items():
