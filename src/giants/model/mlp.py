@@ -35,12 +35,18 @@ class GatedMLP(nn.Module):
         return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.cfg))
 
 
+def _autocast_bf16(x: torch.Tensor) -> bool:
+    """CUDA bf16 autocast (mixed-precision training over fp32 weights)."""
+    return (x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+
+
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm: CUDA (with autograd) or CPU inference, 16-byte aligned rows."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+        return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16) or _autocast_bf16(x)
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1], w.shape[-2]))
     return False
@@ -50,6 +56,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
                    bias: torch.Tensor | None, expert_of_row: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert; row block e uses w[e]: (out, in). x: (M, in) -> (M, out)."""
     if _grouped_ok(x, w):
+        if _autocast_bf16(x):  # autocast does not cover _grouped_mm: cast the operands as it would for a matmul
+            x, w = x.to(torch.bfloat16), w.to(torch.bfloat16)
         y = torch._grouped_mm(x, w.transpose(-1, -2), offs=offsets)
     else:
         # Fallback (CPU training): one matmul per non-empty expert segment.
