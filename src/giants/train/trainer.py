@@ -29,6 +29,7 @@ from giants.train import checkpoint as ckpt
 from giants.train.data import BatchReader, TokenStream, load_meta, load_tokenizer
 from giants.train.losses import (
     IGNORE_INDEX,
+    RouterLosses,
     balance_score,
     causal_lm_loss,
     dpo_loss,
@@ -85,7 +86,7 @@ class TrainConfig:
     # execution
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: bool | str = False  # True: torch.compile (inductor); a string names another backend
     activation_checkpointing: bool = False
     seed: int = 0
     # bookkeeping
@@ -245,7 +246,13 @@ class Trainer:
             self.lora_names = apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                                          cfg.lora_dropout)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # Evaluation and DPO run the plain module; the training loss (forward included) is what compiles.
+        self.forward = self.model
+        if cfg.compile:
+            backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
+            self.loss_fn = torch.compile(self._lm_loss, backend=backend)
+        else:
+            self.loss_fn = self._lm_loss
         self.param_names, self.optimizer = self._optimizer()
         mc = self.model_config
         self.aux_coef = mc.moe_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
@@ -491,25 +498,35 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _lm_micro(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _lm_loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Forward + losses as one function of tensors, so torch.compile sees the loss too (the fp32
+        cross-entropy over the vocabulary fuses with the head instead of materialising fp32 logits).
+        Returns (loss, ce) or, for MoE, (loss, ce, aux, z, per-layer aux, per-layer z, utilisation)."""
         mc = self.model_config
         with self._autocast():
             if mc.is_moe:
-                logits, router_logits = self.forward(x, output_router_logits=True, check=False)
+                logits, router_logits = self.model(x, output_router_logits=True, check=False)
             else:
-                logits, router_logits = self.forward(x, check=False), None
+                logits, router_logits = self.model(x, check=False), None
             ce = causal_lm_loss(logits, y)
+            if not router_logits:
+                return ce, ce.detach()
+            rl = router_losses(router_logits, mc.experts_per_token, mask)
             loss = ce
-            info: dict[str, Any] = {"ce": ce.detach()}
-            if router_logits:
-                rl = router_losses(router_logits, mc.experts_per_token, mask)
-                if self.aux_coef:
-                    loss = loss + self.aux_coef * rl.aux_loss
-                if self.z_coef:
-                    loss = loss + self.z_coef * rl.z_loss
-                info["router"] = rl
-        return loss, info
+            if self.aux_coef:
+                loss = loss + self.aux_coef * rl.aux_loss
+            if self.z_coef:
+                loss = loss + self.z_coef * rl.z_loss
+            return (loss, ce.detach(), rl.aux_loss.detach(), rl.z_loss.detach(), rl.per_layer_aux, rl.per_layer_z,
+                    rl.utilisation)
+
+    def _lm_micro(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = self.loss_fn(x, y, mask)
+        info: dict[str, Any] = {"ce": out[1]}
+        if len(out) > 2:
+            info["router"] = RouterLosses(*out[2:])
+        return out[0], info
 
     def _dpo_micro(self, pairs: list[Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         from giants.train.finetune_data import collate
@@ -664,22 +681,26 @@ class Trainer:
         bar = _Bar(cfg.progress, self.step, cfg.steps)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t_last, tok_last = time.perf_counter(), 0
+        # Throughput counts training time only: evaluation and checkpoint writes fall outside the clock.
+        busy, tok_last = 0.0, 0
         try:
             while self.step < end:
+                t0 = time.perf_counter()
                 m = self.train_step()
-                tok_last += m.pop("_tokens")
                 is_last = self.step == cfg.steps
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
+                evaluate = bool(cfg.eval_every and self.step % cfg.eval_every == 0) or is_last
+                log = self.step % cfg.log_every == 0 or is_last or evaluate
+                if log and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the optimizer step may still be running
+                busy += time.perf_counter() - t0
+                tok_last += m.pop("_tokens")
+                if evaluate:
                     ev = self.evaluate()
                     if ev:
                         m.update(ev)
-                if self.step % cfg.log_every == 0 or is_last or "val_loss" in m:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    tps = tok_last / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, 0
+                if log:
+                    tps = tok_last / max(busy, 1e-9)
+                    busy, tok_last = 0.0, 0
                     m["tokens_per_s"] = tps
                     if self.peak:
                         m["mfu"] = tps * self.flops_per_token / self.peak

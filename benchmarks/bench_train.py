@@ -1,0 +1,286 @@
+"""Training step speed: giants' Trainer against transformers in the same run, same shapes, same settings.
+
+Both sides: fp32 master weights, bf16 autocast, fused AdamW (weight decay 0.1), gradient clipping at 1.0,
+one loss read-back (host sync) per step, random tokens. giants runs its real Trainer (data reader, losses,
+metrics) on a prepared dataset of random tokens; transformers runs the textbook loop around
+`model(input_ids, labels=...)`.
+
+    dense: Llama-3.2-1B shape (preset llama-3.2-1b), seq 2048, micro-batch 4 -> tokens/s, MFU vs 989 TFLOP/s
+    moe:   Mixtral-style MoE, 8 experts top-2, d_model 2048 (4 layers, expert width 5632), seq 2048, batch 4,
+           router load-balancing loss on both sides (coefficient 0.02) -> step time vs MixtralForCausalLM
+
+MFU = tokens/s * FLOPs per token / 989e12, FLOPs per token two ways: giants.analysis (causal attention:
+each query meets only the keys it may see) and the PaLM convention 6N + 12*L*H*Dh*T (full T x T
+attention), which is the one the issue's transformers figure (45,400 tok/s = 37.7%) matches.
+
+    python benchmarks/bench_train.py --cases dense,moe --out train.json
+    python benchmarks/bench_train.py --smoke          # CPU check of the script on tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import giants
+from giants.analysis.flops import training_flops_per_token
+from giants.analysis.params import count_params
+from giants.config import ModelConfig
+from giants.train.data import prepare_documents
+from giants.train.trainer import TrainConfig, Trainer
+
+H100_BF16 = 989e12
+
+
+class RandomTokens:
+    """A stand-in tokenizer whose 'documents' are random ids (speed does not depend on the text)."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab_size, self.eos_token_id = vocab, vocab - 1
+        self.rng = np.random.default_rng(0)
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [self.rng.integers(0, self.vocab_size - 1, int(t)).tolist() for t in texts]
+
+
+def env(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def palm_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    pc = count_params(cfg)
+    n = pc.active  # no input embedding; the (tied) head counts once
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq
+
+
+def make_data(root: Path, vocab: int, tokens: int) -> Path:
+    docs = [(f"doc{i}", str(4096)) for i in range(tokens // 4096 + 2)]
+    prepare_documents(docs, RandomTokens(vocab), root / "ds", tokenizer_name="random", val_fraction=0.02)
+    return root / "ds"
+
+
+def clear(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: int, steps: int, device: str,
+                 compile: bool, aux: float | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as run:
+        tc = TrainConfig(out=run, preset=None, model_config=None, data=str(data), tokenizer="bytes", seq_len=seq,
+                         batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
+                         device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
+                         progress=False, log_every=1, aux_loss_coef=aux, z_loss_coef=0.0)
+        cfg_file = Path(run) / "model.json"
+        cfg_file.write_text(json.dumps(cfg.to_dict()))
+        tc.model_config = str(cfg_file)
+        t0 = time.perf_counter()
+        tr = Trainer(tc)
+        tr.run()
+        wall = time.perf_counter() - t0
+        # each logged step's tokens/s covers exactly that step (the trainer syncs before reading the clock)
+        rates = [h["tokens_per_s"] for h in tr.history[warmup:]]
+        out = {"tokens_per_s": statistics.median(rates), "step_s": batch * seq / statistics.median(rates),
+               "rates": rates, "first_steps_s": [batch * seq / h["tokens_per_s"] for h in tr.history[:warmup]],
+               "loss_first_last": [tr.history[0]["train_loss"], tr.history[-1]["train_loss"]], "wall_s": wall}
+        if tr.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(tr.device) / 2**30
+        del tr
+    return out
+
+
+def bench_transformers(cfg: ModelConfig, *, seq: int, batch: int, warmup: int, steps: int, device: torch.device,
+                       aux: float | None, experts: str | None = None) -> dict[str, Any]:
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    if cfg.is_moe:
+        hf_cfg.output_router_logits = True
+        hf_cfg.router_aux_loss_coef = aux or 0.0
+    kw: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": torch.float32}
+    if experts:
+        kw["experts_implementation"] = experts
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, **kw)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(0)
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        ids = torch.randint(0, cfg.vocab_size - 1, (batch, seq), generator=g).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(input_ids=ids, labels=ids)
+        # transformers shifts labels itself; `ids` as labels is its standard usage (same loss work)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times[warmup:])
+    res = {"tokens_per_s": batch * seq / step, "step_s": step, "times": times, "loss_first_last": [losses[0],
+                                                                                                  losses[-1]]}
+    if device.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    res["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    del model, opt
+    return res
+
+
+def check_moe_autocast(cfg: ModelConfig, device: torch.device) -> dict[str, float]:
+    """The MoE layer under bf16 autocast (grouped GEMMs over bf16 copies of fp32 weights) against the same layer
+    in fp32 (per-expert loop): relative error of the output and of the weight gradient."""
+    from giants.model.mlp import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(cfg).to(device)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(2, 256, cfg.d_model, device=device)
+    outs, grads = [], []
+    for amp in (True, False):
+        moe.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y, _ = moe(x)
+        y.float().square().mean().backward()
+        outs.append(y.float())
+        grads.append(moe.w_up.grad.clone())
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return {"out_rel_err": rel(outs[0], outs[1]), "grad_rel_err": rel(grads[0], grads[1])}
+
+
+def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path, results: dict) -> None:
+    seq, batch = args.seq, args.batch
+    aux = 0.02 if cfg.is_moe else None
+    fpt, palm = training_flops_per_token(cfg, seq), palm_flops_per_token(cfg, seq)
+    case: dict[str, Any] = {"config": cfg.to_dict(), "seq": seq, "batch": batch, "flops_per_token": fpt,
+                            "palm_flops_per_token": palm, "params": count_params(cfg).total}
+    results["cases"][name] = case
+    if cfg.is_moe:
+        case["autocast_check"] = check_moe_autocast(cfg, device)
+        print(f"[{name}] MoE autocast vs fp32: {case['autocast_check']}", flush=True)
+    data = make_data(root / name, cfg.vocab_size, (args.warmup + args.steps + 2) * batch * (seq + 1) * 2)
+    variants = [("giants", False), ("giants+compile", True)] if not args.no_compile else [("giants", False)]
+    if cfg.is_moe and not args.moe_compile:
+        variants = [("giants", False)]
+    for label, comp in variants:
+        clear(device)
+        print(f"[{name}] {label} ...", flush=True)
+        try:
+            case[label] = bench_giants(cfg, data, seq=seq, batch=batch, warmup=args.warmup + (2 if comp else 0),
+                                       steps=args.steps, device=str(device), compile=comp, aux=aux)
+        except Exception as e:  # keep going: one failure must not lose the other numbers
+            case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(case[label]["trace"], flush=True)
+        save(args, results)
+    clear(device)
+    print(f"[{name}] transformers ...", flush=True)
+    try:
+        case["transformers"] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup, steps=args.steps,
+                                                  device=device, aux=aux)
+    except Exception as e:
+        case["transformers"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+        print(case["transformers"]["trace"], flush=True)
+        if cfg.is_moe:  # grouped_mm may refuse fp32 weights: measure its eager experts loop instead
+            clear(device)
+            try:
+                case["transformers"] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup,
+                                                          steps=args.steps, device=device, aux=aux, experts="eager")
+                case["transformers"]["note"] = "grouped_mm failed under autocast; eager experts"
+            except Exception as e2:
+                case["transformers"] = {"error": f"{type(e2).__name__}: {e2}"}
+    save(args, results)
+
+
+def save(args, results: dict) -> None:
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def summarize(results: dict) -> None:
+    peak = H100_BF16
+    print("\ncase   | variant          | tokens/s   | step ms | MFU (causal) | MFU (PaLM) | x transformers | peak GiB")
+    for name, case in results["cases"].items():
+        ref = case.get("transformers", {}).get("tokens_per_s")
+        for label in ("giants", "giants+compile", "transformers"):
+            r = case.get(label)
+            if not r:
+                continue
+            if "error" in r:
+                print(f"{name:6s} | {label:16s} | ERROR {r['error'][:80]}")
+                continue
+            tps = r["tokens_per_s"]
+            mfu = tps * case["flops_per_token"] / peak
+            mfu_p = tps * case["palm_flops_per_token"] / peak
+            ratio = f"{tps / ref:.2f}x" if ref else "-"
+            print(f"{name:6s} | {label:16s} | {tps:10,.0f} | {r['step_s'] * 1e3:7.1f} | {100 * mfu:11.1f}% | "
+                  f"{100 * mfu_p:9.1f}% | {ratio:>14s} | {r.get('peak_mem_gib', 0):.1f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="dense,moe")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--moe-compile", action="store_true", help="also time the MoE case with torch.compile")
+    ap.add_argument("--moe-layers", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, no timings")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.smoke:
+        device = torch.device("cpu")
+        args.seq, args.batch, args.warmup, args.steps = 32, 2, 1, 2
+        args.no_compile = True
+        dense = giants.get_config("tiny-llama")
+        moe = giants.get_config("tiny-mixtral").replace(layer_windows=(), ffn_dim=64)
+    else:
+        device = torch.device("cuda")
+        dense = giants.get_config("llama-3.2-1b")
+        moe = giants.get_config("mixtral-8x7b").replace(d_model=2048, n_layers=args.moe_layers, n_heads=16,
+                                                        n_kv_heads=8, head_dim=128, ffn_dim=5632)
+    results: dict[str, Any] = {"env": env(device), "args": vars(args), "peak_flops": H100_BF16, "cases": {}}
+    print(json.dumps(results["env"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases.split(","):
+            cfg = {"dense": dense, "moe": moe}[name]
+            run_case(name, cfg, args, device, Path(tmp), results)
+    save(args, results)
+    summarize(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
