@@ -83,7 +83,7 @@ def write_gguf(model, path: Path, arch: str, qtype=Q.F32, overrides: dict[str, Q
 
     def put(name: str, t: torch.Tensor, norm: bool = False) -> None:
         arr = t.numpy().astype(np.float32)
-        if norm and arch == "gemma2":
+        if norm and arch.startswith("gemma"):
             arr = arr + 1  # llama.cpp folds Gemma's (1 + w) into the stored norm weight
         q = (overrides or {}).get(name, qtype if arr.ndim >= 2 else Q.F32)
         if q == Q.F32:
@@ -120,7 +120,7 @@ def write_gguf(model, path: Path, arch: str, qtype=Q.F32, overrides: dict[str, Q
         elif arch == "gpt-oss":
             put(b + "post_attention_norm.weight", sd[o + "mlp_norm.weight"])
         else:
-            put(b + "ffn_norm.weight", sd[o + "mlp_norm.weight"])
+            put(b + "ffn_norm.weight", sd[o + "mlp_norm.weight"], norm=True)
         if not cfg.is_moe:
             for ours, g in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
                 put(f"{b}{g}.weight", sd[f"{o}mlp.{ours}.weight"])
@@ -245,6 +245,18 @@ def test_gemma2_gguf_matches_model_and_transformers(tmp_path):
         want = model(ids)
         assert (ours(ids) - want).abs().max().item() <= 1e-5
         assert (ref(ids).logits - want).abs().max().item() <= 1e-4
+
+
+def test_gemma_v1_gguf(tmp_path):
+    # Gemma 1: Gemma's GeGLU, (1 + w) norms and sqrt(d) embedding scale, without Gemma 2's extra norms,
+    # soft-caps and windows.
+    cfg = get_config("tiny-gemma2").replace(post_norms=False, attn_softcap=None, final_softcap=None,
+                                            layer_windows=(), query_scale=16.0)
+    model = random_model(cfg)
+    ours = load(write_gguf(model, tmp_path / "g1.gguf", "gemma"))
+    assert ours.config == cfg.replace(norm_eps=ours.config.norm_eps)
+    with torch.no_grad():
+        assert (ours(_ids(cfg)) - model(_ids(cfg))).abs().max().item() <= 1e-5
 
 
 def test_mixtral_style_llama_moe_gguf(tmp_path):

@@ -204,10 +204,10 @@ def gguf_metadata(reader, path: str | Path | None = None) -> dict[str, Any]:
 
 
 # ---- metadata -> ModelConfig ---------------------------------------------------------------------
-# GGUF architectures we read; llama.cpp writes Mistral and Mixtral as `llama` too.
-ARCHS = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt-oss")
+# GGUF architectures we read; llama.cpp writes Mistral 7B and Mixtral as `llama` too.
+ARCHS = ("llama", "qwen2", "gemma", "gemma2", "gpt-oss")
 # llama.cpp rotates q/k pairs (i, i + D/2) as (2i, 2i+1) for these, so the converter permuted the rows.
-_PERMUTED = ("llama", "mistral")
+_PERMUTED = ("llama",)
 
 
 def _llama3_factors(cfg: ModelConfig) -> torch.Tensor:
@@ -297,7 +297,7 @@ def _config_from_gguf(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]],
     elif scaling not in ("none",):
         raise CheckpointError(f"rope.scaling.type {scaling!r} is not supported", file=path)
 
-    if arch in ("llama", "mistral", "qwen2"):
+    if arch in ("llama", "qwen2"):
         if window:
             fields["layer_windows"] = (window,)
     elif arch in ("gemma", "gemma2"):
