@@ -220,3 +220,13 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_reads_directory_saved_by_transformers(tok, ref, tmp_path):
+    ref.save_pretrained(tmp_path)  # transformers 5 writes chat_template.jinja beside tokenizer_config.json
+    ours = load_tokenizer(tmp_path)
+    for text in SAMPLES:
+        assert ours.encode(text) == ref.encode(text), text
+    assert ours.apply_chat_template(CHATS[1]) == ref.apply_chat_template(CHATS[1], tokenize=False,
+                                                                       add_generation_prompt=True)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
