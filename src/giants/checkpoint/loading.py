@@ -8,8 +8,11 @@ filled model is dropped, never returned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +104,7 @@ def read_dir_config(path: Path) -> tuple[ModelConfig, str]:
 
 def _expected_hf(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape for `cfg`, computed by exporting a meta-device model."""
-    meta = build(cfg, device="meta")
+    meta = meta_model(cfg)
     return {n: tuple(t.shape) for n, t in hf_map.giants_to_hf(dict(meta.state_dict()), cfg)}
 
 
@@ -160,7 +163,7 @@ def _check_dir(st: SafetensorsSet, cfg: ModelConfig, naming: str, path: Path) ->
     """Names, shapes and dtypes of every tensor against what the config implies, before allocation."""
     check_plausible(cfg, len(st), path)
     if naming == "giants":
-        expected = {n: tuple(t.shape) for n, t in build(cfg, device="meta").state_dict().items()}
+        expected = {n: tuple(t.shape) for n, t in meta_model(cfg).state_dict().items()}
     else:
         expected = _expected_hf(cfg)
     used: set[str] = set()
@@ -200,10 +203,44 @@ def _default_dtype(st: SafetensorsSet) -> torch.dtype:
     return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "constant_", "ones_", "zeros_", "orthogonal_")
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_meta_init() -> Iterator[None]:
+    """Skip torch.nn.init on meta tensors while a model is built for loading: the values are about to be
+    overwritten, and the first random op on the meta device imports torch._dynamo (~3 s, ~75 MB of RSS).
+    Real tensors (another thread building a model) are still initialised as usual."""
+    import torch.nn.init as init
+
+    with _INIT_LOCK:
+        saved = {n: getattr(init, n) for n in _INIT_FNS}
+
+        def skip(orig):
+            def fn(tensor, *args, **kwargs):
+                return tensor if getattr(tensor, "is_meta", False) else orig(tensor, *args, **kwargs)
+            return fn
+
+        try:
+            for n, f in saved.items():
+                setattr(init, n, skip(f))
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device, built cheaply (no init work)."""
+    with _no_meta_init():
+        return build(cfg, device="meta")
+
+
 def _allocate(cfg: ModelConfig, device, dtype: torch.dtype) -> Transformer:
     """Uninitialised weights, allocated once, directly in the target dtype (no float32 detour)."""
-    model = build(cfg, device="meta").to(dtype)
-    return model.materialize(device)
+    return meta_model(cfg).to(dtype).materialize(device)
 
 
 def _load_dir(path: Path, dtype: torch.dtype | None, device) -> Transformer:
@@ -238,7 +275,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device) -> Transformer:
 
     g = GGUFFile(path)
     cfg = g.config
-    expected = {n: tuple(t.shape) for n, t in build(cfg, device="meta").state_dict().items()}
+    expected = {n: tuple(t.shape) for n, t in meta_model(cfg).state_dict().items()}
     g.check(expected)
     model = _allocate(cfg, device, dtype or torch.float32)
     params = dict(model.named_parameters())

@@ -54,8 +54,11 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq, self.scale = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Computed on the CPU, then moved: a few floats, and arange on the meta device would import
+        # torch._dynamo (~3 s, ~75 MB) the first time a model is built there (every checkpoint load).
+        with torch.device("cpu"):
+            inv_freq, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq.to(torch.empty(0).device), persistent=False)
         self.cfg = cfg
 
     def reset_buffers(self) -> None:
