@@ -80,3 +80,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "junk.gguf: not a GGUF file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["inspect"])
+
+
+def test_convert_gguf_with_tokenizer(tmp_path, capsys):
+    import transformers
+
+    from test_checkpoint_bad_input import _small_gguf
+
+    src = _small_gguf(tmp_path / "small.gguf")  # tiny llama + a 256-token byte-level tokenizer
+    assert main(["convert", str(src), str(tmp_path / "hf")]) == 0
+    assert "tokenizer" in capsys.readouterr().out
+    ours = load(src)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.encode("hello, world") == giants.load_tokenizer(src).encode("hello, world")
