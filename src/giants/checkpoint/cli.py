@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -14,7 +13,6 @@ def _download(args: argparse.Namespace) -> int:
             where = hub.cached_path(km.name)
             print(f"{km.name}\t{'cached' if where.is_file() else 'not cached'}\t{km.description}\t{where}")
         return 0
-    print(f"fetching {args.name} ({hub.known_model(args.name).pip_spec}) ...", file=sys.stderr)
     path = hub.download(args.name, force=args.force, quiet=False)
     print(path)
     return 0
