@@ -46,7 +46,9 @@ def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cuda":
-        return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16) or _autocast_bf16(x)
+        # bf16 rows must be 16-byte aligned (grouped_mm refuses other strides): every dim a multiple of 8
+        aligned = all(s % 8 == 0 for s in (x.shape[-1], w.shape[-1], w.shape[-2]))
+        return aligned and ((x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16) or _autocast_bf16(x))
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1], w.shape[-2]))
     return False
