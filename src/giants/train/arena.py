@@ -70,18 +70,23 @@ def scale_config(cfg: ModelConfig, s: int) -> ModelConfig:
 
 
 def match_budget(cfg: ModelConfig, target: int, n_layers: int, tolerance: float) -> ModelConfig:
-    """cfg with n_layers and the ffn_dim whose active body is closest to target (moving depth if needed)."""
+    """cfg with n_layers and the ffn_dim whose active body is within `tolerance` of target, preferring widths
+    that are multiples of 8 (aligned rows for tensor-core grouped GEMMs), moving depth only if no width fits."""
     best: tuple[float, ModelConfig] | None = None
     for layers in sorted(range(1, 4 * n_layers + 1), key=lambda L: (abs(L - n_layers), L)):
+        fits: list[tuple[bool, float, ModelConfig]] = []
         for ffn in range(4, 64 * cfg.d_model + 1, 4):
             c = cfg.replace(n_layers=layers, ffn_dim=ffn)
-            err = abs(active_body(c) - target) / target
+            body = active_body(c)
+            err = abs(body - target) / target
             if best is None or err < best[0]:
                 best = (err, c)
-            if active_body(c) > target:
+            if err <= tolerance:
+                fits.append((ffn % 8 != 0, err, c))
+            if body > target:
                 break
-        if best is not None and best[0] <= tolerance:
-            return best[1]
+        if fits:
+            return min(fits, key=lambda f: (f[0], f[1]))[2]
     assert best is not None
     raise ValueError(f"cannot match the active budget {target:,} for {cfg}: closest is {best[0]:.1%} off")
 
