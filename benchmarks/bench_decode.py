@@ -90,6 +90,8 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # captures the graph
     rates, ttfts, toks = [], [], None
+    llm.engine.timing = dict.fromkeys(llm.engine.timing, 0.0)
+    steps0 = llm.engine.num_steps
     for _ in range(runs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -99,6 +101,8 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
         ttfts.append(m.first_token_time - m.arrival_time)
         toks = out.outputs[0].token_ids
     res = {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks}
+    n_steps = llm.engine.num_steps - steps0
+    res["host_ms_per_step"] = {k: round(1e3 * v / n_steps, 4) for k, v in llm.engine.timing.items()}
     runner = llm.engine.runner
     graphs = getattr(runner, "graphs", {})
     if graphs:
@@ -177,9 +181,14 @@ def run_check(device: torch.device) -> dict:
                     llm = LLM(name, device=device, dtype=dtype, seed=0, num_blocks=512, max_model_len=256,
                               use_cuda_graphs=graphs, quantization=quant, max_num_seqs=16)
                     outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
-                same = sum(a == b for a, b in zip(*outs))
-                res[key] = f"{same}/{len(prompts)} identical, first-divergence tokens " + \
-                    str([agree(a, b) for a, b in zip(*outs)])
+                # one at a time too: batch-1 steps take the fused norm/GLU GEMV kernels
+                outs.append([llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts])
+                same = sum(a == b for a, b in zip(outs[0], outs[1]))
+                same1 = sum(a == b for a, b in zip(outs[0], outs[2]))
+                res[key] = f"batched {same}/{len(prompts)} identical, first-divergence tokens " + \
+                    str([agree(a, b) for a, b in zip(outs[0], outs[1])]) + \
+                    f"; batch-1 {same1}/{len(prompts)} identical, first-divergence tokens " + \
+                    str([agree(a, b) for a, b in zip(outs[0], outs[2])])
             except Exception as e:  # noqa: BLE001
                 import traceback
 

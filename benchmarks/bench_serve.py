@@ -33,6 +33,42 @@ from giants.serve.launch import ServerProcess
 from giants.serve.loadgen import default_specs, run_alone, run_load, summarize
 
 
+def _ids(tok, spec) -> list[int]:
+    if spec.chat:
+        return tok.encode(tok.apply_chat_template([{"role": "user", "content": spec.prompt}]),
+                          add_special_tokens=False)
+    return tok.encode(spec.prompt)
+
+
+def engine_in_process(model_name: str, specs, concurrency: int, duration: float, max_model_len: int):
+    """The same closed loop with no HTTP at all: the engine in this process, `concurrency` requests kept in
+    the batch for `duration` s. (tok/s, requests) -- the ceiling the server's overhead is measured against."""
+    from giants.inference import LLM, SamplingParams
+
+    llm = LLM(model_name, max_model_len=max_model_len, max_num_seqs=concurrency)
+    e, tok = llm.engine, llm.tokenizer
+    ids = [_ids(tok, s) for s in specs]
+    n, tokens, done = 0, 0, 0
+
+    def add() -> None:
+        nonlocal n
+        i = n % len(specs)
+        e.add_request(f"r{n}", ids[i], SamplingParams(temperature=0, max_tokens=specs[i].max_tokens))
+        n += 1
+
+    t0 = time.perf_counter()
+    for _ in range(concurrency):
+        add()
+    while e.has_unfinished_requests():
+        for r in e.step():
+            if r.finished:
+                tokens += len(r.outputs[0].token_ids)
+                done += 1
+                if time.perf_counter() - t0 < duration:
+                    add()
+    return tokens / (time.perf_counter() - t0), done
+
+
 def transformers_one_at_a_time(model_name: str, specs, tok) -> tuple[float, int, float, list[list[int]]]:
     """(tok/s, tokens, seconds, generated ids per spec) for transformers greedy generate, batch 1, in sequence."""
     from transformers import AutoModelForCausalLM
@@ -55,11 +91,7 @@ def transformers_one_at_a_time(model_name: str, specs, tok) -> tuple[float, int,
     eos = sorted(tok.eos_token_ids) or None
     outs, total, t0 = [], 0, time.perf_counter()
     for s in specs:
-        if s.chat:
-            ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": s.prompt}]),
-                             add_special_tokens=False)
-        else:
-            ids = tok.encode(s.prompt)
+        ids = _ids(tok, s)
         x = torch.tensor([ids])
         with torch.inference_mode():
             y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=s.max_tokens, do_sample=False,
@@ -117,6 +149,10 @@ def main() -> int:
           f"p99 {s.ttft_p99:.3f} s; inter-token mean {itl_mean * 1000:.0f} ms (server histogram)")
     print(f"server exit code after SIGTERM: {code}")
 
+    eng_tps, eng_n = engine_in_process(args.model, specs, args.concurrency, args.duration, args.max_model_len)
+    print(f"engine in process, same closed loop without HTTP: {eng_n} requests, {eng_tps:.1f} tok/s; "
+          f"through the server: {s.tokens_per_s / eng_tps:.2f} of that")
+
     ref_line = ""
     if not args.no_reference:
         tok = giants.load_tokenizer(args.model if args.model == "smollm2-135m" else "smollm2-135m")
@@ -145,6 +181,8 @@ def main() -> int:
     print(f"| time to first token p50 / p99 | {s.ttft_p50:.3f} s / {s.ttft_p99:.3f} s | client side |")
     print(f"| inter-token latency mean | {itl_mean * 1000:.0f} ms | server histogram |")
     print(f"| SIGTERM after the run | exit code {code} | |")
+    print(f"| engine in process, same loop, no HTTP | {eng_tps:.1f} tok/s | server reaches "
+          f"{s.tokens_per_s / eng_tps:.2f} of it |")
     print(ref_line, end="")
     return 0 if s.failed == 0 and code == 0 else 1
 

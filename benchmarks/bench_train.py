@@ -175,7 +175,7 @@ def check_moe_autocast(cfg: ModelConfig, device: torch.device) -> dict[str, floa
         y.float().square().mean().backward()
         outs.append(y.float())
         grads.append(moe.w_up.grad.clone())
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    rel = lambda a, b: float((a - b).detach().norm() / b.detach().norm())  # noqa: E731
     return {"out_rel_err": rel(outs[0], outs[1]), "grad_rel_err": rel(grads[0], grads[1])}
 
 

@@ -111,20 +111,47 @@ class CudaModelRunner(ModelRunner):
         self.h_slots = [torch.zeros(Bm, dtype=torch.long, pin_memory=pin) for _ in kv.groups]
 
     # ---- the fused decode forward ------------------------------------------------------------
+    def _tuned(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[str, dict]:
+        """(fastest one-row kernel for this weight shape, the fastest Triton GEMV config), timed once."""
+        key = (tuple(w.shape), b is not None)
+        if key not in self.gemv_choice:
+            _, name, times = tk.pick_linear_1row(w, b)
+            self.gemv_choice[key] = name
+            self.gemv_times[key] = times
+        times = self.gemv_times[key]
+        best_triton = min((t, n) for n, t in times.items() if n != "cublas")[1]
+        cfg = next(c for c in tk.GEMV_CONFIGS
+                   if best_triton == f"triton{c['block_n']}x{c['block_k']}w{c['num_warps']}s{c['num_stages']}")
+        return self.gemv_choice[key], cfg
+
+    def _one_row(self, x: torch.Tensor) -> bool:
+        return x.shape[0] == 1 and self.device.type == "cuda" and self.gemv_tuning
+
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """F.linear, or for a single row the fastest measured kernel for this weight shape."""
-        if x.shape[0] == 1 and self.device.type == "cuda" and self.gemv_tuning:
-            key = (tuple(w.shape), b is not None)
-            if key not in self.gemv_choice:
-                _, name, times = tk.pick_linear_1row(w, b)
-                self.gemv_choice[key] = name
-                self.gemv_times[key] = times
-            name = self.gemv_choice[key]
+        if self._one_row(x):
+            name, cfg = self._tuned(w, b)
             if name != "cublas":
-                cfg = next(c for c in tk.GEMV_CONFIGS
-                           if name == f"triton{c['block_n']}x{c['block_k']}w{c['num_warps']}s{c['num_stages']}")
                 return tk.gemv(x, w, b, **cfg)
         return F.linear(x, w, b)
+
+    def _norm_linear(self, mod, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor,
+                     b: torch.Tensor | None):
+        """linear(norm(x [+ residual])) [, x + residual]; one kernel for a single row."""
+        if self._one_row(x):
+            _, cfg = self._tuned(w, b)
+            return tk.gemv_norm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", w, b, residual, **cfg)
+        if residual is None:
+            return self._linear(self._norm(mod, x), w, b)
+        h, residual = self._norm(mod, x, residual)
+        return self._linear(h, w, b), residual
+
+    def _glu_linear(self, gu: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        cfg_m = self.cfg
+        if self._one_row(gu):
+            _, cfg = self._tuned(w, b)
+            return tk.gemv_glu(gu, cfg_m.activation, w, b, cfg_m.swiglu_alpha, cfg_m.swiglu_limit, **cfg)
+        return self._linear(tk.glu(gu, cfg_m.activation, cfg_m.swiglu_alpha, cfg_m.swiglu_limit), w, b)
 
     def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
         return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual)
@@ -179,10 +206,9 @@ class CudaModelRunner(ModelRunner):
         for i, layer in enumerate(model.layers):
             (w_qkv, b_qkv), mlp_w = self.fused[i]
             if delta is None:
-                h = self._norm(layer.attn_norm, residual)
+                qkv = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)
             else:
-                h, residual = self._norm(layer.attn_norm, delta, residual)
-            qkv = self._linear(h, w_qkv, b_qkv)
+                qkv, residual = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
             gi = kv.group_of_layer[i]
             g, li = kv.groups[gi], kv.layer_index[i]
             tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
@@ -190,12 +216,11 @@ class CudaModelRunner(ModelRunner):
             a = self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias)
             if layer.attn_post_norm is not None:
                 a = self._norm(layer.attn_post_norm, a)
-            h, residual = self._norm(layer.mlp_norm, a, residual)
             if mlp_w[0] == "dense":
-                gu = self._linear(h, mlp_w[1], mlp_w[2])
-                act = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-                delta = self._linear(act, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+                gu, residual = self._norm_linear(layer.mlp_norm, a, residual, mlp_w[1], mlp_w[2])
+                delta = self._glu_linear(gu, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
             else:
+                h, residual = self._norm(layer.mlp_norm, a, residual)
                 delta = self._moe(i, layer.mlp, h)
             if layer.mlp_post_norm is not None:
                 delta = self._norm(layer.mlp_post_norm, delta)

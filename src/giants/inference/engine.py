@@ -128,6 +128,8 @@ class Engine:
         self.num_preemptions = 0
         self.num_steps = 0
         self._finished_outside: list[Request] = []
+        # host seconds per phase of step(), summed (the GPU wait shows up in sample_and_wait)
+        self.timing = {"schedule": 0.0, "launch": 0.0, "sample_and_wait": 0.0, "outputs": 0.0}
 
     # ---- setup -------------------------------------------------------------------
     def _auto_num_blocks(self, block_size: int, dtype: torch.dtype, util: float) -> list[int]:
@@ -289,12 +291,17 @@ class Engine:
 
     # ---- the step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         scheduled = self._schedule()
         touched: dict[str, Request] = {}
         if scheduled:
             chunks = [Chunk(seq.blocks, seq.num_computed, seq.tokens(seq.num_computed, seq.num_computed + n),
                             seq.num_computed + n == len(seq)) for seq, n in scheduled]
+            t1 = time.perf_counter()
             logits = self.runner.execute(chunks)
+            t2 = time.perf_counter()
+            self.timing["schedule"] += t1 - t0
+            self.timing["launch"] += t2 - t1
             sampling = [seq for (seq, n), c in zip(scheduled, chunks) if c.sample]
             for seq, n in scheduled:
                 seq.num_computed += n
@@ -302,6 +309,7 @@ class Engine:
                 rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s in sampling]
                 result = self.sampler(logits, rows)
                 now = time.perf_counter()
+                self.timing["sample_and_wait"] += now - t2
                 for seq, tok, lp in zip(sampling, result.tokens, result.logprobs):
                     self._append_token(seq, tok, lp, now)
             bs = self.block_size
@@ -314,6 +322,7 @@ class Engine:
             touched[req.request_id] = req
         self._finished_outside.clear()
         self.num_steps += 1
+        t3 = time.perf_counter()
         outputs = []
         for req in touched.values():
             out = self._output(req)
@@ -321,6 +330,7 @@ class Engine:
                 outputs.append(out)
             if req.finished:
                 self.requests.pop(req.request_id, None)
+        self.timing["outputs"] += time.perf_counter() - t3
         return outputs
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict[int, float] | None, now: float) -> None:

@@ -120,7 +120,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 use_cuda_graphs: bool = True, quantization: str | None = None) -> None:
+                 use_cuda_graphs: bool = True, quantization: str | None = None, weights: str | None = None) -> None:
         if tensor_parallel_size != 1:
             raise NotImplementedError(
                 f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism arrives with the scale-out work; "
@@ -132,6 +132,12 @@ class LLM:
         device = torch.device(device)
         torch.manual_seed(seed)
         m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
+        if weights not in (None, "int8"):
+            raise ValueError(f"weights: only 'int8' (weight-only, CPU) is supported (got {weights!r})")
+        if weights == "int8":
+            from giants.inference.quant import int8_weights
+
+            m = int8_weights(m)
         self.model = m
         self.tokenizer = tokenizer if tokenizer is not None else tok
         self.engine = Engine(m, self.tokenizer, max_model_len=max_model_len, block_size=block_size,

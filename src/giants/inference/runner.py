@@ -166,4 +166,10 @@ class ModelRunner:
                 h = layer.mlp_post_norm(h)
             x = x + h
         x = model.norm(x[inp.sample_rows])
-        return model.logits(x)
+        head = getattr(model, "int8_head", None)
+        if head is None:
+            return model.logits(x)
+        logits = head(x)
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        return logits

@@ -394,3 +394,87 @@ def pick_linear_1row(w: torch.Tensor, bias: torch.Tensor | None, reps: int = 30)
             continue
     best = min(times, key=times.get)
     return cands[best], best, times
+
+
+@triton.jit
+def _gemv_pre_kernel(X, R, R_OUT, NW, W, B, Y, N, K, eps, alpha, limit, MODE: tl.constexpr, HAS_RES: tl.constexpr,
+                     PLUS_ONE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """One-row GEMV whose input is computed on the fly, saving a kernel before it:
+    MODE 1: x = RMSNorm(X [+ R]) * NW (program 0 also writes X + R to R_OUT, the new residual stream);
+    MODE 2: x = act(X[:K]) * X[K:] (a gated activation; X holds [gate | up])."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    dt = Y.dtype.element_ty
+    rstd = 1.0
+    if MODE == 1:
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            km = k0 + rk < K
+            x = tl.load(X + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+                if pid == 0:
+                    tl.store(R_OUT + k0 + rk, x.to(dt), mask=km)
+            ss += x * x
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        km = k0 + rk < K
+        if MODE == 1:
+            x = tl.load(X + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            nw = tl.load(NW + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            if PLUS_ONE:
+                nw = nw + 1.0
+            x = (x * rstd * nw).to(dt).to(tl.float32)
+        else:
+            g = tl.load(X + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(X + K + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            if ACT == 0:
+                x = g * tl.sigmoid(g) * u
+            elif ACT == 1:
+                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+                x = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0)) * u
+            else:
+                g = tl.minimum(g, limit)
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+                x = g * tl.sigmoid(alpha * g) * (u + 1.0)
+            x = x.to(dt).to(tl.float32)
+        w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
+    tl.store(Y + rn, y.to(dt), mask=nm)
+
+
+def gemv_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, plus_one: bool, w: torch.Tensor,
+              bias: torch.Tensor | None, residual: torch.Tensor | None = None, *, block_n: int = 8,
+              block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
+    """(RMSNorm(x [+ residual]) @ w.T + bias) for one row; with a residual also returns x + residual."""
+    N, K = w.shape
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    r_out = torch.empty_like(x) if residual is not None else y
+    _gemv_pre_kernel[(triton.cdiv(N, block_n),)](
+        x, residual if residual is not None else x, r_out, norm_weight, w, bias if bias is not None else w, y, N, K,
+        eps, 0.0, 0.0, MODE=1, HAS_RES=residual is not None, PLUS_ONE=plus_one, ACT=0, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return (y, r_out) if residual is not None else y
+
+
+def gemv_glu(gu: torch.Tensor, activation: str, w: torch.Tensor, bias: torch.Tensor | None, alpha: float = 1.702,
+             limit: float = 7.0, *, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
+             num_stages: int = 4) -> torch.Tensor:
+    """(act(gate) * up) @ w.T + bias for one row gu = [gate | up]."""
+    N, K = w.shape
+    y = torch.empty(1, N, dtype=gu.dtype, device=gu.device)
+    _gemv_pre_kernel[(triton.cdiv(N, block_n),)](
+        gu, gu, y, gu, w, bias if bias is not None else w, y, N, K, 0.0, alpha, limit, MODE=2, HAS_RES=False,
+        PLUS_ONE=False, ACT=ACTS[activation], HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages)
+    return y

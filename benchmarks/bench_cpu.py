@@ -1,0 +1,126 @@
+"""CPU batch-1 greedy decode of SmolLM2-135M: giants' engine against transformers in the same run.
+
+With the real weights (`--source smollm2-135m`, the Q4_1 GGUF from `giants download smollm2-135m`) both
+load the same file (transformers through `gguf_file=`, dequantized to fp32); with `--source preset`
+both get the same random weights. Reports tok/s, the ratio, and whether the greedy tokens are identical;
+then giants' weight modes (bf16, int8 weight-only) beside fp32.
+
+    python benchmarks/bench_cpu.py --source smollm2-135m --new 128 --out cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import giants
+from bench_decode import env  # noqa: I001 - sibling script
+from giants.inference import LLM, SamplingParams
+
+
+def hf_from_giants(model):
+    import transformers
+
+    from giants.checkpoint.hf_map import giants_to_hf
+
+    cfg = model.config
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf()),
+                                                       dtype=torch.float32)
+    hf.load_state_dict(dict(giants_to_hf(model.state_dict(), cfg)), strict=False)
+    return hf.eval()
+
+
+def hf_from_gguf(path: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                             dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: list[int], new: int, runs: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+
+    def timed(n: int):
+        t0 = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t0, out[0, len(prompt):].tolist()
+
+    with torch.inference_mode():
+        timed(4)
+        t1 = statistics.median(timed(1)[0] for _ in range(runs))
+        res = [timed(new) for _ in range(runs)]
+    return (new - 1) / (statistics.median(r[0] for r in res) - t1), res[0][1]
+
+
+def giants_greedy(llm: LLM, prompt: list[int], new: int, runs: int) -> tuple[float, list[int]]:
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    rates, toks = [], None
+    for _ in range(runs):
+        out = llm.generate([prompt], sp)[0]
+        m = out.metrics
+        rates.append((new - 1) / (m.finished_time - m.first_token_time))
+        toks = out.outputs[0].token_ids
+    return statistics.median(rates), toks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", default="smollm2-135m", help="'smollm2-135m' (real GGUF) or 'preset' (random)")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--modes", default="fp32,bf16,int8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res = {"env": env(torch.device("cpu")), "threads": args.threads, "new_tokens": args.new, "source": args.source}
+    if args.source == "preset":
+        model = giants.build(giants.get_config("smollm2-135m"), seed=0).eval()
+        hf = hf_from_giants(model)
+        tok = None
+        prompt = torch.randint(3, 49152, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        from giants.checkpoint import download
+
+        path = str(download(args.source))
+        model = giants.load(path, dtype=torch.float32)
+        hf = hf_from_gguf(path)
+        tok = giants.load_tokenizer(path)
+        text = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a lighthouse."}],
+                                       add_generation_prompt=True)
+        prompt = tok.encode(text, add_special_tokens=False)
+    res["prompt_tokens"] = len(prompt)
+    hf_rate, hf_toks = hf_greedy(hf, prompt, args.new, args.runs)
+    res["transformers_fp32_tok_s"] = hf_rate
+    print(f"transformers fp32: {hf_rate:.1f} tok/s", flush=True)
+    del hf
+    for mode in args.modes.split(","):
+        kw = {"fp32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"),
+              "int8": dict(dtype="float32", weights="int8")}[mode]
+        m = model if mode == "fp32" else giants.build(model.config, device="meta").materialize("cpu")
+        if m is not model:
+            m.load_state_dict(model.state_dict())
+        llm = LLM(m, tokenizer=tok, device="cpu", max_model_len=1024, max_num_seqs=4, **kw)
+        rate, toks = giants_greedy(llm, prompt, args.new, args.runs)
+        same = toks == hf_toks
+        first_diff = next((i for i, (a, b) in enumerate(zip(toks, hf_toks)) if a != b), None)
+        res[f"giants_{mode}"] = {"tok_s": rate, "ratio_vs_transformers_fp32": rate / hf_rate,
+                                 "tokens_identical_to_transformers": same, "first_difference": first_diff}
+        print(f"giants {mode}: {rate:.1f} tok/s ({rate / hf_rate:.2f}x), identical tokens: {same}", flush=True)
+        del llm
+    text = json.dumps(res, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
