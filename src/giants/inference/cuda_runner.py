@@ -97,18 +97,18 @@ class CudaModelRunner(ModelRunner):
                                                block_size=kv.block_size, scale=cfg.attn_scale, window=g.window,
                                                softcap=cfg.attn_softcap, sinks=sinks, bias_table=bias_table))
         Bm, dev = self.buckets[-1], self.device
-        self.s_ids = torch.zeros(Bm, dtype=torch.long, device=dev)
-        self.s_pos = torch.zeros(Bm, dtype=torch.long, device=dev)
-        self.s_lens = torch.ones(Bm, dtype=torch.int32, device=dev)
-        self.s_tables = [torch.zeros(Bm, self.max_pages, dtype=torch.int32, device=dev) for _ in kv.groups]
-        self.s_slots = [torch.zeros(Bm, dtype=torch.long, device=dev) for _ in kv.groups]
+        G = len(kv.groups)
+        # Static inputs of the graphs: rows of s_meta are ids, positions, key counts, then one slot row per
+        # group; s_table holds every group's block table. Each step fills pinned host twins and sends them
+        # with two async copies.
+        self.s_meta = torch.zeros(3 + G, Bm, dtype=torch.long, device=dev)
+        self.s_table = torch.zeros(G, Bm, self.max_pages, dtype=torch.int32, device=dev)
+        self.s_ids, self.s_pos, self.s_lens = self.s_meta[0], self.s_meta[1], self.s_meta[2]
+        self.s_slots = [self.s_meta[3 + gi] for gi in range(G)]
+        self.s_tables = [self.s_table[gi] for gi in range(G)]
         pin = dev.type == "cuda"
-        # Host staging buffers, pinned once, so each step's inputs go over with async copies.
-        self.h_ids = torch.zeros(Bm, dtype=torch.long, pin_memory=pin)
-        self.h_pos = torch.zeros(Bm, dtype=torch.long, pin_memory=pin)
-        self.h_lens = torch.zeros(Bm, dtype=torch.int32, pin_memory=pin)
-        self.h_tables = [torch.zeros(Bm * self.max_pages, dtype=torch.int32, pin_memory=pin) for _ in kv.groups]
-        self.h_slots = [torch.zeros(Bm, dtype=torch.long, pin_memory=pin) for _ in kv.groups]
+        self.h_meta = torch.zeros(3 + G, Bm, dtype=torch.long, pin_memory=pin)
+        self.h_table = torch.zeros(G * Bm * self.max_pages, dtype=torch.int32, pin_memory=pin)
 
     # ---- the fused decode forward ------------------------------------------------------------
     def _tuned(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[str, dict]:
@@ -135,24 +135,6 @@ class CudaModelRunner(ModelRunner):
                 return tk.gemv(x, w, b, **cfg)
         return F.linear(x, w, b)
 
-    def _norm_linear(self, mod, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor,
-                     b: torch.Tensor | None):
-        """linear(norm(x [+ residual])) [, x + residual]; one kernel for a single row."""
-        if self._one_row(x):
-            _, cfg = self._tuned(w, b)
-            return tk.gemv_norm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", w, b, residual, **cfg)
-        if residual is None:
-            return self._linear(self._norm(mod, x), w, b)
-        h, residual = self._norm(mod, x, residual)
-        return self._linear(h, w, b), residual
-
-    def _glu_linear(self, gu: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        cfg_m = self.cfg
-        if self._one_row(gu):
-            _, cfg = self._tuned(w, b)
-            return tk.gemv_glu(gu, cfg_m.activation, w, b, cfg_m.swiglu_alpha, cfg_m.swiglu_limit, **cfg)
-        return self._linear(tk.glu(gu, cfg_m.activation, cfg_m.swiglu_alpha, cfg_m.swiglu_limit), w, b)
-
     def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
         return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual)
 
@@ -162,13 +144,7 @@ class CudaModelRunner(ModelRunner):
         _, weights, idx = mlp.route(h)  # (B, K)
         B, K = idx.shape
         if kind == "mxfp4":
-            flat = idx.reshape(-1)
-            rows = torch.arange(B, device=h.device).repeat_interleave(K)
-            gu = tk.mxfp4_gemv(h, rows, flat, mlp.gate_up_blocks, mlp.gate_up_scales, mlp.b_gate_up)
-            a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-            pairs = torch.arange(B * K, device=h.device)
-            y = tk.mxfp4_gemv(a, pairs, flat, mlp.down_blocks, mlp.down_scales, mlp.b_down)
-            return (y.view(B, K, -1).float() * weights[..., None].float()).sum(1).to(h.dtype)
+            return mlp._forward_packed(h, weights, idx)
         _, w_gu, b_gu = self.fused[i][1]
         E = cfg.n_experts
         flat = idx.reshape(-1)
@@ -206,9 +182,10 @@ class CudaModelRunner(ModelRunner):
         for i, layer in enumerate(model.layers):
             (w_qkv, b_qkv), mlp_w = self.fused[i]
             if delta is None:
-                qkv = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)
+                h = self._norm(layer.attn_norm, residual)
             else:
-                qkv, residual = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
+                h, residual = self._norm(layer.attn_norm, delta, residual)
+            qkv = self._linear(h, w_qkv, b_qkv)
             gi = kv.group_of_layer[i]
             g, li = kv.groups[gi], kv.layer_index[i]
             tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
@@ -216,11 +193,12 @@ class CudaModelRunner(ModelRunner):
             a = self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias)
             if layer.attn_post_norm is not None:
                 a = self._norm(layer.attn_post_norm, a)
+            h, residual = self._norm(layer.mlp_norm, a, residual)
             if mlp_w[0] == "dense":
-                gu, residual = self._norm_linear(layer.mlp_norm, a, residual, mlp_w[1], mlp_w[2])
-                delta = self._glu_linear(gu, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+                gu = self._linear(h, mlp_w[1], mlp_w[2])
+                act = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+                delta = self._linear(act, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
             else:
-                h, residual = self._norm(layer.mlp_norm, a, residual)
                 delta = self._moe(i, layer.mlp, h)
             if layer.mlp_post_norm is not None:
                 delta = self._norm(layer.mlp_post_norm, delta)
@@ -233,7 +211,8 @@ class CudaModelRunner(ModelRunner):
     # ---- step --------------------------------------------------------------------------------
     def _splits(self, B: int, long: bool) -> int:
         if not long:
-            return 1
+            # few (sequence, kv head) programs, e.g. batch 1: split the keys four ways for parallelism
+            return 4 if B * self.cfg.n_kv_heads <= 32 else 1
         want = max(1, 2 * 132 // (B * self.cfg.n_kv_heads))
         return min(16, 1 << (want.bit_length() - 1))
 
@@ -241,8 +220,9 @@ class CudaModelRunner(ModelRunner):
         """Copy this step's inputs into the static buffers (rows past the real batch point at a
         scratch block); returns the longest key count."""
         kv, bs = self.kv, self.kv.block_size
-        B = len(chunks)
-        ids, pos, lens = self.h_ids.numpy()[:Bp], self.h_pos.numpy()[:Bp], self.h_lens.numpy()[:Bp]
+        B, G = len(chunks), len(kv.groups)
+        meta = self.h_meta.numpy()[:, :Bp]
+        ids, pos, lens = meta[0], meta[1], meta[2]
         ids[B:] = 0
         pos[B:] = 0
         ids[:B] = [c.token_ids[0] for c in chunks]
@@ -250,24 +230,22 @@ class CudaModelRunner(ModelRunner):
         lens[:] = pos + 1
         max_len = int(lens.max())
         width = -(-max_len // bs)
-        self.s_ids[:Bp].copy_(self.h_ids[:Bp], non_blocking=True)
-        self.s_pos[:Bp].copy_(self.h_pos[:Bp], non_blocking=True)
-        self.s_lens[:Bp].copy_(self.h_lens[:Bp], non_blocking=True)
+        tables = self.h_table[:G * Bp * width].view(G, Bp, width)
+        tnp = tables.numpy()
+        rows = np.arange(B)
         for gi, g in enumerate(kv.groups):
             scratch = g.pool.num_blocks  # the extra block at the end of every pool
-            table = np.full((Bp, width), scratch, dtype=np.int32)
+            table = tnp[gi]
+            table[:] = scratch
             for r, c in enumerate(chunks):
-                t = c.blocks.tables[gi]
                 n = c.start // bs + 1
-                table[r, :n] = t[:n]
+                table[r, :n] = c.blocks.tables[gi][:n]
             table[table < 0] = scratch
-            slots = self.h_slots[gi].numpy()[:Bp]
+            slots = meta[3 + gi]
             slots[:] = scratch * bs
-            slots[:B] = table[np.arange(B), pos[:B] // bs].astype(np.int64) * bs + pos[:B] % bs
-            h_table = self.h_tables[gi][:Bp * width].view(Bp, width)
-            h_table.numpy()[:] = table
-            self.s_tables[gi][:Bp, :width].copy_(h_table, non_blocking=True)
-            self.s_slots[gi][:Bp].copy_(self.h_slots[gi][:Bp], non_blocking=True)
+            slots[:B] = table[rows, pos[:B] // bs].astype(np.int64) * bs + pos[:B] % bs
+        self.s_meta.copy_(self.h_meta, non_blocking=True)  # a few KB: whole, contiguous
+        self.s_table[:, :Bp, :width].copy_(tables, non_blocking=True)
         return max_len
 
     @torch.inference_mode()

@@ -95,11 +95,28 @@ class MXFP4MoE(nn.Module):
         return (dequantize_mxfp4(self.gate_up_blocks[e], self.gate_up_scales[e], dtype),
                 dequantize_mxfp4(self.down_blocks[e], self.down_scales[e], dtype))
 
+    def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One Triton GEMV per (token, expert) pair straight from the packed weights. x: (N, D)."""
+        from giants.inference import triton_kernels as tk
+
+        N, K = idx.shape
+        cfg = self.cfg
+        flat = idx.reshape(-1).contiguous()
+        rows = torch.arange(N, device=x.device).repeat_interleave(K)
+        gu = tk.mxfp4_gemv(x, rows, flat, self.gate_up_blocks, self.gate_up_scales, self.b_gate_up)
+        a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+        pairs = torch.arange(N * K, device=x.device)
+        y = tk.mxfp4_gemv(a, pairs, flat, self.down_blocks, self.down_scales, self.b_down)
+        return (y.view(N, K, -1).float() * weights[..., None].float()).sum(1).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference path: dequantize each used expert once (prefill, CPU). x: (B, T, D)."""
+        """x: (B, T, D). On CUDA the packed-weight Triton kernel for up to a few thousand (token, expert)
+        pairs (a prefill chunk); otherwise each used expert is dequantized once."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, idx = self.route(x)
+        if x.is_cuda and idx.numel() <= 4096:
+            return self._forward_packed(x, weights, idx).view(shape), logits
         F = self.cfg.ffn_dim
         out = torch.zeros_like(x, dtype=torch.float32)
         for e in torch.unique(idx).tolist():

@@ -167,7 +167,7 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
     for t0 in range(start, end, BLOCK_N):
         t = t0 + n
         valid = (t < end) & (t >= lo_tok)
-        blk = tl.load(TABLE + b * stride_table + t // BS, mask=valid, other=0)
+        blk = tl.load(TABLE + b * stride_table + t // BS, mask=valid, other=0).to(tl.int64)
         off = ((blk * BS + t % BS) * HKV + hk) * D
         k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
         if IEEE:  # fp32 caches: full-precision products (checks against the eager path)
@@ -274,40 +274,46 @@ class PagedAttention:
 # ---- MXFP4 expert GEMV ------------------------------------------------------------------------
 @triton.jit
 def _e2m1(n):
-    """FP4 E2M1 nibble -> float32: sign bit 3, exponent bits 2..1, mantissa bit 0."""
-    e = ((n >> 1) & 3).to(tl.float32)
-    m = (n & 1).to(tl.float32)
-    mag = tl.where(e == 0.0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2(e - 1.0))
-    return tl.where((n & 8) != 0, -mag, mag)
+    """FP4 E2M1 nibble (int32) -> float32 by building the bits: sign bit 3, exponent bits 2..1, mantissa
+    bit 0; exponent 0 is the subnormal 0 / 0.5."""
+    e = (n >> 1) & 3
+    m = n & 1
+    bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22)) | ((n & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _mxfp4_gemv_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]); W packed MXFP4."""
+    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]); W packed MXFP4: the
+    nibbles are decoded in registers, products summed per 32-value block, then scaled once per block."""
     p = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = rows < N_OUT
     e = tl.load(EXPERT + p).to(tl.int64)
     xr = tl.load(X_ROW + p).to(tl.int64)
+    NB: tl.constexpr = BLOCK_K // 32
     j = tl.arange(0, BLOCK_K // 2)
-    wrow = (e * N_OUT + rows).to(tl.int64)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    sb = tl.arange(0, NB)
+    wrow = e * N_OUT + rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, NB), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + 2 * j  # even element of each byte
         km = kk < K
-        m2 = rm[:, None] & km[None, :]
-        byte = tl.load(BLOCKS + wrow[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=m2, other=0).to(tl.int32)
-        sc = tl.load(SCALES + wrow[:, None] * (K // 32) + (kk // 32)[None, :], mask=m2, other=127)
-        scale = tl.exp2(sc.to(tl.float32) - 127.0)
+        byte = tl.load(BLOCKS + wrow[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=rm[:, None] & km[None, :],
+                       other=0).to(tl.int32)
         xe = tl.load(X + xr * K + kk, mask=km, other=0.0).to(tl.float32)
         xo = tl.load(X + xr * K + kk + 1, mask=km, other=0.0).to(tl.float32)
-        w_lo = _e2m1(byte & 15)
-        w_hi = _e2m1(byte >> 4)
-        acc += tl.sum((w_lo * xe[None, :] + w_hi * xo[None, :]) * scale, axis=1)
+        prod = _e2m1(byte & 15) * xe[None, :] + _e2m1(byte >> 4) * xo[None, :]  # (BLOCK_N, BLOCK_K/2)
+        part = tl.sum(tl.reshape(prod, (BLOCK_N, NB, 16)), axis=2)  # one sum per 32-value block
+        sm = (k0 // 32 + sb) < K // 32
+        sc = tl.load(SCALES + wrow[:, None] * (K // 32) + (k0 // 32 + sb)[None, :], mask=rm[:, None] & sm[None, :],
+                     other=0).to(tl.int32)
+        acc += part * (sc << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        acc += tl.load(BIAS + e * N_OUT + rows, mask=rm, other=0.0).to(tl.float32)
-    tl.store(Y + p * N_OUT + rows, acc.to(Y.dtype.element_ty), mask=rm)
+        y += tl.load(BIAS + e * N_OUT + rows, mask=rm, other=0.0).to(tl.float32)
+    tl.store(Y + p * N_OUT + rows, y.to(Y.dtype.element_ty), mask=rm)
 
 
 def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, blocks: torch.Tensor,
@@ -316,7 +322,7 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
     P = expert.shape[0]
     N, K = blocks.shape[1], x.shape[1]
     out = out if out is not None else torch.empty(P, N, dtype=x.dtype, device=x.device)
-    BLOCK_N, BLOCK_K = 16, 256
+    BLOCK_N, BLOCK_K = 16, 512
     _mxfp4_gemv_kernel[(P, triton.cdiv(N, BLOCK_N))](x, x_row, expert, blocks, scales,
                                                      bias if bias is not None else x, out, N, K,
                                                      HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
@@ -395,86 +401,3 @@ def pick_linear_1row(w: torch.Tensor, bias: torch.Tensor | None, reps: int = 30)
     best = min(times, key=times.get)
     return cands[best], best, times
 
-
-@triton.jit
-def _gemv_pre_kernel(X, R, R_OUT, NW, W, B, Y, N, K, eps, alpha, limit, MODE: tl.constexpr, HAS_RES: tl.constexpr,
-                     PLUS_ONE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """One-row GEMV whose input is computed on the fly, saving a kernel before it:
-    MODE 1: x = RMSNorm(X [+ R]) * NW (program 0 also writes X + R to R_OUT, the new residual stream);
-    MODE 2: x = act(X[:K]) * X[K:] (a gated activation; X holds [gate | up])."""
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    dt = Y.dtype.element_ty
-    rstd = 1.0
-    if MODE == 1:
-        ss = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            km = k0 + rk < K
-            x = tl.load(X + k0 + rk, mask=km, other=0.0).to(tl.float32)
-            if HAS_RES:
-                x = (x + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-                if pid == 0:
-                    tl.store(R_OUT + k0 + rk, x.to(dt), mask=km)
-            ss += x * x
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
-    for k0 in range(0, K, BLOCK_K):
-        km = k0 + rk < K
-        if MODE == 1:
-            x = tl.load(X + k0 + rk, mask=km, other=0.0).to(tl.float32)
-            if HAS_RES:
-                x = (x + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-            nw = tl.load(NW + k0 + rk, mask=km, other=0.0).to(tl.float32)
-            if PLUS_ONE:
-                nw = nw + 1.0
-            x = (x * rstd * nw).to(dt).to(tl.float32)
-        else:
-            g = tl.load(X + k0 + rk, mask=km, other=0.0).to(tl.float32)
-            u = tl.load(X + K + k0 + rk, mask=km, other=0.0).to(tl.float32)
-            if ACT == 0:
-                x = g * tl.sigmoid(g) * u
-            elif ACT == 1:
-                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-                x = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0)) * u
-            else:
-                g = tl.minimum(g, limit)
-                u = tl.minimum(tl.maximum(u, -limit), limit)
-                x = g * tl.sigmoid(alpha * g) * (u + 1.0)
-            x = x.to(dt).to(tl.float32)
-        w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
-    tl.store(Y + rn, y.to(dt), mask=nm)
-
-
-def gemv_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, plus_one: bool, w: torch.Tensor,
-              bias: torch.Tensor | None, residual: torch.Tensor | None = None, *, block_n: int = 8,
-              block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
-    """(RMSNorm(x [+ residual]) @ w.T + bias) for one row; with a residual also returns x + residual."""
-    N, K = w.shape
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    r_out = torch.empty_like(x) if residual is not None else y
-    _gemv_pre_kernel[(triton.cdiv(N, block_n),)](
-        x, residual if residual is not None else x, r_out, norm_weight, w, bias if bias is not None else w, y, N, K,
-        eps, 0.0, 0.0, MODE=1, HAS_RES=residual is not None, PLUS_ONE=plus_one, ACT=0, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-    return (y, r_out) if residual is not None else y
-
-
-def gemv_glu(gu: torch.Tensor, activation: str, w: torch.Tensor, bias: torch.Tensor | None, alpha: float = 1.702,
-             limit: float = 7.0, *, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
-             num_stages: int = 4) -> torch.Tensor:
-    """(act(gate) * up) @ w.T + bias for one row gu = [gate | up]."""
-    N, K = w.shape
-    y = torch.empty(1, N, dtype=gu.dtype, device=gu.device)
-    _gemv_pre_kernel[(triton.cdiv(N, block_n),)](
-        gu, gu, y, gu, w, bias if bias is not None else w, y, N, K, 0.0, alpha, limit, MODE=2, HAS_RES=False,
-        PLUS_ONE=False, ACT=ACTS[activation], HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages)
-    return y
