@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=None)
     ap.add_argument("--llama-hf-modes", default="eager,static+compile")
+    ap.add_argument("--no-hf-20b", action="store_true", help="skip transformers on the gpt-oss-20b shape")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -270,13 +271,14 @@ def main() -> None:
     results["copy_bandwidth_GBs"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     todo = args.models.split(",")
+    oss20_hf = () if args.no_hf_20b else ("eager",)
     jobs = {
         "check": ("check", lambda: run_check(device)),
         "tiny": ("tiny-llama", lambda: section("tiny-llama", "tiny-llama", device, bw, args.new, ("eager",))),
         "llama": ("llama-3.1-8b", lambda: section("llama-3.1-8b", "llama-3.1-8b", device, bw, args.new,
                                                   tuple(args.llama_hf_modes.split(",")))),
         "gpt-oss-20b": ("gpt-oss-20b", lambda: section("gpt-oss-20b", "gpt-oss-20b", device, bw, args.new,
-                                                       ("eager",), hf_new=32, share_weights=False)),
+                                                       oss20_hf, hf_new=32, share_weights=False)),
         "gpt-oss-120b": ("gpt-oss-120b-mxfp4", lambda: section("gpt-oss-120b-mxfp4", "gpt-oss-120b", device, bw,
                                                                args.new, (), quantization="mxfp4")),
     }

@@ -49,7 +49,8 @@ def _known_names() -> set[str]:
 def random_model(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
     """A preset with random weights, built straight on the target device (never a full fp32 copy)."""
     cfg = PRESETS[name].config
-    model = build(cfg, device="meta").materialize(device, dtype)
+    # cast on meta first: materializing fp32 and converting after would need twice the memory
+    model = build(cfg, device="meta").to(dtype).materialize(device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     model.init_weights(generator=gen)
     return model.eval()

@@ -151,7 +151,7 @@ def build_mxfp4(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
     model = build(cfg, device="meta")
     for layer in model.layers:
         layer.mlp = MXFP4MoE(cfg, device="meta")
-    model.materialize(device, dtype)
+    model.to(dtype).materialize(device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     model.init_weights(generator=gen)
     for layer in model.layers:
