@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
-def _positive(kind: type):
+def _positive(kind: type, minimum: float = 1e-300):
     def parse(v: str):
         x = kind(v)
-        if x <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0 (got {v})")
+        if x < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if minimum == 0 else '> 0'} (got {v})")
         return x
     return parse
 
@@ -38,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="preset (tiny-llama), known model (smollm2-135m), HF directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--api-key", default=os.environ.get("GIANTS_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $GIANTS_API_KEY, which keeps the key "
+                        "out of process listings)")
     p.add_argument("--max-model-len", type=_positive(int), default=None, help="context length (default: model's)")
-    p.add_argument("--max-queue", type=int, default=None,
+    p.add_argument("--max-queue", type=_positive(int, 0), default=None,
                    help="requests allowed to wait beyond the running batch; more get 429 (default: unbounded)")
     p.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=_positive(int), default=None, help="KV cache blocks (default: auto)")
@@ -49,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed for random presets' weights and unseeded sampling")
     p.add_argument("--max-body-bytes", type=_positive(int), default=4 * 1024 * 1024, help="larger bodies get 413")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--drain-timeout", type=_positive(float, 0), default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are ended")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)

@@ -48,14 +48,14 @@ class ServerProcess:
         return self.url + "/v1"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "giants.cli", "serve", self.model, "--host", self.host, "--port", str(self.port),
-               *self.args]
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
-        return cmd
+        return [sys.executable, "-m", "giants.cli", "serve", self.model, "--host", self.host, "--port", str(self.port),
+                *self.args]
 
     def start(self, wait: bool = True) -> ServerProcess:
         env = {**os.environ, **(self.env or {})}
+        env.pop("GIANTS_API_KEY", None)
+        if self.api_key:  # through the environment: keys on a command line show up in `ps`
+            env["GIANTS_API_KEY"] = self.api_key
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_ready()
