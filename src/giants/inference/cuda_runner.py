@@ -18,38 +18,12 @@ import torch.nn.functional as F
 
 from giants.inference import triton_kernels as tk
 from giants.inference.kv_cache import KVCacheManager
-from giants.inference.mxfp4 import MXFP4MoE
 from giants.inference.runner import Chunk, ModelRunner
 from giants.model.mlp import MoE
 from giants.model.positions import t5_relative_bucket
 from giants.model.transformer import Transformer
 
 LONG_CONTEXT = 4096  # above this many keys a decode step splits each sequence's keys over programs
-
-
-def _fuse_rows(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (sum out, in) weight for several linears sharing an input; the modules become views into it."""
-    w = torch.cat([m.weight.data for m in mods])
-    b = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
-    start = 0
-    for m in mods:
-        n = m.weight.shape[0]
-        m.weight.data = w[start:start + n]
-        if b is not None:
-            m.bias.data = b[start:start + n]
-        start += n
-    return w, b
-
-
-def _fuse_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    F_ = moe.w_gate.shape[1]
-    w = torch.cat([moe.w_gate.data, moe.w_up.data], dim=1)  # (E, 2F, D)
-    moe.w_gate.data, moe.w_up.data = w[:, :F_], w[:, F_:]
-    b = None
-    if moe.b_gate is not None:
-        b = torch.cat([moe.b_gate.data, moe.b_up.data], dim=1)
-        moe.b_gate.data, moe.b_up.data = b[:, :F_], b[:, F_:]
-    return w, b
 
 
 class CudaModelRunner(ModelRunner):
@@ -70,19 +44,6 @@ class CudaModelRunner(ModelRunner):
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
-        with torch.no_grad():
-            self.fused = []
-            for layer in model.layers:
-                a = layer.attn
-                qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj])
-                if isinstance(layer.mlp, MoE):
-                    mlp = ("moe",) + _fuse_experts(layer.mlp)
-                elif isinstance(layer.mlp, MXFP4MoE):
-                    mlp = ("mxfp4",)
-                else:
-                    gu = _fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj])
-                    mlp = ("dense",) + gu
-                self.fused.append((qkv, mlp))
         bias_table = None
         if model.rel_bias is not None:
             # T5 bias depends only on the distance: one (H, max_model_len) table replaces the bucket maths.

@@ -14,9 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from giants.inference.kv_cache import KVCacheManager, SeqBlocks
+from giants.inference.mxfp4 import MXFP4MoE
 from giants.model.attention import attend, attention_mask
+from giants.model.mlp import MoE, gated_activation
 from giants.model.positions import apply_rotary
 from giants.model.transformer import Transformer
 
@@ -92,12 +95,56 @@ class StepInputs:
         return AttnRows(table.to(device), k_pos.to(device))
 
 
+def _plain(*mods) -> bool:
+    return all(type(m) is torch.nn.Linear for m in mods)
+
+
+def _fuse_rows(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum out, in) weight for several linears sharing an input; the modules become views into it."""
+    w = torch.cat([m.weight.data for m in mods])
+    b = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = w[start:start + n]
+        if b is not None:
+            m.bias.data = b[start:start + n]
+        start += n
+    return w, b
+
+
+def _fuse_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    F_ = moe.w_gate.shape[1]
+    w = torch.cat([moe.w_gate.data, moe.w_up.data], dim=1)  # (E, 2F, D)
+    moe.w_gate.data, moe.w_up.data = w[:, :F_], w[:, F_:]
+    b = None
+    if moe.b_gate is not None:
+        b = torch.cat([moe.b_gate.data, moe.b_up.data], dim=1)
+        moe.b_gate.data, moe.b_up.data = b[:, :F_], b[:, F_:]
+    return w, b
+
+
 class ModelRunner:
     """Runs steps of a giants Transformer against a KVCacheManager (any device, any dtype)."""
 
     def __init__(self, model: Transformer, kv: KVCacheManager) -> None:
         self.model, self.kv, self.cfg = model, kv, model.config
         self.device = kv.device
+        # Q/K/V and gate/up as one matmul each: fewer, larger products (the modules become views).
+        self.fused = []
+        with torch.no_grad():
+            for layer in model.layers:
+                a = layer.attn
+                qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj]) if _plain(a.q_proj, a.k_proj, a.v_proj) else None
+                if isinstance(layer.mlp, MoE):
+                    mlp = ("moe",) + _fuse_experts(layer.mlp)
+                elif isinstance(layer.mlp, MXFP4MoE):
+                    mlp = ("mxfp4",)
+                elif _plain(layer.mlp.gate_proj, layer.mlp.up_proj):
+                    mlp = ("dense",) + _fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj])
+                else:
+                    mlp = ("modules",)
+                self.fused.append((qkv, mlp))
 
     def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs) -> torch.Tensor:
         """q: (N, H, D) -> (N, H, D) reading keys/values from the paged pool."""
@@ -143,9 +190,16 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             attn = layer.attn
             h = layer.attn_norm(x)
-            q = attn.q_proj(h).view(N, H, D)
-            k = attn.k_proj(h).view(N, Hkv, D)
-            v = attn.v_proj(h).view(N, Hkv, D)
+            qkv_w, mlp_w = self.fused[i]
+            if qkv_w is not None:
+                qkv = F.linear(h, *qkv_w)
+                q = qkv[:, :H * D].view(N, H, D)
+                k = qkv[:, H * D:(H + Hkv) * D].view(N, Hkv, D)
+                v = qkv[:, (H + Hkv) * D:].view(N, Hkv, D)
+            else:
+                q = attn.q_proj(h).view(N, H, D)
+                k = attn.k_proj(h).view(N, Hkv, D)
+                v = attn.v_proj(h).view(N, Hkv, D)
             if rope is not None:
                 q = apply_rotary(q.transpose(0, 1)[None], *rope)[0].transpose(0, 1)
                 k = apply_rotary(k.transpose(0, 1)[None], *rope)[0].transpose(0, 1)
@@ -158,10 +212,14 @@ class ModelRunner:
             if layer.attn_post_norm is not None:
                 h = layer.attn_post_norm(h)
             x = x + h
-            h = layer.mlp(layer.mlp_norm(x)[None])
-            if isinstance(h, tuple):
-                h = h[0]
-            h = h[0]
+            h = layer.mlp_norm(x)
+            if mlp_w[0] == "dense":
+                gu = F.linear(h, mlp_w[1], mlp_w[2])
+                Fd = gu.shape[-1] // 2
+                h = layer.mlp.down_proj(gated_activation(gu[:, :Fd], gu[:, Fd:], cfg))
+            else:
+                h = layer.mlp(h[None])
+                h = (h[0] if isinstance(h, tuple) else h)[0]
             if layer.mlp_post_norm is not None:
                 h = layer.mlp_post_norm(h)
             x = x + h
