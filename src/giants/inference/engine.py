@@ -93,7 +93,7 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  device: torch.device | str | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
-                 use_cuda_graphs: bool = True) -> None:
+                 use_cuda_graphs: bool = True, cpu_onednn: bool | None = None) -> None:
         cfg = model.config
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -116,6 +116,10 @@ class Engine:
         self.kv = KVCacheManager(cfg, block_size=block_size, num_blocks=num_blocks, max_model_len=self.max_model_len,
                                  dtype=dtype, device=self.device, enable_prefix_caching=enable_prefix_caching)
         self.runner = self._make_runner(use_cuda_graphs)
+        if cpu_onednn is None:
+            cpu_onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if cpu_onednn:
+            self.runner.pack_for_onednn()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(self.generator)
         self.eos_ids = _eos_ids(model, tokenizer)

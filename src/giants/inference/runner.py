@@ -145,6 +145,29 @@ class ModelRunner:
                 else:
                     mlp = ("modules",)
                 self.fused.append((qkv, mlp))
+        self.packed: dict[int, torch.Tensor] = {}
+
+    def pack_for_onednn(self) -> None:
+        """CPU fp32: keep a oneDNN-packed copy of every projection and the head. MKL's single-row sgemv
+        streams ~16 GB/s on AMD CPUs, oneDNN's packed linear ~40 GB/s; costs a second copy of the weights."""
+        model = self.model
+        ws = [model.output_weight]
+        for (qkv, mlp), layer in zip(self.fused, model.layers):
+            if qkv is not None:
+                ws.append(qkv[0])
+            if type(layer.attn.o_proj) is torch.nn.Linear:
+                ws.append(layer.attn.o_proj.weight)
+            if mlp[0] == "dense":
+                ws += [mlp[1], layer.mlp.down_proj.weight]
+        with torch.no_grad():
+            for w in ws:
+                self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        packed = self.packed.get(w.data_ptr()) if self.packed else None
+        if packed is None:
+            return F.linear(x, w, b)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
     def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs) -> torch.Tensor:
         """q: (N, H, D) -> (N, H, D) reading keys/values from the paged pool."""
@@ -192,7 +215,7 @@ class ModelRunner:
             h = layer.attn_norm(x)
             qkv_w, mlp_w = self.fused[i]
             if qkv_w is not None:
-                qkv = F.linear(h, *qkv_w)
+                qkv = self._lin(h, *qkv_w)
                 q = qkv[:, :H * D].view(N, H, D)
                 k = qkv[:, H * D:(H + Hkv) * D].view(N, Hkv, D)
                 v = qkv[:, (H + Hkv) * D:].view(N, Hkv, D)
@@ -208,15 +231,17 @@ class ModelRunner:
             g.k[li].view(-1, Hkv, D).index_copy_(0, inp.slots[gi], k.to(g.k[li].dtype))
             g.v[li].view(-1, Hkv, D).index_copy_(0, inp.slots[gi], v.to(g.v[li].dtype))
             o = self._attention(i, q, inp)
-            h = attn.o_proj(o.reshape(N, H * D))
+            h = self._lin(o.reshape(N, H * D), attn.o_proj.weight, attn.o_proj.bias) \
+                if type(attn.o_proj) is torch.nn.Linear else attn.o_proj(o.reshape(N, H * D))
             if layer.attn_post_norm is not None:
                 h = layer.attn_post_norm(h)
             x = x + h
             h = layer.mlp_norm(x)
             if mlp_w[0] == "dense":
-                gu = F.linear(h, mlp_w[1], mlp_w[2])
+                gu = self._lin(h, mlp_w[1], mlp_w[2])
                 Fd = gu.shape[-1] // 2
-                h = layer.mlp.down_proj(gated_activation(gu[:, :Fd], gu[:, Fd:], cfg))
+                h = self._lin(gated_activation(gu[:, :Fd], gu[:, Fd:], cfg), layer.mlp.down_proj.weight,
+                              layer.mlp.down_proj.bias)
             else:
                 h = layer.mlp(h[None])
                 h = (h[0] if isinstance(h, tuple) else h)[0]
@@ -225,9 +250,9 @@ class ModelRunner:
             x = x + h
         x = model.norm(x[inp.sample_rows])
         head = getattr(model, "int8_head", None)
-        if head is None:
+        if head is None and not self.packed:
             return model.logits(x)
-        logits = head(x)
+        logits = head(x) if head is not None else self._lin(x, model.output_weight, None)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         return logits
