@@ -41,6 +41,8 @@ class CudaModelRunner(ModelRunner):
         self.max_pages = -(-max_model_len // kv.block_size)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.gemv_tuning = True
+        # MoE decode through the expert-indexed GEMV up to this many (token, expert) pairs, grouped GEMM above
+        self.moe_gemv_pairs = 32
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
@@ -96,6 +98,13 @@ class CudaModelRunner(ModelRunner):
                 return tk.gemv(x, w, b, **cfg)
         return F.linear(x, w, b)
 
+    def _expert_cfg(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> dict:
+        key = ("experts", tuple(w.shape), b is not None, pairs)
+        if key not in self.gemv_choice:
+            self.gemv_choice[key] = tk.pick_expert_gemv(w, b, pairs) if self.device.type == "cuda" \
+                else tk.EXPERT_GEMV_CONFIGS[0]
+        return self.gemv_choice[key]
+
     def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
         return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual)
 
@@ -107,6 +116,14 @@ class CudaModelRunner(ModelRunner):
         if kind == "mxfp4":
             return mlp._forward_packed(h, weights, idx)
         _, w_gu, b_gu = self.fused[i][1]
+        if B * K <= self.moe_gemv_pairs:
+            # few (token, expert) pairs: stream each routed expert's rows once, straight from its index
+            pair = torch.arange(B * K, device=h.device)
+            flat = idx.reshape(-1)
+            gu = tk.expert_gemv(h.contiguous(), pair // K, flat, w_gu, b_gu, **self._expert_cfg(w_gu, b_gu, B * K))
+            a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+            y = tk.expert_gemv(a, pair, flat, mlp.w_down, mlp.b_down, **self._expert_cfg(mlp.w_down, mlp.b_down, B * K))
+            return (y.view(B, K, -1).float() * weights[..., None].float()).sum(1).to(h.dtype)
         E = cfg.n_experts
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)

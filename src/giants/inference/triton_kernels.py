@@ -330,6 +330,78 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
     return out
 
 
+# ---- expert-indexed GEMV (MoE decode, bf16/fp32 experts) --------------------------------------
+@triton.jit
+def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]): one stream over the
+    routed experts' rows, no sort, no per-expert launch."""
+    p = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    e = tl.load(EXPERT + p).to(tl.int64)
+    xr = tl.load(X_ROW + p).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptr = W + e * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        km = k0 + rk < K
+        x = tl.load(X + xr * K + k0 + rk, mask=km, other=0.0)
+        w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)
+    tl.store(Y + p * N + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+EXPERT_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                       for bn, bk, nw, ns in ((8, 256, 4, 3), (4, 512, 4, 4), (8, 512, 4, 3), (16, 256, 8, 3),
+                                              (2, 1024, 4, 4), (16, 128, 4, 4), (32, 128, 8, 3))]
+
+
+def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: torch.Tensor,
+                bias: torch.Tensor | None, *, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
+                num_stages: int = 3) -> torch.Tensor:
+    """x: (M, K); x_row, expert: (P,) int; w: (E, N, K) contiguous; bias: (E, N) -> (P, N).
+    For a few (token, expert) pairs (MoE decode at small batch), where torch._grouped_mm with one row
+    per group is far from the bandwidth limit."""
+    P = expert.shape[0]
+    N, K = w.shape[1], w.shape[2]
+    if not (x.is_contiguous() and w.is_contiguous() and x.shape[1] == K):
+        raise ValueError(f"expert_gemv needs contiguous x (M, {K}) and w (E, N, K); got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")
+    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    _expert_gemv_kernel[(P, triton.cdiv(N, block_n))](x, x_row, expert, w, bias if bias is not None else w, out,
+                                                      N, K, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                                                      BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, reps: int = 20) -> dict:
+    """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events)."""
+    E = w.shape[0]
+    x = torch.randn(pairs, w.shape[2], dtype=w.dtype, device=w.device)
+    rows = torch.arange(pairs, device=w.device)
+    expert = (rows * 7) % E  # distinct experts where possible, like a real routing
+    best, best_t = EXPERT_GEMV_CONFIGS[0], float("inf")
+    for c in EXPERT_GEMV_CONFIGS:
+        try:
+            expert_gemv(x, rows, expert, w, bias, **c)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(reps):
+                expert_gemv(x, rows, expert, w, bias, **c)
+            e.record()
+            torch.cuda.synchronize()
+            t = s.elapsed_time(e)
+        except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    return best
+
+
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
 @triton.jit
 def _gemv_kernel(X, W, B, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

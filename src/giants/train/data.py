@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,16 +25,6 @@ import torch
 FORMAT = "giants-tokens-v1"
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB of uint16 per shard
-
-
-class TokenizerLike(Protocol):
-    @property
-    def eos_token_id(self) -> int | None: ...  # noqa: E704
-
-    @property
-    def vocab_size(self) -> int: ...  # noqa: E704
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...  # noqa: E704
 
 
 class ByteTokenizer:

@@ -171,6 +171,9 @@ def estimate_memory(cfg: ModelConfig, tc: TrainConfig, bf16: bool) -> int:
     est = training_memory(cfg, micro_batch=rows, seq_len=tc.seq_len, param_dtype="bf16" if bf16 else "fp32",
                           master_weights=bf16, zero_stage=0, checkpointing=tc.activation_checkpointing)
     total = est.total
+    if tc.lora_rank:
+        # frozen base: fp32 weights only (adapters, their grads and AdamW state are negligible)
+        total = count_total_params(cfg) * 4 + est.activations + est.logits + est.runtime
     if tc.task == "dpo" and tc.lora_rank == 0:
         total += count_total_params(cfg) * (2 if bf16 else 4)  # the frozen reference copy
     return int(total)
