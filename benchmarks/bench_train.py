@@ -191,6 +191,8 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
         print(f"[{name}] MoE autocast vs fp32: {case['autocast_check']}", flush=True)
     data = make_data(root / name, cfg.vocab_size, (args.warmup + args.steps + 2) * batch * (seq + 1) * 2)
     variants = [("giants", False), ("giants+compile", True)] if not args.no_compile else [("giants", False)]
+    if args.skip_eager and not args.no_compile:
+        variants = [("giants+compile", True)]
     if cfg.is_moe and not args.moe_compile:
         variants = [("giants", False)]
     for label, comp in variants:
@@ -256,6 +258,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--moe-compile", action="store_true", help="also time the MoE case with torch.compile")
+    ap.add_argument("--skip-eager", action="store_true", help="time only the compiled giants variant")
     ap.add_argument("--moe-layers", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, no timings")
     ap.add_argument("--out")

@@ -53,3 +53,52 @@ def test_moe_decode_gemv_path_equals_grouped_path(name):
     runner.moe_gemv_pairs = 32
     outs = llm.generate([[5, 6, 7], [9, 10, 11, 12]], sp)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+
+
+@cuda
+@pytest.mark.parametrize("before,renorm", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("E,K", [(8, 2), (32, 4), (128, 4)])
+def test_route_topk_equals_moe_route(E, K, before, renorm):
+    from giants.config import ModelConfig
+    from giants.inference import triton_kernels as tk
+    from giants.model.mlp import MoE
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=16,
+                      n_experts=E, experts_per_token=K, router_softmax_before_topk=before,
+                      router_renormalize=renorm)
+    moe = MoE(cfg).cuda()
+    torch.nn.init.normal_(moe.router.weight, std=1.0)
+    x = torch.randn(5, 32, device="cuda")
+    _, w_ref, i_ref = moe.route(x)
+    w, i = tk.route_topk(moe.router(x), K, before, renorm, torch.float32)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("activation", ["silu_glu", "gelu_tanh_glu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_expert_down_combine_equals_reference(activation, bias):
+    from giants.config import ModelConfig
+    from giants.inference import triton_kernels as tk
+    from giants.model.mlp import gated_activation
+
+    E, N, F, B, K = 8, 96, 200, 3, 2
+    cfg = ModelConfig(vocab_size=64, d_model=N, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=F,
+                      n_experts=E, experts_per_token=K, activation=activation)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(E, N, F, device="cuda", generator=g).to(torch.bfloat16)
+    b = torch.randn(E, N, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    gu = (3 * torch.randn(B * K, 2 * F, device="cuda", generator=g)).to(torch.bfloat16)
+    expert = torch.tensor([1, 7, 0, 1, 5, 3], device="cuda")
+    weights = torch.softmax(torch.randn(B, K, device="cuda", generator=g), -1).to(torch.bfloat16).view(-1)
+    a = gated_activation(gu[:, :F].float(), gu[:, F:].float(), cfg).to(torch.bfloat16).float()
+    ref = torch.zeros(B, N, device="cuda")
+    for p in range(B * K):
+        e = int(expert[p])
+        y = w[e].float() @ a[p] + (b[e].float() if bias else 0)
+        ref[p // K] += weights[p].float() * y.to(torch.bfloat16).float()
+    for c in tk.EXPERT_GEMV_CONFIGS:
+        out = tk.expert_down_combine(gu, expert, weights, w, b, K, activation, cfg.swiglu_alpha, cfg.swiglu_limit,
+                                     **c).float()
+        torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=2e-2)

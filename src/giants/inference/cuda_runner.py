@@ -43,6 +43,12 @@ class CudaModelRunner(ModelRunner):
         self.gemv_tuning = True
         # MoE decode through the expert-indexed GEMV up to this many (token, expert) pairs, grouped GEMM above
         self.moe_gemv_pairs = 32
+        # (token, expert) pair p reads activation row p // K: constant, so no kernel inside the graph
+        K = max(cfg.experts_per_token, 1)
+        self.pair_row = {K: torch.arange(self.buckets[-1] * K, device=self.device) // K}
+        for layer in model.layers:
+            if isinstance(layer.mlp, MoE) and not layer.mlp.w_down.is_contiguous():
+                layer.mlp.w_down.data = layer.mlp.w_down.data.contiguous()  # the expert kernels stream rows
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
@@ -98,11 +104,16 @@ class CudaModelRunner(ModelRunner):
                 return tk.gemv(x, w, b, **cfg)
         return F.linear(x, w, b)
 
-    def _expert_cfg(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> dict:
-        key = ("experts", tuple(w.shape), b is not None, pairs)
+    def _expert_cfg(self, which: str, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> dict:
+        key = ("experts-" + which, tuple(w.shape), b is not None, pairs)
         if key not in self.gemv_choice:
-            self.gemv_choice[key] = tk.pick_expert_gemv(w, b, pairs) if self.device.type == "cuda" \
-                else tk.EXPERT_GEMV_CONFIGS[0]
+            if self.device.type != "cuda":
+                self.gemv_choice[key] = tk.EXPERT_GEMV_CONFIGS[0]
+            elif which == "gu":
+                self.gemv_choice[key] = tk.pick_expert_gemv(w, b, pairs)
+            else:
+                self.gemv_choice[key] = tk.pick_expert_down(w, b, pairs, self.cfg.experts_per_token,
+                                                            self.cfg.activation)
         return self.gemv_choice[key]
 
     def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -111,19 +122,27 @@ class CudaModelRunner(ModelRunner):
     def _moe(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         kind = self.fused[i][1][0]
-        _, weights, idx = mlp.route(h)  # (B, K)
-        B, K = idx.shape
+        B, K = h.shape[0], cfg.experts_per_token
+        if kind == "moe" and B * K <= self.moe_gemv_pairs:
+            # few (token, expert) pairs: router GEMV, one top-k kernel, one stream over the routed experts'
+            # gate|up rows, then activation + down projection + weighted combine in one kernel
+            _, w_gu, b_gu = self.fused[i][1]
+            weights, idx = tk.route_topk(mlp.router(h), K, cfg.router_softmax_before_topk, cfg.router_renormalize,
+                                         h.dtype)
+            flat = idx.view(-1)
+            gu = tk.expert_gemv(h.contiguous(), self.pair_row[K][:B * K], flat, w_gu, b_gu,
+                                **self._expert_cfg("gu", w_gu, b_gu, B * K))
+            return tk.expert_down_combine(gu, flat, weights.view(-1), mlp.w_down, mlp.b_down, K, cfg.activation,
+                                          cfg.swiglu_alpha, cfg.swiglu_limit,
+                                          **self._expert_cfg("down", mlp.w_down, mlp.b_down, B * K))
+        if kind == "mxfp4" and B * K <= self.moe_gemv_pairs:
+            weights, idx = tk.route_topk(mlp.router(h), K, cfg.router_softmax_before_topk, cfg.router_renormalize,
+                                         h.dtype)
+        else:
+            _, weights, idx = mlp.route(h)  # (B, K)
         if kind == "mxfp4":
             return mlp._forward_packed(h, weights, idx)
         _, w_gu, b_gu = self.fused[i][1]
-        if B * K <= self.moe_gemv_pairs:
-            # few (token, expert) pairs: stream each routed expert's rows once, straight from its index
-            pair = torch.arange(B * K, device=h.device)
-            flat = idx.reshape(-1)
-            gu = tk.expert_gemv(h.contiguous(), pair // K, flat, w_gu, b_gu, **self._expert_cfg(w_gu, b_gu, B * K))
-            a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-            y = tk.expert_gemv(a, pair, flat, mlp.w_down, mlp.b_down, **self._expert_cfg(mlp.w_down, mlp.b_down, B * K))
-            return (y.view(B, K, -1).float() * weights[..., None].float()).sum(1).to(h.dtype)
         E = cfg.n_experts
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)

@@ -378,20 +378,138 @@ def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: t
     return out
 
 
-def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, reps: int = 20) -> dict:
+def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int) -> dict:
     """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events)."""
-    E = w.shape[0]
     x = torch.randn(pairs, w.shape[2], dtype=w.dtype, device=w.device)
     rows = torch.arange(pairs, device=w.device)
-    expert = (rows * 7) % E  # distinct experts where possible, like a real routing
-    best, best_t = EXPERT_GEMV_CONFIGS[0], float("inf")
-    for c in EXPERT_GEMV_CONFIGS:
+    expert = (rows * 7) % w.shape[0]  # distinct experts where possible, like a real routing
+    return pick_config(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)
+
+
+def pick_expert_down(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, k_top: int, activation: str) -> dict:
+    gu = torch.randn(pairs, 2 * w.shape[2], dtype=w.dtype, device=w.device)
+    expert = (torch.arange(pairs, device=w.device) * 7) % w.shape[0]
+    weights = torch.full((pairs,), 1.0 / k_top, dtype=w.dtype, device=w.device)
+    return pick_config(lambda **c: expert_down_combine(gu, expert, weights, w, bias, k_top, activation, **c),
+                       EXPERT_GEMV_CONFIGS)
+
+
+@triton.jit
+def _act(g, u, alpha, limit, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        y = g * tl.sigmoid(g) * u
+    elif ACT == 1:  # gelu, tanh approximation
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        y = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0)) * u
+    else:  # gpt-oss clamped swiglu
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        y = g * tl.sigmoid(alpha * g) * (u + 1.0)
+    return y
+
+
+@triton.jit
+def _expert_down_combine_kernel(GU, EXPERT, WEIGHTS, W, BIAS, Y, N, F, alpha, limit, K_TOP: tl.constexpr,
+                                ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    """Y[b, n] = sum_j WEIGHTS[b, j] * (W[e_j, n, :] . act(GU[b*K+j]) + BIAS[e_j, n]), e_j = EXPERT[b, j]:
+    the gated activation, the down projection of every routed expert and the weighted combine in one
+    pass. The activation and each expert's output are rounded to the activation dtype, as the unfused
+    path stores them."""
+    b = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    y = tl.zeros((BLOCK_N,), tl.float32)
+    for j in tl.static_range(K_TOP):
+        p = b * K_TOP + j
+        e = tl.load(EXPERT + p).to(tl.int64)
+        wt = tl.load(WEIGHTS + p).to(tl.float32)
+        w_ptr = W + e * N * F + rn.to(tl.int64)[:, None] * F + rk[None, :]
+        gu_ptr = GU + p.to(tl.int64) * 2 * F
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            km = k0 + rk < F
+            g = tl.load(gu_ptr + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(gu_ptr + F + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            a = _act(g, u, alpha, limit, ACT).to(GU.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        yj = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            yj += tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)
+        y += wt * yj.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + b * N + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+def expert_down_combine(gu: torch.Tensor, expert: torch.Tensor, weights: torch.Tensor, w: torch.Tensor,
+                        bias: torch.Tensor | None, k_top: int, activation: str, alpha: float = 1.702,
+                        limit: float = 7.0, *, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
+                        num_stages: int = 3) -> torch.Tensor:
+    """gu: (B*K, 2F) [gate | up] of each (token, expert) pair; expert, weights: (B*K,); w: (E, N, F);
+    bias: (E, N) -> (B, N) = sum over the token's K experts of weight * down(act(gate, up))."""
+    P, F2 = gu.shape
+    B, N, F = P // k_top, w.shape[1], w.shape[2]
+    if not (gu.is_contiguous() and w.is_contiguous() and F2 == 2 * F):
+        raise ValueError(f"expert_down_combine needs contiguous gu (P, {2 * F}) and w (E, N, {F}); got "
+                         f"{tuple(gu.shape)}, {tuple(w.shape)}")
+    out = torch.empty(B, N, dtype=gu.dtype, device=gu.device)
+    _expert_down_combine_kernel[(B, triton.cdiv(N, block_n))](
+        gu, expert, weights, w, bias if bias is not None else w, out, N, F, alpha, limit, K_TOP=k_top,
+        ACT=ACTS[activation], HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages)
+    return out
+
+
+@triton.jit
+def _route_topk_kernel(LOGITS, W_OUT, IDX_OUT, E, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_KT: tl.constexpr, SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr):
+    """Top-k of one token's router logits and its routing weights: softmax over the k chosen logits, or
+    (SOFTMAX_BEFORE) the chosen entries of the softmax over all experts, optionally renormalised."""
+    b = tl.program_id(0)
+    ce = tl.arange(0, BLOCK_E)
+    vals = tl.load(LOGITS + b * E + ce, mask=ce < E, other=float("-inf")).to(tl.float32)
+    m_all = tl.max(vals, axis=0)
+    z_all = tl.sum(tl.exp(vals - m_all), axis=0)
+    ck = tl.arange(0, BLOCK_KT)
+    top = tl.full((BLOCK_KT,), float("-inf"), tl.float32)
+    for j in tl.static_range(K_TOP):
+        mx = tl.max(vals, axis=0)
+        i = tl.argmax(vals, axis=0)
+        tl.store(IDX_OUT + b * K_TOP + j, i.to(IDX_OUT.dtype.element_ty))
+        top = tl.where(ck == j, mx, top)
+        vals = tl.where(ce == i, float("-inf"), vals)
+    if SOFTMAX_BEFORE:
+        wts = tl.exp(top - m_all) / z_all
+        if RENORM:
+            wts = wts / tl.sum(wts, axis=0)
+    else:
+        ex = tl.exp(top - tl.max(top, axis=0))
+        wts = ex / tl.sum(ex, axis=0)
+    tl.store(W_OUT + b * K_TOP + ck, wts.to(W_OUT.dtype.element_ty), mask=ck < K_TOP)
+
+
+def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormalize: bool,
+               weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (B, E) -> weights (B, K) in weight_dtype, expert ids (B, K) int64; what MoE.route returns."""
+    B, E = logits.shape
+    weights = torch.empty(B, k_top, dtype=weight_dtype, device=logits.device)
+    idx = torch.empty(B, k_top, dtype=torch.long, device=logits.device)
+    _route_topk_kernel[(B,)](logits, weights, idx, E, K_TOP=k_top, BLOCK_E=_np2(E), BLOCK_KT=_np2(k_top),
+                             SOFTMAX_BEFORE=softmax_before, RENORM=renormalize)
+    return weights, idx
+
+
+def pick_config(fn, configs: list[dict], reps: int = 20) -> dict:
+    """The fastest of `configs` for fn(**config) by CUDA events; configs that fail to compile are skipped."""
+    best, best_t = configs[0], float("inf")
+    for c in configs:
         try:
-            expert_gemv(x, rows, expert, w, bias, **c)
+            fn(**c)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             for _ in range(reps):
-                expert_gemv(x, rows, expert, w, bias, **c)
+                fn(**c)
             e.record()
             torch.cuda.synchronize()
             t = s.elapsed_time(e)

@@ -1,0 +1,79 @@
+"""Where a batch-1 decode step spends its GPU time: torch.profiler over CUDA-graph replays of giants'
+fused decode step, kernel time per step by kernel name, against the bytes the step must read.
+
+    python benchmarks/bench_decode_profile.py --presets gpt-oss-20b,llama-3.1-8b --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from bench_decode import bytes_per_token, copy_bandwidth, env
+from giants.inference import LLM, SamplingParams
+
+
+def profile_preset(preset: str, bw: float, quantization: str | None, replays: int = 20) -> dict:
+    llm = LLM(preset, device="cuda", dtype=torch.bfloat16, seed=0, max_model_len=1024, max_num_seqs=4,
+              gpu_memory_utilization=0.45, quantization=quantization)
+    prompt = list(range(3, 19))
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    runner = llm.engine.runner
+    graph = runner.graphs[min(runner.graphs)][0]
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            per[ev.key[:100]][0] += ev.device_time_total / replays
+            per[ev.key[:100]][1] += ev.count / replays
+    total_us = sum(v[0] for v in per.values())
+    b = bytes_per_token(llm.model, 24)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(replays):
+        graph.replay()
+    e.record()
+    torch.cuda.synchronize()
+    replay_ms = s.elapsed_time(e) / replays
+    res = {"preset": preset, "quantization": quantization, "replay_ms": replay_ms, "kernel_us_sum": total_us,
+           "bytes_per_token": b, "ideal_ms": b["per_token"] / bw * 1e3,
+           "kernels": {k: {"us_per_step": round(v[0], 1), "launches_per_step": v[1]}
+                       for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])}}
+    print(f"\n== {preset} ({quantization}): replay {replay_ms:.3f} ms, kernels {total_us / 1e3:.3f} ms, "
+          f"bytes-ideal {res['ideal_ms']:.3f} ms; {sum(v[1] for v in per.values()):.0f} launches", flush=True)
+    for k, v in list(res["kernels"].items())[:14]:
+        print(f"   {v['us_per_step']:8.1f} us  x{v['launches_per_step']:5.0f}  {k}", flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="gpt-oss-20b,llama-3.1-8b")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    bw = copy_bandwidth(torch.device("cuda"))
+    out = {"env": env(torch.device("cuda")), "copy_bandwidth_GBs": bw / 1e9, "presets": {}}
+    for p in args.presets.split(","):
+        quant = "mxfp4" if p.endswith(":mxfp4") else None
+        name = p.split(":")[0]
+        out["presets"][p] = profile_preset(name, bw, quant)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
