@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 
 from giants.analysis.claims import check_claims
 from giants.analysis.flops import forward_flops_per_token
@@ -63,6 +64,26 @@ def test_compare_reads_hf_config_json(capsys, tmp_path):
     a, b = json.loads(out)
     assert a["preset"] == "my-llama" and {k: a[k] for k in COMPARE_KEYS - {"preset"}} == {
         k: b[k] for k in COMPARE_KEYS - {"preset"}}
+
+
+def test_a_model_folder_reads_its_config_json(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "my-mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(get_config("mixtral-8x7b").to_hf()))
+    code, out, err = run(capsys, "compare", str(folder), "--format", "json")
+    assert code == 0, err
+    r = json.loads(out)[0]
+    assert r["preset"] == "my-mixtral" and r["params_total"] == count_params(get_config("mixtral-8x7b")).total
+    monkeypatch.chdir(folder)
+    code, out, err = run(capsys, "fit", ".", "--format", "json")
+    assert code == 0 and json.loads(out)["model"] == "my-mixtral", err
+    (tmp_path / "gemma-2-2b").mkdir()  # a folder named like a preset does not shadow the preset
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "compare", "gemma-2-2b", "--format", "json")
+    assert code == 0 and json.loads(out)[0]["source"].startswith("google/gemma-2-2b"), err
+    code, _, err = run(capsys, "compare", str(tmp_path))
+    assert code == 2
+    _clean_error(err, "has no config.json")
 
 
 def test_fit_json(capsys):
@@ -165,12 +186,18 @@ def test_fit_beyond_one_node(capsys):
     code, _, err = run(capsys, "fit")
     assert code == 2
     _clean_error(err, "--budget")
+    code, out, err = run(capsys, "fit", "--budget", "16x rtx-4090", "--dtype", "bf16", "--format", "json")
+    assert code == 0, err
+    by = {m["preset"]: m for m in json.loads(out)["models"]}
+    assert not by["mixtral-8x22b"]["fits"] and "the limit is 8 (" in by["mixtral-8x22b"]["why_not"]
+    assert all(m["gpus"] <= 8 for m in by.values() if m["fits"])
 
 
 # ---- report --------------------------------------------------------------------------------------
 
-def test_report_renders(capsys, tmp_path):
+def test_report_renders(capsys, tmp_path, monkeypatch):
     out = tmp_path / "report"
+    figures = _spy_on_figures(monkeypatch)
     code, stdout, err = run(capsys, "report", "--out", str(out))
     assert code == 0, err
     assert "index.html" in stdout
@@ -181,6 +208,8 @@ def test_report_renders(capsys, tmp_path):
     for name in plots:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    assert set(figures) == set(plots)
+    _check_figures_legible(figures)
     assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained
     assert "http://" not in page and "https://" not in page
     # the claims table: one row per claim, each with a verdict cell
@@ -196,3 +225,36 @@ def test_report_renders(capsys, tmp_path):
         assert f"]({name})" in md
     for claim in claims:
         assert f"| {claim.verdict} |" in md
+
+
+
+def _spy_on_figures(monkeypatch) -> dict:
+    """Record the visible axes of every figure saved (drawn first, so tick labels are final)."""
+    import matplotlib.figure
+
+    seen: dict = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, *a, **k):
+        fig.canvas.draw()
+        seen[Path(path).name] = [ax for ax in fig.axes if ax.get_visible()]
+        return real_savefig(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return seen
+
+
+def _check_figures_legible(seen: dict) -> None:
+    """Every visible panel has a title, axis labels (one y label may serve a row of sharey panels) and
+    data; legends are not tiny; log axes read as plain numbers (no '4x10^2' tick labels)."""
+    for name, axes in seen.items():
+        assert axes, name
+        for ax in axes:
+            assert ax.get_title() and ax.get_xlabel(), (name, ax.get_title())
+            assert any(a.get_ylabel() for a in ax.get_shared_y_axes().get_siblings(ax)), (name, ax.get_title())
+            assert ax.lines or ax.patches or ax.images, (name, ax.get_title())
+            legend = ax.get_legend()
+            if legend is not None:
+                assert all(t.get_fontsize() >= 7 for t in legend.get_texts()), name
+            for label in ax.get_yticklabels() + ax.get_xticklabels():
+                assert "times" not in label.get_text() and "^" not in label.get_text(), (name, label.get_text())

@@ -172,6 +172,46 @@ def test_roofline_decode():
     assert decode(moe, H100, 1, 8192, 1, "mxfp4").tokens_per_s > 5 * H100.bandwidth / weight_bytes(moe, "mxfp4")
 
 
+def test_decode_reads_embedding_rows_not_the_table():
+    """An untied input embedding is a lookup: a step reads one row per sequence, not the whole table; a tied
+    table is read in full anyway, as the output head."""
+    cfg = get_config("llama-3-70b")  # untied, dense, bf16: bytes = weights - table + rows + KV
+    V, D = cfg.vocab_size, cfg.d_model
+    for batch in (1, 8):
+        d = decode(cfg, H100, 2, 8192, batch)
+        expected = weight_bytes(cfg) - 2 * V * D + 2 * batch * D + kv_cache_bytes(cfg, 8192, batch)
+        assert d.bytes_per_step == pytest.approx(expected, rel=1e-12)
+    tied = get_config("gemma-2-27b")
+    d = decode(tied, H100, 1, 8192, 1)
+    assert d.bytes_per_step == pytest.approx(weight_bytes(tied) + kv_cache_bytes(tied, 8192), rel=1e-12)
+    # gpt-oss-120b at batch 1: attention + router + head + 4 of 128 experts + KV, no input table
+    moe = get_config("gpt-oss-120b")
+    pc = count_params(moe)
+    mlp = mlp_weight_bytes(moe, "mxfp4")
+    d = decode(moe, H100, 1, 8192, 1, "mxfp4")
+    expected = (weight_bytes(moe, "mxfp4") - mlp - 2 * pc.embedding + 2 * moe.d_model + mlp * 4 / 128
+                + kv_cache_bytes(moe, 8192))
+    assert d.bytes_per_step == pytest.approx(expected, rel=1e-9)
+
+
+def test_fit_error_states_the_real_limit():
+    """Tensor parallelism only uses 1, 2, 4 or 8 GPUs: a budget of 3 or 16 must not promise 3 or 16."""
+    mix = get_config("mixtral-8x22b")
+    with pytest.raises(FitError) as e:
+        fit(mix, GPUS["l40s-48gb"], 8192, 1, "bf16", max_gpus=3)
+    msg = str(e.value)
+    assert "the 3 GPU(s) given" in msg and "the limit is 2 (tensor parallelism over 1, 2, 4 or 8" in msg
+    with pytest.raises(FitError) as e:
+        fit(mix, GPUS["rtx-4090-24gb"], 8192, 1, "bf16", max_gpus=16)
+    msg = str(e.value)
+    assert "does not fit one node" in msg and "at least 14 x" in msg and "the limit is 8 (" in msg
+    assert "limit is 16" not in msg
+    with pytest.raises(FitError, match=r"the limit is 8; try"):  # the plain one-node case stays short
+        fit(mix, GPUS["rtx-4090-24gb"], 8192, 1, "bf16")
+    with pytest.raises(ValueError, match="max_gpus"):
+        fit(mix, H100, 8192, max_gpus=0)
+
+
 # ---- claims --------------------------------------------------------------------------------------
 
 EXPECTED = {  # /work/shared/docs/model-facts.md, "The article's claims, checked"

@@ -59,7 +59,7 @@ def _fit_one(args: argparse.Namespace) -> int:
     f = fit(cfg, gpu, args.context, args.batch, args.dtype, args.kv_dtype, args.max_gpus)
     d1 = decode(cfg, gpu, f.gpus, args.context, 1, args.dtype, f.kv_dtype)
     db = decode(cfg, gpu, f.gpus, args.context, args.batch, args.dtype, f.kv_dtype)
-    pre = prefill_seconds(cfg, gpu, f.gpus, args.context, 1, args.dtype)
+    pre = prefill_seconds(cfg, gpu, f.gpus, args.context, 1, args.dtype, f.kv_dtype)
     payload = {"model": label, **f.as_dict(cfg),
                "decode_tokens_per_s_per_seq": db.tokens_per_s_per_seq, "decode_tokens_per_s": db.tokens_per_s,
                "decode_batch1_tokens_per_s": d1.tokens_per_s, "decode_bound": db.bound,

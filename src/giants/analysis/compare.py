@@ -23,14 +23,19 @@ def published_format(name: str) -> str:
 
 
 def resolve_model(spec: str) -> tuple[str, ModelConfig, str]:
-    """(label, config, source) for a preset name or a config.json path (giants or HF layout)."""
+    """(label, config, source) for a preset name, a config.json path (giants or HF layout) or a model folder
+    holding a config.json."""
     looks_like_path = spec.endswith(".json") or "/" in spec or "\\" in spec
     path = Path(spec)
+    if path.is_dir() and not (spec in PRESETS and not looks_like_path):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"folder {spec!r} has no config.json")
+        path = path / "config.json"
     if path.is_file() or looks_like_path:
         if not path.is_file():
             raise FileNotFoundError(f"config file {spec!r} not found")
-        return path.stem if path.name != "config.json" else path.parent.name or spec, ModelConfig.from_json(path), \
-            str(path)
+        label = path.stem if path.name != "config.json" else path.resolve().parent.name or spec
+        return label, ModelConfig.from_json(path), str(path)
     p = get_preset(spec)
     return p.name, p.config, p.source
 

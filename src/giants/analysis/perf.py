@@ -72,18 +72,28 @@ def fit(cfg: ModelConfig, gpu: GPU, context: int, batch: int = 1, weight_dtype: 
     kv_dtype = kv_dtype or default_kv_dtype(weight_dtype)
     if context > cfg.max_context:
         raise ValueError(f"context {context} exceeds the model's max_context {cfg.max_context}")
-    for n in tp_candidates(cfg, max_gpus):
+    if max_gpus < 1:
+        raise ValueError(f"max_gpus must be >= 1 (got {max_gpus})")
+    candidates = tp_candidates(cfg, max_gpus)
+    for n in candidates:
         mem = serving_memory(cfg, context, batch, weight_dtype, kv_dtype, tp=n)
         if mem.total <= gpu.memory_bytes:
             return Fit(gpu, n, weight_dtype, kv_dtype, context, batch, mem)
+    largest = max(candidates)  # 1 always divides the heads
     one = serving_memory(cfg, context, batch, weight_dtype, kv_dtype, tp=1)
     room = gpu.memory_bytes - one.workspace
     need = math.ceil((one.weights + one.kv_cache) / room) if room > 0 else math.inf
+    need = max(need, largest + 1)  # the largest usable group did not fit (KV heads replicate beyond n_kv_heads)
     what = (f"{one.weights / 1e9:.1f} GB of {weight_dtype} weights + {one.kv_cache / 1e9:.1f} GB of {kv_dtype} "
             f"KV cache ({batch} x {context} tokens)")
-    where = "one node" if max_gpus == NODE_SIZE else f"the {max_gpus} GPU(s) given"
-    raise FitError(f"does not fit {where}: {what} need at least {need} x {gpu.label} "
-                   f"({gpu.memory_bytes / 1e9:.0f} GB each) but the limit is {max_gpus}; try --dtype int4 or "
+    where = "one node" if max_gpus >= NODE_SIZE else f"the {max_gpus} GPU(s) given"
+    limit = f"the limit is {largest}"
+    if largest < max_gpus:
+        limit += (f" (tensor parallelism over {', '.join(map(str, TP_SIZES[:-1]))} or {TP_SIZES[-1]} GPUs that "
+                  f"divide the {cfg.n_heads} query heads, one {NODE_SIZE}-GPU node at most)")
+    need_text = f"at least {need}" if need != math.inf else "more than any number of"
+    raise FitError(f"does not fit {where}: {what} need {need_text} x {gpu.label} "
+                   f"({gpu.memory_bytes / 1e9:.0f} GB each) but {limit}; try --dtype int4 or "
                    f"mxfp4, a shorter --context, a smaller --batch, or a larger GPU")
 
 
@@ -109,12 +119,22 @@ def expected_experts_touched(cfg: ModelConfig, batch: int) -> float:
     return E * (1 - (1 - k / E) ** batch)
 
 
+def embedding_lookup_saving(cfg: ModelConfig, batch: int) -> int:
+    """Bytes of the (bf16) input embedding table a decode step does NOT read: the lookup fetches one row
+    per sequence. A tied table is read in full anyway, as the output head, so nothing is saved."""
+    if cfg.tie_embeddings:
+        return 0
+    return 2 * cfg.d_model * (cfg.vocab_size - min(batch, cfg.vocab_size))
+
+
 def decode(cfg: ModelConfig, gpu: GPU, gpus: int, context: int, batch: int = 1, weight_dtype: str = "bf16",
            kv_dtype: str | None = None) -> Decode:
-    """One decode step for `batch` sequences at `context` tokens each on a TP group of `gpus`."""
+    """One decode step for `batch` sequences at `context` tokens each on a TP group of `gpus`. Bytes read:
+    every weight but the experts nobody routed to and the input embedding rows nobody looked up, plus the
+    whole KV cache (replicated KV heads read on each GPU that holds them)."""
     kv_dtype = kv_dtype or default_kv_dtype(weight_dtype)
     mlp = mlp_weight_bytes(cfg, weight_dtype)
-    other = weight_bytes(cfg, weight_dtype) - mlp
+    other = weight_bytes(cfg, weight_dtype) - mlp - embedding_lookup_saving(cfg, batch)
     touched = mlp * (expected_experts_touched(cfg, batch) / cfg.n_experts if cfg.is_moe else 1.0)
     kv = kv_cache_bytes(cfg, context, batch, kv_dtype) * kv_heads_per_gpu(cfg, gpus) * gpus / cfg.n_kv_heads
     nbytes = other + touched + kv
@@ -126,10 +146,11 @@ def decode(cfg: ModelConfig, gpu: GPU, gpus: int, context: int, batch: int = 1, 
 
 
 def prefill_seconds(cfg: ModelConfig, gpu: GPU, gpus: int, tokens: int, batch: int = 1,
-                    weight_dtype: str = "bf16") -> float:
+                    weight_dtype: str = "bf16", kv_dtype: str | None = None) -> float:
     """Roofline time to prefill `batch` prompts of `tokens` tokens (causal attention)."""
     flops = prefill_flops(cfg, tokens, batch).total
-    nbytes = weight_bytes(cfg, weight_dtype) + kv_cache_bytes(cfg, tokens, batch, default_kv_dtype(weight_dtype))
+    kv_dtype = kv_dtype or default_kv_dtype(weight_dtype)
+    nbytes = weight_bytes(cfg, weight_dtype) + kv_cache_bytes(cfg, tokens, batch, kv_dtype)
     return max(flops / (gpus * gpu.peak_flops(weight_dtype)), nbytes / (gpus * gpu.bandwidth))
 
 

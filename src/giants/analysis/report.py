@@ -49,6 +49,24 @@ def _plt():
     return plt
 
 
+def _tokens(v: float, _pos=None) -> str:
+    """512, 8K, 128K: context lengths as people write them."""
+    return f"{v / 1024:g}K" if v >= 1024 else f"{v:g}"
+
+
+def _log_axes(ax, x: str = "tokens") -> None:
+    """Plain tick labels on log axes (0.2, 5, 100 rather than 2x10^-1): x as token counts or integers."""
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
+
+    class Plain(LogFormatterSciNotation):
+        def __call__(self, v, pos=None):  # keep matplotlib's choice of which ticks get a label
+            return f"{v:g}" if super().__call__(v, pos) else ""
+
+    ax.yaxis.set_major_formatter(Plain())
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.6)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tokens if x == "tokens" else lambda v, _p: f"{v:g}"))
+
+
 def plot_params(path: Path) -> None:
     plt = _plt()
     names = sorted(REAL_PRESETS, key=lambda n: count_params(get_config(n)).total)
@@ -65,7 +83,11 @@ def plot_params(path: Path) -> None:
     ax.set_yticks(list(y), names)
     ax.set_xscale("log")
     ax.set_xlim(0.05, 600)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
     ax.set_xlabel("parameters (billions, log scale)")
+    ax.set_ylabel("model (preset)")
     ax.set_title("Total vs active parameters per token")
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
@@ -106,6 +128,7 @@ def plot_kv(path: Path, names: Sequence[str]) -> None:
     for ax in axes[:len(names) + 1]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        _log_axes(ax)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("KV cache, bf16, batch 1 (GB)")
         ax.grid(alpha=0.3)
@@ -126,11 +149,11 @@ def plot_serving(path: Path, names: Sequence[str]) -> None:
             ys = [serving_memory(cfg, t, 1, dt).total / GB for t in ctx]
             ax.plot(ctx, ys, style, marker="o", ms=3, label=dt, color=COLORS.get(name, "k"))
             if dt != "int4":
-                last.plot(ctx, ys, style, color=COLORS.get(name, "k"), label=f"{name} {dt}")
+                last.plot(ctx, ys, style, color=COLORS.get(name, "k"), label=name if dt == "bf16" else None)
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=8, title="weights", title_fontsize=8, loc="upper left")
-    last.set_title("all (bf16 solid, MXFP4 dotted)", fontsize=10)
-    last.legend(fontsize=6, ncol=2, loc="lower right")
+    last.set_title("all: bf16 solid, MXFP4 dotted", fontsize=10)
+    last.legend(fontsize=7.5, loc="lower right", title="model (colour)", title_fontsize=8)
     for ax in axes[:len(names) + 1]:
         for mem in (24, 48, 80, 141, 192):
             ax.axhline(mem, color="grey", lw=0.7, alpha=0.6)
@@ -139,6 +162,7 @@ def plot_serving(path: Path, names: Sequence[str]) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_ylim(5, 1000)
+        _log_axes(ax)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("serving memory, batch 1 (GB)")
         ax.grid(alpha=0.3)
@@ -172,14 +196,15 @@ def plot_decode(path: Path, names: Sequence[str], context: int) -> None:
         label = f"{name} ({dt}, {n}x H100)"
         a1.plot(xs, agg, marker="o", ms=3, label=label, color=COLORS.get(name, "k"))
         a2.plot(xs, per, marker="o", ms=3, label=label, color=COLORS.get(name, "k"))
-    for ax, title in ((a1, "aggregate tokens/s"), (a2, "tokens/s per sequence")):
+    for ax, title in ((a1, "aggregate over the batch"), (a2, "per sequence")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        _log_axes(ax, x="int")
         ax.set_xlabel("batch (sequences decoding together)")
+        ax.set_ylabel(f"tokens/s (roofline upper bound, context {context})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    a1.set_ylabel(f"roofline upper bound, context {context}")
-    a2.legend(fontsize=7)
+    a2.legend(fontsize=8)
     fig.suptitle("Roofline decode on H100 80GB (lines stop where the batch's KV cache no longer fits)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -212,11 +237,14 @@ def plot_fit(path: Path, names: Sequence[str], context: int) -> None:
         ax.imshow(np.log2(arr), cmap="YlOrRd", vmin=-0.5, vmax=4.5, aspect="auto")
         for i, row in enumerate(m):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v) if v else "✗", ha="center", va="center", fontsize=8)
+                ax.text(j, i, str(v) if v else "✗", ha="center", va="center", fontsize=8,
+                        color="white" if not v or v >= NODE_SIZE else "black")
         ax.set_xticks(range(len(GPUS)), [g.label.replace(" SXM", "") for g in GPUS.values()], rotation=45,
                       ha="right", fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_title(f"{dt} weights", fontsize=10)
+        ax.set_xlabel("GPU", fontsize=9)
+    axes[0].set_ylabel("model", fontsize=9)
     fig.suptitle(f"Fewest GPUs to serve one sequence at context {context} (✗: more than one {NODE_SIZE}-GPU node)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
