@@ -16,12 +16,37 @@ from bench_decode import bytes_per_token, copy_bandwidth, env
 from giants.inference import LLM, SamplingParams
 
 
+def host_costs(llm, chunks, n: int = 200) -> dict:
+    """Host microseconds of the pieces of one batch-1 decode step (GPU idle meanwhile unless overlapped)."""
+    import time
+
+    runner = llm.engine.runner
+    graph = runner.graphs[min(runner.graphs)][0]
+    out = {}
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        runner._fill(chunks, 1)
+    out["fill_and_copy"] = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        graph.replay()
+    out["graph_replay_call"] = (time.perf_counter() - t) / 20 * 1e6
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def profile_preset(preset: str, bw: float, quantization: str | None, replays: int = 20) -> dict:
     llm = LLM(preset, device="cuda", dtype=torch.bfloat16, seed=0, max_model_len=1024, max_num_seqs=4,
               gpu_memory_utilization=0.45, quantization=quantization)
     prompt = list(range(3, 19))
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     runner = llm.engine.runner
+    seen = []
+    execute = runner.execute
+    runner.execute = lambda chunks: (seen.append(chunks), execute(chunks))[1]
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    runner.execute = execute
+    host = host_costs(llm, seen[-2])
     graph = runner.graphs[min(runner.graphs)][0]
     for _ in range(5):
         graph.replay()
@@ -47,11 +72,12 @@ def profile_preset(preset: str, bw: float, quantization: str | None, replays: in
     torch.cuda.synchronize()
     replay_ms = s.elapsed_time(e) / replays
     res = {"preset": preset, "quantization": quantization, "replay_ms": replay_ms, "kernel_us_sum": total_us,
-           "bytes_per_token": b, "ideal_ms": b["per_token"] / bw * 1e3,
+           "bytes_per_token": b, "ideal_ms": b["per_token"] / bw * 1e3, "host_us": host,
            "kernels": {k: {"us_per_step": round(v[0], 1), "launches_per_step": v[1]}
                        for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])}}
     print(f"\n== {preset} ({quantization}): replay {replay_ms:.3f} ms, kernels {total_us / 1e3:.3f} ms, "
           f"bytes-ideal {res['ideal_ms']:.3f} ms; {sum(v[1] for v in per.values()):.0f} launches", flush=True)
+    print(f"   host per step (us): {host}", flush=True)
     for k, v in list(res["kernels"].items())[:14]:
         print(f"   {v['us_per_step']:8.1f} us  x{v['launches_per_step']:5.0f}  {k}", flush=True)
     del llm

@@ -42,8 +42,21 @@ def test_moe_decode_gemv_path_equals_grouped_path(name):
     layer = next(i for i, f in enumerate(runner.fused) if f[1][0] == "moe")
     mlp = llm.model.layers[layer].mlp
     h = torch.randn(4, llm.model.config.d_model, device="cuda", dtype=torch.bfloat16)
+    from giants.inference.cuda_runner import ExpertRows
+
+    def combined(out):
+        if isinstance(out, ExpertRows):
+            return (out.y.float().view(h.shape[0], out.k, -1) * out.weights.float().view(h.shape[0], out.k, 1)).sum(1)
+        return out.float()
+
     with torch.inference_mode():
-        fast = runner._moe(layer, mlp, h).float()
+        fast = combined(runner._moe(layer, mlp, h))
+        for mode in ("split", "fused"):  # both down-projection plans, whichever the tuner picked
+            key = next(k for k in runner.gemv_choice if k[0] == "experts-down")
+            plan = runner.gemv_choice[key]
+            runner.gemv_choice[key] = (mode, plan[1])
+            torch.testing.assert_close(combined(runner._moe(layer, mlp, h)), fast, atol=3e-2, rtol=3e-2)
+            runner.gemv_choice[key] = plan
         runner.moe_gemv_pairs = 0
         grouped = runner._moe(layer, mlp, h).float()
         ref = mlp(h[None].float().to(torch.bfloat16))[0][0].float()
@@ -102,3 +115,36 @@ def test_expert_down_combine_equals_reference(activation, bias):
         out = tk.expert_down_combine(gu, expert, weights, w, b, K, activation, cfg.swiglu_alpha, cfg.swiglu_limit,
                                      **c).float()
         torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("activation", ["silu_glu", "clamped_swiglu"])
+def test_expert_gemv_with_activation_and_norm_combine(activation):
+    """The split down path: activation applied on load, then the combine fused into residual + RMSNorm."""
+    from giants.config import ModelConfig
+    from giants.inference import triton_kernels as tk
+    from giants.model.mlp import gated_activation
+
+    E, N, F, B, K = 8, 96, 200, 3, 2
+    cfg = ModelConfig(vocab_size=64, d_model=N, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=F,
+                      n_experts=E, experts_per_token=K, activation=activation)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(E, N, F, device="cuda", generator=g).to(torch.bfloat16)
+    gu = (3 * torch.randn(B * K, 2 * F, device="cuda", generator=g)).to(torch.bfloat16)
+    expert = torch.tensor([1, 7, 0, 1, 5, 3], device="cuda")
+    pairs = torch.arange(B * K, device="cuda")
+    a = gated_activation(gu[:, :F].float(), gu[:, F:].float(), cfg).to(torch.bfloat16).float()
+    ref = torch.stack([w[int(e)].float() @ a[p] for p, e in enumerate(expert.tolist())])
+    y = tk.expert_gemv(gu, pairs, expert, w, None, activation=activation, alpha=cfg.swiglu_alpha,
+                       limit=cfg.swiglu_limit)
+    torch.testing.assert_close(y.float(), ref, atol=0.02 * ref.abs().max().item(), rtol=2e-2)
+    weights = torch.softmax(torch.randn(B, K, device="cuda", generator=g), -1).to(torch.bfloat16).view(-1)
+    residual = torch.randn(B, N, device="cuda", generator=g).to(torch.bfloat16)
+    norm_w = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    out, res = tk.rmsnorm(y, norm_w, 1e-5, False, residual=residual, combine=(weights, K))
+    x = ((y.float().view(B, K, N) * weights.float().view(B, K, 1)).sum(1).to(torch.bfloat16).float()
+         + residual.float()).to(torch.bfloat16)
+    torch.testing.assert_close(res.float(), x.float(), atol=2e-2, rtol=2e-2)
+    xf = x.float()
+    ref_out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.float()
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)

@@ -12,6 +12,8 @@ Legend: B decode rows (padded to the bucket), H / Hkv heads, D head dim, E exper
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,14 @@ from giants.model.positions import t5_relative_bucket
 from giants.model.transformer import Transformer
 
 LONG_CONTEXT = 4096  # above this many keys a decode step splits each sequence's keys over programs
+
+
+class ExpertRows(NamedTuple):
+    """A MoE layer's output before the combine: y (B*K, D), one row per (token, expert), and weights (B*K,)."""
+
+    y: torch.Tensor
+    weights: torch.Tensor
+    k: int
 
 
 class CudaModelRunner(ModelRunner):
@@ -46,6 +56,7 @@ class CudaModelRunner(ModelRunner):
         # (token, expert) pair p reads activation row p // K: constant, so no kernel inside the graph
         K = max(cfg.experts_per_token, 1)
         self.pair_row = {K: torch.arange(self.buckets[-1] * K, device=self.device) // K}
+        self.pair_id = torch.arange(self.buckets[-1] * K, device=self.device)
         for layer in model.layers:
             if isinstance(layer.mlp, MoE) and not layer.mlp.w_down.is_contiguous():
                 layer.mlp.w_down.data = layer.mlp.w_down.data.contiguous()  # the expert kernels stream rows
@@ -104,20 +115,32 @@ class CudaModelRunner(ModelRunner):
                 return tk.gemv(x, w, b, **cfg)
         return F.linear(x, w, b)
 
-    def _expert_cfg(self, which: str, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> dict:
-        key = ("experts-" + which, tuple(w.shape), b is not None, pairs)
+    def _expert_cfg(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> dict:
+        key = ("experts-gate-up", tuple(w.shape), b is not None, pairs)
         if key not in self.gemv_choice:
-            if self.device.type != "cuda":
-                self.gemv_choice[key] = tk.EXPERT_GEMV_CONFIGS[0]
-            elif which == "gu":
-                self.gemv_choice[key] = tk.pick_expert_gemv(w, b, pairs)
-            else:
-                self.gemv_choice[key] = tk.pick_expert_down(w, b, pairs, self.cfg.experts_per_token,
-                                                            self.cfg.activation)
+            self.gemv_choice[key] = tk.pick_expert_gemv(w, b, pairs) if self.device.type == "cuda" \
+                else tk.EXPERT_GEMV_CONFIGS[0]
         return self.gemv_choice[key]
 
-    def _norm(self, mod, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual)
+    def _down_plan(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> tuple[str, dict]:
+        """("split", cfg): activation + down GEMV per pair, combined in the next norm kernel; or ("fused",
+        cfg): activation, down projection and combine in one kernel. Whichever measures faster."""
+        key = ("experts-down", tuple(w.shape), b is not None, pairs)
+        if key not in self.gemv_choice:
+            if self.device.type != "cuda":
+                self.gemv_choice[key] = ("split", tk.EXPERT_GEMV_CONFIGS[0])
+            else:
+                cfg = self.cfg
+                split, t_split = tk.pick_expert_act(w, b, pairs, cfg.activation)
+                fused, t_fused = tk.pick_expert_down(w, b, pairs, cfg.experts_per_token, cfg.activation)
+                self.gemv_choice[key] = ("split", split) if t_split <= t_fused else ("fused", fused)
+        return self.gemv_choice[key]
+
+    def _norm(self, mod, x, residual: torch.Tensor | None = None):
+        combine = None
+        if isinstance(x, ExpertRows):
+            x, combine = x.y, (x.weights, x.k)
+        return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual, combine=combine)
 
     def _moe(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -125,16 +148,21 @@ class CudaModelRunner(ModelRunner):
         B, K = h.shape[0], cfg.experts_per_token
         if kind == "moe" and B * K <= self.moe_gemv_pairs:
             # few (token, expert) pairs: router GEMV, one top-k kernel, one stream over the routed experts'
-            # gate|up rows, then activation + down projection + weighted combine in one kernel
+            # gate|up rows, one over their down rows (activation applied on load); the weighted combine
+            # happens in the next norm kernel (or in the down kernel, where that measures faster)
             _, w_gu, b_gu = self.fused[i][1]
             weights, idx = tk.route_topk(mlp.router(h), K, cfg.router_softmax_before_topk, cfg.router_renormalize,
                                          h.dtype)
-            flat = idx.view(-1)
-            gu = tk.expert_gemv(h.contiguous(), self.pair_row[K][:B * K], flat, w_gu, b_gu,
-                                **self._expert_cfg("gu", w_gu, b_gu, B * K))
+            flat, P = idx.view(-1), B * K
+            gu = tk.expert_gemv(h.contiguous(), self.pair_row[K][:P], flat, w_gu, b_gu,
+                                **self._expert_cfg(w_gu, b_gu, P))
+            mode, down_cfg = self._down_plan(mlp.w_down, mlp.b_down, P)
+            if mode == "split":
+                y = tk.expert_gemv(gu, self.pair_id[:P], flat, mlp.w_down, mlp.b_down, activation=cfg.activation,
+                                   alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **down_cfg)
+                return ExpertRows(y, weights.view(-1), K)
             return tk.expert_down_combine(gu, flat, weights.view(-1), mlp.w_down, mlp.b_down, K, cfg.activation,
-                                          cfg.swiglu_alpha, cfg.swiglu_limit,
-                                          **self._expert_cfg("down", mlp.w_down, mlp.b_down, B * K))
+                                          cfg.swiglu_alpha, cfg.swiglu_limit, **down_cfg)
         if kind == "mxfp4" and B * K <= self.moe_gemv_pairs:
             weights, idx = tk.route_topk(mlp.router(h), K, cfg.router_softmax_before_topk, cfg.router_renormalize,
                                          h.dtype)

@@ -20,12 +20,20 @@ def _np2(n: int) -> int:
 
 # ---- residual add + RMSNorm ---------------------------------------------------------------
 @triton.jit
-def _rmsnorm_kernel(X, R, W, Y, RES, D, eps, stride_x, HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _rmsnorm_kernel(X, R, W, Y, RES, WTS, D, eps, stride_x, HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr,
+                    COMBINE_K: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < D
-    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+    if COMBINE_K > 0:
+        # x = sum_j WTS[row, j] * X[row * K + j]: the MoE combine of K expert outputs, fused here
+        xs = tl.zeros((BLOCK,), tl.float32)
+        for j in tl.static_range(COMBINE_K):
+            wt = tl.load(WTS + row * COMBINE_K + j).to(tl.float32)
+            xs += wt * tl.load(X + (row * COMBINE_K + j) * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        x = xs.to(X.dtype.element_ty)
+    else:
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
         tl.store(RES + row * D + cols, x, mask=m)
@@ -40,15 +48,19 @@ def _rmsnorm_kernel(X, R, W, Y, RES, D, eps, stride_x, HAS_RES: tl.constexpr, PL
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool,
             residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            res_out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """y = norm(x [+ residual]); with a residual also returns the sum (the new residual stream)."""
-    N, D = x.shape
+            res_out: torch.Tensor | None = None, combine: tuple[torch.Tensor, int] | None = None
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = norm(x [+ residual]); with a residual also returns the sum (the new residual stream).
+    combine=(weights (N*K,), K): x holds N*K rows (K expert outputs per token), summed with the weights first."""
+    D = x.shape[1]
+    K = combine[1] if combine is not None else 0
+    N = x.shape[0] // max(K, 1)
     y = out if out is not None else torch.empty(N, D, dtype=x.dtype, device=x.device)
     if residual is not None:
         res_out = res_out if res_out is not None else torch.empty_like(y)
     _rmsnorm_kernel[(N,)](x, residual if residual is not None else x, weight, y,
-                          res_out if residual is not None else y, D, eps, x.stride(0),
-                          HAS_RES=residual is not None, PLUS_ONE=plus_one, BLOCK=_np2(D))
+                          res_out if residual is not None else y, combine[0] if combine is not None else x, D, eps,
+                          x.stride(0), HAS_RES=residual is not None, PLUS_ONE=plus_one, COMBINE_K=K, BLOCK=_np2(D))
     return (y, res_out) if residual is not None else y
 
 
@@ -332,10 +344,11 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
 
 # ---- expert-indexed GEMV (MoE decode, bf16/fp32 experts) --------------------------------------
 @triton.jit
-def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]): one stream over the
-    routed experts' rows, no sort, no per-expert launch."""
+def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, alpha, limit, HAS_BIAS: tl.constexpr,
+                        ACT_IN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[p, n] = sum_k x_p[k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]): one stream over the routed
+    experts' rows, no sort, no per-expert launch. x_p = X[X_ROW[p]], or with ACT_IN >= 0 the gated
+    activation of X[X_ROW[p]] = [gate | up] (2K wide), rounded to X's dtype as the unfused path stores it."""
     p = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
@@ -346,9 +359,14 @@ def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, HAS_BIAS: tl.constex
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         km = k0 + rk < K
-        x = tl.load(X + xr * K + k0 + rk, mask=km, other=0.0)
+        if ACT_IN >= 0:
+            g = tl.load(X + xr * 2 * K + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(X + xr * 2 * K + K + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            x = _act(g, u, alpha, limit, ACT_IN).to(X.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(X + xr * K + k0 + rk, mask=km, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)
@@ -361,20 +379,23 @@ EXPERT_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
 
 
 def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: torch.Tensor,
-                bias: torch.Tensor | None, *, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
+                bias: torch.Tensor | None, *, activation: str | None = None, alpha: float = 1.702,
+                limit: float = 7.0, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
                 num_stages: int = 3) -> torch.Tensor:
-    """x: (M, K); x_row, expert: (P,) int; w: (E, N, K) contiguous; bias: (E, N) -> (P, N).
-    For a few (token, expert) pairs (MoE decode at small batch), where torch._grouped_mm with one row
-    per group is far from the bandwidth limit."""
+    """x: (M, K), or (M, 2K) = [gate | up] with `activation`; x_row, expert: (P,) int; w: (E, N, K)
+    contiguous; bias: (E, N) -> (P, N). For a few (token, expert) pairs (MoE decode at small batch), where
+    torch._grouped_mm with one row per group is far from the bandwidth limit."""
     P = expert.shape[0]
     N, K = w.shape[1], w.shape[2]
-    if not (x.is_contiguous() and w.is_contiguous() and x.shape[1] == K):
-        raise ValueError(f"expert_gemv needs contiguous x (M, {K}) and w (E, N, K); got {tuple(x.shape)}, "
+    width = 2 * K if activation is not None else K
+    if not (x.is_contiguous() and w.is_contiguous() and x.shape[1] == width):
+        raise ValueError(f"expert_gemv needs contiguous x (M, {width}) and w (E, N, K); got {tuple(x.shape)}, "
                          f"{tuple(w.shape)}")
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
-    _expert_gemv_kernel[(P, triton.cdiv(N, block_n))](x, x_row, expert, w, bias if bias is not None else w, out,
-                                                      N, K, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                                                      BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    _expert_gemv_kernel[(P, triton.cdiv(N, block_n))](
+        x, x_row, expert, w, bias if bias is not None else w, out, N, K, alpha, limit, HAS_BIAS=bias is not None,
+        ACT_IN=ACTS[activation] if activation is not None else -1, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -386,12 +407,23 @@ def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int) -> 
     return pick_config(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)
 
 
-def pick_expert_down(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, k_top: int, activation: str) -> dict:
+def pick_expert_act(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, activation: str) -> tuple[dict, float]:
+    """(config, ms) for the down projection that applies the gated activation to its input."""
+    x = torch.randn(pairs, 2 * w.shape[2], dtype=w.dtype, device=w.device)
+    rows = torch.arange(pairs, device=w.device)
+    expert = (rows * 7) % w.shape[0]
+    return pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, activation=activation, **c),
+                             EXPERT_GEMV_CONFIGS)
+
+
+def pick_expert_down(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, k_top: int,
+                     activation: str) -> tuple[dict, float]:
+    """(config, ms) for expert_down_combine."""
     gu = torch.randn(pairs, 2 * w.shape[2], dtype=w.dtype, device=w.device)
     expert = (torch.arange(pairs, device=w.device) * 7) % w.shape[0]
     weights = torch.full((pairs,), 1.0 / k_top, dtype=w.dtype, device=w.device)
-    return pick_config(lambda **c: expert_down_combine(gu, expert, weights, w, bias, k_top, activation, **c),
-                       EXPERT_GEMV_CONFIGS)
+    return pick_config_timed(lambda **c: expert_down_combine(gu, expert, weights, w, bias, k_top, activation, **c),
+                             EXPERT_GEMV_CONFIGS)
 
 
 @triton.jit
@@ -502,6 +534,11 @@ def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormali
 
 def pick_config(fn, configs: list[dict], reps: int = 20) -> dict:
     """The fastest of `configs` for fn(**config) by CUDA events; configs that fail to compile are skipped."""
+    return pick_config_timed(fn, configs, reps)[0]
+
+
+def pick_config_timed(fn, configs: list[dict], reps: int = 20) -> tuple[dict, float]:
+    """(fastest config, its milliseconds per call)."""
     best, best_t = configs[0], float("inf")
     for c in configs:
         try:
@@ -512,12 +549,12 @@ def pick_config(fn, configs: list[dict], reps: int = 20) -> dict:
                 fn(**c)
             e.record()
             torch.cuda.synchronize()
-            t = s.elapsed_time(e)
+            t = s.elapsed_time(e) / reps
         except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
             continue
         if t < best_t:
             best, best_t = c, t
-    return best
+    return best, best_t
 
 
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
