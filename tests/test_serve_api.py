@@ -125,17 +125,30 @@ def test_completion_stream_equals_non_stream(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_sse_framing_ends_with_done(server):
-    body = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.base_url + "/completions", json=body,
+@pytest.mark.parametrize("path,extra,obj", [("/completions", {"prompt": "Hi"}, "text_completion"),
+                                             ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]},
+                                              "chat.completion.chunk")])
+@pytest.mark.parametrize("usage", [False, True])
+def test_sse_framing_ends_with_done(server, path, extra, obj, usage):
+    body = {"model": "tiny-llama", "max_tokens": 5, "temperature": 0, "stream": True, **extra}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.base_url + path, json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events[:-1])
-    for e in events[:-2]:
-        assert json.loads(e[len("data: "):])["object"] == "text_completion"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert len(chunks) >= 2 and all(c["object"] == obj for c in chunks)
+    if usage:  # usage: null on every chunk but the last, which has no choices and the counts
+        assert all(c["usage"] is None for c in chunks[:-1])
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+        assert chunks[-1]["usage"]["total_tokens"] == (chunks[-1]["usage"]["prompt_tokens"]
+                                                       + chunks[-1]["usage"]["completion_tokens"])
+    else:
+        assert all("usage" not in c for c in chunks)
 
 
 def test_chat_applies_template(client, ref):
@@ -268,6 +281,27 @@ def test_sampling_fields_reach_the_engine(client, ref):
         assert r.choices[0].text == greedy.choices[0].text
 
 
+@pytest.mark.parametrize("fields", [{"presence_penalty": -2.0}, {"frequency_penalty": -2.0},
+                                    {"presence_penalty": -2.0, "frequency_penalty": 0.5},
+                                    {"repetition_penalty": 0.5}, {"temperature": 0.3, "seed": 7}])
+def test_penalties_and_temperature_reach_the_engine(client, ref, fields):
+    """Each field alone changes the answer (a random model never repeats a token under greedy, so positive
+    penalties would change nothing: negative ones and repetition_penalty < 1 make it repeat), and the server
+    gives exactly what the engine gives with that field: dropping or swapping any of them fails here."""
+    prompt = "Penalty check"
+    ids = ref.tok.encode(prompt)
+    base = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = {**base, **fields}
+    if "seed" in fields:  # the reference for a sampled temperature is the same seed at the default temperature
+        base = {**base, "temperature": 1.0, "seed": fields["seed"]}
+    without = ref.run(ids, **base)[0].text
+    want = ref.run(ids, **kw)[0].text
+    assert want != without
+    extra = {k: kw.pop(k) for k in ("repetition_penalty", "ignore_eos") if k in kw}
+    r = client.completions.create(model="tiny-llama", prompt=prompt, extra_body=extra, **kw)
+    assert r.choices[0].text == want
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny-llama", prompt="Log probs", max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
@@ -286,6 +320,19 @@ def test_logprobs(client):
     plain = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None
+    # streamed: the same tokens and values, split over the chunks, offsets continuing across them
+    chunks = [c.choices[0] for c in client.completions.create(model="tiny-llama", prompt="Log probs", max_tokens=6,
+                                                               temperature=0, logprobs=3, stream=True) if c.choices]
+    slp = [ch.logprobs for ch in chunks if ch.logprobs is not None]
+    assert [t for x in slp for t in x.tokens] == lp.tokens
+    assert [v for x in slp for v in x.token_logprobs] == pytest.approx(lp.token_logprobs)
+    assert [o for x in slp for o in x.text_offset] == lp.text_offset
+    sc = [c.choices[0] for c in client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, logprobs=True,
+        top_logprobs=2, stream=True) if c.choices and c.choices[0].logprobs is not None]
+    streamed = [t for ch in sc for t in ch.logprobs.content]
+    assert [(t.token, len(t.top_logprobs)) for t in streamed] == [(t.token, 2) for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content])
 
 
 # --- errors -------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 - 64 concurrent streaming clients (completions and chat mixed) in a closed loop: no request fails or is
   lost, and every greedy answer equals the same request run alone. The test runs GIANTS_SERVE_LOAD_S
-  seconds (default 8, to keep CI short); benchmarks/bench_serve.py runs the full 30 s and records numbers.
+  seconds (default 30, as the issue asks); benchmarks/bench_serve.py runs the same and records numbers.
 - 20 clients drop mid-stream (and 4 non-streaming ones time out): their sequences are cancelled and the
   KV blocks come back at once.
 """
@@ -19,7 +19,7 @@ import pytest
 from giants.serve.launch import ServerProcess
 from giants.serve.loadgen import Spec, default_specs, run_alone, run_load, summarize
 
-LOAD_S = float(os.environ.get("GIANTS_SERVE_LOAD_S", "8"))
+LOAD_S = float(os.environ.get("GIANTS_SERVE_LOAD_S", "30"))
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +117,21 @@ def test_disconnects_free_kv_at_once(server):
         for s in streams:  # drop the connections mid-stream
             await s.close()
         await client.close()
+        t0 = time.monotonic()
+        after_streams = await asyncio.get_running_loop().run_in_executor(None, _wait_idle, server, 5)
+        freed_after = time.monotonic() - t0
         # non-streaming clients that time out and hang up are noticed too
         assert await asyncio.gather(*(impatient(i) for i in range(n_plain))) == ["gave up"] * n_plain
-        return mid
+        return mid, after_streams, freed_after
 
-    mid = asyncio.run(scenario())
+    mid, after_streams, freed_after = asyncio.run(scenario())
     assert mid["giants_running_sequences"] + mid["giants_queue_depth"] == n  # all 20 were generating
     assert mid["giants_kv_blocks_used"] > 0
-    t0 = time.monotonic()
+    # "at once": well within the time these streams had left (1500 tokens each, seconds per step of 20)
+    assert after_streams["giants_running_sequences"] == 0 and after_streams["giants_kv_blocks_used"] == 0, \
+        after_streams
+    assert freed_after < 5
     m = _wait_idle(server, 10)
-    freed_after = time.monotonic() - t0
     assert m["giants_running_sequences"] == 0 and m["giants_kv_blocks_used"] == 0, m
     assert m["giants_in_flight_requests"] == 0
     assert m["giants_aborted_requests_total"] - m0.get("giants_aborted_requests_total", 0) == n + n_plain

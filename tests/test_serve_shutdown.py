@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import socket
 import time
 
 import httpx
@@ -55,10 +57,42 @@ def _stream_events(raw: str) -> list[str]:
     return [e[len("data: "):] for e in raw.split("\n\n") if e.startswith("data: ")]
 
 
+def _listening(port: int) -> list[str]:
+    """Local addresses of the LISTEN sockets on `port`, from the kernel's tables (Linux)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, p = local.partition(":")
+            if state == "0A" and int(p, 16) == port:
+                if len(addr) == 8:
+                    out.append(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
+                else:
+                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    out.append(socket.inet_ntop(socket.AF_INET6, raw))
+    return out
+
+
+def test_default_host_is_loopback():
+    from giants.cli import build_parser
+    from giants.serve.server import ServeOptions
+
+    assert build_parser().parse_args(["serve", "tiny-llama"]).host == "127.0.0.1"
+    assert ServeOptions("tiny-llama").host == "127.0.0.1"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the kernel's socket table (Linux)")
 def test_queue_full_429_then_drain_timeout_ends_streams_cleanly():
+    # host=None: no --host on the command line, so this server binds wherever `giants serve` binds by default
     srv = ServerProcess("tiny-llama", "--max-num-seqs", "4", "--max-queue", "2", "--drain-timeout", "2",
-                        "--log-level", "warning").start()
+                        "--log-level", "warning", host=None).start()
     try:
+        assert "--host" not in srv.command()
+        assert _listening(srv.port) == ["127.0.0.1"]  # loopback only, not 0.0.0.0 or ::
         async def scenario():
             http = httpx.AsyncClient(base_url=srv.base_url, timeout=60)
 

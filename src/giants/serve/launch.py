@@ -28,10 +28,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, *args: str, host: str = "127.0.0.1", port: int | None = None,
+    """`host=None` passes no `--host`, so the server binds its default (127.0.0.1); clients still use loopback."""
+
+    def __init__(self, model: str, *args: str, host: str | None = "127.0.0.1", port: int | None = None,
                  api_key: str | None = None, env: dict[str, str] | None = None, startup_timeout: float = 180.0):
-        self.model, self.args, self.host = model, list(args), host
-        self.port = port or free_port(host)
+        self.model, self.args, self.bind = model, list(args), host
+        self.host = host or "127.0.0.1"
+        self.port = port or free_port(self.host)
         self.api_key = api_key
         self.env = env
         self.startup_timeout = startup_timeout
@@ -48,8 +51,8 @@ class ServerProcess:
         return self.url + "/v1"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "giants.cli", "serve", self.model, "--host", self.host, "--port", str(self.port),
-                *self.args]
+        host = ["--host", self.bind] if self.bind is not None else []
+        return [sys.executable, "-m", "giants.cli", "serve", self.model, *host, "--port", str(self.port), *self.args]
 
     def start(self, wait: bool = True) -> ServerProcess:
         env = {**os.environ, **(self.env or {})}
