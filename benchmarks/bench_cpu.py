@@ -3,7 +3,8 @@
 With the real weights (`--source smollm2-135m`, the Q4_1 GGUF from `giants download smollm2-135m`) both
 load the same file (transformers through `gguf_file=`, dequantized to fp32); with `--source preset`
 both get the same random weights. Reports tok/s, the ratio, and whether the greedy tokens are identical;
-then giants' weight modes (bf16, int8 weight-only) beside fp32.
+then giants' weight modes (bf16, int8 weight-only) beside fp32, and llama-cpp-python (when installed, built
+from PyPI: `pip install llama-cpp-python`) running the same Q4_1 file with the same threads, in the same rounds.
 
     python benchmarks/bench_cpu.py --source smollm2-135m --new 128 --out cpu.json
 """
@@ -70,6 +71,25 @@ def giants_greedy(llm: LLM, prompt: list[int], new: int, runs: int) -> tuple[flo
     return statistics.median(rates), toks
 
 
+def llamacpp_runner(path: str, threads: int):
+    """llama-cpp-python on the GGUF as shipped (Q4_1 kernels, no dequantization): greedy, ignoring EOS."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def greedy(prompt: list[int], new: int) -> tuple[float, list[int]]:
+        toks, first = [], None
+        for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if first is None:
+                first = time.perf_counter()
+            toks.append(int(tok))
+            if len(toks) >= new:
+                break
+        return (new - 1) / (time.perf_counter() - first), toks
+
+    return greedy
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="smollm2-135m", help="'smollm2-135m' (real GGUF) or 'preset' (random)")
@@ -77,6 +97,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--modes", default="fp32,bf16,int8")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even if installed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,24 +130,38 @@ def main() -> None:
         llms[mode] = LLM(m, tokenizer=tok, device="cpu", max_model_len=1024, max_num_seqs=4, **kw)
     rates: dict[str, list[float]] = {"transformers_fp32": [], **{m: [] for m in llms}}
     toks: dict[str, list[int]] = {}
+    lcpp = None
+    if args.source != "preset" and not args.no_llama_cpp:
+        try:
+            import llama_cpp
+
+            lcpp = llamacpp_runner(path, args.threads)
+            lcpp(prompt, 4)
+            rates["llama_cpp_q4_1"] = []
+            res["llama_cpp_python"] = llama_cpp.__version__
+        except ImportError:
+            res["llama_cpp_python"] = "not installed"
     for _ in range(args.rounds):
         r, toks["transformers_fp32"] = hf_greedy(hf, prompt, args.new, 1)
         rates["transformers_fp32"].append(r)
         for mode, llm in llms.items():
             r, toks[mode] = giants_greedy(llm, prompt, args.new, 1)
             rates[mode].append(r)
+        if lcpp is not None:
+            r, toks["llama_cpp_q4_1"] = lcpp(prompt, args.new)
+            rates["llama_cpp_q4_1"].append(r)
         print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
     hf_toks = toks["transformers_fp32"]
     hf_med, hf_best = statistics.median(rates["transformers_fp32"]), max(rates["transformers_fp32"])
     res["transformers_fp32"] = {"tok_s_median": hf_med, "tok_s_best": hf_best, "runs": rates["transformers_fp32"]}
-    for mode in llms:
+    for mode in [*llms, *(["llama_cpp_q4_1"] if lcpp is not None else [])]:
         med, best = statistics.median(rates[mode]), max(rates[mode])
         first_diff = next((i for i, (a, b) in enumerate(zip(toks[mode], hf_toks)) if a != b), None)
-        res[f"giants_{mode}"] = {"tok_s_median": med, "tok_s_best": best, "runs": rates[mode],
-                                 "ratio_median": med / hf_med, "ratio_best": best / hf_best,
-                                 "tokens_identical_to_transformers": toks[mode] == hf_toks,
-                                 "first_difference": first_diff}
-        print(f"giants {mode}: median {med:.1f} tok/s ({med / hf_med:.2f}x), best {best:.1f} ({best / hf_best:.2f}x); "
+        key = mode if mode.startswith("llama_cpp") else f"giants_{mode}"
+        res[key] = {"tok_s_median": med, "tok_s_best": best, "runs": rates[mode],
+                    "ratio_median": med / hf_med, "ratio_best": best / hf_best,
+                    "tokens_identical_to_transformers": toks[mode] == hf_toks, "first_difference": first_diff}
+        print(f"{mode}: median {med:.1f} tok/s ({med / hf_med:.2f}x), best {best:.1f} ({best / hf_best:.2f}x); "
               f"identical tokens: {toks[mode] == hf_toks}", flush=True)
     text = json.dumps(res, indent=1)
     if args.out:
