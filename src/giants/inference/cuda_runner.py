@@ -123,17 +123,26 @@ class CudaModelRunner(ModelRunner):
         return self.gemv_choice[key]
 
     def _down_plan(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> tuple[str, dict]:
-        """("split", cfg): activation + down GEMV per pair, combined in the next norm kernel; or ("fused",
-        cfg): activation, down projection and combine in one kernel. Whichever measures faster."""
+        """How the down projection runs, whichever measures fastest for the shape: ("glu", cfg) a gated
+        activation kernel, then a plain down GEMV per pair; ("split", cfg) the down GEMV applying the
+        activation as it loads; both leave the combine to the next norm kernel. ("fused", cfg): activation,
+        down projection and combine in one kernel."""
         key = ("experts-down", tuple(w.shape), b is not None, pairs)
         if key not in self.gemv_choice:
             if self.device.type != "cuda":
-                self.gemv_choice[key] = ("split", tk.EXPERT_GEMV_CONFIGS[0])
+                self.gemv_choice[key] = ("glu", tk.EXPERT_GEMV_CONFIGS[0])
             else:
                 cfg = self.cfg
+                a = torch.randn(pairs, 2 * w.shape[2], dtype=w.dtype, device=w.device)
+                glu_ms = tk.pick_config_timed(
+                    lambda: tk.glu(a, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit), [{}])[1]
+                plain, t_plain = tk.pick_expert_gemv(w, b, pairs, timed=True)
                 split, t_split = tk.pick_expert_act(w, b, pairs, cfg.activation)
                 fused, t_fused = tk.pick_expert_down(w, b, pairs, cfg.experts_per_token, cfg.activation)
-                self.gemv_choice[key] = ("split", split) if t_split <= t_fused else ("fused", fused)
+                plans = [(glu_ms + t_plain, "glu", plain), (t_split, "split", split), (t_fused, "fused", fused)]
+                _, mode, best = min(plans, key=lambda p: p[0])
+                self.gemv_choice[key] = (mode, best)
+                self.gemv_times[key] = {m: round(t * 1e3, 1) for t, m, _ in plans}  # microseconds
         return self.gemv_choice[key]
 
     def _norm(self, mod, x, residual: torch.Tensor | None = None):
@@ -148,8 +157,8 @@ class CudaModelRunner(ModelRunner):
         B, K = h.shape[0], cfg.experts_per_token
         if kind == "moe" and B * K <= self.moe_gemv_pairs:
             # few (token, expert) pairs: router GEMV, one top-k kernel, one stream over the routed experts'
-            # gate|up rows, one over their down rows (activation applied on load); the weighted combine
-            # happens in the next norm kernel (or in the down kernel, where that measures faster)
+            # gate|up rows, the gated activation, one stream over their down rows; the weighted combine
+            # happens in the next norm kernel (see _down_plan for the fused alternatives)
             _, w_gu, b_gu = self.fused[i][1]
             weights, idx = tk.route_topk(mlp.router(h), K, cfg.router_softmax_before_topk, cfg.router_renormalize,
                                          h.dtype)
@@ -157,6 +166,10 @@ class CudaModelRunner(ModelRunner):
             gu = tk.expert_gemv(h.contiguous(), self.pair_row[K][:P], flat, w_gu, b_gu,
                                 **self._expert_cfg(w_gu, b_gu, P))
             mode, down_cfg = self._down_plan(mlp.w_down, mlp.b_down, P)
+            if mode == "glu":
+                a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+                y = tk.expert_gemv(a, self.pair_id[:P], flat, mlp.w_down, mlp.b_down, **down_cfg)
+                return ExpertRows(y, weights.view(-1), K)
             if mode == "split":
                 y = tk.expert_gemv(gu, self.pair_id[:P], flat, mlp.w_down, mlp.b_down, activation=cfg.activation,
                                    alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **down_cfg)

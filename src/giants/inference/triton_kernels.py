@@ -399,12 +399,14 @@ def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: t
     return out
 
 
-def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int) -> dict:
-    """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events)."""
+def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, timed: bool = False):
+    """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events); with
+    timed=True also its milliseconds per call."""
     x = torch.randn(pairs, w.shape[2], dtype=w.dtype, device=w.device)
     rows = torch.arange(pairs, device=w.device)
     expert = (rows * 7) % w.shape[0]  # distinct experts where possible, like a real routing
-    return pick_config(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)
+    best = pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)
+    return best if timed else best[0]
 
 
 def pick_expert_act(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, activation: str) -> tuple[dict, float]:
