@@ -134,11 +134,11 @@ def test_no_half_loaded_model(small_ckpt, tmp_path, monkeypatch):
     calls = []
     real = sio.SafetensorsSet._read
 
-    def flaky(self, e, out):
+    def flaky(self, e, out, *args, **kwargs):
         calls.append(e.name)
         if len(calls) == 4:
             raise CheckpointError("read failed: I/O error", file=e.file, tensor=e.name)
-        return real(self, e, out)
+        return real(self, e, out, *args, **kwargs)
 
     monkeypatch.setattr(sio.SafetensorsSet, "_read", flaky)
     result = None
@@ -325,3 +325,189 @@ def test_gguf_truncated_names_tensor(tmp_path):
     (tmp_path / "magic.gguf").write_bytes(b"GGML" + data[4:])
     with pytest.raises(CheckpointError, match="bad magic"):
         load(tmp_path / "magic.gguf")
+
+
+# ---- sizes the file cannot back, sidecar JSON, structured header damage -------------------------------
+def test_sizes_the_file_cannot_back_are_refused_before_building(small_ckpt, tmp_path):
+    """head_dim drives the rotary table computed on the CPU while the meta model is built: a corrupt one
+    must be refused from the header sizes, not by trying to allocate gigabytes first."""
+    p = _copy(small_ckpt, tmp_path / "h")
+    (p / "giants_config.json").unlink()
+    cfg = json.loads((p / "config.json").read_text())
+    growth = _peak_tracker()
+    for key, value, what in (("head_dim", 10**9, "head_dim"), ("head_dim", 2**63, "head_dim"),
+                             ("num_attention_heads", 10**6, "n_heads \\* head_dim"),
+                             ("hidden_size", 2**63, "d_model")):
+        (p / "config.json").write_text(json.dumps({**cfg, key: value}))
+        t0 = time.monotonic()
+        with pytest.raises(CheckpointError, match=rf"config says {what} = \d+, more than the largest tensor"):
+            load(p)
+        assert time.monotonic() - t0 < 2
+    assert growth() < 100
+
+
+def test_gguf_sizes_the_file_cannot_back_are_refused(tmp_path):
+    src = _small_gguf(tmp_path / "ok.gguf")
+    data = bytearray(src.read_bytes())
+    key = b"llama.attention.key_length"
+    i = data.index(key) + len(key) + 4  # after the key and its uint32 type tag
+    data[i:i + 4] = struct.pack("<I", 2**31)
+    (tmp_path / "k.gguf").write_bytes(bytes(data))
+    growth = _peak_tracker()
+    with pytest.raises(CheckpointError, match=r"k\.gguf: metadata gives head_dim = 2147483648, more than"):
+        load(tmp_path / "k.gguf")
+    assert growth() < 100
+
+
+def test_index_naming_a_shard_that_is_not_a_string(tmp_path):
+    save(giants.build(SMALL, seed=0), tmp_path / "s", max_shard_size="20KB")
+    idx = tmp_path / "s" / "model.safetensors.index.json"
+    good = json.loads(idx.read_text())
+    for shard in (1, ["a"], None, ".."):
+        idx.write_text(json.dumps({**good, "weight_map": {**good["weight_map"], "model.norm.weight": shard}}))
+        with pytest.raises(CheckpointError, match=r"index\.json"):
+            load(tmp_path / "s")
+
+
+def test_tied_config_with_a_different_stored_head(tmp_path):
+    """A tied config ignores a stored lm_head.weight, which is right only when it is the embedding."""
+    from safetensors.torch import load_file, save_file
+
+    save(giants.build(SMALL, seed=0), tmp_path / "u")  # untied: the file has its own head
+    p = tmp_path / "u"
+    (p / "giants_config.json").unlink()
+    cfg = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'lm_head\.weight': config ties the "
+                                              r"embeddings .* differs from the embedding"):
+        load(p)
+    sd = load_file(p / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()  # a tied checkpoint carrying a copy: fine
+    save_file(sd, p / "model.safetensors")
+    m = load(p)
+    assert m.lm_head is None and torch.equal(m.embed.weight, sd["model.embed_tokens.weight"])
+
+
+def test_parameter_no_rule_fills_is_refused(small_ckpt, monkeypatch):
+    """If the name map ever misses a parameter, loading refuses instead of returning uninitialised memory."""
+    from giants.checkpoint import hf_map
+
+    real = hf_map.family_rules
+    monkeypatch.setattr(hf_map, "family_rules", lambda cfg: [r for r in real(cfg) if r.ours != ("norm.weight",)])
+    with pytest.raises(CheckpointError, match=r"fills the model's 'norm\.weight'"):
+        load(small_ckpt)
+
+
+def test_package_never_unpickles():
+    """Statically: no pickle, torch.load, numpy allow_pickle or torch.serialization anywhere in giants."""
+    import re
+
+    import giants as pkg
+
+    pattern = re.compile(r"\bpickle\b|\btorch\.load\b|allow_pickle|torch\.serialization|\bjoblib\b|\bdill\b|"
+                         r"from torch import load\b")
+    hits = []
+    for f in Path(pkg.__file__).parent.rglob("*.py"):
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if pattern.search(code) and not code.lstrip().startswith(('"', "'")):
+                hits.append(f"{f}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-2**64, 2**64) | st.sampled_from([0, 1, 2, 16, 64, 10**9, 2**31, 2**63])
+    | st.text(max_size=6) | st.sampled_from(["llama", "gemma2", "mixtral", "gpt_oss", "yarn", "llama3", "default"]),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(
+        st.sampled_from(["rope_type", "factor", "original_max_position_embeddings", "rope_theta", "x"]), c,
+        max_size=3),
+    max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sh") / "sharded"
+    save(giants.build(SMALL, seed=0), path, max_shard_size="20KB")
+    return path
+
+
+def test_fuzz_sidecar_json(sharded_ckpt, tmp_path):
+    """config.json (alone or beside giants_config.json) and the shard index with hypothesis-drawn values:
+    the loader raises CheckpointError or loads; it never crashes, hangs or allocates what the file lacks."""
+    d = _copy(sharded_ckpt, tmp_path / "j")
+    originals = {n: json.loads((d / n).read_text()) for n in
+                 ("config.json", "giants_config.json", "model.safetensors.index.json")}
+    hf_keys = sorted(originals["config.json"]) + ["rope_scaling", "layer_types", "sliding_window",
+                                                  "num_local_experts", "query_pre_attn_scalar"]
+    ours_keys = sorted(originals["giants_config.json"]["config"])
+    index_keys = sorted(originals["model.safetensors.index.json"]["weight_map"])
+    growth = _peak_tracker()
+
+    @_ST_SETTINGS
+    @given(st.sampled_from(["config", "giants", "index"]), st.data())
+    def run(target, data):
+        for n, v in originals.items():
+            (d / n).write_text(json.dumps(v))
+        edits = data.draw(st.lists(st.tuples(st.integers(0, 10**6), _JSON), min_size=1, max_size=3))
+        if target == "config":
+            (d / "giants_config.json").unlink()
+            cfg = dict(originals["config.json"])
+            for k, v in edits:
+                cfg[hf_keys[k % len(hf_keys)]] = v
+            (d / "config.json").write_text(json.dumps(cfg))
+        elif target == "giants":
+            g = json.loads(json.dumps(originals["giants_config.json"]))
+            for k, v in edits:
+                g["config"][ours_keys[k % len(ours_keys)]] = v
+            (d / "giants_config.json").write_text(json.dumps(g))
+        else:
+            idx = json.loads(json.dumps(originals["model.safetensors.index.json"]))
+            for k, v in edits:
+                idx["weight_map"][index_keys[k % len(index_keys)]] = v
+            (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+        _check_bounded(lambda: load(d))
+
+    run()
+    assert growth() < 300, "fuzzed sidecar JSON made the loader allocate without bound"
+
+
+def test_fuzz_safetensors_header_fields(small_ckpt, tmp_path):
+    """Well-formed JSON headers with hypothesis-drawn dtypes, shapes, offsets and metadata: every entry is
+    checked against the bytes really there, so nothing but CheckpointError comes out."""
+    raw = (small_ckpt / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + n]), raw[8 + n:]
+    names = sorted(k for k in header if k != "__metadata__")
+    d = _copy(small_ckpt, tmp_path / "hf")
+    value = {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I32", "U8", "BOOL", "F8_E4M3", "F64", "X", ""]) | _JSON,
+        "shape": st.lists(st.integers(-2, 300) | st.sampled_from([2**31, 2**62, 2**64, 10**20]), max_size=5) | _JSON,
+        "data_offsets": st.lists(st.integers(-8, len(body) + 64) | st.sampled_from([2**63, 2**64]), max_size=3)
+        | _JSON,
+    }
+    growth = _peak_tracker()
+
+    @_ST_SETTINGS
+    @given(st.lists(st.tuples(st.integers(0, len(names) - 1), st.sampled_from(["dtype", "shape", "data_offsets",
+                                                                                "delete", "entry", "metadata"]),
+                              st.data()), min_size=1, max_size=3))
+    def run(edits):
+        h = json.loads(json.dumps(header))
+        for i, field, data in edits:
+            name = names[i]
+            if field == "delete":
+                h.pop(name, None)
+            elif field == "entry":
+                h[name] = data.draw(_JSON)
+            elif field == "metadata":
+                h["__metadata__"] = data.draw(_JSON)
+            elif isinstance(h.get(name), dict):
+                h[name][field] = data.draw(value[field])
+        text = json.dumps(h).encode()
+        text += b" " * (-len(text) % 8)
+        (d / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + body)
+        _check_bounded(lambda: load(d))
+
+    run()
+    assert growth() < 300, "fuzzed headers made the loader allocate without bound"

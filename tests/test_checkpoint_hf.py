@@ -147,3 +147,33 @@ def test_bad_dtype_and_format_arguments(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         (tmp_path / "empty").mkdir()
         load(tmp_path / "empty")
+
+
+def test_saved_checkpoint_has_the_umask_permissions(tmp_path):
+    """The directory is built under a temporary name; its mode (and the files', which safetensors writes
+    0600) must be what the umask gives new files, so other users and services can read the checkpoint."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save(_random_model("tiny-llama"), tmp_path / "c", max_shard_size="1MB")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o755
+    for f in (tmp_path / "c").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt-oss"])
+def test_load_straight_to_cuda_in_bf16(name, tmp_path):
+    model = _random_model(name)
+    save(model, tmp_path / "c", quantize="mxfp4" if name == "tiny-gpt-oss" else None)
+    cpu = load(tmp_path / "c", dtype="bfloat16")
+    gpu = load(tmp_path / "c", dtype="bfloat16", device="cuda")
+    for (k, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert b.device.type == "cuda" and b.dtype == a.dtype and torch.equal(a, b.cpu()), k
+    ids = _ids(model.config)
+    with torch.no_grad():
+        want, got = cpu.float()(ids), gpu.float()(ids.cuda()).cpu()
+    assert (want - got).abs().max().item() <= 1e-3

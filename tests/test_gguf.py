@@ -156,8 +156,30 @@ def _ids(cfg, T=40):
 # ---- dequantization -------------------------------------------------------------------------------
 _LAYOUT = {  # block bytes, offsets of fp16 scale fields (kept finite and small)
     Q.Q8_0: (34, (0,)), Q.Q4_0: (18, (0,)), Q.Q4_1: (20, (0, 2)), Q.Q4_K: (144, (0, 2)),
-    Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,)),
+    Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,)), Q.Q2_K: (84, (80, 82)), Q.Q3_K: (110, (108,)),
+    Q.Q5_0: (22, (0,)), Q.Q5_1: (24, (0, 2)),
 }
+
+
+def _q5_reference(raw: np.ndarray, q: Q) -> torch.Tensor:
+    """ggml's dequantize_row_q5_0 / q5_1 written out (transformers has no Q5_0/Q5_1 to compare with): per
+    32-block an fp16 scale d (and, for Q5_1, an fp16 minimum m), 32 high bits qh, and 16 bytes of low nibbles;
+    element j < 16 is the low nibble of byte j, element j + 16 its high nibble, each with bit j (j + 16) of qh
+    on top; Q5_0 centres at 16 (x = (q - 16) d), Q5_1 adds the minimum (x = q d + m)."""
+    nbytes = _LAYOUT[q][0]
+    blocks = raw.reshape(-1, nbytes)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
+    off = 4 if q == Q.Q5_1 else 2
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float64) if q == Q.Q5_1 else None
+    qh = blocks[:, off:off + 4].copy().view("<u4").astype(np.int64)
+    qs = blocks[:, off + 4:off + 20].astype(np.int64)
+    out = np.zeros((blocks.shape[0], 32))
+    for j in range(16):
+        lo = (qs[:, j] & 0xF) | (((qh[:, 0] >> j) & 1) << 4)
+        hi = (qs[:, j] >> 4) | (((qh[:, 0] >> (j + 16)) & 1) << 4)
+        for k, v in ((j, lo), (j + 16, hi)):
+            out[:, k] = ((v - 16) * d[:, 0]) if m is None else (v * d[:, 0] + m[:, 0])
+    return torch.from_numpy(out.astype(np.float32))
 
 
 def _random_blocks(q: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -193,8 +215,13 @@ def test_dequantize_every_type_matches_independent_reference(tmp_path):
     assert torch.equal(got["f16"], torch.from_numpy(dense.astype(np.float16).astype(np.float32)))
     bf = torch.from_numpy(dense).to(torch.bfloat16).float()
     assert torch.equal(got["bf16"], bf)
+    assert {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K} <= {
+        t.tensor_type for t in reader.tensors}  # the issue's list, at least
     for q, raw in raws.items():
-        ref = hf_dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(q)).reshape(rows, cols)
+        if q in (Q.Q5_0, Q.Q5_1):
+            ref = _q5_reference(raw, q).reshape(rows, cols)
+        else:
+            ref = hf_dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(q)).reshape(rows, cols)
         assert got[q.name].shape == (rows, cols)
         torch.testing.assert_close(got[q.name], ref, rtol=1e-6, atol=1e-6, msg=q.name)
         assert got[q.name].abs().max() > 0

@@ -230,3 +230,38 @@ def test_reads_directory_saved_by_transformers(tok, ref, tmp_path):
     assert ours.apply_chat_template(CHATS[1]) == ref.apply_chat_template(CHATS[1], tokenize=False,
                                                                        add_generation_prompt=True)
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+
+
+def test_gguf_tokenizer_metadata_of_the_wrong_type_is_a_checkpoint_error():
+    """GGUF metadata is untrusted: a value of the wrong type (an array of ints for the tokens, a string for a
+    token id, ...) raises the project's error naming the file, never a TypeError from deep inside."""
+    from giants.checkpoint import CheckpointError
+    from giants.tokenizer import _byte_alphabet
+
+    toks = [_byte_alphabet()[i] for i in range(256)]
+    good = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": toks, "tokenizer.ggml.token_type": [1] * 256,
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.chat_template": "{{ messages[0].content }}"}
+    assert Tokenizer.from_gguf_metadata(good, source="m.gguf").encode("hi") == [ord("h"), ord("i")]
+    for key, value in (("tokenizer.ggml.tokens", list(range(256))), ("tokenizer.ggml.tokens", [*toks[:-1], None]),
+                       ("tokenizer.ggml.token_type", ["1"] * 256), ("tokenizer.ggml.merges", [1, 2]),
+                       ("tokenizer.ggml.merges", "a b"), ("tokenizer.ggml.bos_token_id", "1"),
+                       ("tokenizer.ggml.eos_token_id", 1.5), ("tokenizer.ggml.eot_token_id", 10**6),
+                       ("tokenizer.ggml.pre", 7), ("tokenizer.chat_template", [1, 2])):
+        with pytest.raises(CheckpointError, match=r"^m\.gguf: "):
+            Tokenizer.from_gguf_metadata({**good, key: value}, source="m.gguf")
+
+
+def test_tokenizer_config_with_malformed_chat_template(tok, tmp_path):
+    from giants.checkpoint import CheckpointError
+
+    tok.save(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = [{"name": "default", "template": "{{ 'x' }}"}, {"name": "tool_use", "template": "t"}]
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "x"
+    cfg["chat_template"] = 5
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: chat_template must be"):
+        load_tokenizer(tmp_path)

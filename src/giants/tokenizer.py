@@ -86,6 +86,16 @@ class Tokenizer:
         if not eos_ids and conf.is_file():
             e = _read_json(conf).get("eos_token_id")
             eos_ids = list(e) if isinstance(e, list) else ([e] if isinstance(e, int) else [])
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            try:
+                template = {t["name"]: t["template"] for t in template}
+            except (TypeError, KeyError):
+                template = None
+        if not (template is None or isinstance(template, str)
+                or (isinstance(template, dict) and all(isinstance(v, str) for v in template.values()))):
+            raise CheckpointError("chat_template must be a string or a list of named templates",
+                                  file=path / "tokenizer_config.json")
+        eos_ids = [i for i in eos_ids if isinstance(i, int) and not isinstance(i, bool)]
         return cls(backend, special=special, chat_template=template, eos_token_ids=eos_ids,
                    add_bos_token=bool(cfg.get("add_bos_token", False)),
                    add_eos_token=bool(cfg.get("add_eos_token", False)), source=str(path))
@@ -115,26 +125,37 @@ class Tokenizer:
             raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)",
                                   file=source)
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = meta.get("tokenizer.ggml.merges") or []
+        # Metadata is untrusted: every value must have the type llama.cpp writes, or it is a bad file.
+        for key, value, kinds in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
+            if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+                raise CheckpointError(f"tokenizer.ggml.{key} must be an array of {kinds.__name__}", file=source)
         if len(types) != len(tokens):
             raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens",
                                   file=source)
-        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types,
-                                  meta.get("tokenizer.ggml.pre"), source)
+        pre = meta.get("tokenizer.ggml.pre")
+        template = meta.get("tokenizer.chat_template")
+        for key, value in (("tokenizer.ggml.pre", pre), ("tokenizer.chat_template", template)):
+            if value is not None and not isinstance(value, str):
+                raise CheckpointError(f"{key} must be a string, got {type(value).__name__}", file=source)
+        backend = _byte_level_bpe(tokens, merges, types, pre, source)
 
         def tok(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}")
             if i is None:
                 return None
-            if not 0 <= int(i) < len(tokens):
-                raise CheckpointError(f"tokenizer.ggml.{key}={i} outside the vocabulary of {len(tokens)}", file=source)
-            return tokens[int(i)]
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens):
+                raise CheckpointError(f"tokenizer.ggml.{key}={i!r} is not a token id of the vocabulary of "
+                                      f"{len(tokens)}", file=source)
+            return tokens[i]
 
         special = {"bos_token": tok("bos_token_id"), "eos_token": tok("eos_token_id"),
                    "unk_token": tok("unknown_token_id"), "pad_token": tok("padding_token_id")}
+        tok("eot_token_id")  # validated like the others
         eos = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-        t = cls(backend, special=special, chat_template=meta.get("tokenizer.chat_template"),
+        t = cls(backend, special=special, chat_template=template,
                 eos_token_ids=[e for e in eos if e is not None], add_bos_token=add_bos, add_eos_token=add_eos,
                 source=source)
         t._set_post_processor()

@@ -319,6 +319,14 @@ def _config_from_gguf(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]],
         fields.update(activation="clamped_swiglu", attn_sinks=True, router_bias=True,
                       router_softmax_before_topk=False, yarn_truncate=False,
                       layer_windows=(window, 0) if window else ())
+    # Sizes that drive work before the tensor shapes are compared (the rotary tables are computed on the CPU
+    # while the meta model is built) must fit in the file's largest tensor, each being one of its dimensions.
+    biggest = max((math.prod(s) for s in tensors.values()), default=0)
+    for what, n in (("embedding_length", d_model), ("feed_forward_length", ffn), ("head_dim", head_dim),
+                    ("head_count * head_dim", n_heads * head_dim), ("head_count_kv * head_dim", int(n_kv) * head_dim)):
+        if n > biggest:
+            raise CheckpointError(f"metadata gives {what} = {n}, more than the largest tensor holds ({biggest} "
+                                  "elements)", file=path)
     if "rope_freqs.weight" in tensors:
         fields.update(_llama3_from_factors(fields, rope_freqs, path))
     try:

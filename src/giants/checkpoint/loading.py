@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -77,7 +78,7 @@ def read_dir_config(path: Path) -> tuple[ModelConfig, str]:
             if not isinstance(hf, dict):
                 raise ValueError("config.json must hold a JSON object")
             hf_cfg = ModelConfig.from_hf(hf)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # untrusted JSON: whatever the parser trips on is a bad config, not a crash
             raise CheckpointError(f"bad config: {e}", file=hpath) from None
     if gpath.is_file():
         try:
@@ -86,12 +87,15 @@ def read_dir_config(path: Path) -> tuple[ModelConfig, str]:
             if naming not in ("hf", "giants"):
                 raise ValueError(f"tensor_names must be 'hf' or 'giants', got {naming!r}")
             cfg = ModelConfig.from_dict(g["config"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except Exception as e:
             raise CheckpointError(f"bad giants config: {e}", file=gpath) from None
         if hf_cfg is not None:
             # Both present: they must describe the same model (someone may have edited one).
             theirs = hf_cfg.to_dict()
-            ours = ModelConfig.from_hf(cfg.to_hf()).to_dict()
+            try:
+                ours = ModelConfig.from_hf(cfg.to_hf()).to_dict()
+            except Exception as e:
+                raise CheckpointError(f"describes a model config.json cannot ({e})", file=gpath) from None
             diff = [k for k in ours if ours[k] != theirs[k]]
             if diff:
                 raise CheckpointError(f"config.json and {GIANTS_CONFIG} disagree on {', '.join(diff)}",
@@ -148,23 +152,34 @@ class _MXFP4View:
             raise CheckpointError(str(e), file=self.st.file_of(packed[0]), tensor=packed[0]) from None
 
 
-def check_plausible(cfg: ModelConfig, n_tensors: int, where: Path) -> None:
-    """Counts that size Python-side work (layers, per-expert names) must be backed by tensors in the file,
-    so a corrupt config cannot make us build a billion-layer model before the shape checks run."""
+def check_plausible(cfg: ModelConfig, sizes: list[int], where: Path) -> None:
+    """Counts and sizes that drive work before the shape checks (Python loops over layers and experts, the
+    rotary tables computed on the CPU while the meta model is built) must be backed by the file: `sizes`
+    holds the element count of every tensor in it. A corrupt config therefore cannot make us build a
+    billion-layer model or allocate a terabyte of rotary frequencies before its tensors are compared."""
+    n_tensors, biggest = len(sizes), max(sizes, default=0)
     if cfg.n_layers > n_tensors:
         raise CheckpointError(f"config says {cfg.n_layers} layers but the checkpoint holds only {n_tensors} tensors",
                               file=where)
     if cfg.n_experts > max(n_tensors, 256):
         raise CheckpointError(f"config says {cfg.n_experts} experts; the checkpoint holds {n_tensors} tensors",
                               file=where)
+    # Every one of these is (a factor of) one dimension of some weight, so it cannot exceed the largest tensor.
+    dims = {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "ffn_dim": cfg.ffn_dim, "head_dim": cfg.head_dim,
+            "n_heads * head_dim": cfg.n_heads * cfg.head_dim, "n_kv_heads * head_dim": cfg.n_kv_heads * cfg.head_dim}
+    for what, n in dims.items():
+        if n > biggest:
+            raise CheckpointError(f"config says {what} = {n}, more than the largest tensor in the checkpoint "
+                                  f"holds ({biggest} elements)", file=where)
 
 
 def _check_dir(st: SafetensorsSet, cfg: ModelConfig, naming: str, path: Path) -> None:
     """Names, shapes and dtypes of every tensor against what the config implies, before allocation."""
-    check_plausible(cfg, len(st), path)
+    check_plausible(cfg, [math.prod(e.shape) for e in st.entries.values()], path)
     if naming == "giants":
         expected = {n: tuple(t.shape) for n, t in meta_model(cfg).state_dict().items()}
     else:
+        _check_rules_cover_model(cfg, path)
         expected = _expected_hf(cfg)
     used: set[str] = set()
     for name, shape in expected.items():
@@ -196,6 +211,34 @@ def _check_dir(st: SafetensorsSet, cfg: ModelConfig, naming: str, path: Path) ->
         more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"unexpected tensor{more}: the config does not use it", file=st.file_of(extra[0]),
                               tensor=extra[0])
+
+
+def _check_rules_cover_model(cfg: ModelConfig, path: Path) -> None:
+    """Every parameter must be written by some name-map rule: one that none fills would be returned as
+    uninitialised memory (a half-loaded model), so refuse before allocating."""
+    filled = {o for r in hf_map.family_rules(cfg) for o in r.ours}
+    unfilled = sorted(set(dict(meta_model(cfg).named_parameters())) - filled)
+    if unfilled:
+        raise CheckpointError(f"no tensor of a {cfg.hf_model_type} checkpoint fills the model's {unfilled[0]!r}"
+                              + (f" (+{len(unfilled) - 1} more)" if len(unfilled) > 1 else ""), file=path)
+
+
+def _check_tied_head(st: SafetensorsSet, cfg: ModelConfig, embed: torch.Tensor) -> None:
+    """A tied config ignores a stored lm_head.weight (as transformers does); that is only right when the
+    stored head is the embedding. A different one means the config disagrees with the tensors."""
+    name = "lm_head.weight"
+    if not cfg.tie_embeddings or name not in st:
+        return
+    e = st.entries[name]
+    if e.shape != tuple(embed.shape):
+        raise CheckpointError(f"config ties the embeddings, but the stored head has shape {e.shape}, the embedding "
+                              f"{tuple(embed.shape)}", file=e.file, tensor=name)
+    rows = max(1, (64 << 20) // max(1, math.prod(e.shape[1:]) * e.torch_dtype.itemsize))  # ~64 MiB at a time
+    for r in range(0, e.shape[0], rows):
+        part = st.read_rows(name, r, min(r + rows, e.shape[0]))
+        if not torch.equal(part.to(device=embed.device, dtype=embed.dtype), embed[r:r + part.shape[0]]):
+            raise CheckpointError("config ties the embeddings (tie_word_embeddings), but the stored head differs "
+                                  "from the embedding", file=e.file, tensor=name)
 
 
 def _default_dtype(st: SafetensorsSet) -> torch.dtype:
@@ -266,6 +309,7 @@ def _load_dir(path: Path, dtype: torch.dtype | None, device) -> Transformer:
                                               f"{tuple(params[ours].shape)}", file=path, tensor=rule.hf[0])
                     params[ours].copy_(t)
                 del inputs
+        _check_tied_head(st, cfg, params["embed.weight"])
     return model.eval()
 
 
@@ -275,8 +319,12 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device) -> Transformer:
 
     g = GGUFFile(path)
     cfg = g.config
-    expected = {n: tuple(t.shape) for n, t in meta_model(cfg).state_dict().items()}
+    params = dict(meta_model(cfg).named_parameters())
+    expected = {n: tuple(t.shape) for n, t in params.items()}
     g.check(expected)
+    unfilled = sorted(set(params) - {r.ours for r in g.rules})
+    if unfilled:  # would come back as uninitialised memory
+        raise CheckpointError(f"no tensor of this {g.arch} file fills the model's {unfilled[0]!r}", file=path)
     model = _allocate(cfg, device, dtype or torch.float32)
     params = dict(model.named_parameters())
     with torch.no_grad():

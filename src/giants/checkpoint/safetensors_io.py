@@ -81,11 +81,14 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     entries: dict[str, Entry] = {}
     for name, info in header.items():
         try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            b, e = int(b), int(e)
-        except (TypeError, KeyError, ValueError, OverflowError):
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list) and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in shape + offsets)):
+                raise TypeError("shape and data_offsets must be lists of integers")
+            shape, (b, e) = tuple(shape), offsets
+        except (TypeError, KeyError, ValueError):
             raise CheckpointError("malformed header entry", file=path, tensor=name) from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"unsupported dtype {dtype!r}", file=path, tensor=name)
         if any(d < 0 for d in shape) or not 0 <= b <= e or base + e > size:
             raise CheckpointError(f"bad shape {shape} or data offsets [{b}, {e}) (file has {size - base} data "
@@ -125,12 +128,17 @@ class SafetensorsSet:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map must be a JSON object")
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"bad index: {type(e).__name__}: {e}", file=index) from None
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    raise CheckpointError(f"index maps it to {shard!r}, not a shard file name", file=index,
+                                          tensor=name)
             names = sorted(set(weight_map.values()))
             for n in names:
-                if not isinstance(n, str) or Path(n).name != n:  # no path tricks: shards sit beside the index
+                if Path(n).name != n or n in ("", ".", ".."):  # no path tricks: shards sit beside the index
                     raise CheckpointError(f"shard name {n!r} is not a plain file name", file=index)
                 if not (path / n).is_file():
                     raise CheckpointError(f"shard {n} named by the index is missing", file=index)
@@ -187,18 +195,32 @@ class SafetensorsSet:
         else:
             out.copy_(self[name])
 
-    def _read(self, e: Entry, out: torch.Tensor) -> None:
-        if e.nbytes == 0:
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` along its first axis, read without the rest of it."""
+        e = self.entries[name]
+        if not e.shape or not 0 <= start <= stop <= e.shape[0]:
+            raise CheckpointError(f"rows [{start}, {stop}) outside shape {e.shape}", file=e.file, tensor=name)
+        out = torch.empty((stop - start, *e.shape[1:]), dtype=e.torch_dtype)
+        self._read(e, out, offset=start * out[:1].nbytes if stop > start else 0)
+        return out
+
+    def _read(self, e: Entry, out: torch.Tensor, offset: int = 0) -> None:
+        """Fill `out` (contiguous CPU, e's dtype) with its byte size from e.start + offset."""
+        want = out.numel() * out.element_size()
+        if want == 0:
             return
+        if offset < 0 or offset + want > e.nbytes:
+            raise CheckpointError(f"read of {want} bytes at {offset} outside the tensor's {e.nbytes}", file=e.file,
+                                  tensor=e.name)
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
         try:
             with open(e.file, "rb", buffering=0) as f:
-                f.seek(e.start)
+                f.seek(e.start + offset)
                 got = 0
-                while got < e.nbytes:  # one read() may return less than asked (2 GiB cap on Linux)
+                while got < want:  # one read() may return less than asked (2 GiB cap on Linux)
                     n = f.readinto(buf[got:])
                     if not n:
-                        raise CheckpointError(f"file ended after {got} of {e.nbytes} bytes: truncated",
+                        raise CheckpointError(f"file ended after {got} of {want} bytes: truncated",
                                               file=e.file, tensor=e.name)
                     got += n
         except OSError as err:

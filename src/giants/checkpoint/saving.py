@@ -107,7 +107,7 @@ def save(model, path: str | os.PathLike, tokenizer=None, max_shard_size: int | s
         raise FileExistsError(f"{path} is a non-empty directory that does not hold a checkpoint; refusing to "
                               "replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _make_tmp_dir(path)
     try:
         param = next(model.parameters())
         out_dtype = dtype or param.dtype
@@ -130,6 +130,7 @@ def save(model, path: str | os.PathLike, tokenizer=None, max_shard_size: int | s
         _write_json(tmp / "generation_config.json", _generation_config(cfg, tokenizer))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        _set_modes(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,6 +175,27 @@ def _write_weights(items: Iterator[tuple[str, torch.Tensor]], tmp: Path, limit: 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _make_tmp_dir(path: Path) -> Path:
+    """An empty sibling of `path` with the permissions the user's umask gives a new directory (mkdtemp's
+    0700 would travel with the rename and lock everyone else out of the checkpoint)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            tmp.mkdir(mode=0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary directory beside {path}")
+
+
+def _set_modes(tmp: Path) -> None:
+    """Files as the umask gives new files (safetensors writes its files 0600 through a temporary)."""
+    file_mode = tmp.stat().st_mode & 0o666  # the directory was created 0777 & ~umask
+    for f in tmp.iterdir():
+        if f.is_file():
+            os.chmod(f, file_mode)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
