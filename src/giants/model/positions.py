@@ -64,10 +64,6 @@ class Rotary(nn.Module):
     def reset_buffers(self) -> None:
         self.inv_freq = rope_inv_freq(self.cfg)[0].to(self.inv_freq.device)
 
-    # Outside torch.compile graphs: compiled, the cos/sin would be inlined into every layer's q and k
-    # kernels and recomputed per head, forward and backward (~3 ms a step at Llama-3.2-1B shape on an H200);
-    # computed eagerly they are one small tensor that the compiled layers read.
-    @torch.compiler.disable
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (B, T) -> cos, sin: (B, 1, T, head_dim/2)
         freqs = positions[..., None].float() * self.inv_freq.float()
