@@ -308,3 +308,12 @@ def test_to_hf_refuses_what_the_family_cannot_express():
         cfg.replace(norm_kind="layernorm").to_hf()
     with pytest.raises(ValueError, match="position"):
         get_config("tiny-gpt-oss-described").to_hf()
+
+
+def test_from_hf_flags_must_be_booleans():
+    hf = get_config("tiny-llama").to_hf()
+    hf["tie_word_embeddings"] = "yes"
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        ModelConfig.from_hf(hf)
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        get_config("tiny-llama").replace(tie_embeddings=1).validate()

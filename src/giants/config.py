@@ -91,6 +91,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(name, "must be a positive integer")
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise bad(f.name, "must be true or false")
         if self.n_heads % self.n_kv_heads:
             raise bad("n_kv_heads", f"n_heads={self.n_heads} must be divisible by n_kv_heads")
         if self.activation not in ACTIVATIONS:

@@ -20,6 +20,13 @@ def _req(hf: dict[str, Any], key: str) -> Any:
     return hf[key]
 
 
+def _flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+    v = hf.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"HF config: {key} must be true or false, got {v!r}")
+    return v
+
+
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
@@ -86,7 +93,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         ffn_dim=int(_req(hf, "intermediate_size")),
         max_context=int(_req(hf, "max_position_embeddings")),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", mt == "gemma2")),
+        tie_embeddings=_flag(hf, "tie_word_embeddings", mt == "gemma2"),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"), init_std=float(hf.get("initializer_range", 0.02)),
         **_rope(hf),
@@ -95,9 +102,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if mt in ("llama", "mixtral"):
         if act != "silu":
             raise ValueError(f"HF config ({mt}): unsupported hidden_act {act!r}")
-        common.update(attn_qkv_bias=bool(hf.get("attention_bias", False)),
-                      attn_out_bias=bool(hf.get("attention_bias", False)),
-                      mlp_bias=bool(hf.get("mlp_bias", False)),
+        common.update(attn_qkv_bias=_flag(hf, "attention_bias", False),
+                      attn_out_bias=_flag(hf, "attention_bias", False),
+                      mlp_bias=_flag(hf, "mlp_bias", False),
                       layer_windows=_windows(hf, n_layers))
     if mt == "mixtral":
         common.update(n_experts=int(_req(hf, "num_local_experts")),
@@ -108,8 +115,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"HF config (gemma2): unsupported hidden_activation {act!r}")
         common.update(activation="gelu_tanh_glu", norm_kind="rmsnorm_plus_one", post_norms=True,
-                      attn_qkv_bias=bool(hf.get("attention_bias", False)),
-                      attn_out_bias=bool(hf.get("attention_bias", False)),
+                      attn_qkv_bias=_flag(hf, "attention_bias", False),
+                      attn_out_bias=_flag(hf, "attention_bias", False),
                       layer_windows=_windows(hf, n_layers),
                       attn_softcap=hf.get("attn_logit_softcapping"),
                       final_softcap=hf.get("final_logit_softcapping"),
@@ -118,8 +125,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     elif mt == "gpt_oss":
         common.update(activation="clamped_swiglu", swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
                       swiglu_limit=float(hf.get("swiglu_limit", 7.0)), mlp_bias=True,
-                      attn_qkv_bias=bool(hf.get("attention_bias", True)),
-                      attn_out_bias=bool(hf.get("attention_bias", True)),
+                      attn_qkv_bias=_flag(hf, "attention_bias", True),
+                      attn_out_bias=_flag(hf, "attention_bias", True),
                       attn_sinks=True, layer_windows=_windows(hf, n_layers),
                       n_experts=int(_req(hf, "num_local_experts")),
                       experts_per_token=int(_req(hf, "num_experts_per_tok")),
