@@ -156,7 +156,7 @@ class Transformer(nn.Module):
                 router_logits.append(rl)
         x = self.norm(x)
         if return_hidden:
-            return x
+            return (x, router_logits) if output_router_logits else x
         logits = self.logits(x)
         if output_router_logits:
             return logits, router_logits
