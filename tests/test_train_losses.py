@@ -178,9 +178,9 @@ def test_chunked_lm_loss_equals_one_shot_with_grads():
         return 3 * torch.tanh(x @ w.t() / 3)  # a soft-capped head, as Gemma 2's
 
     ref = causal_lm_loss(head(h), y)
-    got = chunked_lm_loss(head, h, y, chunk_bytes=4 * 50 * 3)  # 3 rows a block: uneven last block
+    got = chunked_lm_loss(head, h, y, 50, chunk_bytes=4 * 50 * 3)  # 3 rows a block: uneven last block
     torch.testing.assert_close(got, ref)
     g_ref = torch.autograd.grad(ref, (h, w))
-    g_got = torch.autograd.grad(chunked_lm_loss(head, h, y, chunk_bytes=4 * 50 * 3), (h, w))
+    g_got = torch.autograd.grad(chunked_lm_loss(head, h, y, 50, chunk_bytes=4 * 50 * 3), (h, w))
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b)

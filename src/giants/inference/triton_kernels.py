@@ -66,24 +66,27 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool,
 
 # ---- gated activation -------------------------------------------------------------------------
 @triton.jit
+def _act(g, u, alpha, limit, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        y = g * tl.sigmoid(g) * u
+    elif ACT == 1:  # gelu, tanh approximation: tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        y = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0)) * u
+    else:  # gpt-oss clamped swiglu
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        y = g * tl.sigmoid(alpha * g) * (u + 1.0)
+    return y
+
+
+@triton.jit
 def _glu_kernel(GU, OUT, F, alpha, limit, ACT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < F
     g = tl.load(GU + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
-    if ACT == 0:  # silu
-        a = g * tl.sigmoid(g)
-        y = a * u
-    elif ACT == 1:  # gelu, tanh approximation: tanh(z) = 2 sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
-        y = a * u
-    else:  # gpt-oss clamped swiglu
-        g = tl.minimum(g, limit)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-        y = g * tl.sigmoid(alpha * g) * (u + 1.0)
-    tl.store(OUT + row * F + cols, y.to(OUT.dtype.element_ty), mask=m)
+    tl.store(OUT + row * F + cols, _act(g, u, alpha, limit, ACT).to(OUT.dtype.element_ty), mask=m)
 
 
 ACTS = {"silu_glu": 0, "gelu_tanh_glu": 1, "clamped_swiglu": 2}
@@ -399,21 +402,22 @@ def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: t
     return out
 
 
-def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, timed: bool = False):
-    """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events); with
-    timed=True also its milliseconds per call."""
-    x = torch.randn(pairs, w.shape[2], dtype=w.dtype, device=w.device)
+def _expert_inputs(w: torch.Tensor, pairs: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random rows (pairs, width), their row ids, and expert ids as distinct as a real routing makes them."""
+    x = torch.randn(pairs, width, dtype=w.dtype, device=w.device)
     rows = torch.arange(pairs, device=w.device)
-    expert = (rows * 7) % w.shape[0]  # distinct experts where possible, like a real routing
-    best = pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)
-    return best if timed else best[0]
+    return x, rows, (rows * 7) % w.shape[0]
+
+
+def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int) -> dict:
+    """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events)."""
+    x, rows, expert = _expert_inputs(w, pairs, w.shape[2])
+    return pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)[0]
 
 
 def pick_expert_act(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, activation: str) -> tuple[dict, float]:
     """(config, ms) for the down projection that applies the gated activation to its input."""
-    x = torch.randn(pairs, 2 * w.shape[2], dtype=w.dtype, device=w.device)
-    rows = torch.arange(pairs, device=w.device)
-    expert = (rows * 7) % w.shape[0]
+    x, rows, expert = _expert_inputs(w, pairs, 2 * w.shape[2])
     return pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, activation=activation, **c),
                              EXPERT_GEMV_CONFIGS)
 
@@ -421,25 +425,10 @@ def pick_expert_act(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, acti
 def pick_expert_down(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, k_top: int,
                      activation: str) -> tuple[dict, float]:
     """(config, ms) for expert_down_combine."""
-    gu = torch.randn(pairs, 2 * w.shape[2], dtype=w.dtype, device=w.device)
-    expert = (torch.arange(pairs, device=w.device) * 7) % w.shape[0]
+    gu, _, expert = _expert_inputs(w, pairs, 2 * w.shape[2])
     weights = torch.full((pairs,), 1.0 / k_top, dtype=w.dtype, device=w.device)
     return pick_config_timed(lambda **c: expert_down_combine(gu, expert, weights, w, bias, k_top, activation, **c),
                              EXPERT_GEMV_CONFIGS)
-
-
-@triton.jit
-def _act(g, u, alpha, limit, ACT: tl.constexpr):
-    if ACT == 0:  # silu
-        y = g * tl.sigmoid(g) * u
-    elif ACT == 1:  # gelu, tanh approximation
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        y = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0)) * u
-    else:  # gpt-oss clamped swiglu
-        g = tl.minimum(g, limit)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-        y = g * tl.sigmoid(alpha * g) * (u + 1.0)
-    return y
 
 
 @triton.jit
@@ -534,24 +523,25 @@ def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormali
     return weights, idx
 
 
-def pick_config(fn, configs: list[dict], reps: int = 20) -> dict:
-    """The fastest of `configs` for fn(**config) by CUDA events; configs that fail to compile are skipped."""
-    return pick_config_timed(fn, configs, reps)[0]
+def time_ms(fn, reps: int = 20) -> float:
+    """Milliseconds per call of fn() by CUDA events, after one untimed call."""
+    fn()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / reps
 
 
 def pick_config_timed(fn, configs: list[dict], reps: int = 20) -> tuple[dict, float]:
-    """(fastest config, its milliseconds per call)."""
+    """(fastest of `configs` for fn(**config), its milliseconds per call); configs that fail to compile are
+    skipped."""
     best, best_t = configs[0], float("inf")
     for c in configs:
         try:
-            fn(**c)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(reps):
-                fn(**c)
-            e.record()
-            torch.cuda.synchronize()
-            t = s.elapsed_time(e) / reps
+            t = time_ms(lambda c=c: fn(**c), reps)
         except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
             continue
         if t < best_t:
@@ -617,14 +607,7 @@ def pick_linear_1row(w: torch.Tensor, bias: torch.Tensor | None, reps: int = 30)
             y = fn(x)
             if name != "cublas" and not torch.allclose(y.float(), ref, atol=2e-2, rtol=2e-2):
                 continue
-            fn(x)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn(x)
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = start.elapsed_time(end) * 1e3 / reps
+            times[name] = time_ms(lambda fn=fn: fn(x), reps) * 1e3
         except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
             continue
     best = min(times, key=times.get)

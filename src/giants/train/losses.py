@@ -21,16 +21,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
                            ignore_index=ignore_index)
 
 
-def chunked_lm_loss(head, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                    chunk_bytes: int = 16 << 20) -> torch.Tensor:
+def chunked_lm_loss(head, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                    ignore_index: int = IGNORE_INDEX, chunk_bytes: int = 16 << 20) -> torch.Tensor:
     """causal_lm_loss of head(hidden) computed a block of rows at a time: hidden (B, T, D), head maps
-    (N, D) -> (N, V) logits. Equal to the one-shot loss up to summation order; each block's logits stay
+    (N, D) -> (N, vocab_size) logits. Equal to the one-shot loss up to summation order; each block's logits stay
     under `chunk_bytes` in fp32, so on the CPU they come from the reused heap instead of a fresh mmap per
     tensor (the full (B*T, V) logits cost ~200k page faults a step at batch 8 x 128 x 49,152)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    V = head(h[:1]).shape[-1]
-    rows = max(1, chunk_bytes // (4 * V))
+    rows = max(1, chunk_bytes // (4 * vocab_size))
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], rows):
         total = total + F.cross_entropy(head(h[i:i + rows]).float(), y[i:i + rows], ignore_index=ignore_index,

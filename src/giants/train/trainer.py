@@ -515,17 +515,13 @@ class Trainer:
         Returns (loss, ce) or, for MoE, (loss, ce, aux, z, per-layer aux, per-layer z, utilisation)."""
         mc = self.model_config
         with self._autocast():
+            out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True)
+            hidden, router_logits = out if mc.is_moe else (out, None)
             if self.device.type == "cpu":
                 # the head and loss a block of rows at a time: far fewer page faults than full logits
-                out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True)
-                hidden, router_logits = out if mc.is_moe else (out, None)
-                ce = chunked_lm_loss(self.model.logits, hidden, y)
+                ce = chunked_lm_loss(self.model.logits, hidden, y, mc.vocab_size)
             else:
-                if mc.is_moe:
-                    logits, router_logits = self.model(x, output_router_logits=True, check=False)
-                else:
-                    logits, router_logits = self.model(x, check=False), None
-                ce = causal_lm_loss(logits, y)
+                ce = causal_lm_loss(self.model.logits(hidden), y)
             if not router_logits:
                 return ce, ce.detach()
             rl = router_losses(router_logits, mc.experts_per_token, mask)
