@@ -14,6 +14,7 @@ each query meets only the keys it may see) and the PaLM convention 6N + 12*L*H*D
 attention), which is the one the issue's transformers figure (45,400 tok/s = 37.7%) matches.
 
     python benchmarks/bench_train.py --cases dense,moe --out train.json
+    python benchmarks/bench_train.py --cases dense --skip-eager   # only the compiled giants run + transformers
     python benchmarks/bench_train.py --smoke          # CPU check of the script on tiny shapes
 """
 

@@ -123,8 +123,12 @@ def serve(opts: ServeOptions) -> int:
     app = create_app(lambda: load_model(opts), name, aliases=(opts.model,), api_key=opts.api_key,
                      max_queue=opts.max_queue, max_body=opts.max_body,
                      on_load_failed=lambda e: holder["server"].fail_load(e))
+    # Idle keep-alive connections are held 65 s, longer than clients pool them (httpx, under the openai
+    # client, expires them after 5 s, uvicorn's own default): at equal timeouts the server could close a
+    # connection just as a client reuses it, and that request fails with a connection error.
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, access_log=False,
-                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)), lifespan="on")
+                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)), lifespan="on",
+                            timeout_keep_alive=65)
     server = holder["server"] = DrainingServer(config, app.state.giants, opts.drain_timeout)
     server.run()
     if server.load_failed is not None:
