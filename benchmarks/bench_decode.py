@@ -92,6 +92,9 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
     rates, ttfts, toks = [], [], None
     llm.engine.timing = dict.fromkeys(llm.engine.timing, 0.0)
     steps0 = llm.engine.num_steps
+    runner_host = getattr(llm.engine.runner, "host_time", None)
+    if runner_host is not None:
+        runner_host.update(dict.fromkeys(runner_host, 0.0))
     for _ in range(runs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -103,6 +106,8 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
     res = {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks}
     n_steps = llm.engine.num_steps - steps0
     res["host_ms_per_step"] = {k: round(1e3 * v / n_steps, 4) for k, v in llm.engine.timing.items()}
+    if runner_host is not None:  # inside "launch": staging the inputs, the graph launch call
+        res["host_ms_per_step"].update({f"runner_{k}": round(1e3 * v / n_steps, 4) for k, v in runner_host.items()})
     runner = llm.engine.runner
     graphs = getattr(runner, "graphs", {})
     if graphs:

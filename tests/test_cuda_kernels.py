@@ -148,3 +148,62 @@ def test_expert_gemv_with_activation_and_norm_combine(activation):
     xf = x.float()
     ref_out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.float()
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
+
+
+@cuda
+@pytest.mark.parametrize("activation", [None, "silu_glu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_splitk_gemv_partials_sum_to_reference(activation, bias):
+    """Split-K GEMV: the split partials (fp32) add up to the per-pair product, activation and bias included;
+    split 1 gives the result in the input dtype. Dense weights (N, K) are one expert."""
+    from giants.config import ModelConfig
+    from giants.inference import triton_kernels as tk
+    from giants.model.mlp import gated_activation
+
+    E, N, K = 5, 300, 1000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(E, N, K, device="cuda", generator=g).to(torch.bfloat16)
+    b = torch.randn(E, N, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    width = 2 * K if activation else K
+    x = torch.randn(3, width, device="cuda", generator=g).to(torch.bfloat16)
+    rows = torch.tensor([0, 2, 1, 1], device="cuda")
+    experts = torch.tensor([4, 0, 2, 4], device="cuda")
+    if activation:
+        cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, ffn_dim=K,
+                          activation=activation)
+        xin = gated_activation(x[:, :K].float(), x[:, K:].float(), cfg).to(torch.bfloat16).float()
+    else:
+        xin = x.float()
+    ref = torch.stack([w[e].float() @ xin[r] + (b[e].float() if bias else 0)
+                       for r, e in zip(rows.tolist(), experts.tolist())])
+    for c in tk.SPLITK_CONFIGS:
+        y = tk.splitk_gemv(x, rows, experts, w, b, activation=activation, **c)
+        assert y.dtype == (torch.float32 if c["split"] > 1 else torch.bfloat16)
+        got = y.float().view(4, c["split"], N).sum(1)
+        torch.testing.assert_close(got, ref, atol=0.02 * ref.abs().max().item(), rtol=2e-2)
+    dense = tk.splitk_gemv(x[:1], rows[:1] * 0, rows[:1] * 0, w[0], b[0] if bias else None, activation=activation)
+    torch.testing.assert_close(dense.float()[0], (w[0].float() @ xin[0] + (b[0].float() if bias else 0)),
+                               atol=0.02 * ref.abs().max().item(), rtol=2e-2)
+
+
+@cuda
+def test_dense_down_plans_agree():
+    """The one-row dense MLP down projection: GLU kernel + linear against the activation-on-load GEMV."""
+    from giants.inference import LLM
+
+    llm = LLM("tiny-llama", device="cuda", dtype="bfloat16", seed=0, num_blocks=64, max_model_len=64, max_num_seqs=2)
+    runner = llm.engine.runner
+    mlp = llm.model.layers[0].mlp
+    gu = torch.randn(1, 2 * llm.model.config.ffn_dim, device="cuda", dtype=torch.bfloat16)
+    w, b = mlp.down_proj.weight, mlp.down_proj.bias
+    with torch.inference_mode():
+        first = runner._dense_down(gu, w, b).float()
+        key = ("dense-down", tuple(w.shape), b is not None)
+        chosen = runner.gemv_choice[key]
+        runner.gemv_choice[key] = None
+        unfused = runner._dense_down(gu, w, b).float()
+        runner.gemv_choice[key] = {"split": 1, "block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 3}
+        fused = runner._dense_down(gu, w, b).float()
+        runner.gemv_choice[key] = chosen
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(first, unfused, atol=2e-2, rtol=2e-2)

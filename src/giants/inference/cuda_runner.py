@@ -12,6 +12,7 @@ Legend: B decode rows (padded to the bucket), H / Hkv heads, D head dim, E exper
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -57,6 +58,7 @@ class CudaModelRunner(ModelRunner):
         K = max(cfg.experts_per_token, 1)
         self.pair_id = torch.arange(self.buckets[-1] * K, device=self.device)
         self.pair_row = self.pair_id // K
+        self.host_time = {"fill": 0.0, "replay": 0.0}  # seconds of host work in execute, for the benchmarks
         for layer in model.layers:
             if isinstance(layer.mlp, MoE) and not layer.mlp.w_down.is_contiguous():
                 layer.mlp.w_down.data = layer.mlp.w_down.data.contiguous()  # the expert kernels stream rows
@@ -138,6 +140,27 @@ class CudaModelRunner(ModelRunner):
                 self.gemv_choice[key] = ("split", split) if t_split <= t_fused else ("fused", fused)
                 self.gemv_times[key] = {"split": round(t_split * 1e3, 1), "fused": round(t_fused * 1e3, 1)}  # us
         return self.gemv_choice[key]
+
+    def _dense_down(self, gu: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """down(act(gate, up)) for the dense MLP; for one row on CUDA, whichever times faster: the GLU kernel
+        then the best one-row linear, or one GEMV that applies the activation as it loads its input."""
+        cfg = self.cfg
+        if self._one_row(gu):
+            key = ("dense-down", tuple(w.shape), b is not None)
+            if key not in self.gemv_choice:
+                fused, t_fused = tk.pick_gemv_act(w, b, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+                name, _ = self._tuned(w, b)
+                probe = torch.randn_like(gu)
+                t_glu = tk.time_ms(lambda i: tk.glu(probe, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit))
+                t_split = t_glu + self.gemv_times[(tuple(w.shape), b is not None)][name] / 1e3
+                self.gemv_choice[key] = fused if t_fused < t_split else None
+                self.gemv_times[key] = {"glu+linear": round(t_split * 1e3, 1), "act-gemv": round(t_fused * 1e3, 1)}
+            fused = self.gemv_choice[key]
+            if fused is not None:
+                return tk.splitk_gemv(gu, self.pair_id[:1], self.pair_id[:1], w, b, activation=cfg.activation,
+                                      alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **fused)
+        act = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+        return self._linear(act, w, b)
 
     def _norm(self, mod, x, residual: torch.Tensor | None = None):
         combine = None
@@ -222,8 +245,7 @@ class CudaModelRunner(ModelRunner):
             h, residual = self._norm(layer.mlp_norm, a, residual)
             if mlp_w[0] == "dense":
                 gu = self._linear(h, mlp_w[1], mlp_w[2])
-                act = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-                delta = self._linear(act, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+                delta = self._dense_down(gu, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
             else:
                 delta = self._moe(i, layer.mlp, h)
             if layer.mlp_post_norm is not None:
@@ -280,7 +302,10 @@ class CudaModelRunner(ModelRunner):
         if not self.fast or B > self.buckets[-1] or any(len(c.token_ids) != 1 for c in chunks):
             return super().execute(chunks)
         Bp = next(b for b in self.buckets if b >= B) if self.use_graphs else B
+        t0 = time.perf_counter()
         max_len = self._fill(chunks, Bp)
+        t1 = time.perf_counter()
+        self.host_time["fill"] += t1 - t0
         splits = self._splits(Bp, max_len > LONG_CONTEXT)
         if not self.use_graphs:
             return self._forward(Bp, splits)[:B]
@@ -288,7 +313,9 @@ class CudaModelRunner(ModelRunner):
         if key not in self.graphs:
             self.graphs[key] = self._capture(Bp, splits)
         graph, logits = self.graphs[key]
+        t1 = time.perf_counter()
         graph.replay()
+        self.host_time["replay"] += time.perf_counter() - t1
         return logits[:B]
 
     def _capture(self, Bp: int, splits: int):

@@ -376,6 +376,82 @@ def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, alpha, limit, HAS_BI
     tl.store(Y + p * N + rn, y.to(Y.dtype.element_ty), mask=nm)
 
 
+@triton.jit
+def _splitk_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, K_PER, alpha, limit, HAS_BIAS: tl.constexpr,
+                        ACT_IN: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[p * SPLIT + s, n] = sum over k in split s of x_p[k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n] in
+    split 0). Splitting K gives a short weight stream many programs: GEMVs of a few tens of MB otherwise
+    run as a wave or two of long, latency-bound programs. The consumer (norm, rotary) sums the partials."""
+    p = tl.program_id(0)
+    s = tl.program_id(2)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    e = tl.load(EXPERT + p).to(tl.int64)
+    xr = tl.load(X_ROW + p).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = s * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    w_ptr = W + e * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        km = k0 + rk < k_hi
+        if ACT_IN >= 0:
+            g = tl.load(X + xr * 2 * K + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(X + xr * 2 * K + K + k0 + rk, mask=km, other=0.0).to(tl.float32)
+            x = _act(g, u, alpha, limit, ACT_IN).to(X.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(X + xr * K + k0 + rk, mask=km, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        if s == 0:
+            y += tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)
+    tl.store(Y + (p * SPLIT + s) * N + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+def splitk_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: torch.Tensor,
+                bias: torch.Tensor | None, *, split: int = 1, activation: str | None = None, alpha: float = 1.702,
+                limit: float = 7.0, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
+                num_stages: int = 3) -> torch.Tensor:
+    """x: (M, K), or (M, 2K) = [gate | up] with `activation`; x_row, expert: (P,) int; w: (E, N, K) (or (N, K),
+    one expert) contiguous; bias (E, N) or (N,). Returns (P * split, N): with split > 1 fp32 partial sums,
+    row p * split + s, for the consumer to add up; with split 1 the result in x's dtype."""
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    P = expert.shape[0]
+    N, K = w3.shape[1], w3.shape[2]
+    width = 2 * K if activation is not None else K
+    if not (x.is_contiguous() and w3.is_contiguous() and x.shape[1] == width):
+        raise ValueError(f"splitk_gemv needs contiguous x (M, {width}) and w (E, N, K); got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")
+    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    out = torch.empty(P * split, N, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    _splitk_gemv_kernel[(P, triton.cdiv(N, block_n), split)](
+        x, x_row, expert, w3, bias if bias is not None else w3, out, N, K, k_per, alpha, limit,
+        HAS_BIAS=bias is not None, ACT_IN=ACTS[activation] if activation is not None else -1, SPLIT=split,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+SPLITK_CONFIGS = [dict(split=sp, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                  for sp in (1, 2, 3, 4, 6, 8)
+                  for bn, bk, nw, ns in ((8, 256, 4, 3), (4, 512, 4, 3), (16, 256, 8, 3), (8, 512, 4, 2),
+                                         (16, 128, 4, 4), (32, 128, 8, 2))]
+
+
+def pick_gemv_act(w: torch.Tensor, bias: torch.Tensor | None, activation: str, alpha: float = 1.702,
+                  limit: float = 7.0) -> tuple[dict, float]:
+    """(config, ms) of the one-row down projection that applies the gated activation as it loads
+    (split_k 1, so the output is final)."""
+    gu = torch.randn(1, 2 * w.shape[1], dtype=w.dtype, device=w.device)
+    zero = torch.zeros(1, dtype=torch.long, device=w.device)
+    copies = cold_copies(w)
+    return pick_config_timed(
+        lambda i, **c: splitk_gemv(gu, zero, zero, copies[i % len(copies)], bias, activation=activation,
+                                   alpha=alpha, limit=limit, **c),
+        [c for c in SPLITK_CONFIGS if c["split"] == 1])
+
+
 EXPERT_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
                        for bn, bk, nw, ns in ((8, 256, 4, 3), (4, 512, 4, 4), (8, 512, 4, 3), (16, 256, 8, 3),
                                               (2, 1024, 4, 4), (16, 128, 4, 4), (32, 128, 8, 3))]
@@ -402,33 +478,39 @@ def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: t
     return out
 
 
-def _expert_inputs(w: torch.Tensor, pairs: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random rows (pairs, width), their row ids, and expert ids as distinct as a real routing makes them."""
+def _expert_inputs(w: torch.Tensor, pairs: int, width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Random rows (pairs, width), their row ids, and per call index (mod 8) expert ids as distinct as a
+    real routing makes them, different from call to call as from layer to layer (no warm L2)."""
     x = torch.randn(pairs, width, dtype=w.dtype, device=w.device)
     rows = torch.arange(pairs, device=w.device)
-    return x, rows, (rows * 7) % w.shape[0]
+    E = w.shape[0]
+    return x, rows, [(rows * 7 + pairs * i) % E for i in range(8)]
 
 
 def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int) -> dict:
     """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events)."""
-    x, rows, expert = _expert_inputs(w, pairs, w.shape[2])
-    return pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, **c), EXPERT_GEMV_CONFIGS)[0]
+    x, rows, experts = _expert_inputs(w, pairs, w.shape[2])
+    return pick_config_timed(lambda i, **c: expert_gemv(x, rows, experts[i % 8], w, bias, **c),
+                             EXPERT_GEMV_CONFIGS)[0]
 
 
 def pick_expert_act(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, activation: str) -> tuple[dict, float]:
     """(config, ms) for the down projection that applies the gated activation to its input."""
-    x, rows, expert = _expert_inputs(w, pairs, 2 * w.shape[2])
-    return pick_config_timed(lambda **c: expert_gemv(x, rows, expert, w, bias, activation=activation, **c),
-                             EXPERT_GEMV_CONFIGS)
+    x, rows, experts = _expert_inputs(w, pairs, 2 * w.shape[2])
+    return pick_config_timed(
+        lambda i, **c: expert_gemv(x, rows, experts[i % 8], w, bias, activation=activation, **c),
+        EXPERT_GEMV_CONFIGS)
 
 
 def pick_expert_down(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, k_top: int,
                      activation: str) -> tuple[dict, float]:
     """(config, ms) for expert_down_combine."""
-    gu, _, expert = _expert_inputs(w, pairs, 2 * w.shape[2])
+    gu, _, experts = _expert_inputs(w, pairs, 2 * w.shape[2])
     weights = torch.full((pairs,), 1.0 / k_top, dtype=w.dtype, device=w.device)
-    return pick_config_timed(lambda **c: expert_down_combine(gu, expert, weights, w, bias, k_top, activation, **c),
-                             EXPERT_GEMV_CONFIGS)
+    return pick_config_timed(
+        lambda i, **c: expert_down_combine(gu, experts[i % 8], weights, w, bias, k_top, activation, **c),
+        EXPERT_GEMV_CONFIGS)
 
 
 @triton.jit
@@ -524,25 +606,41 @@ def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormali
 
 
 def time_ms(fn, reps: int = 20) -> float:
-    """Milliseconds per call of fn() by CUDA events, after one untimed call."""
-    fn()
+    """GPU milliseconds per call of fn(i), i = 0..reps-1, from a CUDA graph of the reps calls (after one
+    untimed call): back-to-back eager launches of a kernel of a few microseconds measure the host's launch
+    rate, not the kernel. fn gets the call index so it can rotate over weight copies: a weight re-read
+    while still in L2 would time faster than the cold read a decode step makes."""
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    graph.replay()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(3):
+        graph.replay()
     e.record()
     torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
+    return s.elapsed_time(e) / (3 * reps)
+
+
+def cold_copies(w: torch.Tensor, min_bytes: int = 256 << 20) -> list[torch.Tensor]:
+    """w and enough clones that cycling through them reads more than the L2 cache holds."""
+    n = max(1, -(-min_bytes // (w.numel() * w.element_size())))
+    return [w] + [w.clone() for _ in range(n - 1)]
 
 
 def pick_config_timed(fn, configs: list[dict], reps: int = 20) -> tuple[dict, float]:
-    """(fastest of `configs` for fn(**config), its milliseconds per call); configs that fail to compile are
-    skipped."""
+    """(fastest of `configs` for fn(i, **config), its milliseconds per call); configs that fail to compile
+    are skipped."""
     best, best_t = configs[0], float("inf")
     for c in configs:
         try:
-            t = time_ms(lambda c=c: fn(**c), reps)
+            t = time_ms(lambda i, c=c: fn(i, **c), reps)
         except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
+            torch.cuda.synchronize()
             continue
         if t < best_t:
             best, best_t = c, t
@@ -591,25 +689,26 @@ GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
 
 
 def pick_linear_1row(w: torch.Tensor, bias: torch.Tensor | None, reps: int = 30):
-    """Time F.linear (cuBLAS) against the Triton GEMV configs for a one-row input; returns the fastest as
-    a callable x -> y, with its name and the measured microseconds of each candidate."""
+    """Time F.linear (cuBLAS) against the Triton GEMV configs for a one-row input (CUDA graphs, cold weight
+    copies); returns the fastest as a callable x -> y, with its name and the measured microseconds of each."""
     import torch.nn.functional as F
 
     x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
-    cands = {"cublas": lambda x: F.linear(x, w, bias)}
+    cands = {"cublas": lambda x, w=w: F.linear(x, w, bias)}
     for c in GEMV_CONFIGS:
         cands[f"triton{c['block_n']}x{c['block_k']}w{c['num_warps']}s{c['num_stages']}"] = \
-            functools.partial(gemv, w=w, bias=bias, **c)
-    ref = cands["cublas"](x).float()
+            functools.partial(gemv, bias=bias, **c)
+    ref = F.linear(x, w, bias).float()
+    copies = cold_copies(w)
     times = {}
     for name, fn in cands.items():
         try:
-            y = fn(x)
+            y = fn(x, w=w)
             if name != "cublas" and not torch.allclose(y.float(), ref, atol=2e-2, rtol=2e-2):
                 continue
-            times[name] = time_ms(lambda fn=fn: fn(x), reps) * 1e3
+            times[name] = time_ms(lambda i, fn=fn: fn(x, w=copies[i % len(copies)]), reps) * 1e3
         except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
+            torch.cuda.synchronize()
             continue
     best = min(times, key=times.get)
-    return cands[best], best, times
-
+    return functools.partial(cands[best], w=w), best, times
