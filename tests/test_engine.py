@@ -202,3 +202,53 @@ def test_request_too_big_for_cache_is_refused_and_growth_past_capacity_ends_with
     assert set(finished) == {"grow", "other"}
     assert all(c.finish_reason == "length" for c in finished.values())
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2", "tiny-gpt-oss"])
+def test_async_decode_launches_ahead_and_matches_reference(name, prompts):
+    """Decode steps launched before the previous step's tokens are read (the CUDA-graph default, forced
+    here on the CPU path) give the reference tokens: with sequences stopping on a token mid-batch (the
+    step launched ahead is dropped), requests joining, an abort, and preemption under a tiny block budget."""
+    model = giants.build(giants.get_config(name), seed=0).eval()
+    n_new = 20
+    ref = [reference_greedy(model, p, n_new) for p in prompts]
+    # every third request stops at its 9th reference token (or the first earlier copy of it)
+    stops = {i: r[8] for i, r in enumerate(ref) if i % 3 == 1}
+    want = [r[:r.index(stops[i]) + 1] if i in stops else r for i, r in enumerate(ref)]
+    for kw in ({"num_blocks": 1024}, {"num_blocks": 36, "max_num_batched_tokens": 24}):
+        engine = Engine(model, block_size=4, async_decode=True, **kw)
+        assert engine.async_decode
+        results: dict[str, list[int]] = {}
+        pending = list(enumerate(prompts))
+        steps = 0
+        while pending or engine.has_unfinished_requests():
+            for _ in range(min(4, len(pending))):
+                i, p = pending.pop(0)
+                engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True,
+                                                             stop_token_ids=[stops[i]] if i in stops else []))
+            if steps == 0:
+                engine.add_request("gone", prompts[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+            for out in engine.step():
+                if out.finished and out.request_id != "gone":
+                    results[out.request_id] = out.outputs[0].token_ids
+            steps += 1
+            if steps == 12:
+                engine.abort_request("gone")
+        assert [results[str(i)] for i in range(len(prompts))] == want
+        assert engine.num_ahead_used > 0, kw
+        s = engine.stats()
+        assert s["kv_blocks_used"] == 0 and s["num_running"] == 0
+    # two sequences, one stopping on a token while the other goes on: the step launched ahead for both is
+    # dropped, the survivor recomputes that position and still matches
+    engine = Engine(model, block_size=4, num_blocks=256, async_decode=True)
+    engine.add_request("stop", prompts[1], SamplingParams(temperature=0, max_tokens=n_new, stop_token_ids=[ref[1][8]]))
+    engine.add_request("go", prompts[2], SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert done == {"stop": want[1], "go": ref[2]}
+    assert engine.num_ahead_dropped >= 1 and engine.num_ahead_used > 10, (engine.num_ahead_used,
+                                                                          engine.num_ahead_dropped)
+    assert Engine(model, block_size=4, num_blocks=64).async_decode is False  # CPU default: off

@@ -89,8 +89,12 @@ class CudaModelRunner(ModelRunner):
         self.s_slots = [self.s_meta[3 + gi] for gi in range(G)]
         self.s_tables = [self.s_table[gi] for gi in range(G)]
         pin = dev.type == "cuda"
-        self.h_meta = torch.zeros(3 + G, Bm, dtype=torch.long, pin_memory=pin)
-        self.h_table = torch.zeros(G * Bm * self.max_pages, dtype=torch.int32, pin_memory=pin)
+        # Two sets of host staging buffers, used in turn: with steps launched ahead, the host fills the
+        # next step's inputs while the last step's copy may still be queued (an event guards reuse).
+        self.h_metas = [torch.zeros(3 + G, Bm, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.h_tables = [torch.zeros(G * Bm * self.max_pages, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.h_done: list[torch.cuda.Event | None] = [None, None]
+        self.h_turn = 0
 
     # ---- the fused decode forward ------------------------------------------------------------
     def _tuned(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[str, dict]:
@@ -264,21 +268,26 @@ class CudaModelRunner(ModelRunner):
         want = max(1, 2 * 132 // (B * self.cfg.n_kv_heads))
         return min(16, 1 << (want.bit_length() - 1))
 
-    def _fill(self, chunks: list[Chunk], Bp: int) -> int:
+    def _fill(self, chunks: list[Chunk], Bp: int, ids_dev: torch.Tensor | None = None) -> int:
         """Copy this step's inputs into the static buffers (rows past the real batch point at a
-        scratch block); returns the longest key count."""
+        scratch block); ids_dev: the input tokens already on the device. Returns the longest key count."""
         kv, bs = self.kv, self.kv.block_size
         B, G = len(chunks), len(kv.groups)
-        meta = self.h_meta.numpy()[:, :Bp]
+        turn = self.h_turn
+        self.h_turn ^= 1
+        if self.h_done[turn] is not None:
+            self.h_done[turn].synchronize()  # the copy that last read these buffers has run
+        h_meta, h_table = self.h_metas[turn], self.h_tables[turn]
+        meta = h_meta.numpy()[:, :Bp]
         ids, pos, lens = meta[0], meta[1], meta[2]
         ids[B:] = 0
         pos[B:] = 0
-        ids[:B] = [c.token_ids[0] for c in chunks]
+        ids[:B] = 0 if ids_dev is not None else [c.token_ids[0] for c in chunks]
         pos[:B] = [c.start for c in chunks]
         lens[:] = pos + 1
         max_len = int(lens.max())
         width = -(-max_len // bs)
-        tables = self.h_table[:G * Bp * width].view(G, Bp, width)
+        tables = h_table[:G * Bp * width].view(G, Bp, width)
         tnp = tables.numpy()
         rows = np.arange(B)
         for gi, g in enumerate(kv.groups):
@@ -292,18 +301,30 @@ class CudaModelRunner(ModelRunner):
             slots = meta[3 + gi]
             slots[:] = scratch * bs
             slots[:B] = table[rows, pos[:B] // bs].astype(np.int64) * bs + pos[:B] % bs
-        self.s_meta.copy_(self.h_meta, non_blocking=True)  # a few KB: whole, contiguous
+        self.s_meta.copy_(h_meta, non_blocking=True)  # a few KB: whole, contiguous
         self.s_table[:, :Bp, :width].copy_(tables, non_blocking=True)
+        if self.device.type == "cuda":
+            self.h_done[turn] = torch.cuda.Event()
+            self.h_done[turn].record()
+        if ids_dev is not None:
+            self.s_ids[:B].copy_(ids_dev)
         return max_len
 
+    def can_run_ahead(self, chunks: list[Chunk]) -> bool:
+        """Only a step the CUDA graphs run is worth launching ahead (the generic path reads the ids back)."""
+        return self._fast_step(chunks) and self.use_graphs
+
+    def _fast_step(self, chunks: list[Chunk]) -> bool:
+        return self.fast and len(chunks) <= self.buckets[-1] and all(len(c.token_ids) == 1 for c in chunks)
+
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk]) -> torch.Tensor:
+    def execute(self, chunks: list[Chunk], ids: torch.Tensor | None = None) -> torch.Tensor:
         B = len(chunks)
-        if not self.fast or B > self.buckets[-1] or any(len(c.token_ids) != 1 for c in chunks):
-            return super().execute(chunks)
+        if not self._fast_step(chunks):
+            return super().execute(chunks, ids)
         Bp = next(b for b in self.buckets if b >= B) if self.use_graphs else B
         t0 = time.perf_counter()
-        max_len = self._fill(chunks, Bp)
+        max_len = self._fill(chunks, Bp, ids)
         t1 = time.perf_counter()
         self.host_time["fill"] += t1 - t0
         splits = self._splits(Bp, max_len > LONG_CONTEXT)

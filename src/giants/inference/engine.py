@@ -29,6 +29,21 @@ from giants.model.transformer import Transformer
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
+@dataclass
+class _Ahead:
+    """A decode step queued before the previous step's tokens were read: for these sequences at these
+    positions, its logits coming."""
+
+    seqs: list[Sequence]
+    starts: list[int]
+    logits: torch.Tensor
+
+    def matches(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        return len(scheduled) == len(self.seqs) and all(
+            seq is s and n == 1 and seq.num_computed == start
+            for (seq, n), s, start in zip(scheduled, self.seqs, self.starts))
+
+
 class Sequence:
     def __init__(self, seq_id: int, request: Request, index: int, n_groups: int, generator: torch.Generator | None,
                  tokenizer: Any) -> None:
@@ -93,7 +108,8 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  device: torch.device | str | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
-                 use_cuda_graphs: bool = True, cpu_onednn: bool | None = None) -> None:
+                 use_cuda_graphs: bool = True, cpu_onednn: bool | None = None,
+                 async_decode: bool | None = None) -> None:
         cfg = model.config
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -116,6 +132,13 @@ class Engine:
         self.kv = KVCacheManager(cfg, block_size=block_size, num_blocks=num_blocks, max_model_len=self.max_model_len,
                                  dtype=dtype, device=self.device, enable_prefix_caching=enable_prefix_caching)
         self.runner = self._make_runner(use_cuda_graphs)
+        # Launch the next decode step before reading this step's tokens back (its input ids stay on the
+        # device), so the host's bookkeeping overlaps the GPU's work: on by default where decode replays
+        # CUDA graphs; elsewhere it only costs a read-back, but the CPU tests force it to check the logic.
+        self.async_decode = bool(getattr(self.runner, "use_graphs", False)) if async_decode is None \
+            else bool(async_decode)
+        self._ahead: _Ahead | None = None
+        self.num_ahead_used = self.num_ahead_dropped = 0
         if cpu_onednn is None:
             cpu_onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
         if cpu_onednn:
@@ -294,6 +317,32 @@ class Engine:
         return scheduled
 
     # ---- the step ----------------------------------------------------------------
+    def _launch_ahead(self, scheduled: list[tuple[Sequence, int]], chunks: list[Chunk],
+                      tokens: torch.Tensor) -> _Ahead | None:
+        """Queues the next decode step of these sequences, fed by the tokens still on the device, if the
+        next schedule will surely be the same batch again: every sequence decoding one token, nothing
+        waiting to join, no length limit reached, and the next token's KV slot allocated now."""
+        if not (self.async_decode and getattr(self.runner, "supports_ahead", False)) or self.waiting:
+            return None
+        if len(scheduled) != len(self.running) or any(n != 1 or not c.sample for (_, n), c in zip(scheduled, chunks)):
+            return None
+        seqs = [seq for seq, _ in scheduled]
+        for seq in seqs:
+            p = seq.request.params
+            if (p.max_tokens is not None and len(seq.output_ids) + 1 >= p.max_tokens) \
+                    or len(seq) + 1 >= self.max_model_len or p.logprobs is not None:
+                return None
+        for seq in seqs:
+            # num_computed already counts this step's token: the next one goes to that position
+            self.kv.release_outside_window(seq.blocks, seq.num_computed)
+            if not self.kv.allocate(seq.blocks, seq.num_computed, seq.num_computed + 1):
+                return None  # out of blocks: the next step's scheduler preempts as usual
+        nxt = [Chunk(seq.blocks, seq.num_computed, [0], True) for seq in seqs]
+        if not self.runner.can_run_ahead(nxt):
+            return None
+        logits = self.runner.execute(nxt, ids=tokens)
+        return _Ahead(seqs, [seq.num_computed for seq in seqs], logits)
+
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         scheduled = self._schedule()
@@ -302,7 +351,16 @@ class Engine:
             chunks = [Chunk(seq.blocks, seq.num_computed, seq.tokens(seq.num_computed, seq.num_computed + n),
                             seq.num_computed + n == len(seq)) for seq, n in scheduled]
             t1 = time.perf_counter()
-            logits = self.runner.execute(chunks)
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead.matches(scheduled):
+                logits = ahead.logits  # already queued by the previous step
+                self.num_ahead_used += 1
+            else:
+                if ahead is not None:
+                    # the batch changed (a sequence finished, was aborted or preempted): its result is
+                    # dropped; the KV it wrote sits at positions nobody has computed yet, rewritten when they are
+                    self.num_ahead_dropped += 1
+                logits = self.runner.execute(chunks)
             t2 = time.perf_counter()
             self.timing["schedule"] += t1 - t0
             self.timing["launch"] += t2 - t1
@@ -311,7 +369,11 @@ class Engine:
                 seq.num_computed += n
             if sampling:
                 rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s in sampling]
-                result = self.sampler(logits, rows)
+                pending = self.sampler.launch(logits, rows)
+                if not pending.wants_logprobs:
+                    pending.copy_async()
+                    self._ahead = self._launch_ahead(scheduled, chunks, pending.tokens)
+                result = pending.result()
                 now = time.perf_counter()
                 self.timing["sample_and_wait"] += now - t2
                 for seq, tok, lp in zip(sampling, result.tokens, result.logprobs):

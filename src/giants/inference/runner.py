@@ -199,9 +199,17 @@ class ModelRunner:
             out[rows] = o.transpose(1, 2).to(out.dtype)
         return out
 
+    supports_ahead = True  # execute() takes decode input ids as a device tensor (see Engine.async_decode)
+
+    def can_run_ahead(self, chunks: list[Chunk]) -> bool:
+        return True
+
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Runs the chunks; returns logits (n_sampled, vocab) in chunk order for chunks with sample=True."""
+    def execute(self, chunks: list[Chunk], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs the chunks; returns logits (n_sampled, vocab) in chunk order for chunks with sample=True.
+        ids: (len(chunks),) the decode chunks' input tokens on the device, in place of their token_ids."""
+        if ids is not None:
+            chunks = [Chunk(c.blocks, c.start, [t], c.sample) for c, t in zip(chunks, ids.tolist())]
         inp = StepInputs(self.kv, chunks, self.device)
         model, cfg, kv = self.model, self.cfg, self.kv
         N = inp.n_tokens

@@ -28,6 +28,13 @@ class SamplingRow:
     generator: torch.Generator | None = None
 
 
+def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a pageable copy waits for queued work)."""
+    if dev.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(dev, non_blocking=True)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Repetition penalty (transformers/CTRL: over prompt and output tokens, divide positive logits,
     multiply negative ones) and OpenAI's presence/frequency penalties (over output tokens)."""
@@ -109,35 +116,35 @@ class SampleResult:
     logprobs: list[dict[int, float] | None]
 
 
-class Sampler:
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
+class PendingSample:
+    """Tokens chosen on the device, not yet read back: `result()` waits for them. After `copy_async()`
+    the wait is on an event recorded right after the tokens, so work queued later on the stream (the
+    next decode step, launched ahead) does not delay it."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-        """logits: (B, V) for the rows that produce a token this step."""
-        logits = logits.float()
-        raw = logits
-        dev = logits.device
-        logits = apply_penalties(logits, rows)
-        params = [r.params for r in rows]
-        greedy = [p.greedy for p in params]
-        tokens = logits.argmax(dim=-1)
-        if not all(greedy):
-            temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
-            top_k = torch.tensor([p.k for p in params], dtype=torch.long, device=dev)
-            top_p = torch.tensor([p.top_p for p in params], device=dev)
-            min_p = torch.tensor([p.min_p for p in params], device=dev)
-            filtered = apply_filters(logits, temp, top_k, top_p, min_p, kmax=max(p.k for p in params),
-                                     any_top_p=any(p.top_p < 1 for p in params),
-                                     any_min_p=any(p.min_p > 0 for p in params))
-            gen = self.generator
-            if gen is not None and gen.device != dev:
-                gen = None
-            sampled = exponential_race(filtered.softmax(dim=-1), [r.generator for r in rows], gen)
-            is_greedy = torch.tensor(greedy, device=dev)
-            tokens = torch.where(is_greedy, tokens, sampled)
-        token_list = tokens.tolist()
-        logprobs: list[dict[int, float] | None] = [None] * len(rows)
+    def __init__(self, tokens: torch.Tensor, raw: torch.Tensor, params: list[SamplingParams]) -> None:
+        self.tokens, self.raw, self.params = tokens, raw, params
+        self.host: torch.Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return any(p.logprobs is not None for p in self.params)
+
+    def copy_async(self) -> None:
+        if self.tokens.is_cuda:
+            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host.copy_(self.tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> SampleResult:
+        if self.event is not None:
+            self.event.synchronize()
+            token_list = self.host.tolist()
+        else:
+            token_list = self.tokens.tolist()
+        params, tokens, raw = self.params, self.tokens, self.raw
+        logprobs: list[dict[int, float] | None] = [None] * len(params)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lp = torch.log_softmax(raw[want], dim=-1)
@@ -152,3 +159,37 @@ class Sampler:
                 d[token_list[i]] = chosen[j]
                 logprobs[i] = d
         return SampleResult(token_list, logprobs)
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        """logits: (B, V) for the rows that produce a token this step."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+        """Queues the sampling of logits (B, V) on the device; the tokens are read back by `.result()`."""
+        logits = logits.float()
+        raw = logits
+        dev = logits.device
+        logits = apply_penalties(logits, rows)
+        params = [r.params for r in rows]
+        greedy = [p.greedy for p in params]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            temp = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
+            top_k = _to_device([p.k for p in params], torch.long, dev)
+            top_p = _to_device([p.top_p for p in params], torch.float32, dev)
+            min_p = _to_device([p.min_p for p in params], torch.float32, dev)
+            filtered = apply_filters(logits, temp, top_k, top_p, min_p, kmax=max(p.k for p in params),
+                                     any_top_p=any(p.top_p < 1 for p in params),
+                                     any_min_p=any(p.min_p > 0 for p in params))
+            gen = self.generator
+            if gen is not None and gen.device != dev:
+                gen = None
+            sampled = exponential_race(filtered.softmax(dim=-1), [r.generator for r in rows], gen)
+            is_greedy = _to_device(greedy, torch.bool, dev)
+            tokens = torch.where(is_greedy, tokens, sampled)
+        return PendingSample(tokens, raw, params)
