@@ -242,3 +242,26 @@ def test_async_decode_on_cuda_graphs_matches_sync(name):
     sync, asyn = outs
     s1 = sync[1][:sync[1].index(sync[1][5]) + 1]
     assert asyn[1] == s1 and [asyn[i] for i in (0, 2, 3)] == [sync[i] for i in (0, 2, 3)]
+
+
+@cuda
+def test_clip_folded_into_fused_adamw_equals_clip_then_step():
+    """The trainer's CUDA path: clipping as the fused AdamW's grad_scale equals clip_grad_norm_ then step."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (128, 64)]
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    grads = [10 * torch.randn(s, device="cuda") for s in shapes]  # norm far above the clip
+    opt_a = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1, fused=True)
+    opt_b = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(3):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = (g * (step + 1)).clone(), (g * (step + 1)).clone()
+        torch.nn.utils.clip_grad_norm_(a, 1.0)
+        opt_a.step()
+        norm = torch.nn.utils.get_total_norm([q.grad for q in b], foreach=True)
+        opt_b.grad_scale = torch.clamp((norm.float() + 1e-6) / 1.0, min=1.0)
+        opt_b.step()
+        opt_b.grad_scale = None
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)

@@ -599,13 +599,20 @@ class Trainer:
             tokens += n
             extras.append(info)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if cfg.grad_clip > 0:
+        fold_clip = cfg.grad_clip > 0 and self.device.type == "cuda" and self.optimizer.defaults.get("fused")
+        if fold_clip:
+            # The clip's scale rides in the fused AdamW kernel (it divides each gradient by grad_scale as it
+            # reads it) instead of a separate read-modify-write pass over every gradient.
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+            self.optimizer.grad_scale = torch.clamp((gnorm.float() + 1e-6) / cfg.grad_clip, min=1.0)
+        elif cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         loss_v = float(loss_sum) / cfg.grad_accum
         gnorm_v = float(gnorm)
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+            self.optimizer.grad_scale = None
             self.optimizer.zero_grad(set_to_none=True)
             where = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
             what = "loss" if not math.isfinite(loss_v) else "gradient norm"
@@ -613,6 +620,8 @@ class Trainer:
                                    f"{self.step + 1}: training stopped without saving; last good checkpoint: "
                                    f"{where}. Resume from it with a lower --lr or stronger --grad-clip")
         self.optimizer.step()
+        if fold_clip:
+            self.optimizer.grad_scale = None
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
