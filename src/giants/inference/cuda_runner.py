@@ -166,6 +166,51 @@ class CudaModelRunner(ModelRunner):
         act = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
         return self._linear(act, w, b)
 
+    def _norm_linear(self, mod, x, residual: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None,
+                     glu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """linear(norm(x [+ residual])): (y, the new residual or None, whether y is already the GLU of
+        gate|up). For one row on CUDA, one kernel (norm_gemv, the GLU in its epilogue when glu) if it times
+        faster than the separate kernels and agrees with them."""
+        if self._one_row(x) if not isinstance(x, ExpertRows) else False:
+            key = ("norm-gemv", tuple(w.shape), b is not None, glu, residual is not None)
+            if key not in self.gemv_choice:
+                self.gemv_choice[key] = self._pick_norm_gemv(key, mod, x, residual, w, b, glu)
+            c = self.gemv_choice[key]
+            if c is not None:
+                cfg = self.cfg
+                y, res = tk.norm_gemv(x, residual, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", w, b,
+                                      glu=cfg.activation if glu else None, alpha=cfg.swiglu_alpha,
+                                      limit=cfg.swiglu_limit, **c)
+                return y, res, glu
+        out = self._norm(mod, x, residual)
+        h, res = out if residual is not None else (out, None)
+        return self._linear(h, w, b), res, False
+
+    def _pick_norm_gemv(self, key, mod, x, residual, w, b, glu: bool) -> dict | None:
+        cfg = self.cfg
+        act = cfg.activation if glu else None
+        copies = tk.cold_copies(w)
+        xr = torch.randn_like(x)
+        rr = torch.randn_like(x) if residual is not None else None
+
+        def unfused(i: int) -> torch.Tensor:
+            out = self._norm(mod, xr, rr)
+            y = self._linear(out[0] if rr is not None else out, copies[i % len(copies)], b)
+            return tk.glu(y, act, cfg.swiglu_alpha, cfg.swiglu_limit) if glu else y
+
+        def fused(i: int, **c) -> torch.Tensor:
+            return tk.norm_gemv(xr, rr, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", copies[i % len(copies)],
+                                b, glu=act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **c)[0]
+
+        t_unfused = tk.time_ms(unfused)
+        c, t_fused = tk.pick_config_timed(fused, tk.NORM_GEMV_CONFIGS)
+        ref = unfused(0).float()
+        agrees = t_fused < float("inf") and torch.allclose(fused(0, **c).float(), ref, rtol=2e-2,
+                                                           atol=2e-2 * float(ref.abs().max()))
+        self.gemv_times[key] = {"separate": round(t_unfused * 1e3, 1), "norm-gemv": round(t_fused * 1e3, 1),
+                                "agrees": agrees}
+        return c if agrees and t_fused < t_unfused else None
+
     def _norm(self, mod, x, residual: torch.Tensor | None = None):
         combine = None
         if isinstance(x, ExpertRows):
@@ -235,10 +280,9 @@ class CudaModelRunner(ModelRunner):
         for i, layer in enumerate(model.layers):
             (w_qkv, b_qkv), mlp_w = self.fused[i]
             if delta is None:
-                h = self._norm(layer.attn_norm, residual)
+                qkv, _, _ = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)
             else:
-                h, residual = self._norm(layer.attn_norm, delta, residual)
-            qkv = self._linear(h, w_qkv, b_qkv)
+                qkv, residual, _ = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
             gi = kv.group_of_layer[i]
             g, li = kv.groups[gi], kv.layer_index[i]
             tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
@@ -246,11 +290,13 @@ class CudaModelRunner(ModelRunner):
             a = self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias)
             if layer.attn_post_norm is not None:
                 a = self._norm(layer.attn_post_norm, a)
-            h, residual = self._norm(layer.mlp_norm, a, residual)
-            if mlp_w[0] == "dense":
-                gu = self._linear(h, mlp_w[1], mlp_w[2])
-                delta = self._dense_down(gu, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+            down = layer.mlp.down_proj if mlp_w[0] == "dense" else None
+            if down is not None:
+                y, residual, activated = self._norm_linear(layer.mlp_norm, a, residual, mlp_w[1], mlp_w[2], glu=True)
+                delta = self._linear(y, down.weight, down.bias) if activated else \
+                    self._dense_down(y, down.weight, down.bias)
             else:
+                h, residual = self._norm(layer.mlp_norm, a, residual)
                 delta = self._moe(i, layer.mlp, h)
             if layer.mlp_post_norm is not None:
                 delta = self._norm(layer.mlp_post_norm, delta)

@@ -103,6 +103,87 @@ def glu(gu: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 
     return out
 
 
+# ---- residual add + RMSNorm + one-row GEMV (+ GLU) --------------------------------------------
+@triton.jit
+def _norm_gemv_kernel(X, R, NW, W, B, Y, RES_OUT, N, K, eps, alpha, limit, HAS_RES: tl.constexpr,
+                      PLUS_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """y = W @ norm(x [+ r]) for one row, the norm computed by every program from x (a few KB, read from
+    L2) instead of by a kernel of its own; program 0 stores x + r, the new residual stream. With GLU >= 0
+    W holds [gate; up] (2N rows) and y = act(gate . h, up . h): the GLU kernel goes too. Intermediate
+    values are rounded to the activation dtype where the unfused kernels store them."""
+    pid = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        km = k0 + rk < K
+        x = tl.load(X + k0 + rk, mask=km, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            if pid == 0:
+                tl.store(RES_OUT + k0 + rk, x, mask=km)
+        xf = x.to(tl.float32)
+        ss += xf * xf
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    u_ptr = W + (rn + N).to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        km = k0 + rk < K
+        x = tl.load(X + k0 + rk, mask=km, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        nw = tl.load(NW + k0 + rk, mask=km, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            nw = nw + 1.0
+        h = ((x.to(tl.float32) * rstd) * nw).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * h[None, :]
+        if GLU >= 0:
+            wu = tl.load(u_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            acc_u += wu.to(tl.float32) * h[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
+    if GLU >= 0:
+        u = tl.sum(acc_u, axis=1)
+        if HAS_BIAS:
+            u += tl.load(B + N + rn, mask=nm, other=0.0).to(tl.float32)
+        g = y.to(Y.dtype.element_ty).to(tl.float32)
+        u = u.to(Y.dtype.element_ty).to(tl.float32)
+        y = _act(g, u, alpha, limit, GLU)
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+NORM_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                     for bn, bk, nw, ns in ((8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3),
+                                            (16, 512, 8, 3), (4, 512, 4, 3))]
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              plus_one: bool, w: torch.Tensor, bias: torch.Tensor | None, *, glu: str | None = None,
+              alpha: float = 1.702, limit: float = 7.0, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
+              num_stages: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x, residual: (1, K); w: (N, K), or (2F, K) = [gate; up] with `glu` -> (y (1, N or F), x + residual
+    or None): rmsnorm then F.linear (then the GLU) for one row in one kernel."""
+    N2, K = w.shape
+    N = N2 // 2 if glu is not None else N2
+    if not (x.shape == (1, K) and x.is_contiguous() and w.is_contiguous()):
+        raise ValueError(f"norm_gemv needs contiguous x (1, {K}) and w (N, {K}); got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    _norm_gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, residual if residual is not None else x, norm_weight, w, bias if bias is not None else w, y,
+        res_out if res_out is not None else y, N, K, eps, alpha, limit, HAS_RES=residual is not None,
+        PLUS_ONE=plus_one, HAS_BIAS=bias is not None, GLU=ACTS[glu] if glu is not None else -1, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return y, res_out
+
+
 # ---- rotary + KV write ---------------------------------------------------------------------
 @triton.jit
 def _rope_kv_kernel(QKV, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, stride_qkv, H, HKV,
