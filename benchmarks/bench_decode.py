@@ -89,7 +89,7 @@ def bytes_per_token(model, ctx: float) -> dict:
 def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # captures the graph
-    rates, ttfts, toks = [], [], None
+    rates, ttfts, runs_toks = [], [], []
     llm.engine.timing = dict.fromkeys(llm.engine.timing, 0.0)
     steps0 = llm.engine.num_steps
     runner_host = getattr(llm.engine.runner, "host_time", None)
@@ -102,8 +102,11 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
         m = out.metrics
         rates.append((new - 1) / (m.finished_time - m.first_token_time))
         ttfts.append(m.first_token_time - m.arrival_time)
-        toks = out.outputs[0].token_ids
-    res = {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks}
+        runs_toks.append(out.outputs[0].token_ids)
+    toks = runs_toks[-1]
+    # False when the model is not run-to-run deterministic (bf16 MoE prefill sums experts with atomics)
+    res = {"tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "tokens": toks,
+           "runs_identical": all(t == toks for t in runs_toks)}
     n_steps = llm.engine.num_steps - steps0
     res["host_ms_per_step"] = {k: round(1e3 * v / n_steps, 4) for k, v in llm.engine.timing.items()}
     if runner_host is not None:  # inside "launch": staging the inputs, the graph launch call
@@ -211,7 +214,8 @@ def free() -> None:
 
 
 def section(name: str, preset: str, device: torch.device, bw: float, new: int, hf_modes: tuple[str, ...],
-            quantization: str | None = None, hf_new: int | None = None, share_weights: bool = True) -> dict:
+            quantization: str | None = None, hf_new: int | None = None, share_weights: bool = True,
+            pdl_modes: tuple[int, ...] = ()) -> dict:
     """share_weights: transformers gets giants' weights (same tokens expected up to bf16 rounding);
     otherwise its own random weights (when both copies would not fit on the GPU)."""
     cfg = giants.get_config(preset)
@@ -230,6 +234,24 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     r["giants"]["fraction_of_roofline"] = g["tok_s"] / roof
     print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}; graph replay "
           f"{g.get('graph_replay_ms', 0):.2f} ms/step; gemv {g.get('gemv_choice')}", flush=True)
+    graphs = getattr(llm.engine.runner, "graphs", None)
+    if pdl_modes and graphs is not None:
+        # the same model and kernel picks, the decode graph captured again with each PDL mode
+        from giants.inference import triton_kernels as tk
+
+        default = tk.PDL_MODE
+        r["pdl"] = {"default_mode": default}
+        for mode in pdl_modes:
+            tk.set_pdl(mode)
+            graphs.clear()
+            gm = giants_decode(llm, prompt, new)
+            r["pdl"][f"mode_{mode}"] = {"tok_s": gm["tok_s"], "fraction_of_roofline": gm["tok_s"] / roof,
+                                        "graph_replay_ms": gm.get("graph_replay_ms"),
+                                        "tokens_equal_default": gm["tokens"] == g["tokens"]}
+            print(f"{name}: PDL mode {mode}: {gm['tok_s']:.1f} tok/s = {gm['tok_s'] / roof:.1%}; replay "
+                  f"{gm.get('graph_replay_ms', 0):.3f} ms; tokens equal: {gm['tokens'] == g['tokens']}", flush=True)
+        tk.set_pdl(default)
+        graphs.clear()
     state = None
     if hf_modes and share_weights:
         from giants.checkpoint.hf_map import giants_to_hf
@@ -268,6 +290,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--llama-hf-modes", default="eager,static+compile")
     ap.add_argument("--no-hf-20b", action="store_true", help="skip transformers on the gpt-oss-20b shape")
+    ap.add_argument("--pdl-modes", default="0",
+                    help="also decode with these programmatic-dependent-launch modes (0 off, 1 on)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -277,15 +301,16 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     todo = args.models.split(",")
     oss20_hf = () if args.no_hf_20b else ("eager",)
+    pdl = tuple(int(m) for m in args.pdl_modes.split(",") if m)
     jobs = {
         "check": ("check", lambda: run_check(device)),
         "tiny": ("tiny-llama", lambda: section("tiny-llama", "tiny-llama", device, bw, args.new, ("eager",))),
         "llama": ("llama-3.1-8b", lambda: section("llama-3.1-8b", "llama-3.1-8b", device, bw, args.new,
-                                                  tuple(args.llama_hf_modes.split(",")))),
+                                                  tuple(args.llama_hf_modes.split(",")), pdl_modes=pdl)),
         "gpt-oss-20b": ("gpt-oss-20b", lambda: section("gpt-oss-20b", "gpt-oss-20b", device, bw, args.new,
-                                                       oss20_hf, hf_new=32, share_weights=False)),
+                                                       oss20_hf, hf_new=32, share_weights=False, pdl_modes=pdl)),
         "gpt-oss-120b": ("gpt-oss-120b-mxfp4", lambda: section("gpt-oss-120b-mxfp4", "gpt-oss-120b", device, bw,
-                                                               args.new, (), quantization="mxfp4")),
+                                                               args.new, (), quantization="mxfp4", pdl_modes=pdl)),
     }
     for t in todo:
         key, fn = jobs[t]

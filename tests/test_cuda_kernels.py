@@ -363,3 +363,35 @@ def test_trainer_on_cuda_clips_through_fused_adamw(tmp_path):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert getattr(tr.optimizer, "grad_scale", None) is None
     assert any(h["grad_norm"] > 0.5 for h in tr.history)  # clipping was active at some step
+
+
+@cuda
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2", "tiny-gpt-oss"])
+def test_programmatic_dependent_launch_changes_no_token(name):
+    """Kernels launched with PDL start while the previous kernel drains and wait for its writes: the decode
+    graphs give the same tokens with PDL off and on."""
+    import giants
+    from giants.inference import SamplingParams
+    from giants.inference import triton_kernels as tk
+    from giants.inference.engine import Engine
+
+    model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (3, 17, 40, 5, 70)]
+    default, outs = tk.PDL_MODE, []
+    try:
+        for mode in (0, 1):
+            tk.set_pdl(mode)
+            engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=8)
+            assert engine.runner.use_graphs
+            for i, p in enumerate(prompts):
+                engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+            done = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[int(out.request_id)] = out.outputs[0].token_ids
+            outs.append([done[i] for i in range(len(prompts))])
+    finally:
+        tk.set_pdl(default)
+    assert outs[1] == outs[0]
