@@ -395,3 +395,105 @@ def test_programmatic_dependent_launch_changes_no_token(name):
     finally:
         tk.set_pdl(default)
     assert outs[1] == outs[0]
+
+
+@cuda
+@pytest.mark.parametrize("glu", [None, "silu_glu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_chained_gemvs_equal_norm_then_linear(glu, bias, plus_one):
+    """gemv(residual=) returns residual + linear, that times the next norm weight, and its rstd (the last
+    program sums every program's squares); gemv(scale=rstd) on that equals rmsnorm then linear (then the
+    GLU). Many programs (4096 rows, block_n 2), so the last-ticket reduction sees real concurrency."""
+    import torch.nn.functional as F
+
+    from giants.inference import triton_kernels as tk
+
+    torch.manual_seed(0)
+    K, N, dt = 4096, 1536, torch.float32
+    x, r = torch.randn(1, 2048, device="cuda", dtype=dt), torch.randn(1, K, device="cuda", dtype=dt)
+    w = torch.randn(K, 2048, device="cuda", dtype=dt) / 45
+    b = torch.randn(K, device="cuda", dtype=dt) if bias else None
+    nw = torch.rand(K, device="cuda", dtype=dt) + 0.5
+    cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for _ in range(3):  # the counter resets itself
+        s, hx, rstd = tk.gemv(x, w, b, residual=(r, nw, 1e-5, plus_one, cnt), block_n=2, block_k=512)
+        assert int(cnt) == 0
+    ref = F.linear(x, w, b) + r
+    torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hx, s * (nw + 1 if plus_one else nw))
+    torch.testing.assert_close(rstd, torch.rsqrt(s.pow(2).mean() + 1e-5).reshape(1), rtol=1e-5, atol=0)
+    w2 = torch.randn(2 * N if glu else N, K, device="cuda", dtype=dt) / 64
+    b2 = torch.randn(w2.shape[0], device="cuda", dtype=dt) if bias else None
+    y = tk.gemv(hx, w2, b2, scale=rstd, glu=glu, block_n=8, block_k=512)
+    h = tk.rmsnorm(s, nw, 1e-5, plus_one)
+    want = F.linear(h, w2, b2)
+    if glu:
+        want = tk.glu(want, glu)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt-oss-described"])
+def test_chained_dense_decode_gives_the_same_tokens(name):
+    """Batch-1 dense layers as a chain of GEMVs (residual add, next norm's weight and rstd in the O / down
+    epilogues, rstd and the GLU in the next GEMV's epilogue): same greedy tokens as the plain kernels; left to
+    timing, the runner records both graphs' times and whether they agree."""
+    import giants
+    from giants.inference.engine import Engine
+
+    model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (5, 33)]
+    outs = []
+    for chain in (False, True, None):
+        engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=4)
+        assert engine.runner.chain_possible
+        engine.runner.chain = chain
+        outs.append([_run_one(engine, p) for p in prompts])  # one at a time: batch 1, where the chain applies
+        if chain is None:
+            t = engine.runner.gemv_times["chain"]
+            assert t["agrees"] and engine.runner.chain == (t["chain_ms"] < t["plain_ms"])
+        if chain:
+            cfg = model.cfg
+            assert ("chain-glu", (2 * cfg.ffn_dim, cfg.d_model), cfg.mlp_bias) in engine.runner.gemv_choice
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+def _run_one(engine, prompt):
+    from giants.inference import SamplingParams
+
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                return out.outputs[0].token_ids
+
+
+@cuda
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("block_n", [2, 8, 16])
+def test_qkv_rope_gemv_equals_gemv_then_rope_kv_write(rope, bias, block_n):
+    """The QKV GEMV with the rotary and the paged KV write in its epilogue equals the GEMV then
+    rope_kv_write (Llama-3.1-8B head layout: 32 query heads, 8 kv heads, head dim 128)."""
+    from giants.inference import triton_kernels as tk
+
+    torch.manual_seed(0)
+    H, Hkv, D, K, dt = 32, 8, 128, 4096, torch.float32
+    x = torch.randn(1, K, device="cuda", dtype=dt)
+    w = torch.randn((H + 2 * Hkv) * D, K, device="cuda", dtype=dt) / 64
+    b = torch.randn(w.shape[0], device="cuda", dtype=dt) if bias else None
+    scale = torch.tensor([0.8], device="cuda")
+    ang = torch.rand(1, D // 2, device="cuda") * 6
+    cos, sin = (ang.cos(), ang.sin()) if rope else (None, None)
+    slots = torch.tensor([37], device="cuda")
+    caches = [torch.zeros(4, 16, Hkv, D, device="cuda", dtype=dt) for _ in range(4)]
+    q1, q2 = torch.empty(1, H, D, device="cuda", dtype=dt), torch.empty(1, H, D, device="cuda", dtype=dt)
+    tk.qkv_rope_gemv(x, w, b, scale, cos, sin, q1, caches[0], caches[1], slots, H, Hkv, block_n=block_n)
+    qkv = tk.gemv(x, w, b, scale=scale)
+    tk.rope_kv_write(qkv, cos, sin, q2, caches[2], caches[3], slots, H, Hkv)
+    torch.testing.assert_close(q1, q2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[0], caches[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1], caches[3], rtol=1e-4, atol=1e-4)
+    assert caches[0].view(-1, Hkv, D)[37].abs().sum() > 0

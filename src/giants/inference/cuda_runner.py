@@ -62,6 +62,14 @@ class CudaModelRunner(ModelRunner):
         for layer in model.layers:
             if isinstance(layer.mlp, MoE) and not layer.mlp.w_down.is_contiguous():
                 layer.mlp.w_down.data = layer.mlp.w_down.data.contiguous()  # the expert kernels stream rows
+        # Batch-1 dense layers as a chain of GEMVs: the O and down projections add the residual and hand on
+        # x * (next norm weight) and rstd(x), the next GEMV scales its sums by rstd (and applies the GLU):
+        # no norm or GLU kernels.
+        # None: decided at the first batch-1 capture by timing both graphs; True/False forces it.
+        self.chain: bool | None = None
+        self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)  # tickets, reset by the kernel
+        self.chain_possible = any(layer.attn_post_norm is None and layer.mlp_post_norm is None
+                                  and not isinstance(layer.mlp, MoE) for layer in model.layers)
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
@@ -211,6 +219,50 @@ class CudaModelRunner(ModelRunner):
                                 "agrees": agrees}
         return c if agrees and t_fused < t_unfused else None
 
+    def _chain_linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor,
+                      norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(residual + linear(x), that times the weight of `norm` (the next RMSNorm), its rstd): one GEMV."""
+        return tk.gemv(x, w, b, residual=(residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one",
+                                          self.chain_counter), **self._tuned(w, b)[1])
+
+    def _chain_norm_linear(self, pend: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: torch.Tensor,
+                           b: torch.Tensor | None, glu: bool = False) -> torch.Tensor:
+        """linear(norm(x)) (then the GLU) from _chain_linear's (x, x * norm weight, rstd): the GEMV scales
+        its sums by rstd, so no norm kernel runs."""
+        cfg = self.cfg
+        _, hx, rstd = pend
+        if not glu:
+            return tk.gemv(hx, w, b, scale=rstd, **self._tuned(w, b)[1])
+        key = ("chain-glu", tuple(w.shape), b is not None)
+        if key not in self.gemv_choice:
+            copies = tk.cold_copies(w)
+            xr = torch.randn_like(hx)
+            c, t = tk.pick_config_timed(
+                lambda i, **c: tk.gemv(xr, copies[i % len(copies)], b, scale=rstd, glu=cfg.activation,
+                                       alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **c), tk.GEMV_CONFIGS)
+            self.gemv_choice[key] = c
+            self.gemv_times[key] = {"gemv+glu": round(t * 1e3, 1)}
+        return tk.gemv(hx, w, b, scale=rstd, glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+                       **self.gemv_choice[key])
+
+    def _chain_qkv(self, pend, w: torch.Tensor, b: torch.Tensor | None, cos, sin, q: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        cfg = self.cfg
+        _, hx, rstd = pend
+        H, Hkv, half = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim // 2
+        key = ("chain-qkv", tuple(w.shape), b is not None)
+        if key not in self.gemv_choice:
+            copies = tk.cold_copies(w)
+            kc, vc = k_cache[:1].clone(), v_cache[:1].clone()
+            zero, qs = torch.zeros_like(slots), torch.empty_like(q)
+            ok = [c for c in tk.GEMV_CONFIGS if c["block_n"] % 2 == 0 and half % (c["block_n"] // 2) == 0]
+            c, t = tk.pick_config_timed(
+                lambda i, **c: tk.qkv_rope_gemv(hx, copies[i % len(copies)], b, rstd, cos, sin, qs, kc, vc, zero,
+                                                H, Hkv, **c), ok)
+            self.gemv_choice[key] = c
+            self.gemv_times[key] = {"qkv+rotary+kv": round(t * 1e3, 1)}
+        tk.qkv_rope_gemv(hx, w, b, rstd, cos, sin, q, k_cache, v_cache, slots, H, Hkv, **self.gemv_choice[key])
+
     def _norm(self, mod, x, residual: torch.Tensor | None = None):
         combine = None
         if isinstance(x, ExpertRows):
@@ -263,7 +315,7 @@ class CudaModelRunner(ModelRunner):
         y = y * weights.reshape(-1)[order, None]
         return torch.zeros_like(h).index_add_(0, token_of_row, y.to(h.dtype))
 
-    def _forward(self, B: int, num_splits: int) -> torch.Tensor:
+    def _forward(self, B: int, num_splits: int, chain: bool = False) -> torch.Tensor:
         model, cfg, kv = self.model, self.cfg, self.kv
         H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         ids, pos, lens = self.s_ids[:B], self.s_pos[:B], self.s_lens[:B]
@@ -277,16 +329,29 @@ class CudaModelRunner(ModelRunner):
         q = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         o = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         residual, delta = x, None
+        pend = None  # (residual stream, its sum-of-squares partials) after a chained layer
         for i, layer in enumerate(model.layers):
             (w_qkv, b_qkv), mlp_w = self.fused[i]
-            if delta is None:
-                qkv, _, _ = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)
-            else:
-                qkv, residual, _ = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
             gi = kv.group_of_layer[i]
             g, li = kv.groups[gi], kv.layer_index[i]
-            tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
+            if pend is not None:  # QKV, rotary and KV write in one GEMV, the norm from the chain
+                self._chain_qkv(pend, w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
+                residual, pend = pend[0], None
+            else:
+                if delta is None:
+                    qkv, _, _ = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)
+                else:
+                    qkv, residual, _ = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
+                tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
             self.attn[i](q, g.k[li], g.v[li], self.s_tables[gi][:B], lens, o, num_splits=num_splits)
+            if chain and layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp_w[0] == "dense":
+                down = layer.mlp.down_proj
+                pend = self._chain_linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias,
+                                          residual, layer.mlp_norm)
+                y = self._chain_norm_linear(pend, mlp_w[1], mlp_w[2], glu=True)
+                nxt = model.layers[i + 1].attn_norm if i + 1 < len(model.layers) else model.norm
+                pend, delta = self._chain_linear(y, down.weight, down.bias, pend[0], nxt), None
+                continue
             a = self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias)
             if layer.attn_post_norm is not None:
                 a = self._norm(layer.attn_post_norm, a)
@@ -300,8 +365,11 @@ class CudaModelRunner(ModelRunner):
                 delta = self._moe(i, layer.mlp, h)
             if layer.mlp_post_norm is not None:
                 delta = self._norm(layer.mlp_post_norm, delta)
-        h, _ = self._norm(model.norm, delta, residual)
-        logits = self._linear(h, model.output_weight, None)
+        if pend is not None:
+            logits = self._chain_norm_linear(pend, model.output_weight, None)
+        else:
+            h, _ = self._norm(model.norm, delta, residual)
+            logits = self._linear(h, model.output_weight, None)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         return logits
@@ -375,7 +443,7 @@ class CudaModelRunner(ModelRunner):
         self.host_time["fill"] += t1 - t0
         splits = self._splits(Bp, max_len > LONG_CONTEXT)
         if not self.use_graphs:
-            return self._forward(Bp, splits)[:B]
+            return self._forward(Bp, splits, Bp == 1 and self.chain_possible and bool(self.chain))[:B]
         key = (Bp, splits)
         if key not in self.graphs:
             self.graphs[key] = self._capture(Bp, splits)
@@ -386,11 +454,38 @@ class CudaModelRunner(ModelRunner):
         return logits[:B]
 
     def _capture(self, Bp: int, splits: int):
-        self._forward(Bp, splits)  # compiles the Triton kernels outside the capture
+        chain = Bp == 1 and self.chain_possible and self.gemv_tuning and self.chain is not False
+        if not chain or self.chain:
+            return self._capture_one(Bp, splits, chain)
+        # First batch-1 capture: time the step both ways (the replays rewrite this step's KV slot with the
+        # same values; the chosen graph replays last) and keep the chain only if it is faster and agrees.
+        plain, chained = self._capture_one(Bp, splits, False), self._capture_one(Bp, splits, True)
+        t_plain, t_chain = self._replay_ms(plain[0]), self._replay_ms(chained[0])
+        ref = plain[1].float()
+        diff = float((chained[1].float() - ref).abs().max())
+        agrees = diff <= 2e-2 * float(ref.abs().max()) and bool((chained[1].argmax(-1) == plain[1].argmax(-1)).all())
+        self.chain = agrees and t_chain < t_plain
+        self.gemv_times["chain"] = {"plain_ms": round(t_plain, 4), "chain_ms": round(t_chain, 4), "agrees": agrees,
+                                    "max_abs_diff": diff, "max_abs": float(ref.abs().max())}
+        return chained if self.chain else plain
+
+    @staticmethod
+    def _replay_ms(graph, reps: int = 20) -> float:
+        graph.replay()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e) / reps
+
+    def _capture_one(self, Bp: int, splits: int, chain: bool):
+        self._forward(Bp, splits, chain)  # compiles the Triton kernels (and times their configs) outside
         torch.cuda.synchronize()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(Bp, splits)
+            logits = self._forward(Bp, splits, chain)
         return graph, logits

@@ -781,11 +781,123 @@ def pick_config_timed(fn, configs: list[dict], reps: int = 20) -> tuple[dict, fl
 
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
 @triton.jit
-def _gemv_kernel(X, W, B, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
-    """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, limit, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_RES: tl.constexpr,
+                 PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PDL: tl.constexpr):
+    """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
+
+    SCALED: the sum is multiplied by S_IN[0] before the bias, so with X = x * nw and S_IN = rstd(x) this is
+    linear(rmsnorm(x)) without a norm kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up).
+    HAS_RES (the O and down projections of a chained layer): Y = round(round(y) + R), the new residual
+    stream, as the norm kernel would add it; HX = round(Y * NW), the next norm's input times its weight;
+    and the program that finishes last (a ticket from CNT) sums the per-program squares in SS in a fixed
+    order and writes RSTD = 1 / sqrt(mean(Y^2) + eps), so the result is deterministic."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
+    _grid_dep(PDL)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    u_ptr = W + (rn + N).to(tl.int64)[:, None] * K + rk[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(X + k0 + rk)
+            w = tl.load(w_ptr + k0, mask=nm[:, None], other=0.0)
+            if GLU >= 0:
+                wu = tl.load(u_ptr + k0, mask=nm[:, None], other=0.0)
+        else:
+            km = k0 + rk < K
+            x = tl.load(X + k0 + rk, mask=km, other=0.0)
+            w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            if GLU >= 0:
+                wu = tl.load(u_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if GLU >= 0:
+            acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(S_IN)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
+    if GLU >= 0:
+        u = tl.sum(acc_u, axis=1)
+        if SCALED:
+            u = u * tl.load(S_IN)
+        if HAS_BIAS:
+            u += tl.load(B + N + rn, mask=nm, other=0.0).to(tl.float32)
+        y = _act(y.to(Y.dtype.element_ty).to(tl.float32), u.to(Y.dtype.element_ty).to(tl.float32), alpha, limit,
+                 GLU)
+    if HAS_RES:
+        r = tl.load(R + rn, mask=nm, other=0.0).to(tl.float32)
+        x = (y.to(Y.dtype.element_ty).to(tl.float32) + r).to(Y.dtype.element_ty)
+        tl.store(Y + rn, x, mask=nm)
+        xf = tl.where(nm, x.to(tl.float32), 0.0)
+        nw = tl.load(NW + rn, mask=nm, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            nw = nw + 1.0
+        tl.store(HX + rn, (xf * nw).to(HX.dtype.element_ty), mask=nm)
+        tl.store(SS + pid, tl.sum(xf * xf, axis=0))
+        tl.debug_barrier()  # whichever thread stored SS, the ticket's release below orders it
+        # acq_rel: this program's SS store is visible to the program that draws the last ticket
+        ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            rp = tl.arange(0, BLOCK_P)
+            tot = tl.sum(tl.load(SS + rp, mask=rp < tl.num_programs(0), other=0.0, cache_modifier=".cg"), axis=0)
+            tl.store(RSTD, tl.rsqrt(tot / N + eps))
+            tl.store(CNT, 0)  # ready for the next chained GEMV (the counter is shared)
+    else:
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
+         glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
+         residual: tuple[torch.Tensor, torch.Tensor, float, bool, torch.Tensor] | None = None, block_n: int = 8,
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
+    """x: (1, K), w: (N, K) row-major -> (1, N); F.linear for a single row.
+
+    scale: a (1,) fp32 factor on the product before the bias (the rstd of a chained norm, x its input
+    times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
+    residual = (r (1, N), next norm weight (N,), eps, plus_one, counter (1,) int32 zeros): returns
+    (r + linear, that times the norm weight, its rstd (1,) fp32) for the next chained GEMV."""
+    N2, K = w.shape
+    N = N2 // 2 if glu is not None else N2
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    grid = triton.cdiv(N, block_n)
+    if residual is not None:
+        r, nw, eps, plus_one, cnt = residual
+        hx = torch.empty_like(y)
+        ss = torch.empty(grid, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(1, dtype=torch.float32, device=x.device)
+    else:
+        r = nw = hx = ss = cnt = rstd = y
+        eps, plus_one = 0.0, False
+    _gemv_kernel[(grid,)](x, w, bias if bias is not None else w, y, r, nw, hx, ss, cnt, rstd,
+                          scale if scale is not None else y, N, K, eps, alpha, limit, HAS_BIAS=bias is not None,
+                          BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, HAS_RES=residual is not None,
+                          PLUS_ONE=plus_one, SCALED=scale is not None, GLU=ACTS[glu] if glu is not None else -1,
+                          BLOCK_P=_np2(grid) if residual is not None else 1, num_warps=num_warps,
+                          num_stages=num_stages, **_pdl())
+    return (y, hx, rstd) if residual is not None else y
+
+
+@triton.jit
+def _qkv_rope_gemv_kernel(X, W, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, K, H, HKV,
+                          HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    """The one-row QKV projection with the rotary and the KV-cache write in its epilogue (no qkv tensor,
+    no rotary kernel). Program p covers BLOCK_N / 2 rows of one head's first half and the matching rows
+    of its second half, so each rotation pair meets in one program; rows are ordered lo0, hi0, lo1, ...
+    Values are rounded to the activation dtype where the unfused GEMV stores qkv."""
+    BH: tl.constexpr = BLOCK_N // 2
+    D: tl.constexpr = 2 * HALF
+    pid = tl.program_id(0)
+    head = pid // (HALF // BH)
+    j = (pid % (HALF // BH)) * BH + tl.arange(0, BH)  # (BH,) positions in the half
+    i = tl.arange(0, BLOCK_N)
+    rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
     _grid_dep(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     rk = tl.arange(0, BLOCK_K)
@@ -793,28 +905,52 @@ def _gemv_kernel(X, W, B, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(X + k0 + rk)
-            w = tl.load(w_ptr + k0, mask=nm[:, None], other=0.0)
+            w = tl.load(w_ptr + k0)
         else:
             km = k0 + rk < K
             x = tl.load(X + k0 + rk, mask=km, other=0.0)
-            w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + k0, mask=km[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(S_IN)
     if HAS_BIAS:
-        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
-    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
+        y += tl.load(B + rn).to(tl.float32)
+    y = y.to(Q_OUT.dtype.element_ty).to(tl.float32)
+    lo, hi = tl.split(tl.reshape(y, (BH, 2)))
+    if HAS_ROPE and head < H + HKV:
+        c = tl.load(COS + j).to(tl.float32)
+        s = tl.load(SIN + j).to(tl.float32)
+        lo, hi = lo * c - hi * s, hi * c + lo * s
+    if head < H:
+        dst = Q_OUT + head * D
+    else:
+        slot = tl.load(SLOT).to(tl.int64)
+        if head < H + HKV:
+            dst = K_CACHE + (slot * HKV + head - H) * D
+        else:
+            dst = V_CACHE + (slot * HKV + head - H - HKV) * D
+    tl.store(dst + j, lo.to(Q_OUT.dtype.element_ty))
+    tl.store(dst + HALF + j, hi.to(Q_OUT.dtype.element_ty))
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = 8,
-         block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
-    """x: (1, K), w: (N, K) row-major -> (1, N); F.linear for a single row."""
-    N, K = w.shape
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, bias if bias is not None else w, y, N, K,
-                                             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages,
-                                             **_pdl())
-    return y
+def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                  cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int, *, block_n: int = 8,
+                  block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> None:
+    """One row: qkv = x @ w.T (* scale) (+ bias), then what rope_kv_write does with it, in one kernel.
+    x: (1, K); w: ((H + 2 Hkv) D, K); cos/sin (1, D/2) or None; q_out (1, H, D); caches (blocks, bs, Hkv, D)."""
+    D = q_out.shape[-1]
+    K = w.shape[1]
+    if block_n % 2 or (D // 2) % (block_n // 2) or w.shape[0] != (H + 2 * Hkv) * D or x.shape != (1, K):
+        raise ValueError(f"qkv_rope_gemv: block_n {block_n} must be even and split D/2 = {D // 2}; w "
+                         f"{tuple(w.shape)} must be (({H} + 2 * {Hkv}) * {D}, K), x {tuple(x.shape)} (1, K)")
+    grid = (H + 2 * Hkv) * (D // block_n)
+    _qkv_rope_gemv_kernel[(grid,)](
+        x, w, bias if bias is not None else w, scale if scale is not None else x, cos if cos is not None else x,
+        sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, H, Hkv, HAS_BIAS=bias is not None,
+        SCALED=scale is not None, HAS_ROPE=cos is not None, HALF=D // 2, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages, **_pdl())
 
 
 GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
