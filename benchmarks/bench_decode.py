@@ -252,6 +252,20 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
                   f"{gm.get('graph_replay_ms', 0):.3f} ms; tokens equal: {gm['tokens'] == g['tokens']}", flush=True)
         tk.set_pdl(default)
         graphs.clear()
+    runner = llm.engine.runner
+    if graphs is not None and getattr(runner, "chain", None) is not None and runner.chain_possible:
+        # the other choice of the batch-1 GEMV chain, same model and picks, captured again
+        chosen = runner.chain
+        runner.chain = not chosen
+        graphs.clear()
+        gc_ = giants_decode(llm, prompt, new)
+        r["chain_flipped"] = {"chain": not chosen, "tok_s": gc_["tok_s"], "fraction_of_roofline": gc_["tok_s"] / roof,
+                              "graph_replay_ms": gc_.get("graph_replay_ms"),
+                              "tokens_agree_with_default": agree(gc_["tokens"], g["tokens"])}
+        print(f"{name}: chain={not chosen}: {gc_['tok_s']:.1f} tok/s = {gc_['tok_s'] / roof:.1%}; replay "
+              f"{gc_.get('graph_replay_ms', 0):.3f} ms", flush=True)
+        runner.chain = chosen
+        graphs.clear()
     state = None
     if hf_modes and share_weights:
         from giants.checkpoint.hf_map import giants_to_hf

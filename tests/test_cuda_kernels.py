@@ -455,7 +455,7 @@ def test_chained_dense_decode_gives_the_same_tokens(name):
             t = engine.runner.gemv_times["chain"]
             assert t["agrees"] and engine.runner.chain == (t["chain_ms"] < t["plain_ms"])
         if chain:
-            cfg = model.cfg
+            cfg = model.config
             assert ("chain-glu", (2 * cfg.ffn_dim, cfg.d_model), cfg.mlp_bias) in engine.runner.gemv_choice
     assert outs[1] == outs[0] and outs[2] == outs[0]
 
