@@ -115,14 +115,9 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
     graphs = getattr(runner, "graphs", {})
     if graphs:
         # GPU time of one decode step alone (graph replays back to back): the rest is host work.
-        graph = graphs[min(graphs)][0]
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(50):
-            graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        res["graph_replay_ms"] = s.elapsed_time(e) / 50
+        from giants.inference.cuda_runner import replay_ms
+
+        res["graph_replay_ms"] = replay_ms(graphs[min(graphs)][0], 50)
         res["engine_step_ms"] = 1e3 / res["tok_s"]
         res["gemv_choice"] = {str(k): v for k, v in runner.gemv_choice.items()}
         res["gemv_times_us"] = {str(k): {n: round(t, 1) for n, t in v.items()} for k, v in runner.gemv_times.items()}

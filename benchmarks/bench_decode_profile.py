@@ -64,13 +64,9 @@ def profile_preset(preset: str, bw: float, quantization: str | None, replays: in
             per[ev.key[:100]][1] += ev.count / replays
     total_us = sum(v[0] for v in per.values())
     b = bytes_per_token(llm.model, 24)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(replays):
-        graph.replay()
-    e.record()
-    torch.cuda.synchronize()
-    replay_ms = s.elapsed_time(e) / replays
+    from giants.inference.cuda_runner import replay_ms as time_replay  # needs triton: CUDA machines only
+
+    replay_ms = time_replay(graph, replays)
     res = {"preset": preset, "quantization": quantization, "replay_ms": replay_ms, "kernel_us_sum": total_us,
            "bytes_per_token": b, "ideal_ms": b["per_token"] / bw * 1e3, "host_us": host,
            "kernels": {k: {"us_per_step": round(v[0], 1), "launches_per_step": v[1]}

@@ -29,6 +29,18 @@ from giants.model.transformer import Transformer
 LONG_CONTEXT = 4096  # above this many keys a decode step splits each sequence's keys over programs
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
+    """GPU milliseconds of one replay of `graph`, from CUDA events around reps back-to-back replays."""
+    graph.replay()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        graph.replay()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / reps
+
+
 class ExpertRows(NamedTuple):
     """A MoE layer's output before the combine: y (B*K, D), one row per (token, expert), and weights (B*K,)."""
 
@@ -465,7 +477,7 @@ class CudaModelRunner(ModelRunner):
         # transformers' and the plain path's tokens also part after one token there. A wrong kernel misses
         # by far more. The fp32 GPU tests check the maths token for token.)
         plain, chained = self._capture_one(Bp, splits, False), self._capture_one(Bp, splits, True)
-        t_plain, t_chain = self._replay_ms(plain[0]), self._replay_ms(chained[0])
+        t_plain, t_chain = replay_ms(plain[0]), replay_ms(chained[0])
         ref = plain[1].float()
         got = chained[1].float()
         diff = float((got - ref).abs().max())
@@ -475,17 +487,6 @@ class CudaModelRunner(ModelRunner):
         self.gemv_times["chain"] = {"plain_ms": round(t_plain, 4), "chain_ms": round(t_chain, 4), "agrees": agrees,
                                     "max_abs_diff": diff, "max_abs": float(ref.abs().max()), "cosine": cos}
         return chained if self.chain else plain
-
-    @staticmethod
-    def _replay_ms(graph, reps: int = 50) -> float:
-        graph.replay()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        return s.elapsed_time(e) / reps
 
     def _capture_one(self, Bp: int, splits: int, chain: bool):
         self._forward(Bp, splits, chain)  # compiles the Triton kernels (and times their configs) outside
