@@ -781,22 +781,10 @@ def pick_config_timed(fn, configs: list[dict], reps: int = 20) -> tuple[dict, fl
 
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
 @triton.jit
-def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, limit, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_RES: tl.constexpr,
-                 PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr):
-    """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
-
-    SCALED: the sum is multiplied by S_IN[0] before the bias, so with X = x * nw and S_IN = rstd(x) this is
-    linear(rmsnorm(x)) without a norm kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up).
-    HAS_RES (the O and down projections of a chained layer): Y = round(round(y) + R), the new residual
-    stream, as the norm kernel would add it; HX = round(Y * NW), the next norm's input times its weight;
-    and the program that finishes last (a ticket from CNT) sums the per-program squares in SS in a fixed
-    order and writes RSTD = 1 / sqrt(mean(Y^2) + eps), so the result is deterministic."""
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = rn < N
-    _grid_dep(PDL)
+def _row_dots(X, W, rn, nm, N, K, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """(sum_k W[rn, k] X[k], and with GLU >= 0 the same over rows rn + N, else zeros) in fp32: one stream
+    over the weight rows (rows outside nm read as zero), x loaded once per K tile for both."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     rk = tl.arange(0, BLOCK_K)
@@ -817,13 +805,32 @@ def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, l
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         if GLU >= 0:
             acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1), tl.sum(acc_u, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, limit, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_RES: tl.constexpr,
+                 PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PDL: tl.constexpr):
+    """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
+
+    SCALED: the sum is multiplied by S_IN[0] before the bias, so with X = x * nw and S_IN = rstd(x) this is
+    linear(rmsnorm(x)) without a norm kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up).
+    HAS_RES (the O and down projections of a chained layer): Y = round(round(y) + R), the new residual
+    stream, as the norm kernel would add it; HX = round(Y * NW), the next norm's input times its weight;
+    and the program that finishes last (a ticket from CNT) sums the per-program squares in SS in a fixed
+    order and writes RSTD = 1 / sqrt(mean(Y^2) + eps), so the result is deterministic."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    _grid_dep(PDL)
+    y, u = _row_dots(X, W, rn, nm, N, K, GLU, BLOCK_N, BLOCK_K, EVEN_K)
     if SCALED:
         y = y * tl.load(S_IN)
     if HAS_BIAS:
         y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
     if GLU >= 0:
-        u = tl.sum(acc_u, axis=1)
         if SCALED:
             u = u * tl.load(S_IN)
         if HAS_BIAS:
@@ -899,19 +906,7 @@ def _qkv_rope_gemv_kernel(X, W, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT
     i = tl.arange(0, BLOCK_N)
     rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
     _grid_dep(PDL)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    rk = tl.arange(0, BLOCK_K)
-    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(X + k0 + rk)
-            w = tl.load(w_ptr + k0)
-        else:
-            km = k0 + rk < K
-            x = tl.load(X + k0 + rk, mask=km, other=0.0)
-            w = tl.load(w_ptr + k0, mask=km[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    y, _ = _row_dots(X, W, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, -1, BLOCK_N, BLOCK_K, EVEN_K)
     if SCALED:
         y = y * tl.load(S_IN)
     if HAS_BIAS:
