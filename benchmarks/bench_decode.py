@@ -124,6 +124,23 @@ def giants_decode(llm: LLM, prompt: list[int], new: int, runs: int = 3) -> dict:
     return res
 
 
+def rerun(name: str, label: str, llm: LLM, prompt: list[int], new: int, roof: float, g: dict, switch, value,
+          default) -> dict:
+    """Decode again with switch(value), the CUDA graphs captured afresh, then switch(default) back."""
+    graphs = llm.engine.runner.graphs
+    switch(value)
+    graphs.clear()
+    try:
+        m = giants_decode(llm, prompt, new)
+    finally:
+        switch(default)
+        graphs.clear()
+    print(f"{name}: {label}: {m['tok_s']:.1f} tok/s = {m['tok_s'] / roof:.1%}; replay "
+          f"{m.get('graph_replay_ms', 0):.3f} ms", flush=True)
+    return {"tok_s": m["tok_s"], "fraction_of_roofline": m["tok_s"] / roof, "graph_replay_ms": m.get("graph_replay_ms"),
+            "tokens_agree_with_default": agree(m["tokens"], g["tokens"])}
+
+
 def hf_model(cfg, dtype: torch.dtype, device: torch.device):
     import transformers
 
@@ -210,7 +227,7 @@ def free() -> None:
 
 def section(name: str, preset: str, device: torch.device, bw: float, new: int, hf_modes: tuple[str, ...],
             quantization: str | None = None, hf_new: int | None = None, share_weights: bool = True,
-            pdl_modes: tuple[int, ...] = ()) -> dict:
+            pdl_modes: tuple[bool, ...] = ()) -> dict:
     """share_weights: transformers gets giants' weights (same tokens expected up to bf16 rounding);
     otherwise its own random weights (when both copies would not fit on the GPU)."""
     cfg = giants.get_config(preset)
@@ -229,38 +246,17 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     r["giants"]["fraction_of_roofline"] = g["tok_s"] / roof
     print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}; graph replay "
           f"{g.get('graph_replay_ms', 0):.2f} ms/step; gemv {g.get('gemv_choice')}", flush=True)
-    graphs = getattr(llm.engine.runner, "graphs", None)
-    if pdl_modes and graphs is not None:
-        # the same model and kernel picks, the decode graph captured again with each PDL mode
+    runner = llm.engine.runner
+    if getattr(runner, "graphs", None) is not None:
         from giants.inference import triton_kernels as tk
 
-        default = tk.PDL_MODE
-        r["pdl"] = {"default_mode": default}
-        for mode in pdl_modes:
-            tk.set_pdl(mode)
-            graphs.clear()
-            gm = giants_decode(llm, prompt, new)
-            r["pdl"][f"mode_{mode}"] = {"tok_s": gm["tok_s"], "fraction_of_roofline": gm["tok_s"] / roof,
-                                        "graph_replay_ms": gm.get("graph_replay_ms"),
-                                        "tokens_equal_default": gm["tokens"] == g["tokens"]}
-            print(f"{name}: PDL mode {mode}: {gm['tok_s']:.1f} tok/s = {gm['tok_s'] / roof:.1%}; replay "
-                  f"{gm.get('graph_replay_ms', 0):.3f} ms; tokens equal: {gm['tokens'] == g['tokens']}", flush=True)
-        tk.set_pdl(default)
-        graphs.clear()
-    runner = llm.engine.runner
-    if graphs is not None and getattr(runner, "chain", None) is not None and runner.chain_possible:
-        # the other choice of the batch-1 GEMV chain, same model and picks, captured again
-        chosen = runner.chain
-        runner.chain = not chosen
-        graphs.clear()
-        gc_ = giants_decode(llm, prompt, new)
-        r["chain_flipped"] = {"chain": not chosen, "tok_s": gc_["tok_s"], "fraction_of_roofline": gc_["tok_s"] / roof,
-                              "graph_replay_ms": gc_.get("graph_replay_ms"),
-                              "tokens_agree_with_default": agree(gc_["tokens"], g["tokens"])}
-        print(f"{name}: chain={not chosen}: {gc_['tok_s']:.1f} tok/s = {gc_['tok_s'] / roof:.1%}; replay "
-              f"{gc_.get('graph_replay_ms', 0):.3f} ms", flush=True)
-        runner.chain = chosen
-        graphs.clear()
+        # the same model and kernel picks, the decode graph captured again with one switch flipped
+        for on in pdl_modes:
+            r[f"pdl_{int(on)}"] = rerun(name, f"PDL {'on' if on else 'off'}", llm, prompt, new, roof, g,
+                                        tk.set_pdl, on, tk.PDL_ON)
+        if runner.chain is not None and runner.chain_possible:
+            r["chain_flipped"] = rerun(name, f"chain={not runner.chain}", llm, prompt, new, roof, g,
+                                       lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
     state = None
     if hf_modes and share_weights:
         from giants.checkpoint.hf_map import giants_to_hf
@@ -300,7 +296,7 @@ def main() -> None:
     ap.add_argument("--llama-hf-modes", default="eager,static+compile")
     ap.add_argument("--no-hf-20b", action="store_true", help="skip transformers on the gpt-oss-20b shape")
     ap.add_argument("--pdl-modes", default="0",
-                    help="also decode with these programmatic-dependent-launch modes (0 off, 1 on)")
+                    help="also decode with programmatic dependent launch set so: comma list of 0 (off) / 1 (on)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -310,12 +306,13 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     todo = args.models.split(",")
     oss20_hf = () if args.no_hf_20b else ("eager",)
-    pdl = tuple(int(m) for m in args.pdl_modes.split(",") if m)
+    pdl = tuple(m == "1" for m in args.pdl_modes.split(",") if m)
+    llama_hf = tuple(m for m in args.llama_hf_modes.split(",") if m)  # "" runs no transformers mode
     jobs = {
         "check": ("check", lambda: run_check(device)),
         "tiny": ("tiny-llama", lambda: section("tiny-llama", "tiny-llama", device, bw, args.new, ("eager",))),
         "llama": ("llama-3.1-8b", lambda: section("llama-3.1-8b", "llama-3.1-8b", device, bw, args.new,
-                                                  tuple(args.llama_hf_modes.split(",")), pdl_modes=pdl)),
+                                                  llama_hf, pdl_modes=pdl)),
         "gpt-oss-20b": ("gpt-oss-20b", lambda: section("gpt-oss-20b", "gpt-oss-20b", device, bw, args.new,
                                                        oss20_hf, hf_new=32, share_weights=False, pdl_modes=pdl)),
         "gpt-oss-120b": ("gpt-oss-120b-mxfp4", lambda: section("gpt-oss-120b-mxfp4", "gpt-oss-120b", device, bw,

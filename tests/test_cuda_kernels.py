@@ -378,10 +378,10 @@ def test_programmatic_dependent_launch_changes_no_token(name):
     model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (3, 17, 40, 5, 70)]
-    default, outs = tk.PDL_MODE, []
+    default, outs = tk.PDL_ON, []
     try:
-        for mode in (0, 1):
-            tk.set_pdl(mode)
+        for on in (False, True):
+            tk.set_pdl(on)
             engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=8)
             assert engine.runner.use_graphs
             for i, p in enumerate(prompts):

@@ -80,8 +80,9 @@ class CudaModelRunner(ModelRunner):
         # None: decided at the first batch-1 capture by timing both graphs; True/False forces it.
         self.chain: bool | None = None
         self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)  # tickets, reset by the kernel
-        self.chain_possible = any(layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
-                                  for (_, mlp), layer in zip(self.fused, model.layers))
+        self.chain_layers = [layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
+                             for (_, mlp), layer in zip(self.fused, model.layers)]
+        self.chain_possible = any(self.chain_layers)
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
@@ -341,7 +342,7 @@ class CudaModelRunner(ModelRunner):
         q = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         o = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         residual, delta = x, None
-        pend = None  # (residual stream, its sum-of-squares partials) after a chained layer
+        pend = None  # after a chained layer: (residual stream, it times the next norm weight, its rstd)
         for i, layer in enumerate(model.layers):
             (w_qkv, b_qkv), mlp_w = self.fused[i]
             gi = kv.group_of_layer[i]
@@ -356,7 +357,7 @@ class CudaModelRunner(ModelRunner):
                     qkv, residual, _ = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
                 tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
             self.attn[i](q, g.k[li], g.v[li], self.s_tables[gi][:B], lens, o, num_splits=num_splits)
-            if chain and layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp_w[0] == "dense":
+            if chain and self.chain_layers[i]:
                 down = layer.mlp.down_proj
                 pend = self._chain_linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias,
                                           residual, layer.mlp_norm)
@@ -455,7 +456,7 @@ class CudaModelRunner(ModelRunner):
         self.host_time["fill"] += t1 - t0
         splits = self._splits(Bp, max_len > LONG_CONTEXT)
         if not self.use_graphs:
-            return self._forward(Bp, splits, Bp == 1 and self.chain_possible and bool(self.chain))[:B]
+            return self._forward(Bp, splits, self._chain_applies(Bp) and bool(self.chain))[:B]
         key = (Bp, splits)
         if key not in self.graphs:
             self.graphs[key] = self._capture(Bp, splits)
@@ -465,8 +466,12 @@ class CudaModelRunner(ModelRunner):
         self.host_time["replay"] += time.perf_counter() - t1
         return logits[:B]
 
+    def _chain_applies(self, Bp: int) -> bool:
+        """The chain is a batch-1 path built of tuned Triton GEMVs, for models with a dense layer."""
+        return Bp == 1 and self.chain_possible and self.gemv_tuning
+
     def _capture(self, Bp: int, splits: int):
-        chain = Bp == 1 and self.chain_possible and self.gemv_tuning and self.chain is not False
+        chain = self._chain_applies(Bp) and self.chain is not False
         if not chain or self.chain:
             return self._capture_one(Bp, splits, chain)
         # First batch-1 capture: time the step both ways (the replays rewrite this step's KV slot with the

@@ -23,28 +23,31 @@ def _np2(n: int) -> int:
 # On Hopper a kernel launched with PDL is scheduled while the kernel before it drains: its programs
 # start and wait at griddepcontrol.wait until the previous kernel's writes are visible, so the launch
 # and the ramp overlap the tail of the kernel before. Every kernel here waits before its first load
-# and store, so the order of effects is the plain stream's. GIANTS_PDL=0 turns it off. (Prefetching
-# the first weight tiles into L2 before the wait was measured: slower, 223 vs 225 tok/s on Llama-3.1-8B.)
-def _pdl_mode_default() -> int:
+# and store, so the order of effects is the plain stream's. GIANTS_PDL=0 turns it off, =1 forces it on.
+# (Prefetching the first weight tiles into L2 before the wait measured slower: 223 vs 225 tok/s on
+# Llama-3.1-8B.)
+def _pdl_default() -> bool:
     env = os.environ.get("GIANTS_PDL")
     if env is not None:
-        return int(env)
+        if env not in ("0", "1"):
+            raise ValueError(f"GIANTS_PDL must be 0 or 1, got {env!r}")
+        return env == "1"
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
-        return 0
-    return 1 if torch.cuda.get_device_capability()[0] >= 9 else 0
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
 
 
-PDL_MODE = _pdl_mode_default()
+PDL_ON = _pdl_default()
 
 
-def set_pdl(mode: int) -> None:
-    """0 off, 1 PDL launches; kernels launched (or captured in a CUDA graph) afterwards use it."""
-    global PDL_MODE
-    PDL_MODE = int(mode)
+def set_pdl(on: bool) -> None:
+    """Kernels launched (or captured in a CUDA graph) afterwards use PDL or not."""
+    global PDL_ON
+    PDL_ON = bool(on)
 
 
 def _pdl() -> dict:
-    return {"PDL": 1, "launch_pdl": True} if PDL_MODE else {"PDL": 0}
+    return {"PDL": 1, "launch_pdl": True} if PDL_ON else {"PDL": 0}
 
 
 @triton.jit
