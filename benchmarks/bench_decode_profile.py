@@ -7,6 +7,7 @@ fused decode step, kernel time per step by kernel name, against the bytes the st
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections import defaultdict
 
@@ -43,7 +44,8 @@ def profile_preset(preset: str, bw: float, quantization: str | None, replays: in
     runner = llm.engine.runner
     seen = []
     execute = runner.execute
-    runner.execute = lambda chunks: (seen.append(chunks), execute(chunks))[1]
+    # snapshots: a finished request's block tables are emptied
+    runner.execute = lambda chunks, **kw: (seen.append(copy.deepcopy(chunks)), execute(chunks, **kw))[1]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     runner.execute = execute
     host = host_costs(llm, seen[-2])
@@ -70,11 +72,12 @@ def profile_preset(preset: str, bw: float, quantization: str | None, replays: in
     res = {"preset": preset, "quantization": quantization, "replay_ms": replay_ms, "kernel_us_sum": total_us,
            "bytes_per_token": b, "ideal_ms": b["per_token"] / bw * 1e3, "host_us": host,
            "kernels": {k: {"us_per_step": round(v[0], 1), "launches_per_step": v[1]}
-                       for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])}}
+                       for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])},
+           "tuning": {str(k): v for k, v in runner.gemv_times.items()}}
     print(f"\n== {preset} ({quantization}): replay {replay_ms:.3f} ms, kernels {total_us / 1e3:.3f} ms, "
           f"bytes-ideal {res['ideal_ms']:.3f} ms; {sum(v[1] for v in per.values()):.0f} launches", flush=True)
     print(f"   host per step (us): {host}", flush=True)
-    for k, v in list(res["kernels"].items())[:14]:
+    for k, v in res["kernels"].items():
         print(f"   {v['us_per_step']:8.1f} us  x{v['launches_per_step']:5.0f}  {k}", flush=True)
     del llm
     torch.cuda.empty_cache()

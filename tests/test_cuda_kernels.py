@@ -51,10 +51,10 @@ def test_moe_decode_gemv_path_equals_grouped_path(name):
 
     with torch.inference_mode():
         fast = combined(runner._moe(layer, mlp, h))
-        for mode in ("split", "fused"):  # both down-projection plans, whichever the tuner picked
-            key = next(k for k in runner.gemv_choice if k[0] == "experts-down")
+        for mode in ("split", "glu", "fused"):  # every expert plan, whichever the tuner picked
+            key = next(k for k in runner.gemv_choice if k[0] == "experts")
             plan = runner.gemv_choice[key]
-            runner.gemv_choice[key] = (mode, plan[1])
+            runner.gemv_choice[key] = (mode, *plan[1:])
             torch.testing.assert_close(combined(runner._moe(layer, mlp, h)), fast, atol=3e-2, rtol=3e-2)
             runner.gemv_choice[key] = plan
         runner.moe_gemv_pairs = 0
@@ -497,3 +497,86 @@ def test_qkv_rope_gemv_equals_gemv_then_rope_kv_write(rope, bias, block_n):
     torch.testing.assert_close(caches[0], caches[2], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1], caches[3], rtol=1e-4, atol=1e-4)
     assert caches[0].view(-1, Hkv, D)[37].abs().sum() > 0
+
+
+@cuda
+@pytest.mark.parametrize("before,renorm", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("E,K,B", [(8, 2, 3), (32, 4, 1), (128, 4, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_route_equals_norm_then_router_then_topk(E, K, B, before, renorm, bias):
+    """norm_route (residual add, RMSNorm, router logits spread over programs, top-k by the last program
+    to finish) equals rmsnorm, the router linear and route_topk; its ticket counter resets itself."""
+    import torch.nn.functional as F
+
+    from giants.inference import triton_kernels as tk
+
+    torch.manual_seed(0)
+    D = 2880
+    x, r = torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda")
+    nw = torch.rand(D, device="cuda") + 0.5
+    rw = torch.randn(E, D, device="cuda") / 50
+    rb = torch.randn(E, device="cuda") if bias else None
+    cnt = torch.zeros(8, dtype=torch.int32, device="cuda")
+    h2, res2 = tk.rmsnorm(x, nw, 1e-5, False, residual=r)
+    w2, i2 = tk.route_topk(F.linear(h2, rw, rb), K, before, renorm, torch.float32)
+    for ep in (1, 2, 4):
+        for _ in range(2):
+            h, res, w, i = tk.norm_route(x, r, nw, 1e-5, False, rw, rb, K, before, renorm, cnt, experts_per_program=ep)
+            assert int(cnt.abs().sum()) == 0
+        torch.testing.assert_close(h, h2)
+        torch.testing.assert_close(res, res2)
+        assert torch.equal(i, i2)
+        torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("activation", ["silu_glu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_expert_gemv_glu_epilogue_equals_gemv_then_glu(activation, bias):
+    """expert_gemv(glu=) streams each routed expert's gate and up rows together and applies the activation in
+    its epilogue: equal to the gate|up GEMV then the GLU kernel, every config (gpt-oss-20b expert shape)."""
+    from giants.inference import triton_kernels as tk
+
+    torch.manual_seed(0)
+    E, F_, D = 8, 2880, 2880
+    w = (torch.randn(E, 2 * F_, D, device="cuda") / 50).to(torch.bfloat16)
+    b = torch.randn(E, 2 * F_, device="cuda").to(torch.bfloat16) if bias else None
+    x = torch.randn(2, D, device="cuda").to(torch.bfloat16)
+    rows, experts = torch.tensor([0, 0, 1, 1], device="cuda"), torch.tensor([7, 2, 2, 0], device="cuda")
+    for c in tk.EXPERT_GEMV_CONFIGS:
+        ref = tk.glu(tk.expert_gemv(x, rows, experts, w, b, **c), activation).float()
+        y = tk.expert_gemv(x, rows, experts, w, b, glu=activation, **c).float()
+        torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["tiny-gpt-oss", "tiny-mixtral", "tiny-llama"])
+def test_route_and_qkv_rope_fusions_change_no_token(name):
+    """The MoE norm+router+top-k kernel and the one-row QKV+rotary+KV-write GEMV (outside the chain), and
+    each expert plan: the same greedy tokens as the separate kernels (fp32, CUDA graphs, batch 1 and 4)."""
+    import giants
+    from giants.inference import SamplingParams
+    from giants.inference.engine import Engine
+
+    model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (4, 21, 9, 50)]
+    outs = []
+    for fuse, mode in ((False, None), (True, None), (True, "glu"), (True, "fused")):
+        engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=4)
+        runner = engine.runner
+        runner.fuse_route = runner.fuse_qkv_rope = fuse
+        runner.chain = False
+        if mode is not None and model.config.is_moe:
+            orig = runner._moe_plan
+            runner._moe_plan = lambda *a, orig=orig, mode=mode: (mode, *orig(*a)[1:])
+        one = [_run_one(engine, p) for p in prompts[:2]]  # batch 1
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[int(out.request_id)] = out.outputs[0].token_ids
+        outs.append((one, [done[i] for i in range(len(prompts))]))
+    assert all(o == outs[0] for o in outs[1:])

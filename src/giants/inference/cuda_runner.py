@@ -83,6 +83,12 @@ class CudaModelRunner(ModelRunner):
         self.chain_layers = [layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
                              for (_, mlp), layer in zip(self.fused, model.layers)]
         self.chain_possible = any(self.chain_layers)
+        # Batch-1 and small-batch fusions outside the chain, switchable for same-run measurements:
+        # the QKV GEMV with the rotary and KV write in its epilogue (one row), and for MoE layers the norm,
+        # router and top-k in one kernel.
+        self.fuse_qkv_rope = True
+        self.fuse_route = True
+        self.route_counter = torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device)
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
@@ -142,28 +148,31 @@ class CudaModelRunner(ModelRunner):
                 return tk.gemv(x, w, b, **cfg)
         return F.linear(x, w, b)
 
-    def _expert_cfg(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> dict:
-        key = ("experts-gate-up", tuple(w.shape), b is not None, pairs)
-        if key not in self.gemv_choice:
-            self.gemv_choice[key] = tk.pick_expert_gemv(w, b, pairs) if self.device.type == "cuda" \
-                else tk.EXPERT_GEMV_CONFIGS[0]
-        return self.gemv_choice[key]
-
-    def _down_plan(self, w: torch.Tensor, b: torch.Tensor | None, pairs: int) -> tuple[str, dict]:
-        """How the down projection runs, whichever measures faster for the shape: ("split", cfg) the down
-        GEMV applying the gated activation as it loads, the combine left to the next norm kernel; or
-        ("fused", cfg) activation, down projection and combine in one kernel. (A separate activation kernel
-        before a plain GEMV measured slowest of the three at gpt-oss-20b shape: 54 us against 34 and 38.)"""
-        key = ("experts-down", tuple(w.shape), b is not None, pairs)
+    def _moe_plan(self, w_gu: torch.Tensor, b_gu: torch.Tensor | None, w_down: torch.Tensor,
+                  b_down: torch.Tensor | None, pairs: int) -> tuple[str, dict, dict]:
+        """How the routed experts run, whichever pair of kernels measures faster for the shape (mode,
+        gate|up config, down config): "split" the gate|up GEMV, then the down GEMV applying the gated
+        activation as it loads, the combine left to the next norm kernel; "glu" the gate|up GEMV applying
+        the activation in its epilogue, then a plain down GEMV (combine as in split); "fused" activation,
+        down projection and combine in one kernel. (A separate activation kernel before a plain GEMV
+        measured slowest at gpt-oss-20b shape: 54 us against 34 and 38.)"""
+        key = ("experts", tuple(w_gu.shape), b_gu is not None, pairs)
         if key not in self.gemv_choice:
             if self.device.type != "cuda":
-                self.gemv_choice[key] = ("split", tk.EXPERT_GEMV_CONFIGS[0])
+                c = tk.EXPERT_GEMV_CONFIGS[0]
+                self.gemv_choice[key] = ("split", c, c)
             else:
                 cfg = self.cfg
-                split, t_split = tk.pick_expert_act(w, b, pairs, cfg.activation)
-                fused, t_fused = tk.pick_expert_down(w, b, pairs, cfg.experts_per_token, cfg.activation)
-                self.gemv_choice[key] = ("split", split) if t_split <= t_fused else ("fused", fused)
-                self.gemv_times[key] = {"split": round(t_split * 1e3, 1), "fused": round(t_fused * 1e3, 1)}  # us
+                gu, t_gu = tk.pick_expert_gemv(w_gu, b_gu, pairs)
+                glu, t_glu = tk.pick_expert_gemv(w_gu, b_gu, pairs, glu=cfg.activation)
+                down, t_down = tk.pick_expert_gemv(w_down, b_down, pairs)
+                split, t_split = tk.pick_expert_act(w_down, b_down, pairs, cfg.activation)
+                fused, t_fused = tk.pick_expert_down(w_down, b_down, pairs, cfg.experts_per_token, cfg.activation)
+                plans = {"split": (t_gu + t_split, gu, split), "glu": (t_glu + t_down, glu, down),
+                         "fused": (t_gu + t_fused, gu, fused)}
+                mode = min(plans, key=lambda m: plans[m][0])
+                self.gemv_choice[key] = (mode,) + plans[mode][1:]
+                self.gemv_times[key] = {m: round(v[0] * 1e3, 1) for m, v in plans.items()}  # us, both kernels
         return self.gemv_choice[key]
 
     def _dense_down(self, gu: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -282,27 +291,36 @@ class CudaModelRunner(ModelRunner):
             x, combine = x.y, (x.weights, x.k)
         return tk.rmsnorm(x, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", residual=residual, combine=combine)
 
-    def _moe(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
+    def _moe(self, i: int, mlp, h: torch.Tensor, route: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> torch.Tensor:
+        """The MoE layer on normed rows h; route: (weights, ids) when norm_route already chose the experts."""
         cfg = self.cfg
         kind = self.fused[i][1][0]
         B, K = h.shape[0], cfg.experts_per_token
         few = B * K <= self.moe_gemv_pairs
-        if few:  # one top-k kernel over the router logits instead of topk + softmax + casts
+        if route is not None:
+            weights, idx = route
+        elif few:  # one top-k kernel over the router logits instead of topk + softmax + casts
             weights, idx = tk.route_topk(mlp.router(h), K, cfg.router_softmax_before_topk, cfg.router_renormalize,
                                          h.dtype)
         else:
             _, weights, idx = mlp.route(h)  # (B, K)
         if kind == "moe" and few:
             # few (token, expert) pairs: one stream over the routed experts' gate|up rows, one over their
-            # down rows; the weighted combine happens in the next norm kernel (or see _down_plan)
+            # down rows; the weighted combine happens in the next norm kernel (or see _moe_plan)
             _, w_gu, b_gu = self.fused[i][1]
             flat, P = idx.view(-1), B * K
-            gu = tk.expert_gemv(h.contiguous(), self.pair_row[:P], flat, w_gu, b_gu,
-                                **self._expert_cfg(w_gu, b_gu, P))
-            mode, down_cfg = self._down_plan(mlp.w_down, mlp.b_down, P)
+            mode, gu_cfg, down_cfg = self._moe_plan(w_gu, b_gu, mlp.w_down, mlp.b_down, P)
+            act = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+            if mode == "glu":
+                a = tk.expert_gemv(h.contiguous(), self.pair_row[:P], flat, w_gu, b_gu, glu=cfg.activation, **act,
+                                   **gu_cfg)
+                y = tk.expert_gemv(a, self.pair_id[:P], flat, mlp.w_down, mlp.b_down, **down_cfg)
+                return ExpertRows(y, weights.view(-1), K)
+            gu = tk.expert_gemv(h.contiguous(), self.pair_row[:P], flat, w_gu, b_gu, **gu_cfg)
             if mode == "split":
                 y = tk.expert_gemv(gu, self.pair_id[:P], flat, mlp.w_down, mlp.b_down, activation=cfg.activation,
-                                   alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **down_cfg)
+                                   **act, **down_cfg)
                 return ExpertRows(y, weights.view(-1), K)
             return tk.expert_down_combine(gu, flat, weights.view(-1), mlp.w_down, mlp.b_down, K, cfg.activation,
                                           cfg.swiglu_alpha, cfg.swiglu_limit, **down_cfg)
@@ -328,6 +346,11 @@ class CudaModelRunner(ModelRunner):
         y = y * weights.reshape(-1)[order, None]
         return torch.zeros_like(h).index_add_(0, token_of_row, y.to(h.dtype))
 
+    def _fuse_route_applies(self, layer, B: int) -> bool:
+        """norm_route serves the expert-GEMV path (few (token, expert) pairs) of a MoE layer with a router."""
+        return (self.fuse_route and self.device.type == "cuda" and hasattr(layer.mlp, "router")
+                and B * self.cfg.experts_per_token <= self.moe_gemv_pairs)
+
     def _forward(self, B: int, num_splits: int, chain: bool = False) -> torch.Tensor:
         model, cfg, kv = self.model, self.cfg, self.kv
         H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -350,6 +373,13 @@ class CudaModelRunner(ModelRunner):
             if pend is not None:  # QKV, rotary and KV write in one GEMV, the norm from the chain
                 self._chain_qkv(pend, w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
                 residual, pend = pend[0], None
+            elif self.fuse_qkv_rope and self._one_row(residual):
+                # one row: the norm kernel, then the QKV GEMV with the rotary and KV write in its epilogue
+                if delta is None:
+                    h = self._norm(layer.attn_norm, residual)
+                else:
+                    h, residual = self._norm(layer.attn_norm, delta, residual)
+                self._chain_qkv((None, h, None), w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
             else:
                 if delta is None:
                     qkv, _, _ = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)
@@ -373,6 +403,13 @@ class CudaModelRunner(ModelRunner):
                 y, residual, activated = self._norm_linear(layer.mlp_norm, a, residual, mlp_w[1], mlp_w[2], glu=True)
                 delta = self._linear(y, down.weight, down.bias) if activated else \
                     self._dense_down(y, down.weight, down.bias)
+            elif self._fuse_route_applies(layer, B):
+                mlp, norm = layer.mlp, layer.mlp_norm
+                h, residual, wts, idx = tk.norm_route(
+                    a, residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one", mlp.router.weight,
+                    mlp.router.bias, cfg.experts_per_token, cfg.router_softmax_before_topk, cfg.router_renormalize,
+                    self.route_counter)
+                delta = self._moe(i, mlp, h, route=(wts, idx))
             else:
                 h, residual = self._norm(layer.mlp_norm, a, residual)
                 delta = self._moe(i, layer.mlp, h)

@@ -478,10 +478,13 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
 # ---- expert-indexed GEMV (MoE decode, bf16/fp32 experts) --------------------------------------
 @triton.jit
 def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, alpha, limit, HAS_BIAS: tl.constexpr,
-                        ACT_IN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                        ACT_IN: tl.constexpr, GLU_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr):
     """Y[p, n] = sum_k x_p[k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]): one stream over the routed
     experts' rows, no sort, no per-expert launch. x_p = X[X_ROW[p]], or with ACT_IN >= 0 the gated
-    activation of X[X_ROW[p]] = [gate | up] (2K wide), rounded to X's dtype as the unfused path stores it."""
+    activation of X[X_ROW[p]] = [gate | up] (2K wide), rounded to X's dtype as the unfused path stores it.
+    GLU_OUT >= 0: each expert's W holds [gate; up] (2N rows) and Y[p] = act(gate, up) (N wide): the program
+    streams gate row n and up row n together, so the down projection needs no activation of its own."""
     _grid_dep(PDL)
     p = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -489,8 +492,10 @@ def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, alpha, limit, HAS_BI
     e = tl.load(EXPERT + p).to(tl.int64)
     xr = tl.load(X_ROW + p).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
-    w_ptr = W + e * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    rows = 2 * N if GLU_OUT >= 0 else N
+    w_ptr = W + e * rows * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         km = k0 + rk < K
         if ACT_IN >= 0:
@@ -501,9 +506,18 @@ def _expert_gemv_kernel(X, X_ROW, EXPERT, W, BIAS, Y, N, K, alpha, limit, HAS_BI
             x = tl.load(X + xr * K + k0 + rk, mask=km, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
+        if GLU_OUT >= 0:
+            wu = tl.load(w_ptr + N * K + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            acc_u += wu.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        y += tl.load(BIAS + e * N + rn, mask=nm, other=0.0).to(tl.float32)
+        y += tl.load(BIAS + e * rows + rn, mask=nm, other=0.0).to(tl.float32)
+    if GLU_OUT >= 0:
+        u = tl.sum(acc_u, axis=1)
+        if HAS_BIAS:
+            u += tl.load(BIAS + e * rows + N + rn, mask=nm, other=0.0).to(tl.float32)
+        y = _act(y.to(Y.dtype.element_ty).to(tl.float32), u.to(Y.dtype.element_ty).to(tl.float32), alpha, limit,
+                 GLU_OUT)
     tl.store(Y + p * N + rn, y.to(Y.dtype.element_ty), mask=nm)
 
 
@@ -591,23 +605,26 @@ EXPERT_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
 
 
 def expert_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, w: torch.Tensor,
-                bias: torch.Tensor | None, *, activation: str | None = None, alpha: float = 1.702,
-                limit: float = 7.0, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
+                bias: torch.Tensor | None, *, activation: str | None = None, glu: str | None = None,
+                alpha: float = 1.702, limit: float = 7.0, block_n: int = 8, block_k: int = 256, num_warps: int = 4,
                 num_stages: int = 3) -> torch.Tensor:
     """x: (M, K), or (M, 2K) = [gate | up] with `activation`; x_row, expert: (P,) int; w: (E, N, K)
-    contiguous; bias: (E, N) -> (P, N). For a few (token, expert) pairs (MoE decode at small batch), where
+    contiguous; bias: (E, N) -> (P, N). With `glu`, w is (E, 2F, K) = [gate; up] per expert and the result
+    act(gate, up) (P, F). For a few (token, expert) pairs (MoE decode at small batch), where
     torch._grouped_mm with one row per group is far from the bandwidth limit."""
     P = expert.shape[0]
     N, K = w.shape[1], w.shape[2]
     width = 2 * K if activation is not None else K
-    if not (x.is_contiguous() and w.is_contiguous() and x.shape[1] == width):
-        raise ValueError(f"expert_gemv needs contiguous x (M, {width}) and w (E, N, K); got {tuple(x.shape)}, "
-                         f"{tuple(w.shape)}")
+    if not (x.is_contiguous() and w.is_contiguous() and x.shape[1] == width) or (glu is not None and N % 2):
+        raise ValueError(f"expert_gemv needs contiguous x (M, {width}) and w (E, N, K) (N even with glu); got "
+                         f"{tuple(x.shape)}, {tuple(w.shape)}")
+    if glu is not None:
+        N //= 2
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     _expert_gemv_kernel[(P, triton.cdiv(N, block_n))](
         x, x_row, expert, w, bias if bias is not None else w, out, N, K, alpha, limit, HAS_BIAS=bias is not None,
-        ACT_IN=ACTS[activation] if activation is not None else -1, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages, **_pdl())
+        ACT_IN=ACTS[activation] if activation is not None else -1, GLU_OUT=ACTS[glu] if glu is not None else -1,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **_pdl())
     return out
 
 
@@ -621,11 +638,12 @@ def _expert_inputs(w: torch.Tensor, pairs: int, width: int
     return x, rows, [(rows * 7 + pairs * i) % E for i in range(8)]
 
 
-def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int) -> dict:
-    """The fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count (CUDA events)."""
+def pick_expert_gemv(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, glu: str | None = None
+                     ) -> tuple[dict, float]:
+    """(the fastest EXPERT_GEMV_CONFIGS entry for this expert shape and pair count, its ms; CUDA events)."""
     x, rows, experts = _expert_inputs(w, pairs, w.shape[2])
-    return pick_config_timed(lambda i, **c: expert_gemv(x, rows, experts[i % 8], w, bias, **c),
-                             EXPERT_GEMV_CONFIGS)[0]
+    return pick_config_timed(lambda i, **c: expert_gemv(x, rows, experts[i % 8], w, bias, glu=glu, **c),
+                             EXPERT_GEMV_CONFIGS)
 
 
 def pick_expert_act(w: torch.Tensor, bias: torch.Tensor | None, pairs: int, activation: str) -> tuple[dict, float]:
@@ -738,6 +756,89 @@ def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormali
     _route_topk_kernel[(B,)](logits, weights, idx, E, K_TOP=k_top, BLOCK_E=_np2(E), BLOCK_KT=_np2(k_top),
                              SOFTMAX_BEFORE=softmax_before, RENORM=renormalize, **_pdl())
     return weights, idx
+
+
+@triton.jit
+def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX_OUT, D, E, eps,
+                       PLUS_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, K_TOP: tl.constexpr, EP: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_KT: tl.constexpr,
+                       SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
+    """The MoE layer's input at small batch in one kernel: h = rmsnorm(x + r) (program (b, 0) stores h and
+    the new residual), the router logits of experts [EP * j, EP * (j + 1)) in program (b, j), and from the
+    program that finishes row b last (a ticket from CNT[b]) its top-k and routing weights, as route_topk.
+    Values are rounded where the separate norm, router linear and top-k kernels store them."""
+    _grid_dep(PDL)
+    b = tl.program_id(0)
+    pj = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    x = tl.load(X + b * D + cols, mask=m, other=0.0)
+    x = (x.to(tl.float32) + tl.load(R + b * D + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+    xf = x.to(tl.float32)
+    w = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+    if PLUS_ONE:
+        w = w + 1.0
+    h = ((xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)) * w).to(H_OUT.dtype.element_ty)
+    if pj == 0:
+        tl.store(RES_OUT + b * D + cols, x, mask=m)
+        tl.store(H_OUT + b * D + cols, h, mask=m)
+    hf = h.to(tl.float32)
+    for j in tl.static_range(EP):
+        e = pj * EP + j
+        if e < E:
+            lg = tl.sum(tl.load(RW + e.to(tl.int64) * D + cols, mask=m, other=0.0).to(tl.float32) * hf, axis=0)
+            if HAS_BIAS:
+                lg += tl.load(RB + e).to(tl.float32)
+            tl.store(LOGITS + b * E + e, lg.to(H_OUT.dtype.element_ty).to(tl.float32))
+    tl.debug_barrier()  # whichever thread stored a logit, the ticket's release below orders it
+    ticket = tl.atomic_add(CNT + b, 1, sem="acq_rel")
+    if ticket == tl.num_programs(1) - 1:
+        tl.store(CNT + b, 0)  # ready for the next layer
+        ce = tl.arange(0, BLOCK_E)
+        vals = tl.load(LOGITS + b * E + ce, mask=ce < E, other=float("-inf"), cache_modifier=".cg")
+        m_all = tl.max(vals, axis=0)
+        z_all = tl.sum(tl.exp(vals - m_all), axis=0)
+        ck = tl.arange(0, BLOCK_KT)
+        top = tl.full((BLOCK_KT,), float("-inf"), tl.float32)
+        for j in tl.static_range(K_TOP):
+            mx = tl.max(vals, axis=0)
+            i = tl.argmax(vals, axis=0)
+            tl.store(IDX_OUT + b * K_TOP + j, i.to(IDX_OUT.dtype.element_ty))
+            top = tl.where(ck == j, mx, top)
+            vals = tl.where(ce == i, float("-inf"), vals)
+        if SOFTMAX_BEFORE:
+            wts = tl.exp(top - m_all) / z_all
+            if RENORM:
+                wts = wts / tl.sum(wts, axis=0)
+        else:
+            ex = tl.exp(top - tl.max(top, axis=0))
+            wts = ex / tl.sum(ex, axis=0)
+        tl.store(W_OUT + b * K_TOP + ck, wts.to(W_OUT.dtype.element_ty), mask=ck < K_TOP)
+
+
+def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, plus_one: bool,
+               router_w: torch.Tensor, router_b: torch.Tensor | None, k_top: int, softmax_before: bool,
+               renormalize: bool, counter: torch.Tensor, experts_per_program: int = 2
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: (B, D); router_w (E, D); counter: (>= B,) int32 zeros (left zero).
+    Returns h = rmsnorm(x + residual), x + residual, routing weights (B, K) in x's dtype, expert ids (B, K)
+    int64: what rmsnorm, the router linear and route_topk give."""
+    B, D = x.shape
+    E = router_w.shape[0]
+    if not (x.is_contiguous() and residual.is_contiguous() and router_w.is_contiguous()
+            and router_w.shape[1] == D and counter.numel() >= B):
+        raise ValueError(f"norm_route needs contiguous x, residual (B, {D}), router_w (E, {D}) and a counter of "
+                         f">= {B} int32; got {tuple(x.shape)}, {tuple(router_w.shape)}, {counter.numel()}")
+    h, res = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(B, E, dtype=torch.float32, device=x.device)
+    weights = torch.empty(B, k_top, dtype=x.dtype, device=x.device)
+    idx = torch.empty(B, k_top, dtype=torch.long, device=x.device)
+    _norm_route_kernel[(B, triton.cdiv(E, experts_per_program))](
+        x, residual, norm_weight, h, res, router_w, router_b if router_b is not None else router_w, logits, counter,
+        weights, idx, D, E, eps, PLUS_ONE=plus_one, HAS_BIAS=router_b is not None, K_TOP=k_top,
+        EP=experts_per_program, BLOCK_D=_np2(D), BLOCK_E=_np2(E), BLOCK_KT=_np2(k_top),
+        SOFTMAX_BEFORE=softmax_before, RENORM=renormalize, num_warps=4, **_pdl())
+    return h, res, weights, idx
 
 
 def time_ms(fn, reps: int = 20) -> float:
