@@ -88,6 +88,7 @@ class CudaModelRunner(ModelRunner):
         # router and top-k in one kernel.
         self.fuse_qkv_rope = True
         self.fuse_route = True
+        self.short_splits = 4  # key splits per sequence at short context when few (sequence, kv head) programs
         self.route_counter = torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device)
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
@@ -428,7 +429,7 @@ class CudaModelRunner(ModelRunner):
     def _splits(self, B: int, long: bool) -> int:
         if not long:
             # few (sequence, kv head) programs, e.g. batch 1: split the keys four ways for parallelism
-            return 4 if B * self.cfg.n_kv_heads <= 32 else 1
+            return self.short_splits if B * self.cfg.n_kv_heads <= 32 else 1
         want = max(1, 2 * 132 // (B * self.cfg.n_kv_heads))
         return min(16, 1 << (want.bit_length() - 1))
 
