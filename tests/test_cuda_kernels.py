@@ -453,7 +453,7 @@ def test_chained_dense_decode_gives_the_same_tokens(name):
         outs.append([_run_one(engine, p) for p in prompts])  # one at a time: batch 1, where the chain applies
         if chain is None:
             t = engine.runner.gemv_times["chain"]
-            assert t["agrees"] and engine.runner.chain == (t["chain_ms"] < t["plain_ms"])
+            assert t["agrees"] and engine.runner.chain == (t["chain_ms"] < 1.005 * t["plain_ms"])
         if chain:
             cfg = model.config
             assert ("chain-glu", (2 * cfg.ffn_dim, cfg.d_model), cfg.mlp_bias) in engine.runner.gemv_choice

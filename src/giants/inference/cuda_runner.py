@@ -528,8 +528,10 @@ class CudaModelRunner(ModelRunner):
         diff = float((got - ref).abs().max())
         cos = float(F.cosine_similarity(got.flatten(), ref.flatten(), dim=0))
         agrees = diff <= 0.1 * float(ref.abs().max()) and cos >= 0.99
-        self.chain = agrees and t_chain < t_plain
-        self.gemv_times["chain"] = {"plain_ms": round(t_plain, 4), "chain_ms": round(t_chain, 4), "agrees": agrees,
+        # a tie within 0.5% goes to the chain (96 fewer kernels on Llama-3.1-8B): at that shape the two timed
+        # within 0.5% either way here, while whole decodes with each, in one run, had the chain 0.5% faster
+        self.chain = agrees and t_chain < 1.005 * t_plain
+        self.gemv_times["chain"] = {"plain_ms": t_plain, "chain_ms": t_chain, "agrees": agrees,
                                     "max_abs_diff": diff, "max_abs": float(ref.abs().max()), "cosine": cos}
         return chained if self.chain else plain
 
