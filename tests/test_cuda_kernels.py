@@ -371,7 +371,6 @@ def test_programmatic_dependent_launch_changes_no_token(name):
     """Kernels launched with PDL start while the previous kernel drains and wait for its writes: the decode
     graphs give the same tokens with PDL off and on."""
     import giants
-    from giants.inference import SamplingParams
     from giants.inference import triton_kernels as tk
     from giants.inference.engine import Engine
 
@@ -384,14 +383,7 @@ def test_programmatic_dependent_launch_changes_no_token(name):
             tk.set_pdl(on)
             engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=8)
             assert engine.runner.use_graphs
-            for i, p in enumerate(prompts):
-                engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-            done = {}
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        done[int(out.request_id)] = out.outputs[0].token_ids
-            outs.append([done[i] for i in range(len(prompts))])
+            outs.append(_run_all(engine, prompts, 20))
     finally:
         tk.set_pdl(default)
     assert outs[1] == outs[0]
@@ -458,6 +450,20 @@ def test_chained_dense_decode_gives_the_same_tokens(name):
             cfg = model.config
             assert ("chain-glu", (2 * cfg.ffn_dim, cfg.d_model), cfg.mlp_bias) in engine.runner.gemv_choice
     assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+def _run_all(engine, prompts, max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of all prompts submitted at once (batched decode), in prompt order."""
+    from giants.inference import SamplingParams
+
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+    return [done[i] for i in range(len(prompts))]
 
 
 def _run_one(engine, prompt):
@@ -555,7 +561,6 @@ def test_route_and_qkv_rope_fusions_change_no_token(name):
     """The MoE norm+router+top-k kernel and the one-row QKV+rotary+KV-write GEMV (outside the chain), and
     each expert plan: the same greedy tokens as the separate kernels (fp32, CUDA graphs, batch 1 and 4)."""
     import giants
-    from giants.inference import SamplingParams
     from giants.inference.engine import Engine
 
     model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
@@ -571,12 +576,5 @@ def test_route_and_qkv_rope_fusions_change_no_token(name):
             orig = runner._moe_plan
             runner._moe_plan = lambda *a, orig=orig, mode=mode: (mode, *orig(*a)[1:])
         one = [_run_one(engine, p) for p in prompts[:2]]  # batch 1
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-        done = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[int(out.request_id)] = out.outputs[0].token_ids
-        outs.append((one, [done[i] for i in range(len(prompts))]))
+        outs.append((one, _run_all(engine, prompts, 12)))
     assert all(o == outs[0] for o in outs[1:])

@@ -719,14 +719,11 @@ def expert_down_combine(gu: torch.Tensor, expert: torch.Tensor, weights: torch.T
 
 
 @triton.jit
-def _route_topk_kernel(LOGITS, W_OUT, IDX_OUT, E, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_KT: tl.constexpr, SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
-    """Top-k of one token's router logits and its routing weights: softmax over the k chosen logits, or
-    (SOFTMAX_BEFORE) the chosen entries of the softmax over all experts, optionally renormalised."""
-    _grid_dep(PDL)
-    b = tl.program_id(0)
-    ce = tl.arange(0, BLOCK_E)
-    vals = tl.load(LOGITS + b * E + ce, mask=ce < E, other=float("-inf")).to(tl.float32)
+def _topk_route(vals, ce, W_OUT, IDX_OUT, b, K_TOP: tl.constexpr, BLOCK_KT: tl.constexpr,
+                SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr):
+    """Stores row b's top-k expert ids and routing weights from its fp32 logits vals (-inf past E): softmax
+    over the k chosen logits, or (SOFTMAX_BEFORE) the chosen entries of the softmax over all experts,
+    optionally renormalised."""
     m_all = tl.max(vals, axis=0)
     z_all = tl.sum(tl.exp(vals - m_all), axis=0)
     ck = tl.arange(0, BLOCK_KT)
@@ -745,6 +742,17 @@ def _route_topk_kernel(LOGITS, W_OUT, IDX_OUT, E, K_TOP: tl.constexpr, BLOCK_E: 
         ex = tl.exp(top - tl.max(top, axis=0))
         wts = ex / tl.sum(ex, axis=0)
     tl.store(W_OUT + b * K_TOP + ck, wts.to(W_OUT.dtype.element_ty), mask=ck < K_TOP)
+
+
+@triton.jit
+def _route_topk_kernel(LOGITS, W_OUT, IDX_OUT, E, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_KT: tl.constexpr, SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
+    """Top-k of one token's router logits and its routing weights (see _topk_route)."""
+    _grid_dep(PDL)
+    b = tl.program_id(0)
+    ce = tl.arange(0, BLOCK_E)
+    vals = tl.load(LOGITS + b * E + ce, mask=ce < E, other=float("-inf")).to(tl.float32)
+    _topk_route(vals, ce, W_OUT, IDX_OUT, b, K_TOP, BLOCK_KT, SOFTMAX_BEFORE, RENORM)
 
 
 def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormalize: bool,
@@ -796,24 +804,7 @@ def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX
         tl.store(CNT + b, 0)  # ready for the next layer
         ce = tl.arange(0, BLOCK_E)
         vals = tl.load(LOGITS + b * E + ce, mask=ce < E, other=float("-inf"), cache_modifier=".cg")
-        m_all = tl.max(vals, axis=0)
-        z_all = tl.sum(tl.exp(vals - m_all), axis=0)
-        ck = tl.arange(0, BLOCK_KT)
-        top = tl.full((BLOCK_KT,), float("-inf"), tl.float32)
-        for j in tl.static_range(K_TOP):
-            mx = tl.max(vals, axis=0)
-            i = tl.argmax(vals, axis=0)
-            tl.store(IDX_OUT + b * K_TOP + j, i.to(IDX_OUT.dtype.element_ty))
-            top = tl.where(ck == j, mx, top)
-            vals = tl.where(ce == i, float("-inf"), vals)
-        if SOFTMAX_BEFORE:
-            wts = tl.exp(top - m_all) / z_all
-            if RENORM:
-                wts = wts / tl.sum(wts, axis=0)
-        else:
-            ex = tl.exp(top - tl.max(top, axis=0))
-            wts = ex / tl.sum(ex, axis=0)
-        tl.store(W_OUT + b * K_TOP + ck, wts.to(W_OUT.dtype.element_ty), mask=ck < K_TOP)
+        _topk_route(vals, ce, W_OUT, IDX_OUT, b, K_TOP, BLOCK_KT, SOFTMAX_BEFORE, RENORM)
 
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, plus_one: bool,
