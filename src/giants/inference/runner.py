@@ -65,6 +65,7 @@ class StepInputs:
         self.prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         self.starts = starts
         self.chunks = chunks
+        self.visible: dict[int, torch.Tensor] = {}  # one decoding sequence: its visible key slots per group
         self.decode_rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long, device=device)
         self.attn_decode = [self._rows(kv, gi, self.decode, device) for gi in range(len(kv.groups))]
         self.attn_prefill = [[self._rows(kv, gi, [i], device) for gi in range(len(kv.groups))]
@@ -177,6 +178,8 @@ class ModelRunner:
         li = kv.layer_index[layer]
         k_pool, v_pool = g.k[li], g.v[li]
         attn_mod = self.model.layers[layer].attn
+        if self.model.rel_bias is None and inp.n_tokens == 1 and inp.decode:
+            return self._attention_one(q, k_pool, v_pool, attn_mod, inp, gi, g.window)
         out = torch.empty_like(q)
         batches = []
         if inp.decode:
@@ -198,6 +201,28 @@ class ModelRunner:
                        bias=bias)
             out[rows] = o.transpose(1, 2).to(out.dtype)
         return out
+
+    def _attention_one(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, attn_mod,
+                       inp: StepInputs, gi: int, window: int) -> torch.Tensor:
+        """One decoding sequence: gather exactly its visible keys (their slots found once a step per group),
+        so no mask and no per-layer index maths. q: (1, H, D) -> (1, H, D)."""
+        cfg = self.cfg
+        Hkv, D = cfg.n_kv_heads, cfg.head_dim
+        if gi not in inp.visible:
+            meta, bs = inp.attn_decode[gi], self.kv.block_size
+            allowed = attention_mask(inp.pos[None], meta.k_pos, window)[0, 0]  # (nb * bs,)
+            slots = (meta.table.clamp(min=0)[0, :, None] * bs + torch.arange(bs, device=q.device)).flatten()
+            inp.visible[gi] = slots[allowed]
+        sv = inp.visible[gi]
+        k = k_pool.view(-1, Hkv, D).index_select(0, sv).transpose(0, 1)[None]  # (1, Hkv, L, D)
+        v = v_pool.view(-1, Hkv, D).index_select(0, sv).transpose(0, 1)[None]
+        qb = q.transpose(0, 1)[None]  # (1, H, 1, D)
+        if cfg.attn_softcap is None and attn_mod.sinks is None:
+            o = F.scaled_dot_product_attention(qb, k, v, scale=cfg.attn_scale, enable_gqa=Hkv != cfg.n_heads)
+        else:
+            ones = torch.ones(1, 1, sv.shape[0], dtype=torch.bool, device=q.device)
+            o = attend(qb, k, v, ones, scale=cfg.attn_scale, softcap=cfg.attn_softcap, sinks=attn_mod.sinks)
+        return o[0].transpose(0, 1).to(q.dtype)
 
     supports_ahead = True  # execute() takes decode input ids as a device tensor (see Engine.async_decode)
 
@@ -231,7 +256,10 @@ class ModelRunner:
                 q = attn.q_proj(h).view(N, H, D)
                 k = attn.k_proj(h).view(N, Hkv, D)
                 v = attn.v_proj(h).view(N, Hkv, D)
-            if rope is not None:
+            if rope is not None and qkv_w is not None:  # q and k rotated in one pass over their rows
+                qk = apply_rotary(qkv[:, :(H + Hkv) * D].view(N, H + Hkv, D).transpose(0, 1)[None], *rope)[0]
+                q, k = qk[:H].transpose(0, 1), qk[H:].transpose(0, 1)
+            elif rope is not None:
                 q = apply_rotary(q.transpose(0, 1)[None], *rope)[0].transpose(0, 1)
                 k = apply_rotary(k.transpose(0, 1)[None], *rope)[0].transpose(0, 1)
             gi = kv.group_of_layer[i]

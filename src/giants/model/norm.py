@@ -20,6 +20,9 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.kind == "rmsnorm" and dtype == torch.float32 == self.weight.dtype and x.device.type == "cpu":
+            # one op, bitwise equal to the formula below in fp32 (CPU decode pays ~5-10 us an op on small rows)
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         if self.kind == "layernorm":
             y = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), self.weight.float(),
