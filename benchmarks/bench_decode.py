@@ -261,7 +261,7 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
                                     lambda v: setattr(runner, "short_splits", v), 1, runner.short_splits)
         for switch in ("fuse_qkv_rope", "fuse_route") if llm.model.config.is_moe else ():
             r[f"{switch}_off"] = rerun(name, f"{switch}=False", llm, prompt, new, roof, g,
-                                       lambda v, s=switch: setattr(runner, s, v), False, True)
+                                       lambda v, s=switch: setattr(runner, s, v), False, getattr(runner, switch))
     state = None
     if hf_modes and share_weights:
         from giants.checkpoint.hf_map import giants_to_hf

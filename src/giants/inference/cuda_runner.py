@@ -268,10 +268,11 @@ class CudaModelRunner(ModelRunner):
         return tk.gemv(hx, w, b, scale=rstd, glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
                        **self.gemv_choice[key])
 
-    def _chain_qkv(self, pend, w: torch.Tensor, b: torch.Tensor | None, cos, sin, q: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    def _qkv_rope(self, hx: torch.Tensor, rstd: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None, cos,
+                  sin, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """One row: the QKV GEMV (its sums times rstd when given: hx is then the chain's x * norm weight) with
+        the rotary and the paged KV write in its epilogue."""
         cfg = self.cfg
-        _, hx, rstd = pend
         H, Hkv, half = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim // 2
         key = ("chain-qkv", tuple(w.shape), b is not None)
         if key not in self.gemv_choice:
@@ -372,7 +373,7 @@ class CudaModelRunner(ModelRunner):
             gi = kv.group_of_layer[i]
             g, li = kv.groups[gi], kv.layer_index[i]
             if pend is not None:  # QKV, rotary and KV write in one GEMV, the norm from the chain
-                self._chain_qkv(pend, w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
+                self._qkv_rope(pend[1], pend[2], w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
                 residual, pend = pend[0], None
             elif self.fuse_qkv_rope and self._one_row(residual):
                 # one row: the norm kernel, then the QKV GEMV with the rotary and KV write in its epilogue
@@ -380,7 +381,7 @@ class CudaModelRunner(ModelRunner):
                     h = self._norm(layer.attn_norm, residual)
                 else:
                     h, residual = self._norm(layer.attn_norm, delta, residual)
-                self._chain_qkv((None, h, None), w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
+                self._qkv_rope(h, None, w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
             else:
                 if delta is None:
                     qkv, _, _ = self._norm_linear(layer.attn_norm, residual, None, w_qkv, b_qkv)

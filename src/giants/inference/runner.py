@@ -65,9 +65,16 @@ class StepInputs:
         self.prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         self.starts = starts
         self.chunks = chunks
-        self.visible: dict[int, torch.Tensor] = {}  # one decoding sequence: its visible key slots per group
         self.decode_rows = torch.tensor([starts[i] for i in self.decode], dtype=torch.long, device=device)
         self.attn_decode = [self._rows(kv, gi, self.decode, device) for gi in range(len(kv.groups))]
+        # one decoding sequence: the slots of the keys it sees, per group (its attention then needs no mask)
+        self.visible = None
+        if self.n_tokens == 1 and self.decode:
+            self.visible = []
+            for g, meta in zip(kv.groups, self.attn_decode):
+                allowed = attention_mask(self.pos[None], meta.k_pos, g.window)[0, 0]  # (nb * bs,)
+                slots = meta.table.clamp(min=0)[0, :, None] * bs + torch.arange(bs, device=device)
+                self.visible.append(slots.flatten()[allowed])
         self.attn_prefill = [[self._rows(kv, gi, [i], device) for gi in range(len(kv.groups))]
                              for i in self.prefill]
         self.sample_rows = torch.tensor([starts[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.sample],
@@ -178,8 +185,8 @@ class ModelRunner:
         li = kv.layer_index[layer]
         k_pool, v_pool = g.k[li], g.v[li]
         attn_mod = self.model.layers[layer].attn
-        if self.model.rel_bias is None and inp.n_tokens == 1 and inp.decode:
-            return self._attention_one(q, k_pool, v_pool, attn_mod, inp, gi, g.window)
+        if self.model.rel_bias is None and inp.visible is not None:
+            return self._attention_one(q, k_pool, v_pool, attn_mod, inp.visible[gi])
         out = torch.empty_like(q)
         batches = []
         if inp.decode:
@@ -203,17 +210,11 @@ class ModelRunner:
         return out
 
     def _attention_one(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, attn_mod,
-                       inp: StepInputs, gi: int, window: int) -> torch.Tensor:
-        """One decoding sequence: gather exactly its visible keys (their slots found once a step per group),
-        so no mask and no per-layer index maths. q: (1, H, D) -> (1, H, D)."""
+                       sv: torch.Tensor) -> torch.Tensor:
+        """One decoding sequence: gathers exactly the keys it sees (slots sv), so no mask and no per-layer
+        index maths. q: (1, H, D) -> (1, H, D)."""
         cfg = self.cfg
         Hkv, D = cfg.n_kv_heads, cfg.head_dim
-        if gi not in inp.visible:
-            meta, bs = inp.attn_decode[gi], self.kv.block_size
-            allowed = attention_mask(inp.pos[None], meta.k_pos, window)[0, 0]  # (nb * bs,)
-            slots = (meta.table.clamp(min=0)[0, :, None] * bs + torch.arange(bs, device=q.device)).flatten()
-            inp.visible[gi] = slots[allowed]
-        sv = inp.visible[gi]
         k = k_pool.view(-1, Hkv, D).index_select(0, sv).transpose(0, 1)[None]  # (1, Hkv, L, D)
         v = v_pool.view(-1, Hkv, D).index_select(0, sv).transpose(0, 1)[None]
         qb = q.transpose(0, 1)[None]  # (1, H, 1, D)

@@ -61,6 +61,16 @@ def _grid_dep(PDL: tl.constexpr):
 
 # ---- residual add + RMSNorm ---------------------------------------------------------------
 @triton.jit
+def _rms_normed(xf, W, cols, m, D, eps, PLUS_ONE: tl.constexpr):
+    """RMSNorm of one fp32 row xf (zeros past D) times the weight W (1 + W with PLUS_ONE), in fp32."""
+    var = tl.sum(xf * xf, axis=0) / D
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    if PLUS_ONE:
+        w = w + 1.0
+    return (xf * tl.rsqrt(var + eps)) * w
+
+
+@triton.jit
 def _rmsnorm_kernel(X, R, W, Y, RES, WTS, D, eps, stride_x, HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr,
                     COMBINE_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     _grid_dep(PDL)
@@ -79,12 +89,7 @@ def _rmsnorm_kernel(X, R, W, Y, RES, WTS, D, eps, stride_x, HAS_RES: tl.constexp
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
         tl.store(RES + row * D + cols, x, mask=m)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / D
-    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    if PLUS_ONE:
-        w = w + 1.0
-    y = (xf * tl.rsqrt(var + eps)) * w
+    y = _rms_normed(x.to(tl.float32), W, cols, m, D, eps, PLUS_ONE)
     tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
@@ -782,11 +787,7 @@ def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX
     m = cols < D
     x = tl.load(X + b * D + cols, mask=m, other=0.0)
     x = (x.to(tl.float32) + tl.load(R + b * D + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-    xf = x.to(tl.float32)
-    w = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-    if PLUS_ONE:
-        w = w + 1.0
-    h = ((xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)) * w).to(H_OUT.dtype.element_ty)
+    h = _rms_normed(x.to(tl.float32), NW, cols, m, D, eps, PLUS_ONE).to(H_OUT.dtype.element_ty)
     if pj == 0:
         tl.store(RES_OUT + b * D + cols, x, mask=m)
         tl.store(H_OUT + b * D + cols, h, mask=m)
