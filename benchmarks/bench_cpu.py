@@ -3,8 +3,10 @@
 With the real weights (`--source smollm2-135m`, the Q4_1 GGUF from `giants download smollm2-135m`) both
 load the same file (transformers through `gguf_file=`, dequantized to fp32); with `--source preset`
 both get the same random weights. Reports tok/s, the ratio, and whether the greedy tokens are identical;
-then giants' weight modes (bf16, int8 weight-only) beside fp32, and llama-cpp-python (when installed, built
-from PyPI: `pip install llama-cpp-python`) running the same Q4_1 file with the same threads, in the same rounds.
+then giants' weight modes (bf16, int8 weight-only) beside fp32, each eager and (`*_compile`) through the
+torch.compile'd batch-1 decode (`LLM(cpu_compile=True)`, compiled before timing starts), and llama-cpp-python
+(when installed, built from PyPI: `pip install llama-cpp-python`) running the same Q4_1 file with the same
+threads, in the same rounds.
 
     python benchmarks/bench_cpu.py --source smollm2-135m --new 128 --out cpu.json
 """
@@ -96,7 +98,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--modes", default="fp32,bf16,int8")
+    ap.add_argument("--modes", default="fp32,fp32_compile,bf16,bf16_compile,int8",
+                    help="giants weight modes; *_compile decode through torch.compile'd layers (LLM(cpu_compile=True))")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even if installed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -123,7 +126,9 @@ def main() -> None:
     llms = {}
     for mode in args.modes.split(","):
         kw = {"fp32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"),
-              "int8": dict(dtype="float32", weights="int8")}[mode]
+              "int8": dict(dtype="float32", weights="int8"),
+              "fp32_compile": dict(dtype="float32", cpu_compile=True),
+              "bf16_compile": dict(dtype="bfloat16", cpu_compile=True)}[mode]
         m = model if mode == "fp32" else giants.build(model.config, device="meta").materialize("cpu")
         if m is not model:
             m.load_state_dict(model.state_dict())

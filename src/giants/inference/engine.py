@@ -109,7 +109,7 @@ class Engine:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  device: torch.device | str | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
                  use_cuda_graphs: bool = True, cpu_onednn: bool | None = None,
-                 async_decode: bool | None = None) -> None:
+                 async_decode: bool | None = None, cpu_compile: bool = False) -> None:
         cfg = model.config
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -139,8 +139,13 @@ class Engine:
             else bool(async_decode)
         self._ahead: _Ahead | None = None
         self.num_ahead_used = self.num_ahead_dropped = 0
-        if cpu_onednn is None:
-            cpu_onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if cpu_compile:
+            if self.device.type != "cpu":
+                raise ValueError(f"cpu_compile: only for device 'cpu' (got {self.device.type!r})")
+            self.runner.compile_decode()
+        if cpu_onednn is None:  # the compiled decode streams the plain weights: no second, packed copy
+            cpu_onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available() \
+                and not cpu_compile
         if cpu_onednn:
             self.runner.pack_for_onednn()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)

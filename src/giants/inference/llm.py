@@ -121,7 +121,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 use_cuda_graphs: bool = True, quantization: str | None = None, weights: str | None = None) -> None:
+                 use_cuda_graphs: bool = True, quantization: str | None = None, weights: str | None = None,
+                 cpu_compile: bool = False) -> None:
         if tensor_parallel_size != 1:
             raise NotImplementedError(
                 f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism arrives with the scale-out work; "
@@ -145,7 +146,8 @@ class LLM:
                              num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
                              enable_prefix_caching=enable_prefix_caching, device=device, seed=seed,
-                             gpu_memory_utilization=gpu_memory_utilization, use_cuda_graphs=use_cuda_graphs)
+                             gpu_memory_utilization=gpu_memory_utilization, use_cuda_graphs=use_cuda_graphs,
+                             cpu_compile=cpu_compile)
         self._ids = itertools.count()
 
     # ---- inputs --------------------------------------------------------------------

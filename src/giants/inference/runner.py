@@ -154,6 +154,13 @@ class ModelRunner:
                     mlp = ("modules",)
                 self.fused.append((qkv, mlp))
         self.packed: dict[int, torch.Tensor] = {}
+        self.compiled = None  # CompiledDecode, when cpu_compile is on
+
+    def compile_decode(self) -> None:
+        """CPU: steps of one decoding sequence go through torch.compile'd layer functions (see cpu_decode)."""
+        from giants.inference.cpu_decode import CompiledDecode
+
+        self.compiled = CompiledDecode(self)
 
     def pack_for_onednn(self) -> None:
         """CPU fp32: keep a oneDNN-packed copy of every projection and the head. MKL's single-row sgemv
@@ -237,6 +244,8 @@ class ModelRunner:
         if ids is not None:
             chunks = [Chunk(c.blocks, c.start, [t], c.sample) for c, t in zip(chunks, ids.tolist())]
         inp = StepInputs(self.kv, chunks, self.device)
+        if self.compiled is not None and inp.visible is not None:
+            return self.compiled(inp)
         model, cfg, kv = self.model, self.cfg, self.kv
         N = inp.n_tokens
         x = model.embed(inp.ids)

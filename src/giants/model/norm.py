@@ -8,6 +8,21 @@ from torch import nn
 from giants.config import ModelConfig
 
 
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:
+    """Norm.forward as a function of tensors (the compiled CPU decode passes each layer's weights in)."""
+    dtype = x.dtype
+    xf = x.float()
+    if kind == "layernorm":
+        y = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), weight.float(),
+                                           bias.float() if bias is not None else None, eps)
+        return y.to(dtype)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.float()
+    if kind == "rmsnorm_plus_one":
+        w = 1.0 + w
+    return (y * w).to(dtype)
+
+
 class Norm(nn.Module):
     """RMSNorm (`w * x`), Gemma's RMSNorm (`(1 + w) * x`, weight stored as the offset) or LayerNorm."""
 
@@ -19,20 +34,10 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if self.kind == "rmsnorm" and dtype == torch.float32 == self.weight.dtype and x.device.type == "cpu":
+        if self.kind == "rmsnorm" and x.dtype == torch.float32 == self.weight.dtype and x.device.type == "cpu":
             # one op, bitwise equal to the formula below in fp32 (CPU decode pays ~5-10 us an op on small rows)
             return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        xf = x.float()
-        if self.kind == "layernorm":
-            y = torch.nn.functional.layer_norm(xf, (xf.shape[-1],), self.weight.float(),
-                                               self.bias.float() if self.bias is not None else None, self.eps)
-            return y.to(dtype)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float()
-        if self.kind == "rmsnorm_plus_one":
-            w = 1.0 + w
-        return (y * w).to(dtype)
+        return norm(x, self.weight, self.bias, self.kind, self.eps)
 
     def reset_parameters(self) -> None:
         if self.kind == "rmsnorm_plus_one":
