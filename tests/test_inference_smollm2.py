@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 import giants
@@ -15,14 +16,15 @@ PROMPT = "Write a short poem about the sea."
 NEW = 40
 
 
-def test_generate_cli_matches_transformers_greedy_on_the_gguf(capsys):
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_generate_cli_matches_transformers_greedy_on_the_gguf(capsys, compile_):
     import transformers
 
     from giants.checkpoint import download
 
     path = str(download("smollm2-135m"))
     assert cli.main(["generate", "smollm2-135m", PROMPT, "--chat", "--temperature", "0", "--max-tokens", str(NEW),
-                     "--json"]) == 0
+                     "--json", *(["--compile"] if compile_ else [])]) == 0
     got = json.loads(capsys.readouterr().out)
 
     tok = giants.load_tokenizer(path)
