@@ -86,12 +86,13 @@ def clear(device: torch.device) -> None:
 
 
 def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: int, steps: int, device: str,
-                 compile: bool, aux: float | None) -> dict[str, Any]:
+                 compile: bool, aux: float | None, master_weights: bool | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as run:
         tc = TrainConfig(out=run, preset=None, model_config=None, data=str(data), tokenizer="bytes", seq_len=seq,
                          batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
                          device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
-                         progress=False, log_every=1, aux_loss_coef=aux, z_loss_coef=0.0)
+                         progress=False, log_every=1, aux_loss_coef=aux, z_loss_coef=0.0,
+                         master_weights=master_weights)
         cfg_file = Path(run) / "model.json"
         cfg_file.write_text(json.dumps(cfg.to_dict()))
         tc.model_config = str(cfg_file)
@@ -103,7 +104,8 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
         rates = [h["tokens_per_s"] for h in tr.history[warmup:]]
         out = {"tokens_per_s": statistics.median(rates), "step_s": batch * seq / statistics.median(rates),
                "rates": rates, "first_steps_s": [batch * seq / h["tokens_per_s"] for h in tr.history[:warmup]],
-               "loss_first_last": [tr.history[0]["train_loss"], tr.history[-1]["train_loss"]], "wall_s": wall}
+               "loss_first_last": [tr.history[0]["train_loss"], tr.history[-1]["train_loss"]], "wall_s": wall,
+               "optimizer": type(tr.optimizer).__name__}
         if tr.device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(tr.device) / 2**30
         del tr
@@ -196,12 +198,16 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
         variants = [("giants+compile", True)]
     if cfg.is_moe and not args.moe_compile:
         variants = [("giants", False)]
-    for label, comp in variants:
+    masters = {"auto": [(None, "")], "on": [(True, "")], "off": [(False, "")],
+               "both": [(False, " fp32w"), (True, " master")]}[args.master_weights]
+    variants = [(label + suffix, comp, mw) for label, comp in variants for mw, suffix in masters]
+    for label, comp, mw in variants:
         clear(device)
         print(f"[{name}] {label} ...", flush=True)
         try:
             case[label] = bench_giants(cfg, data, seq=seq, batch=batch, warmup=args.warmup + (2 if comp else 0),
-                                       steps=args.steps, device=str(device), compile=comp, aux=aux)
+                                       steps=args.steps, device=str(device), compile=comp, aux=aux,
+                                       master_weights=mw)
         except Exception as e:  # keep going: one failure must not lose the other numbers
             case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             print(case[label]["trace"], flush=True)
@@ -232,21 +238,24 @@ def save(args, results: dict) -> None:
 
 def summarize(results: dict) -> None:
     peak = H100_BF16
-    print("\ncase   | variant          | tokens/s   | step ms | MFU (causal) | MFU (PaLM) | x transformers | peak GiB")
+    print("\ncase   | variant                 | tokens/s   | step ms | MFU (causal) | MFU (PaLM) | x transformers | "
+          "peak GiB")
     for name, case in results["cases"].items():
         ref = case.get("transformers", {}).get("tokens_per_s")
-        for label in ("giants", "giants+compile", "transformers"):
+        labels = [k for k, v in case.items() if isinstance(v, dict) and k.startswith("giants")]
+        labels.append("transformers")
+        for label in labels:
             r = case.get(label)
             if not r:
                 continue
             if "error" in r:
-                print(f"{name:6s} | {label:16s} | ERROR {r['error'][:80]}")
+                print(f"{name:6s} | {label:23s} | ERROR {r['error'][:80]}")
                 continue
             tps = r["tokens_per_s"]
             mfu = tps * case["flops_per_token"] / peak
             mfu_p = tps * case["palm_flops_per_token"] / peak
             ratio = f"{tps / ref:.2f}x" if ref else "-"
-            print(f"{name:6s} | {label:16s} | {tps:10,.0f} | {r['step_s'] * 1e3:7.1f} | {100 * mfu:11.1f}% | "
+            print(f"{name:6s} | {label:23s} | {tps:10,.0f} | {r['step_s'] * 1e3:7.1f} | {100 * mfu:11.1f}% | "
                   f"{100 * mfu_p:9.1f}% | {ratio:>14s} | {r.get('peak_mem_gib', 0):.1f}")
 
 
@@ -261,6 +270,8 @@ def main() -> int:
     ap.add_argument("--moe-compile", action="store_true", help="also time the MoE case with torch.compile")
     ap.add_argument("--skip-eager", action="store_true", help="time only the compiled giants variant")
     ap.add_argument("--moe-layers", type=int, default=4)
+    ap.add_argument("--master-weights", choices=("auto", "on", "off", "both"), default="auto",
+                    help="giants' TrainConfig.master_weights (both: time the two in the same run)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, no timings")
     ap.add_argument("--out")
     args = ap.parse_args()

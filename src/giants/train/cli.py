@@ -53,6 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         z_loss_coef=args.z_loss_coef, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(args.lora_targets), lora_dropout=args.lora_dropout, dpo_beta=args.dpo_beta,
         device=args.device, precision=args.precision, compile=args.compile,
+        master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every,
         keep_last=args.keep_last, resume=resume, save_final=not args.no_final, tensorboard=args.tensorboard,
@@ -142,6 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--master-weights", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 matmul weights in the model, fp32 masters + moments in the optimizer "
+                        "(auto: on for bf16 CUDA runs without LoRA)")
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU on devices giants does not know")

@@ -9,6 +9,7 @@ checkpoints/step_*/ (see giants.train.checkpoint) and final/ (an HF-format model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,6 +38,7 @@ from giants.train.losses import (
     router_losses,
     sequence_logprobs,
 )
+from giants.train.optim import MasterAdamW, grad_norm, matmul_weights
 from giants.train.schedule import SCHEDULES, lr_at
 
 TASKS = ("lm", "sft", "dpo")
@@ -88,6 +90,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool | str = False  # True: torch.compile (inductor); a string names another backend
+    # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
+    # None: on for bf16 runs on CUDA that train all weights (no LoRA)
+    master_weights: bool | None = None
     activation_checkpointing: bool = False
     seed: int = 0
     # bookkeeping
@@ -230,6 +235,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
+        self.master = self._use_master_weights()
         self._check_out_dir()
 
         self.model_config = self._model_config()
@@ -264,7 +270,7 @@ class Trainer:
             self.loss_fn = torch.compile(self._lm_loss, backend=backend)
         else:
             self.loss_fn = self._lm_loss
-        self.param_names, self.optimizer = self._optimizer()
+        self.param_names, self.train_params, self.optimizer = self._optimizer()
         mc = self.model_config
         self.aux_coef = mc.moe_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
         self.z_coef = mc.moe_z_loss_coef if cfg.z_loss_coef is None else cfg.z_loss_coef
@@ -286,6 +292,22 @@ class Trainer:
         self._write_run_json()
 
     # ---- setup -----------------------------------------------------------------------------------
+    def _use_master_weights(self) -> bool:
+        cfg = self.cfg
+        if cfg.master_weights is None:
+            return self.bf16 and self.device.type == "cuda" and cfg.lora_rank == 0
+        if cfg.master_weights and not self.bf16:
+            raise ValueError("TrainConfig.master_weights: needs bf16 precision (fp32 runs keep fp32 weights)")
+        if cfg.master_weights and cfg.lora_rank:
+            raise ValueError("TrainConfig.master_weights: not with LoRA (the base weights are frozen)")
+        return bool(cfg.master_weights)
+
+    def _masters_in_model(self):
+        """Within: the model holds its fp32 master weights (checkpoint writes and loads see fp32)."""
+        if isinstance(self.optimizer, MasterAdamW):
+            return self.optimizer.masters_in_model()
+        return contextlib.nullcontext()
+
     def _check_out_dir(self) -> None:
         cfg = self.cfg
         if self.out.exists() and not self.out.is_dir():
@@ -378,7 +400,7 @@ class Trainer:
             model = giants.build(self.model_config, device=self.device, seed=cfg.seed)
         return model
 
-    def _optimizer(self) -> tuple[list[str], torch.optim.Optimizer]:
+    def _optimizer(self) -> tuple[list[str], list[torch.nn.Parameter], torch.optim.Optimizer]:
         cfg = self.cfg
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
@@ -390,12 +412,19 @@ class Trainer:
         groups = [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
                   {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
         names = [n for n, _ in decay] + [n for n, _ in no_decay]
+        params = [p for _, p in decay] + [p for _, p in no_decay]
+        if self.master:
+            trainable = {id(p) for p in params}
+            cast = [p for p in matmul_weights(self.model) if id(p) in trainable]
+            opt: torch.optim.Optimizer = MasterAdamW(groups, cast=cast, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                                     eps=cfg.eps)
+            return names, params, opt
         fused = self.device.type in ("cuda", "cpu")
         try:
             opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        return names, opt
+        return names, params, opt
 
     # ---- state ------------------------------------------------------------------------------------
     def run_signature(self) -> dict[str, Any]:
@@ -427,7 +456,8 @@ class Trainer:
         tok = self._checkpoint_tokenizer()
 
         def write_model(d: Path) -> None:
-            giants.save(self.model, d, tokenizer=tok)
+            with self._masters_in_model():  # the fp32 master weights, not the bf16 compute copies
+                giants.save(self.model, d, tokenizer=tok)
 
         path = ckpt.save(self.out, self.step, optimizer=self.optimizer, param_names=self.param_names, state=state,
                          write_model=write_model, adapter=adapter, keep_last=self.cfg.keep_last)
@@ -457,7 +487,7 @@ class Trainer:
         state = ckpt.verify(path)
         ckpt.check_compatible(state, {"model_config": self.model_config.to_dict(), "run": self.run_signature()},
                               path)
-        with torch.no_grad():
+        with torch.no_grad(), self._masters_in_model():  # load into the fp32 masters; bf16 copies follow on exit
             if cfg.lora_rank:
                 tensors = ckpt.read_tensors(path / "adapter.safetensors")
                 params = lora_parameters(self.model)
@@ -598,13 +628,21 @@ class Trainer:
             loss_sum += loss.detach().float()
             tokens += n
             extras.append(info)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        fold_clip = cfg.grad_clip > 0 and self.device.type == "cuda" and self.optimizer.defaults.get("fused")
+        params = self.train_params
+        master = isinstance(self.optimizer, MasterAdamW)
+        fold_clip = cfg.grad_clip > 0 and (master or (self.device.type == "cuda" and self.optimizer.defaults.get(
+            "fused")))
+        if master:
+            # bf16 gradients: each tensor's norm accumulated and returned in fp32
+            gnorm = grad_norm([p.grad for p in params if p.grad is not None])
         if fold_clip:
             # The clip's scale rides in the fused AdamW kernel (it divides each gradient by grad_scale as it
             # reads it) instead of a separate read-modify-write pass over every gradient.
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+            if not master:
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
             self.optimizer.grad_scale = torch.clamp((gnorm.float() + 1e-6) / cfg.grad_clip, min=1.0)
+        elif master:
+            pass
         elif cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
@@ -778,7 +816,8 @@ class Trainer:
         if has_lora(model):
             model = merge_lora(copy.deepcopy(model))
         dest = self.out / "final"
-        giants.save(model, dest, tokenizer=self._checkpoint_tokenizer())
+        with self._masters_in_model():
+            giants.save(model, dest, tokenizer=self._checkpoint_tokenizer())
         return dest
 
 

@@ -1,0 +1,243 @@
+"""AdamW over fp32 master weights for a model whose matmul weights are stored in bf16.
+
+Under bf16 autocast every matmul reads bf16(w): autocast casts each fp32 weight to bf16 in the forward
+(once a step per weight) and casts each bf16 weight gradient back to fp32 in the backward. `MasterAdamW`
+keeps those weights in bf16 in the model itself, so neither cast runs, and holds the fp32 master copy and the
+fp32 moments here. One pass per tensor reads the (bf16) gradient, divides by the clip scale, updates master
+and moments (torch.optim.AdamW's math: decoupled weight decay, bias correction) and writes the new bf16 weight.
+The forward and backward compute exactly what autocast over fp32 weights computes: the same bf16 weights
+(round-to-nearest of the master), the same bf16 gradients.
+
+Parameters that stay fp32 in the model (norms, the embedding, anything not given to `cast`) are their own
+master: the update runs on them in place, as AdamW would.
+
+`param_groups` hold the fp32 masters, so `state_dict`/`load_state_dict` (moments keyed by position) behave as
+torch.optim.AdamW's. `masters_in_model()` puts the masters into the model for the time of a checkpoint write
+or load (`giants.save` then writes fp32), and writes the bf16 weights back from the masters on exit.
+
+On CUDA the update is one Triton kernel launch per tensor; elsewhere (or without Triton) plain torch ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs
+    _HAS_TRITON = False
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _adamw_kernel(master_ptr, grad_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, n, lr_wd, beta1, beta2, eps,
+                      step_size, bc2_sqrt, HAS_SCALE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                      WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(master_ptr + offs, mask=mask)
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask)
+        if HAS_SCALE:
+            g = tl.div_rn(g, tl.load(scale_ptr))
+        if WEIGHT_DECAY:
+            p = p - lr_wd * p
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - tl.div_rn(step_size * m, denom)
+        tl.store(master_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if WRITE_OUT:
+            tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(x * x, axis=0))
+
+
+# 1024 elements a program, 4 warps: 8.9 ms for 1.24 B parameters on an H200 (3.9 TB/s counting 28 bytes a
+# parameter, the device-to-device copy rate); 4096/8 took 9.7 ms, 8192/8 12.3 ms.
+BLOCK, NUM_WARPS = 1024, 4
+NORM_BLOCK = 8192
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads` (any float dtypes) as an fp32 0-dim tensor, each square summed in fp32.
+    On CUDA: one Triton pass per tensor writing per-block partial sums, then one sum (deterministic)."""
+    if not grads:
+        return torch.zeros(())
+    if _HAS_TRITON and all(g.is_cuda and g.is_contiguous() for g in grads):
+        blocks = [triton.cdiv(g.numel(), NORM_BLOCK) for g in grads]
+        partial = torch.empty(sum(blocks), dtype=torch.float32, device=grads[0].device)
+        at = 0
+        for g, b in zip(grads, blocks):
+            _sumsq_kernel[(b,)](g, partial[at:], g.numel(), BLOCK=NORM_BLOCK, num_warps=8)
+            at += b
+        return partial.sum().sqrt()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW whose state (master weights, moments) is fp32 while some model parameters are bf16.
+
+    groups: like torch.optim.AdamW's (dicts with "params" and optional "weight_decay"), holding the model's
+    parameters. `cast`: the parameters to store in `compute_dtype` (converted here, in place; the fp32 value
+    is kept as the master). Set `grad_scale` (a 0-dim tensor) before `step()` to divide every gradient by it
+    as it is read (the gradient-clipping scale); the Trainer clears it after the step.
+    """
+
+    def __init__(self, groups: Iterable[dict], *, cast: Iterable[torch.Tensor] = (), lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 compute_dtype: torch.dtype = torch.bfloat16, use_triton: bool | None = None) -> None:
+        groups = [dict(g) for g in groups]
+        to_cast = {id(p) for p in cast}
+        self.model_params: list[torch.nn.Parameter] = []
+        master_groups = []
+        with torch.no_grad():
+            for g in groups:
+                masters = []
+                for p in g["params"]:
+                    if p.dtype != torch.float32:
+                        raise ValueError(f"MasterAdamW: parameters must start in fp32 (got {p.dtype})")
+                    if id(p) in to_cast:
+                        master = p.detach().clone(memory_format=torch.contiguous_format)
+                        p.data = p.data.to(compute_dtype)
+                    else:
+                        master = p  # fp32 in the model: its own master, updated in place
+                    self.model_params.append(p)
+                    masters.append(master)
+                master_groups.append({**g, "params": masters})
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(master_groups, defaults)
+        self.masters: list[torch.Tensor] = [q for g in self.param_groups for q in g["params"]]
+        self.grad_scale: torch.Tensor | None = None
+        self.use_triton = use_triton
+
+    # ---- gradients ---------------------------------------------------------------------------------
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.model_params if p.grad is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    # ---- the masters inside the model ---------------------------------------------------------------
+    def _pairs(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+        return ((p, q) for p, q in zip(self.model_params, self.masters) if p is not q)
+
+    @torch.no_grad()
+    def sync_model(self) -> None:
+        """Write every bf16 model weight from its master (round to nearest)."""
+        for p, q in self._pairs():
+            p.copy_(q)
+
+    @contextlib.contextmanager
+    def masters_in_model(self) -> Iterator[None]:
+        """Within: the model's parameters are the fp32 masters (a checkpoint save writes them, a load writes
+        into them). On exit the model gets its bf16 weights back, recomputed from the (maybe loaded) masters."""
+        pairs = list(self._pairs())
+        low = [p.data for p, _ in pairs]
+        for p, q in pairs:
+            p.data = q
+        try:
+            yield
+        finally:
+            for (p, _), d in zip(pairs, low):
+                p.data = d
+            self.sync_model()
+
+    # ---- the update ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer.step
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        model_of = {id(q): p for p, q in zip(self.model_params, self.masters)}
+        scale = self.grad_scale
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for q in group["params"]:
+                p = model_of[id(q)]
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MasterAdamW does not support sparse gradients")
+                st = self.state[q]
+                if not st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+                st["step"] += 1
+                step = float(st["step"])
+                out = p if p is not q else None
+                self._update(q, p.grad, st["exp_avg"], st["exp_avg_sq"], out, scale, lr=lr, wd=wd, beta1=beta1,
+                             beta2=beta2, eps=eps, step=step)
+        return loss
+
+    def _triton_ok(self, *tensors: torch.Tensor | None) -> bool:
+        if self.use_triton is False or not _HAS_TRITON:
+            return False
+        ts = [t for t in tensors if t is not None]
+        return all(t.is_cuda and t.is_contiguous() for t in ts)
+
+    def _update(self, master: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                out: torch.Tensor | None, scale: torch.Tensor | None, *, lr: float, wd: float, beta1: float,
+                beta2: float, eps: float, step: int | float) -> None:
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = math.sqrt(1 - beta2 ** step)
+        step_size = lr / bc1
+        if self._triton_ok(master, grad, m, v, out, scale):
+            n = master.numel()
+            _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+                master, grad, m, v, out if out is not None else master, scale if scale is not None else master, n,
+                lr * wd, beta1, beta2, eps, step_size, bc2_sqrt, HAS_SCALE=scale is not None,
+                WEIGHT_DECAY=wd != 0, WRITE_OUT=out is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            return
+        # torch.optim.AdamW's single-tensor update (foreach=False), in fp32
+        g = grad.float() if grad.dtype != torch.float32 else grad
+        if scale is not None:
+            g = g / scale
+        if wd != 0:
+            master.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        master.addcdiv_(m, denom, value=-step_size)
+        if out is not None:
+            out.copy_(master)
+
+
+def matmul_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters autocast would run in bf16 anyway: nn.Linear weights and biases, and MoE layers'
+    stacked expert matrices (cast to bf16 for their grouped GEMMs). Not the embedding (its lookup output
+    feeds the fp32 residual stream), norms, sinks or position tables."""
+    from giants.model.mlp import MoE
+
+    out: list[torch.nn.Parameter] = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            out += [p for p in (mod.weight, mod.bias) if p is not None]
+        elif isinstance(mod, MoE):
+            out += [p for p in (mod.w_gate, mod.w_up, mod.w_down) if p is not None]
+    return out

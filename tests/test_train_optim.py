@@ -1,0 +1,197 @@
+"""MasterAdamW (giants.train.optim) against torch.optim.AdamW, and the Trainer's master-weights mode on CPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from giants.train import TrainConfig, Trainer
+from giants.train.data import prepare
+from giants.train.optim import MasterAdamW
+
+KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _params(seed: int, shapes=((16, 24), (24,), (8, 3, 5))) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _groups(ps):
+    return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("scale", [None, 2.5])
+def test_fp32_params_match_adamw(scale):
+    """No cast: the update is torch.optim.AdamW's (single-tensor) in place, clip scale folded in."""
+    ref, ours = _params(0), _params(0)
+    opt_ref = torch.optim.AdamW(_groups(ref), foreach=False, **KW)
+    opt = MasterAdamW(_groups(ours), **KW)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        for group in opt_ref.param_groups + opt.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        for a, b in zip(ref, ours):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad = grad / scale if scale else grad.clone()
+            b.grad = grad.clone()
+        opt.grad_scale = torch.tensor(scale) if scale else None
+        opt_ref.step()
+        opt.step()
+        opt.zero_grad()
+        assert all(p.grad is None for p in ours)
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        assert b.dtype == torch.float32
+
+
+def test_bf16_params_keep_fp32_masters():
+    """Cast parameters become bf16 in the model; their masters follow AdamW's fp32 parameters fed the same
+    (bf16) gradients, and the model weight is the master rounded to bf16."""
+    ref, ours = _params(2), _params(2)
+    opt_ref = torch.optim.AdamW(_groups(ref), foreach=False, **KW)
+    cast = [p for p in ours if p.dim() >= 2]
+    opt = MasterAdamW(_groups(ours), cast=cast, **KW)
+    assert all(p.dtype == torch.bfloat16 for p in cast) and ours[1].dtype == torch.float32
+    g = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        for a, b in zip(ref, ours):
+            grad = torch.randn(a.shape, generator=g).to(b.dtype)
+            a.grad, b.grad = grad.float(), grad
+        opt.grad_scale = torch.tensor(1.7)
+        for a in ref:
+            a.grad /= 1.7
+        opt_ref.step()
+        opt.step()
+        opt.zero_grad()
+    masters = dict(zip(map(id, opt.model_params), opt.masters))
+    for a, b in zip(ref, ours):
+        m = masters[id(b)]
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m, a, rtol=1e-6, atol=1e-6)
+        assert torch.equal(b, m.to(b.dtype))
+    # checkpoint view: the masters inside the model, bf16 back afterwards (from the masters)
+    with opt.masters_in_model():
+        assert all(p.dtype == torch.float32 for p in ours)
+        with torch.no_grad():
+            ours[0].mul_(2)  # a load writes into the master
+    assert ours[0].dtype == torch.bfloat16
+    assert torch.equal(ours[0], (masters[id(ours[0])]).to(torch.bfloat16))
+    torch.testing.assert_close(masters[id(ours[0])], 2 * ref[0].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_state_dict_round_trip():
+    """Moments (fp32) and step counts survive state_dict/load_state_dict; the continued run is identical."""
+    def make():
+        ps = _params(4)
+        return ps, MasterAdamW(_groups(ps), cast=[ps[0], ps[2]], **KW)
+
+    def feed(ps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+    a, opt_a = make()
+    b, opt_b = make()
+    for s in range(3):
+        feed(a, s)
+        opt_a.step()
+    sd = copy.deepcopy(opt_a.state_dict())  # (state_dict holds references, as a checkpoint write does not)
+    assert all(v["exp_avg"].dtype == torch.float32 for v in sd["state"].values())
+    # b: same masters (as a checkpoint load writes them), then the optimizer state
+    with opt_b.masters_in_model(), opt_a.masters_in_model(), torch.no_grad():
+        for p, q in zip(b, a):
+            p.copy_(q)
+    opt_b.load_state_dict(sd)
+    assert all(v["exp_avg"].dtype == torch.float32 for v in opt_b.state.values())
+    for s in range(3, 5):
+        feed(a, s)
+        feed(b, s)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    for x, y in zip(opt_a.masters, opt_b.masters):
+        assert torch.equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bytes")
+    (root / "text.txt").write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n"
+                                           for i in range(300)))
+    prepare(root / "text.txt", "bytes", root / "ds", val_fraction=0.1)
+    return root / "ds"
+
+
+def _cfg(out, data, **kw) -> TrainConfig:
+    base = dict(out=str(out), preset="tiny-llama", data=str(data), tokenizer="bytes", steps=4, seq_len=32,
+                batch_size=2, lr=3e-3, progress=False, eval_every=0, eval_batches=1, ckpt_every=2,
+                save_final=True, device="cpu", precision="bf16", master_weights=True,
+                overrides={"vocab_size": 320, "n_layers": 2})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_trainer_master_weights_resume_bit_exact(tmp_path, byte_data):
+    """bf16 compute weights, fp32 masters: checkpoints hold the fp32 masters, and a resumed run equals the
+    uninterrupted one bit for bit."""
+    import giants
+
+    full = Trainer(_cfg(tmp_path / "full", byte_data))
+    assert isinstance(full.optimizer, MasterAdamW)
+    assert full.model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
+    assert full.model.embed.weight.dtype == torch.float32 and full.model.norm.weight.dtype == torch.float32
+    full.run()
+    part = Trainer(_cfg(tmp_path / "part", byte_data))
+    part.run(until=3)
+    del part
+    resumed = Trainer(_cfg(tmp_path / "part", byte_data, resume=True))
+    assert resumed.step == 2
+    resumed.run()
+
+    def losses(run, key):
+        return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    for key in ("train_loss", "grad_norm"):
+        assert losses(tmp_path / "full", key) == losses(tmp_path / "part", key)
+    for x, y in zip(full.optimizer.masters, resumed.optimizer.masters):
+        assert torch.equal(x, y)
+    saved = giants.load(tmp_path / "full" / "final").state_dict()
+    with full.optimizer.masters_in_model():
+        live = {k: v.clone() for k, v in full.model.state_dict().items()}
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], live[k]) for k in live)
+    assert not torch.equal(live["layers.0.attn.q_proj.weight"],
+                           live["layers.0.attn.q_proj.weight"].bfloat16().float())  # masters keep fp32 detail
+
+
+def test_master_weights_config_checks(tmp_path, byte_data):
+    with pytest.raises(ValueError, match="master_weights"):
+        Trainer(_cfg(tmp_path / "a", byte_data, precision="fp32"))
+    fp32 = Trainer(_cfg(tmp_path / "b", byte_data, precision="auto", master_weights=None))
+    assert isinstance(fp32.optimizer, torch.optim.AdamW)  # CPU fp32: unchanged
+
+
+def test_resume_across_master_weights_setting(tmp_path, byte_data):
+    """A checkpoint holds fp32 weights and fp32 moments either way: a master-weights run resumes without them
+    and the other way round, continuing from the same state."""
+    a = Trainer(_cfg(tmp_path / "a", byte_data, save_final=False))
+    a.run(until=2)
+    with a.optimizer.masters_in_model():
+        saved = {k: v.clone() for k, v in a.model.state_dict().items()}
+    b = Trainer(_cfg(tmp_path / "a", byte_data, save_final=False, master_weights=False, resume=True))
+    assert isinstance(b.optimizer, torch.optim.AdamW) and b.step == 2
+    live = b.model.state_dict()
+    assert all(torch.equal(live[k], saved[k]) for k in saved)
+    st = next(iter(b.optimizer.state.values()))
+    assert st["exp_avg"].dtype == torch.float32 and float(st["step"]) == 2
+    b.run()
+    c = Trainer(_cfg(tmp_path / "a", byte_data, save_final=False, resume=True))  # back to master weights
+    assert isinstance(c.optimizer, MasterAdamW) and c.step == 4
+    with c.optimizer.masters_in_model():
+        assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in c.model.state_dict().items())
