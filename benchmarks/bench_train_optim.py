@@ -60,15 +60,9 @@ def measure(cast: bool, fused: bool) -> dict:
 
     row = {"step_ms": timeit(step), "params": n}
     if cast:
-        row["norm_ms_foreach"] = timeit(lambda: torch.linalg.vector_norm(torch.stack(
-            torch._foreach_norm(grads, 2.0, dtype=torch.float32))))
         row["norm_ms"] = timeit(lambda: optim.grad_norm(grads))
         ref = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))
         row["norm_rel_err"] = float(abs(optim.grad_norm(grads).double() - ref) / ref)
-        for nb in (4096, 16384):
-            optim.NORM_BLOCK = nb
-            row[f"norm_ms_block{nb}"] = timeit(lambda: optim.grad_norm(grads))
-        optim.NORM_BLOCK = 8192
         default = optim.BLOCK, optim.NUM_WARPS
         for block, warps in ((512, 4), (1024, 2), (1024, 8), (2048, 4), (4096, 8)):
             optim.BLOCK, optim.NUM_WARPS = block, warps

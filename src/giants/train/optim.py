@@ -62,32 +62,17 @@ if _HAS_TRITON:
             tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
-    def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + tl.program_id(0), tl.sum(x * x, axis=0))
-
-
 # 1024 elements a program, 4 warps: 8.9 ms for 1.24 B parameters on an H200 (3.9 TB/s counting 28 bytes a
 # parameter, the device-to-device copy rate); 4096/8 took 9.7 ms, 8192/8 12.3 ms.
 BLOCK, NUM_WARPS = 1024, 4
-NORM_BLOCK = 8192
 
 
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of `grads` (any float dtypes) as an fp32 0-dim tensor, each square summed in fp32.
-    On CUDA: one Triton pass per tensor writing per-block partial sums, then one sum (deterministic)."""
+    """The global L2 norm of `grads` (any float dtypes) as an fp32 0-dim tensor, each tensor's squares summed
+    and its norm returned in fp32. (torch's multi-tensor norm: 1.8-2.3 ms for 1.24 B bf16 gradients on an H200;
+    a Triton pass per tensor measured 4.2 ms there, its 146 launches bound by the host.)"""
     if not grads:
         return torch.zeros(())
-    if _HAS_TRITON and all(g.is_cuda and g.is_contiguous() for g in grads):
-        blocks = [triton.cdiv(g.numel(), NORM_BLOCK) for g in grads]
-        partial = torch.empty(sum(blocks), dtype=torch.float32, device=grads[0].device)
-        at = 0
-        for g, b in zip(grads, blocks):
-            _sumsq_kernel[(b,)](g, partial[at:], g.numel(), BLOCK=NORM_BLOCK, num_warps=8)
-            at += b
-        return partial.sum().sqrt()
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
 
 

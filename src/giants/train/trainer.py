@@ -647,8 +647,8 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        loss_v = float(loss_sum) / cfg.grad_accum
-        gnorm_v = float(gnorm)
+        loss_f, gnorm_v = torch.stack([loss_sum.float(), gnorm.detach().float()]).tolist()  # one host sync
+        loss_v = loss_f / cfg.grad_accum
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             self.optimizer.grad_scale = None
             self.optimizer.zero_grad(set_to_none=True)
