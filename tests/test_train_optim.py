@@ -173,6 +173,8 @@ def test_trainer_master_weights_resume_bit_exact(tmp_path, byte_data):
 def test_master_weights_config_checks(tmp_path, byte_data):
     with pytest.raises(ValueError, match="master_weights"):
         Trainer(_cfg(tmp_path / "a", byte_data, precision="fp32"))
+    with pytest.raises(ValueError, match="master_weights: not with grad_accum=2"):
+        Trainer(_cfg(tmp_path / "c", byte_data, grad_accum=2))
     fp32 = Trainer(_cfg(tmp_path / "b", byte_data, precision="auto", master_weights=None))
     assert isinstance(fp32.optimizer, torch.optim.AdamW)  # CPU fp32: unchanged
 

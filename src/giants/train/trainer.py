@@ -91,7 +91,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool | str = False  # True: torch.compile (inductor); a string names another backend
     # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
-    # None: on for bf16 runs on CUDA that train all weights (no LoRA)
+    # None: on for bf16 runs on CUDA that train all weights (no LoRA) with one micro-batch a step
     master_weights: bool | None = None
     activation_checkpointing: bool = False
     seed: int = 0
@@ -295,7 +295,12 @@ class Trainer:
     def _use_master_weights(self) -> bool:
         cfg = self.cfg
         if cfg.master_weights is None:
-            return self.bf16 and self.device.type == "cuda" and cfg.lora_rank == 0
+            return self.bf16 and self.device.type == "cuda" and cfg.lora_rank == 0 and cfg.grad_accum == 1
+        if cfg.master_weights and cfg.grad_accum > 1:
+            # bf16 parameters get bf16 .grad, so micro-batches would be summed in bf16 (autocast over fp32
+            # weights sums them in fp32)
+            raise ValueError(f"TrainConfig.master_weights: not with grad_accum={cfg.grad_accum} (gradients would "
+                             "accumulate in bf16); use master_weights off")
         if cfg.master_weights and not self.bf16:
             raise ValueError("TrainConfig.master_weights: needs bf16 precision (fp32 runs keep fp32 weights)")
         if cfg.master_weights and cfg.lora_rank:
