@@ -652,7 +652,8 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        loss_f, gnorm_v = torch.stack([loss_sum.float(), gnorm.detach().float()]).tolist()  # one host sync
+        # one host sync for the step's scalars, before the update (not another one after it)
+        loss_f, gnorm_v, ce_f = torch.stack([loss_sum.float(), gnorm.detach().float(), ce_sum.float()]).tolist()
         loss_v = loss_f / cfg.grad_accum
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             self.optimizer.grad_scale = None
@@ -668,7 +669,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
-        m: dict[str, Any] = {"step": self.step, "train_loss": float(ce_sum) / cfg.grad_accum, "loss": loss_v,
+        m: dict[str, Any] = {"step": self.step, "train_loss": ce_f / cfg.grad_accum, "loss": loss_v,
                              "lr": lr, "grad_norm": gnorm_v, "tokens": self.tokens_seen, "_tokens": tokens}
         routers = [e["router"] for e in extras if "router" in e]
         if routers:
