@@ -17,18 +17,6 @@ import torch
 from giants.cli import main
 from giants.train import TrainConfig, Trainer, TrainingDiverged
 from giants.train.checkpoint import PAUSE_ENV, TrainCheckpointError, latest_checkpoint, list_checkpoints, verify
-from giants.train.data import prepare
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    """A small byte-level dataset (no tokenizer download) for the mechanics tests."""
-    root = tmp_path_factory.mktemp("bytes")
-    (root / "text.txt").write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n"
-                                           for i in range(400)))
-    prepare(root / "text.txt", "bytes", root / "ds", val_fraction=0.1)
-    return root / "ds"
-
 
 SMALL_VOCAB = {"vocab_size": 320}  # byte data needs 257 ids; keeps the mechanics tests' models and checkpoints small
 

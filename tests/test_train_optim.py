@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from giants.train import TrainConfig, Trainer
-from giants.train.data import prepare
 from giants.train.optim import MasterAdamW
 
 KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
@@ -118,15 +116,6 @@ def test_state_dict_round_trip():
         assert torch.equal(p, q)
     for x, y in zip(opt_a.masters, opt_b.masters):
         assert torch.equal(x, y)
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bytes")
-    (root / "text.txt").write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n"
-                                           for i in range(300)))
-    prepare(root / "text.txt", "bytes", root / "ds", val_fraction=0.1)
-    return root / "ds"
 
 
 def _cfg(out, data, **kw) -> TrainConfig:
