@@ -86,12 +86,15 @@ def clear(device: torch.device) -> None:
 
 
 def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: int, steps: int, device: str,
-                 compile: bool, aux: float | None, master_weights: bool | None = None) -> dict[str, Any]:
+                 compile: bool, aux: float | None, master_weights: bool | None = None, block: int = 1
+                 ) -> dict[str, Any]:
+    warmup = -(-warmup // block) * block
+    steps = -(-steps // block) * block
     with tempfile.TemporaryDirectory() as run:
         tc = TrainConfig(out=run, preset=None, model_config=None, data=str(data), tokenizer="bytes", seq_len=seq,
                          batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
                          device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
-                         progress=False, log_every=1, aux_loss_coef=aux, z_loss_coef=0.0,
+                         progress=False, log_every=block, aux_loss_coef=aux, z_loss_coef=0.0,
                          master_weights=master_weights)
         cfg_file = Path(run) / "model.json"
         cfg_file.write_text(json.dumps(cfg.to_dict()))
@@ -100,10 +103,11 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
         tr = Trainer(tc)
         tr.run()
         wall = time.perf_counter() - t0
-        # each logged step's tokens/s covers exactly that step (the trainer syncs before reading the clock)
-        rates = [h["tokens_per_s"] for h in tr.history[warmup:]]
+        # each logged entry's tokens/s covers exactly its `block` steps (the trainer syncs before reading the clock)
+        rates = [h["tokens_per_s"] for h in tr.history[warmup // block:]]
         out = {"tokens_per_s": statistics.median(rates), "step_s": batch * seq / statistics.median(rates),
-               "rates": rates, "first_steps_s": [batch * seq / h["tokens_per_s"] for h in tr.history[:warmup]],
+               "rates": rates, "block": block,
+               "first_steps_s": [batch * seq / h["tokens_per_s"] for h in tr.history[:warmup // block]],
                "loss_first_last": [tr.history[0]["train_loss"], tr.history[-1]["train_loss"]], "wall_s": wall,
                "optimizer": type(tr.optimizer).__name__}
         if tr.device.type == "cuda":
@@ -113,7 +117,7 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
 
 
 def bench_transformers(cfg: ModelConfig, *, seq: int, batch: int, warmup: int, steps: int, device: torch.device,
-                       aux: float | None, experts: str | None = None) -> dict[str, Any]:
+                       aux: float | None, experts: str | None = None, block: int = 1) -> dict[str, Any]:
     import transformers
 
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
@@ -133,23 +137,28 @@ def bench_transformers(cfg: ModelConfig, *, seq: int, batch: int, warmup: int, s
                             lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
     g = torch.Generator().manual_seed(0)
     times, losses = [], []
-    for _ in range(warmup + steps):
-        ids = torch.randint(0, cfg.vocab_size - 1, (batch, seq), generator=g).to(device)
+    warmup, steps = -(-warmup // block) * block, -(-steps // block) * block
+    for _ in range((warmup + steps) // block):
+        # block 1: one loss read-back per step; block N: none inside the block, one read-back at its end
+        ids = [torch.randint(0, cfg.vocab_size - 1, (batch, seq), generator=g).to(device) for _ in range(block)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(input_ids=ids, labels=ids)
-        # transformers shifts labels itself; `ids` as labels is its standard usage (same loss work)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
+        block_losses = []
+        for x in ids:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(input_ids=x, labels=x)
+            # transformers shifts labels itself; `ids` as labels is its standard usage (same loss work)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            block_losses.append(out.loss.detach())
+        losses += torch.stack(block_losses).tolist()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    step = statistics.median(times[warmup:])
+        times.append((time.perf_counter() - t) / block)
+    step = statistics.median(times[warmup // block:])
     res = {"tokens_per_s": batch * seq / step, "step_s": step, "times": times, "loss_first_last": [losses[0],
                                                                                                   losses[-1]]}
     if device.type == "cuda":
@@ -207,7 +216,7 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
         try:
             case[label] = bench_giants(cfg, data, seq=seq, batch=batch, warmup=args.warmup + (2 if comp else 0),
                                        steps=args.steps, device=str(device), compile=comp, aux=aux,
-                                       master_weights=mw)
+                                       master_weights=mw, block=args.block)
         except Exception as e:  # keep going: one failure must not lose the other numbers
             case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             print(case[label]["trace"], flush=True)
@@ -216,7 +225,7 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
     print(f"[{name}] transformers ...", flush=True)
     try:
         case["transformers"] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup, steps=args.steps,
-                                                  device=device, aux=aux)
+                                                  device=device, aux=aux, block=args.block)
     except Exception as e:
         case["transformers"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
         print(case["transformers"]["trace"], flush=True)
@@ -224,7 +233,8 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
             clear(device)
             try:
                 case["transformers"] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup,
-                                                          steps=args.steps, device=device, aux=aux, experts="eager")
+                                                          steps=args.steps, device=device, aux=aux, experts="eager",
+                                                          block=args.block)
                 case["transformers"]["note"] = "grouped_mm failed under autocast; eager experts"
             except Exception as e2:
                 case["transformers"] = {"error": f"{type(e2).__name__}: {e2}"}
@@ -272,6 +282,9 @@ def main() -> int:
     ap.add_argument("--moe-layers", type=int, default=4)
     ap.add_argument("--master-weights", choices=("auto", "on", "off", "both"), default="auto",
                     help="giants' TrainConfig.master_weights (both: time the two in the same run)")
+    ap.add_argument("--block", type=int, default=1,
+                    help="time blocks of N steps: giants logs (and syncs for its clock) every N steps, transformers "
+                         "reads its losses back once a block (giants still reads loss and grad norm every step)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, no timings")
     ap.add_argument("--out")
     args = ap.parse_args()
