@@ -78,3 +78,16 @@ def test_chat_smollm2_keeps_conversation_and_ctrl_c_exits(model):
     finally:
         child.close()
     assert child.exitstatus == 0 and child.signalstatus is None
+
+
+def test_chat_compiled_answers_like_eager():
+    answers = []
+    for extra in ([], ["--compile"]):
+        child = spawn("tiny-llama", "--max-tokens", "12", "--temperature", "0", *extra)
+        try:
+            answers.append(answer(child, "hello there"))
+            child.sendline("/exit")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close()
+    assert answers[0] == answers[1] and answers[0].endswith("[max tokens]")

@@ -87,3 +87,11 @@ def test_compiled_decode_refuses_what_it_does_not_carry(name):
     model = giants.build(giants.get_config(name), seed=0).eval()
     with pytest.raises(ValueError, match="cpu_compile: .*(MLP|relative position bias)"):
         Engine(model, block_size=4, num_blocks=16, cpu_compile=True)
+
+
+def test_serve_options_compile_reaches_the_engine():
+    from giants.serve.server import ServeOptions, load_model
+
+    loaded = load_model(ServeOptions("tiny-llama", device="cpu", compile=True))
+    assert loaded.engine.runner.compiled is not None
+    assert load_model(ServeOptions("tiny-llama", device="cpu")).engine.runner.compiled is None

@@ -29,6 +29,7 @@ class ChatOptions:
     max_model_len: int | None = None
     dtype: str | None = None
     device: str | None = None
+    compile: bool = False  # CPU: the compiled batch-1 decode (LLM(cpu_compile=True))
 
 
 class Conversation:
@@ -112,7 +113,7 @@ def chat(opts: ChatOptions, out: TextIO = sys.stdout) -> int:
         pass
     print(f"loading {opts.model} ...", file=out, flush=True)
     llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len,
-              seed=opts.seed if opts.seed is not None else 0, max_num_seqs=1)
+              seed=opts.seed if opts.seed is not None else 0, max_num_seqs=1, cpu_compile=opts.compile)
     tok = llm.tokenizer
     if tok is None or getattr(tok, "chat_template", None) is None:
         raise ValueError(f"{opts.model}: chat needs a tokenizer with a chat template (found "

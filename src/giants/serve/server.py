@@ -35,6 +35,7 @@ class ServeOptions:
     max_body: int = DEFAULT_MAX_BODY
     drain_timeout: float = 30.0
     log_level: str = "info"
+    compile: bool = False  # CPU: steps where one sequence decodes run compiled (LLM(cpu_compile=True))
 
 
 def load_model(opts: ServeOptions) -> Loaded:
@@ -42,7 +43,8 @@ def load_model(opts: ServeOptions) -> Loaded:
     from giants.inference import LLM
 
     llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len, seed=opts.seed,
-              block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs)
+              block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
+              cpu_compile=opts.compile)
     if llm.tokenizer is None:
         raise ValueError(f"{opts.model}: no tokenizer found; the OpenAI API needs one to read and write text")
     engine = llm.engine
