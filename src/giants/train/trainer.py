@@ -599,6 +599,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.task == "lm":
             x, y = self.reader.next_batch()
+            if self.device.type == "cuda":
+                # from pageable memory the copy would wait for the previous step's optimizer to finish, leaving the
+                # GPU idle while this step's first kernels are launched; from pinned memory it queues behind it
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss, info = self._lm_micro(x, y)
             return loss, info, x.numel()
