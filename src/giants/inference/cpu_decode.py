@@ -144,10 +144,8 @@ class CompiledDecode:
             cos, sin = model.rotary(inp.pos[None], x.dtype)  # (1, 1, 1, D/2)
             cos, sin = cos.view(-1), sin.view(-1)
         Hkv, D = cfg.n_kv_heads, cfg.head_dim
-        visible = []
-        for sv in inp.visible:
+        for sv in inp.visible:  # one compiled graph for every count of visible keys
             torch._dynamo.maybe_mark_dynamic(sv, 0)
-            visible.append(sv)
         for i, L in enumerate(self.layers):
             q, k, v = self._qkv_fn(x, *L.attn_norm, *L.qkv, cos, sin)
             gi = kv.group_of_layer[i]
@@ -157,7 +155,7 @@ class CompiledDecode:
             torch._dynamo.maybe_mark_dynamic(v_pool, 0)
             k_pool.index_copy_(0, inp.slots[gi], k[None].to(k_pool.dtype))
             v_pool.index_copy_(0, inp.slots[gi], v[None].to(v_pool.dtype))
-            x = self._rest_fn(x, q, k_pool, v_pool, visible[gi], L.sinks, *L.o, L.attn_post_norm, L.mlp_norm,
+            x = self._rest_fn(x, q, k_pool, v_pool, inp.visible[gi], L.sinks, *L.o, L.attn_post_norm, L.mlp_norm,
                               *L.gate_up, *L.down, L.mlp_post_norm)
         return self._head_fn(x, *self._final())
 
