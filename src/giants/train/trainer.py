@@ -638,24 +638,18 @@ class Trainer:
             tokens += n
             extras.append(info)
         params = self.train_params
+        grads = [p.grad for p in params if p.grad is not None]
         master = isinstance(self.optimizer, MasterAdamW)
         fold_clip = cfg.grad_clip > 0 and (master or (self.device.type == "cuda" and self.optimizer.defaults.get(
             "fused")))
-        if master:
-            # bf16 gradients: each tensor's norm accumulated and returned in fp32
-            gnorm = grad_norm([p.grad for p in params if p.grad is not None])
-        if fold_clip:
-            # The clip's scale rides in the fused AdamW kernel (it divides each gradient by grad_scale as it
-            # reads it) instead of a separate read-modify-write pass over every gradient.
-            if not master:
-                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-            self.optimizer.grad_scale = torch.clamp((gnorm.float() + 1e-6) / cfg.grad_clip, min=1.0)
-        elif master:
-            pass
-        elif cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and not fold_clip:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            gnorm = grad_norm(grads)  # fp32 sums, also over bf16 gradients
+            if fold_clip:
+                # The clip's scale rides in the optimizer's kernel (it divides each gradient by grad_scale as it
+                # reads it) instead of a separate read-modify-write pass over every gradient.
+                self.optimizer.grad_scale = torch.clamp((gnorm.float() + 1e-6) / cfg.grad_clip, min=1.0)
         # one host sync for the step's scalars, before the update (not another one after it)
         loss_f, gnorm_v, ce_f = torch.stack([loss_sum.float(), gnorm.detach().float(), ce_sum.float()]).tolist()
         loss_v = loss_f / cfg.grad_accum
