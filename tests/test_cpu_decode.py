@@ -14,7 +14,7 @@ import torch
 import giants
 from giants.inference import SamplingParams
 from giants.inference.engine import Engine
-from test_engine import reference_greedy
+from test_engine import reference_greedy, run_engine
 
 NEW = 24
 
@@ -72,14 +72,7 @@ def test_compiled_decode_batched_steps_stay_eager_and_agree():
     ref = [reference_greedy(model, p, 6) for p in prompts]
     engine = Engine(model, block_size=4, num_blocks=64, cpu_compile=True)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    assert [done[str(i)] for i in range(3)] == ref
+    assert run_engine(engine, prompts, params, stagger=3) == ref
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-gpt-oss-described"])
