@@ -66,3 +66,85 @@ def test_grad_norm_mixed_dtypes():
     got = grad_norm(grads)
     assert got.dtype == torch.float32
     assert abs(float(got) - float(ref)) / float(ref) < 1e-6
+
+
+def test_triton_found_inf_skips_the_step():
+    ps, ref = _params(0), _params(0)
+    cast = lambda xs: [p for p in xs if p.dim() >= 2]  # noqa: E731
+    opt, opt_ref = MasterAdamW(_groups(ps), cast=cast(ps), **KW), MasterAdamW(_groups(ref), cast=cast(ref), **KW)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for step in range(3):
+        for a, b in zip(ps, ref):
+            a.grad = torch.randn(a.shape, generator=g, device="cuda").to(a.dtype)
+            b.grad = a.grad.clone()
+        opt.found_inf = torch.tensor(float(step == 1), device="cuda")
+        opt.step()
+        if step != 1:
+            opt_ref.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ref))
+    assert all(torch.equal(a, b) for a, b in zip(opt.masters, opt_ref.masters))
+
+
+def test_grad_norm_many_tensors_one_launch_per_dtype():
+    """Sizes around the block (16384 elements), several blocks, three dtypes; deterministic."""
+    from giants.train import optim
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    sizes = [1, 16383, 16384, 16385, 3 * 16384 + 5, 100_000, 7]
+    dts = [torch.bfloat16, torch.float32, torch.float16]
+    grads = [torch.randn(n, generator=g, device="cuda").to(dts[i % 3]) for i, n in enumerate(sizes)]
+    ref = torch.stack([x.double().square().sum() for x in grads]).sum().sqrt()
+    a, b = optim.grad_norm(grads), optim.grad_norm(grads)
+    assert torch.equal(a, b)
+    assert abs(float(a) - float(ref)) / float(ref) < 1e-6
+    # a non-finite gradient gives a non-finite norm (the trainer's divergence check reads it)
+    grads[3][5] = float("nan")
+    assert not torch.isfinite(optim.grad_norm(grads))
+
+
+def test_trainer_on_cuda_pipelined_and_nan(tmp_path):
+    """On CUDA the loop queues step k+1 before reading step k back: its losses equal those of train_step()
+    called step by step, and a NaN stops the run with the weights of the last good step."""
+    import numpy as np
+
+    from giants.train import TrainConfig, Trainer, TrainingDiverged
+    from giants.train.data import prepare_documents
+
+    class Ids:
+        vocab_size, eos_token_id = 320, 319
+
+        def encode_batch(self, texts, add_special_tokens=False):
+            rng = np.random.default_rng(0)
+            return [rng.integers(0, 319, int(t)).tolist() for t in texts]
+
+    prepare_documents([(f"d{i}", "3000") for i in range(8)], Ids(), tmp_path / "ds", tokenizer_name="ids",
+                      val_fraction=0.1)
+
+    def cfg(out, **kw):
+        base = dict(out=str(tmp_path / out), preset="tiny-llama", data=str(tmp_path / "ds"), tokenizer="bytes",
+                    steps=6, seq_len=64, batch_size=2, lr=3e-3, progress=False, eval_every=0, ckpt_every=2,
+                    save_final=False, device="cuda", overrides={"vocab_size": 320})
+        base.update(kw)
+        return TrainConfig(**base)
+
+    piped = Trainer(cfg("a", steps=4, ckpt_every=0, checkpoint_at_end=False))
+    assert isinstance(piped.optimizer, MasterAdamW)
+    piped.run()
+    stepped = Trainer(cfg("b", steps=4, ckpt_every=0, checkpoint_at_end=False))
+    rows = [stepped.train_step() for _ in range(4)]
+    for x, y in zip(piped.history, rows):
+        assert x["step"] == y["step"] and x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5, abs=1e-6)
+
+    tr = Trainer(cfg("c"))
+    tr.run(until=2)
+    q_proj = tr.model.layers[0].attn.q_proj.weight
+    i = next(i for i, p in enumerate(tr.optimizer.model_params) if p is q_proj)
+    with torch.no_grad():
+        tr.optimizer.masters[i][0, 0] = float("nan")
+        tr.optimizer.sync_model()
+    before = [q.clone() for q in tr.optimizer.masters]
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        tr.run()
+    assert tr.step == 2 and tr.last_checkpoint.name.endswith("2")
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(tr.optimizer.masters, before))

@@ -162,12 +162,34 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, byte_data):
     good = latest_checkpoint(run)
     with torch.no_grad():
         tr.model.layers[0].attn.q_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     with pytest.raises(TrainingDiverged, match=rf"non-finite loss \(nan\) at step 3.*{good.name}"):
         tr.run()
     assert tr.step == 2 and latest_checkpoint(run) == good
+    # step 4 was already queued when step 3's loss came back: the found_inf flag skipped both updates
+    after = tr.model.state_dict()
+    assert all(torch.equal(after[k], v, ) or k.endswith("q_proj.weight") for k, v in before.items())
+    assert torch.equal(after["layers.0.attn.q_proj.weight"].nan_to_num(), before["layers.0.attn.q_proj.weight"]
+                       .nan_to_num())
     assert verify(good)["step"] == 2
     resumed = Trainer(_cfg(run, byte_data, preset="tiny-llama", steps=6, z_loss_coef=None, resume=True))
     assert torch.isfinite(resumed.model.layers[0].attn.q_proj.weight).all()
+
+
+def test_pipelined_run_matches_step_by_step(tmp_path, byte_data):
+    """run() reads step k's scalars after queueing step k+1 (no host sync inside a step); its metrics and
+    weights equal those of calling train_step() one step at a time."""
+    kw = dict(steps=5, eval_every=0, ckpt_every=0, checkpoint_at_end=False)
+    piped = Trainer(_cfg(tmp_path / "a", byte_data, **kw))
+    assert piped._fused_optimizer()
+    piped.run()
+    stepped = Trainer(_cfg(tmp_path / "b", byte_data, **kw))
+    rows = [stepped.train_step() for _ in range(5)]
+    assert [r["step"] for r in piped.history] == [1, 2, 3, 4, 5]
+    for key in ("train_loss", "grad_norm", "lr", "tokens", "aux_loss", "router"):
+        assert [h[key] for h in piped.history] == [r[key] for r in rows], key
+    b = stepped.model.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in piped.model.state_dict().items())
 
 
 def test_bad_configs_fail_early(tmp_path, byte_data):

@@ -83,6 +83,26 @@ def test_bf16_params_keep_fp32_masters():
     torch.testing.assert_close(masters[id(ours[0])], 2 * ref[0].detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("cast", [False, True])
+def test_found_inf_skips_the_step(cast):
+    """found_inf != 0 leaves weights, masters and moments as they were; found_inf == 0 is a normal step."""
+    ps, ref = _params(0), _params(0)
+    opt = MasterAdamW(_groups(ps), cast=[p for p in ps if p.dim() >= 2] if cast else [], weight_decay=0.1, **KW)
+    opt_ref = MasterAdamW(_groups(ref), cast=[p for p in ref if p.dim() >= 2] if cast else [], weight_decay=0.1,
+                          **KW)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        for a, b in zip(ps, ref):
+            a.grad = torch.randn(a.shape, generator=g).to(a.dtype)
+            b.grad = a.grad.clone()
+        opt.found_inf = torch.tensor(float(step == 1))
+        opt.step()
+        if step != 1:
+            opt_ref.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ref))
+    assert all(torch.equal(a, b) for a, b in zip(opt.masters, opt_ref.masters))
+
+
 def test_state_dict_round_trip():
     """Moments (fp32) and step counts survive state_dict/load_state_dict; the continued run is identical."""
     def make():
@@ -157,6 +177,23 @@ def test_trainer_master_weights_resume_bit_exact(tmp_path, byte_data):
     assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], live[k]) for k in live)
     assert not torch.equal(live["layers.0.attn.q_proj.weight"],
                            live["layers.0.attn.q_proj.weight"].bfloat16().float())  # masters keep fp32 detail
+
+
+def test_trainer_master_weights_nan_stops_with_weights_kept(tmp_path, byte_data):
+    from giants.train import TrainingDiverged
+
+    tr = Trainer(_cfg(tmp_path / "run", byte_data, steps=5, save_final=False))
+    tr.run(until=2)
+    q_proj = tr.model.layers[0].attn.q_proj.weight
+    i = next(i for i, p in enumerate(tr.optimizer.model_params) if p is q_proj)
+    with torch.no_grad():
+        tr.optimizer.masters[i][0, 0] = float("nan")
+        tr.optimizer.sync_model()
+    before = [q.clone() for q in tr.optimizer.masters]
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        tr.run()
+    assert tr.step == 2
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(tr.optimizer.masters, before))
 
 
 def test_master_weights_config_checks(tmp_path, byte_data):

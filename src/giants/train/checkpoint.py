@@ -122,6 +122,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
                          meta: dict[str, Any], where: Path) -> None:
     index = {n: i for i, n in enumerate(names)}
@@ -136,6 +139,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], ten
         if missing:
             raise TrainCheckpointError(f"{where}: optimizer parameters differ from this model's: {missing[:5]}")
         g = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items()}
+        # how this run's optimizer computes (fused kernel or not) is its own, not the checkpoint's: a run saved by
+        # MasterAdamW (no such keys) resumes into a fused AdamW that stays fused
+        g.update({k: live[k] for k in IMPLEMENTATION_KEYS if k in live})
         g["params"] = [index[n] for n in saved["params"]]
         groups.append(g)
     state: dict[int, dict[str, Any]] = {}

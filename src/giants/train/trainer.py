@@ -50,6 +50,18 @@ class TrainingDiverged(ValueError):
 
 
 @dataclass
+class _Launched:
+    """A queued optimizer step: what it reports, copied back from the device once `ready` has fired."""
+
+    step: int
+    lr: float
+    tokens: int
+    tokens_before: int
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    ready: Any = None  # torch.cuda.Event on CUDA
+
+
+@dataclass
 class TrainConfig:
     out: str
     # model: a preset, a config JSON (giants or HF), or initial weights (anything giants.load reads)
@@ -271,6 +283,7 @@ class Trainer:
         else:
             self.loss_fn = self._lm_loss
         self.param_names, self.train_params, self.optimizer = self._optimizer()
+        self._diverged = torch.zeros((), device=self.device)
         mc = self.model_config
         self.aux_coef = mc.moe_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
         self.z_coef = mc.moe_z_loss_coef if cfg.z_loss_coef is None else cfg.z_loss_coef
@@ -292,6 +305,14 @@ class Trainer:
         self._write_run_json()
 
     # ---- setup -----------------------------------------------------------------------------------
+    def _fused_optimizer(self) -> bool:
+        """Whether the optimizer takes grad_scale and found_inf (torch's fused AdamW, MasterAdamW). With found_inf
+        the non-finite check can wait for the step's scalars to come back on their own: no host sync inside a
+        CUDA step. (On CPU the same path runs, so the tests cover it; there the values are simply ready.)
+        Otherwise the check runs before the update."""
+        opt = self.optimizer
+        return isinstance(opt, MasterAdamW) or all(g.get("fused") for g in opt.param_groups)
+
     def _use_master_weights(self) -> bool:
         cfg = self.cfg
         if cfg.master_weights is None:
@@ -620,6 +641,13 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches. Returns the step's metrics."""
+        return self._finish_step(self._launch_step())
+
+    def _launch_step(self) -> _Launched:
+        """Queue one optimizer step. With a fused optimizer nothing here waits for the GPU: the step's scalars
+        are copied back asynchronously and read in `_finish_step`, and a non-finite loss or gradient norm turns
+        the update (and every later one) into a no-op on the device through the optimizer's `found_inf`.
+        Otherwise the scalars are read before the update, which is then skipped on the host."""
         cfg = self.cfg
         self.model.train()
         lr = lr_at(self.step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=self.warmup,
@@ -639,9 +667,8 @@ class Trainer:
             extras.append(info)
         params = self.train_params
         grads = [p.grad for p in params if p.grad is not None]
-        master = isinstance(self.optimizer, MasterAdamW)
-        fold_clip = cfg.grad_clip > 0 and (master or (self.device.type == "cuda" and self.optimizer.defaults.get(
-            "fused")))
+        fold_clip = cfg.grad_clip > 0 and (isinstance(self.optimizer, MasterAdamW) or (
+            self.device.type == "cuda" and self._fused_optimizer()))
         if cfg.grad_clip > 0 and not fold_clip:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
@@ -650,39 +677,75 @@ class Trainer:
                 # The clip's scale rides in the optimizer's kernel (it divides each gradient by grad_scale as it
                 # reads it) instead of a separate read-modify-write pass over every gradient.
                 self.optimizer.grad_scale = torch.clamp((gnorm.float() + 1e-6) / cfg.grad_clip, min=1.0)
-        # one host sync for the step's scalars, before the update (not another one after it)
-        loss_f, gnorm_v, ce_f = torch.stack([loss_sum.float(), gnorm.detach().float(), ce_sum.float()]).tolist()
-        loss_v = loss_f / cfg.grad_accum
-        if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
-            self.optimizer.grad_scale = None
-            self.optimizer.zero_grad(set_to_none=True)
-            where = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
-            what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-            raise TrainingDiverged(f"non-finite {what} ({loss_v if what == 'loss' else gnorm_v}) at step "
-                                   f"{self.step + 1}: training stopped without saving; last good checkpoint: "
-                                   f"{where}. Resume from it with a lower --lr or stronger --grad-clip")
+        scalars = torch.stack([loss_sum.float(), gnorm.detach().float(), ce_sum.float()])
+        rec = _Launched(step=self.step + 1, lr=lr, tokens=tokens, tokens_before=self.tokens_seen)
+        if self._fused_optimizer():
+            # sticky: after a non-finite step no later step updates either, so the model stays as it was
+            bad = (~torch.isfinite(scalars[:2])).any().float()
+            torch.maximum(self._diverged, bad, out=self._diverged)
+            self.optimizer.found_inf = self._diverged
+        else:
+            loss_f, gnorm_v, _ = scalars.tolist()
+            if not (math.isfinite(loss_f) and math.isfinite(gnorm_v)):
+                self.optimizer.grad_scale = None
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged_error(rec, loss_f / cfg.grad_accum, gnorm_v)
         self.optimizer.step()
-        if fold_clip:
-            self.optimizer.grad_scale = None
+        self.optimizer.grad_scale = None
+        self.optimizer.found_inf = None
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
-        m: dict[str, Any] = {"step": self.step, "train_loss": ce_f / cfg.grad_accum, "loss": loss_v,
-                             "lr": lr, "grad_norm": gnorm_v, "tokens": self.tokens_seen, "_tokens": tokens}
+        # everything the step reports, reduced on the device and copied back without waiting
+        out: dict[str, torch.Tensor] = {"scalars": scalars}
         routers = [e["router"] for e in extras if "router" in e]
         if routers:
+            out["aux_loss"] = torch.stack([r.aux_loss.detach() for r in routers]).mean()
+            out["z_loss"] = torch.stack([r.z_loss.detach() for r in routers]).mean()
+            out["per_layer_aux"] = torch.stack([r.per_layer_aux for r in routers]).mean(0)
+            out["per_layer_z"] = torch.stack([r.per_layer_z for r in routers]).mean(0)
             util = torch.stack([r.utilisation for r in routers]).mean(0)  # (L, E)
-            m["aux_loss"] = float(torch.stack([r.aux_loss.detach() for r in routers]).mean())
-            m["z_loss"] = float(torch.stack([r.z_loss.detach() for r in routers]).mean())
-            m["router"] = {
-                "aux_loss": torch.stack([r.per_layer_aux for r in routers]).mean(0).tolist(),
-                "z_loss": torch.stack([r.per_layer_z for r in routers]).mean(0).tolist(),
-                "utilisation": util.tolist(),
-                "balance": balance_score(util).tolist(),
-            }
+            out["utilisation"] = util
+            out["balance"] = balance_score(util)
         if cfg.task == "dpo":
-            m["margin"] = float(torch.stack([e["margin"] for e in extras]).mean())
-            m["accuracy"] = float(torch.stack([e["accuracy"] for e in extras]).mean())
+            out["margin"] = torch.stack([e["margin"] for e in extras]).mean()
+            out["accuracy"] = torch.stack([e["accuracy"] for e in extras]).mean()
+        if self.device.type == "cuda":
+            rec.values = {k: v.detach().float().to("cpu", non_blocking=True) for k, v in out.items()}
+            rec.ready = torch.cuda.Event()
+            rec.ready.record()
+        else:
+            rec.values = {k: v.detach().float() for k, v in out.items()}
+        return rec
+
+    def _diverged_error(self, rec: _Launched, loss_v: float, gnorm_v: float) -> None:
+        where = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
+        what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+        raise TrainingDiverged(f"non-finite {what} ({loss_v if what == 'loss' else gnorm_v}) at step "
+                               f"{rec.step}: training stopped without saving; last good checkpoint: "
+                               f"{where}. Resume from it with a lower --lr or stronger --grad-clip")
+
+    def _finish_step(self, rec: _Launched) -> dict[str, Any]:
+        """Wait for a launched step's scalars and turn them into its metrics."""
+        if rec.ready is not None:
+            rec.ready.synchronize()  # this step's work only: a step launched after it may still be running
+        v = rec.values
+        loss_f, gnorm_v, ce_f = v["scalars"].tolist()
+        ga = self.cfg.grad_accum
+        if not (math.isfinite(loss_f) and math.isfinite(gnorm_v)):
+            # the device skipped this update and every later one: the model is as it was before this step
+            self.step, self.tokens_seen = rec.step - 1, rec.tokens_before
+            self._diverged_error(rec, loss_f / ga, gnorm_v)
+        m: dict[str, Any] = {"step": rec.step, "train_loss": ce_f / ga, "loss": loss_f / ga, "lr": rec.lr,
+                             "grad_norm": gnorm_v, "tokens": rec.tokens_before + rec.tokens, "_tokens": rec.tokens}
+        if "aux_loss" in v:
+            m["aux_loss"] = float(v["aux_loss"])
+            m["z_loss"] = float(v["z_loss"])
+            m["router"] = {k: v[src].tolist() for k, src in (("aux_loss", "per_layer_aux"), ("z_loss", "per_layer_z"),
+                                                               ("utilisation", "utilisation"), ("balance", "balance"))}
+        if "margin" in v:
+            m["margin"] = float(v["margin"])
+            m["accuracy"] = float(v["accuracy"])
         return m
 
     @torch.no_grad()
@@ -746,35 +809,51 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         # Throughput counts training time only: evaluation and checkpoint writes fall outside the clock.
-        busy, tok_last = 0.0, 0
+        clock = {"busy": 0.0, "tokens": 0, "since": time.perf_counter()}
+
+        def evaluates(k: int) -> bool:
+            return bool(cfg.eval_every and k % cfg.eval_every == 0) or k == cfg.steps
+
+        def checkpoints(k: int) -> bool:
+            return bool(cfg.ckpt_every and k % cfg.ckpt_every == 0) or (k == cfg.steps and cfg.checkpoint_at_end)
+
+        def complete(rec: _Launched) -> None:
+            m = self._finish_step(rec)
+            now = time.perf_counter()
+            clock["busy"] += now - clock["since"]
+            clock["since"] = now
+            clock["tokens"] += m.pop("_tokens")
+            k = rec.step
+            if evaluates(k):  # only ever the newest step: evaluation steps are not overlapped with the next
+                ev = self.evaluate()
+                if ev:
+                    m.update(ev)
+            if k % cfg.log_every == 0 or k == cfg.steps or evaluates(k):
+                m["tokens_per_s"] = clock["tokens"] / max(clock["busy"], 1e-9)
+                clock["busy"], clock["tokens"] = 0.0, 0
+                if self.peak:
+                    m["mfu"] = m["tokens_per_s"] * self.flops_per_token / self.peak
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+                self.history.append(m)
+                self._tensorboard(m)
+                bar.update(k, m)
+            if checkpoints(k):
+                self.save_checkpoint()
+            clock["since"] = time.perf_counter()
+
+        # With the deferred check, step k's scalars are read after step k+1 is queued, so the GPU never waits
+        # for the host between steps. Steps that evaluate or checkpoint finish before the next one starts.
+        pending: _Launched | None = None
         try:
             while self.step < end:
-                t0 = time.perf_counter()
-                m = self.train_step()
-                is_last = self.step == cfg.steps
-                evaluate = bool(cfg.eval_every and self.step % cfg.eval_every == 0) or is_last
-                log = self.step % cfg.log_every == 0 or is_last or evaluate
-                if log and self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # the optimizer step may still be running
-                busy += time.perf_counter() - t0
-                tok_last += m.pop("_tokens")
-                if evaluate:
-                    ev = self.evaluate()
-                    if ev:
-                        m.update(ev)
-                if log:
-                    tps = tok_last / max(busy, 1e-9)
-                    busy, tok_last = 0.0, 0
-                    m["tokens_per_s"] = tps
-                    if self.peak:
-                        m["mfu"] = tps * self.flops_per_token / self.peak
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
-                    self.history.append(m)
-                    self._tensorboard(m)
-                    bar.update(self.step, m)
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or (is_last and cfg.checkpoint_at_end):
-                    self.save_checkpoint()
+                rec = self._launch_step()
+                if pending is not None:
+                    complete(pending)
+                pending = rec
+                if not self._fused_optimizer() or evaluates(rec.step) or checkpoints(rec.step) or rec.step == end:
+                    pending = None
+                    complete(rec)
         finally:
             metrics_file.close()
             bar.close()
