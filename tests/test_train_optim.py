@@ -223,3 +223,60 @@ def test_resume_across_master_weights_setting(tmp_path, byte_data):
     assert isinstance(c.optimizer, MasterAdamW) and c.step == 4
     with c.optimizer.masters_in_model():
         assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in c.model.state_dict().items())
+
+
+INTERPRETED = r'''
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, triton, triton.language as tl
+from giants.train import optim
+from giants.train.optim import MasterAdamW
+
+n = 3000
+g = torch.randn(n, generator=torch.Generator().manual_seed(0)).bfloat16()
+for skip in (1.0, 0.0):
+    res = []
+    for triton_path in (True, False):
+        p = torch.linspace(-1, 1, n)
+        m, v, out = torch.full((n,), 0.1), torch.full((n,), 0.2), torch.zeros(n, dtype=torch.bfloat16)
+        kw = dict(lr=1e-2, wd=0.1, beta1=0.9, beta2=0.95, eps=1e-8, step=3)
+        if triton_path:
+            bc1, bc2 = 1 - 0.9 ** 3, (1 - 0.95 ** 3) ** 0.5
+            optim._adamw_kernel[(triton.cdiv(n, optim.BLOCK),)](
+                p, g, m, v, out, torch.tensor(2.0), torch.tensor(skip), n, 1e-3, 0.9, 0.95, 1e-8, 1e-2 / bc1, bc2,
+                HAS_SCALE=True, HAS_SKIP=True, WEIGHT_DECAY=True, WRITE_OUT=True, BLOCK=optim.BLOCK)
+        else:
+            MasterAdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]}], use_triton=False)._update(
+                p, g, m, v, out, torch.tensor(2.0), skip=torch.tensor(skip), **kw)
+        res.append((p, m, v, out))
+    for a, b in zip(res[0][:3], res[1][:3]):  # master, moments
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (skip, (a - b).abs().max())
+    for p, _, _, out in res:  # the bf16 weight is the master in bf16 (zeros where skipped); the interpreter
+        # truncates where the GPU rounds to nearest (tests/test_cuda_optim.py checks the rounding)
+        want = torch.zeros_like(p) if skip else p
+        assert bool(((out.float() - want).abs() <= want.abs() * 2.0 ** -7).all())
+    assert torch.equal(res[0][0], torch.linspace(-1, 1, n)) == (skip == 1.0)
+xs = [torch.randn(k, generator=torch.Generator().manual_seed(k)) for k in (5, 16384, 20000)]
+for dt in (torch.float32, torch.bfloat16):
+    ys = [x.to(dt) for x in xs]
+    t_of, s_of, numel = optim._sumsq_tables(tuple(y.numel() for y in ys), torch.device("cpu"))
+    out = torch.empty(t_of.numel())
+    optim._sumsq_kernel[(t_of.numel(),)](torch.tensor([y.data_ptr() for y in ys]), t_of, s_of, numel, out,
+                                         DTYPE=getattr(tl, optim._TL_DTYPES[dt]), BLOCK=optim.SUMSQ_BLOCK)
+    ref = sum(float(y.double().square().sum()) for y in ys)
+    assert abs(float(out.sum()) - ref) / ref < 1e-6, (dt, float(out.sum()), ref)
+print("ok")
+'''
+
+
+def test_triton_kernels_under_the_interpreter(tmp_path):
+    """The CUDA kernels (AdamW update with clip scale and found_inf, the pointer-table sum of squares) run on CPU
+    under TRITON_INTERPRET and agree with the torch path, so a launch-signature slip fails here, not on a GPU."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = tmp_path / "interp.py"
+    script.write_text(INTERPRETED)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-2000:] + r.stderr[-3000:]

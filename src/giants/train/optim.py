@@ -42,10 +42,10 @@ if _HAS_TRITON:
                       eps, step_size, bc2_sqrt, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
                       WEIGHT_DECAY: tl.constexpr, WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
         if HAS_SKIP:
             # a non-finite step (found_inf != 0) leaves every tensor as it was: no loads, no stores
-            mask = mask & (tl.load(skip_ptr) == 0)
+            n = tl.where(tl.load(skip_ptr) == 0, n, 0)
+        mask = offs < n
         p = tl.load(master_ptr + offs, mask=mask)
         g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask)
@@ -262,9 +262,10 @@ class MasterAdamW(torch.optim.Optimizer):
         if self._triton_ok(master, grad, m, v, out, scale):
             n = master.numel()
             _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-                master, grad, m, v, out if out is not None else master, scale if scale is not None else master, n,
-                lr * wd, beta1, beta2, eps, step_size, bc2_sqrt, HAS_SCALE=scale is not None,
-                WEIGHT_DECAY=wd != 0, WRITE_OUT=out is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                master, grad, m, v, out if out is not None else master, scale if scale is not None else master,
+                skip if skip is not None else master, n, lr * wd, beta1, beta2, eps, step_size, bc2_sqrt,
+                HAS_SCALE=scale is not None, HAS_SKIP=skip is not None, WEIGHT_DECAY=wd != 0,
+                WRITE_OUT=out is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
             return
         if skip is not None and bool(skip):
             return
