@@ -144,7 +144,8 @@ class MasterAdamW(torch.optim.Optimizer):
     is kept as the master). Set `grad_scale` (a 0-dim tensor) before `step()` to divide every gradient by it
     as it is read (the gradient-clipping scale); the Trainer clears it after the step. Set `found_inf` (a 0-dim
     fp32 tensor, as torch's fused AdamW takes it) to make the step a no-op on the device when it is nonzero,
-    without a host sync. (The host's step count still advances: the Trainer stops the run on such a step.)
+    without a host sync. (The step count, kept on the host, still advances: the Trainer stops the run on such a
+    step and resumes from the last checkpoint.)
     """
 
     def __init__(self, groups: Iterable[dict], *, cast: Iterable[torch.Tensor] = (), lr: float = 1e-3,
@@ -222,10 +223,6 @@ class MasterAdamW(torch.optim.Optimizer):
                 loss = closure()
         model_of = {id(q): p for p, q in zip(self.model_params, self.masters)}
         scale, skip = self.grad_scale, self.found_inf
-        if skip is not None and not (skip.is_cuda and self._triton_ok(skip)):
-            if bool(skip):  # the torch path reads the flag on the host (free on CPU)
-                return loss
-            skip = None
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
@@ -267,7 +264,7 @@ class MasterAdamW(torch.optim.Optimizer):
                 HAS_SCALE=scale is not None, HAS_SKIP=skip is not None, WEIGHT_DECAY=wd != 0,
                 WRITE_OUT=out is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
             return
-        if skip is not None and bool(skip):
+        if skip is not None and bool(skip):  # the torch path reads the flag on the host (free on CPU)
             return
         # torch.optim.AdamW's single-tensor update (foreach=False), in fp32
         g = grad.float() if grad.dtype != torch.float32 else grad
