@@ -139,11 +139,14 @@ class Transformer(nn.Module):
             self.check_inputs(input_ids, positions)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
+        # Rotary tables first: a trainer may keep Rotary out of torch.compile (a graph break), and before the lookup
+        # the break leaves the embedding in the same graph as the tied head, which then sums the two gradients
+        # inside the graph. (The lookup's output dtype is the table's.)
+        rope = self.rotary(positions, self.embed.weight.dtype) if self.rotary is not None else None
         x = self.embed(input_ids)
         if self.config.embed_scale is not None:
             # Gemma rounds the normaliser to the activation dtype before multiplying.
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         router_logits = []
         for i, layer in enumerate(self.layers):
             c = cache[i] if cache is not None else None

