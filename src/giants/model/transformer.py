@@ -129,7 +129,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, *, output_router_logits: bool = False,
-                check: bool = True, return_hidden: bool = False):
+                check: bool = True, return_hidden: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """rope: the rotary tables (cos, sin), each (B or 1, 1, T, head_dim/2), for `positions`, when the caller
+        keeps them (a trainer computes them once, outside torch.compile); computed here when None."""
         B, T = input_ids.shape
         if positions is None:
             if cache is not None:
@@ -139,10 +142,8 @@ class Transformer(nn.Module):
             self.check_inputs(input_ids, positions)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
-        # Rotary tables first: a trainer may keep Rotary out of torch.compile (a graph break), and before the lookup
-        # the break leaves the embedding in the same graph as the tied head, which then sums the two gradients
-        # inside the graph. (The lookup's output dtype is the table's.)
-        rope = self.rotary(positions, self.embed.weight.dtype) if self.rotary is not None else None
+        if rope is None and self.rotary is not None:
+            rope = self.rotary(positions, self.embed.weight.dtype)  # the lookup's output dtype is the table's
         x = self.embed(input_ids)
         if self.config.embed_scale is not None:
             # Gemma rounds the normaliser to the activation dtype before multiplying.

@@ -33,17 +33,16 @@ if _HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         cols = tl.arange(0, BLOCK)
-        # per-lane running max and sum: one reduction at the end instead of one per block
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
+        # running max and sum of exponentials: one exp per element (a per-lane running max would need two, and the
+        # exponentials, not the bytes, then bound the pass)
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK):
             x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # lanes that have seen only -inf keep s = 0 (exp(-inf - -inf) would be nan)
-            s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(x - m_new))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
-        row_max = tl.max(m, axis=0)
-        lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+        lse = m + tl.log(s)
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
         target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)

@@ -272,16 +272,10 @@ class Trainer:
         self.forward = self.model
         if cfg.compile:
             backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
-            rotary = getattr(self.model, "rotary", None)
-            if rotary is not None:
-                # Compiled, the cos/sin would be inlined into every layer's q and k kernels and recomputed per
-                # head, forward and backward (~3 ms a step at Llama-3.2-1B shape on an H200); computed eagerly
-                # they are one small tensor the compiled layers read. (Not a decorator on Rotary: that would
-                # import torch._dynamo with every model, ~2.5 s and ~120 MB.)
-                rotary.forward = torch.compiler.disable(rotary.forward)
             self.loss_fn = torch.compile(self._lm_loss, backend=backend)
         else:
             self.loss_fn = self._lm_loss
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_names, self.train_params, self.optimizer = self._optimizer()
         self._diverged = torch.zeros((), device=self.device)
         mc = self.model_config
@@ -565,13 +559,30 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _lm_loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables for positions 0..T-1 (every training row starts at 0), computed once, eagerly: as an
+        input of the compiled loss they are one small tensor the layers read. Computed inside, inductor inlined
+        cos/sin into every layer's q and k kernels (~3 ms a step at Llama-3.2-1B shape on an H200); kept out
+        of it by a graph break, the embedding and the tied head fell into different graphs and their gradients
+        were summed outside (another 0.7 ms)."""
+        rotary = getattr(self.model, "rotary", None)
+        if rotary is None:
+            return None
+        key = (T, self.model.embed.weight.dtype)
+        if key not in self._rope_cache:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                pos = torch.arange(T, device=self.device)[None]
+                self._rope_cache = {key: rotary(pos, self.model.embed.weight.dtype)}
+        return self._rope_cache[key]
+
+    def _lm_loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """Forward + losses as one function of tensors, so torch.compile sees the loss too (the fp32
         cross-entropy over the vocabulary fuses with the head instead of materialising fp32 logits).
         Returns (loss, ce) or, for MoE, (loss, ce, aux, z, per-layer aux, per-layer z, utilisation)."""
         mc = self.model_config
         with self._autocast():
-            out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True)
+            out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True, rope=rope)
             hidden, router_logits = out if mc.is_moe else (out, None)
             if self.device.type == "cpu":
                 # the head and loss a block of rows at a time: far fewer page faults than full logits
@@ -591,7 +602,7 @@ class Trainer:
 
     def _lm_micro(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
-        out = self.loss_fn(x, y, mask)
+        out = self.loss_fn(x, y, mask, self._rope(x.shape[1]))
         info: dict[str, Any] = {"ce": out[1]}
         if len(out) > 2:
             info["router"] = RouterLosses(*out[2:])
