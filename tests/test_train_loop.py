@@ -266,3 +266,50 @@ def test_compiled_loss_matches_eager(tmp_path, byte_data):
     compiled.run()
     for key in ("train_loss", "aux_loss", "z_loss"):
         torch.testing.assert_close(_losses(tmp_path / "a", key), _losses(tmp_path / "b", key), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma2"])
+def test_fused_projections_match_separate(preset):
+    """q|k|v and gate|up as one GEMM each (training only): same loss and gradients as the separate layers, QKV
+    biases included; evaluation keeps the separate layers."""
+    import giants
+    from giants.model.attention import Attention
+    from giants.model.mlp import GatedMLP
+
+    cfg = giants.get_config(preset).replace(attn_qkv_bias=True)
+    a = giants.build(cfg, seed=0)
+    b = giants.build(cfg, seed=0)
+    marked = 0
+    for mod in b.modules():
+        if isinstance(mod, (Attention, GatedMLP)):
+            mod.fuse_in_training = True
+            marked += 1
+    assert marked == 2 * cfg.n_layers
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    for m in (a, b):
+        m.train()
+        m(ids).float().square().mean().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), n
+    calls = []
+    handle = torch.nn.functional.linear
+    try:
+        torch.nn.functional.linear = lambda x, w, bias=None: calls.append(w.shape) or handle(x, w, bias)
+        b.eval()
+        with torch.no_grad():
+            b(ids)
+    finally:
+        torch.nn.functional.linear = handle
+    assert (cfg.n_heads * cfg.head_dim, cfg.d_model) in calls  # eval: q_proj's own weight, not the fused one
+    with torch.no_grad():
+        a.eval()
+        assert torch.allclose(a(ids), b(ids))
+
+
+def test_trainer_fuses_projections_only_where_asked(tmp_path, byte_data):
+    kw = dict(preset="tiny-llama", steps=1, eval_every=0, ckpt_every=0, checkpoint_at_end=False)
+    assert Trainer(_cfg(tmp_path / "a", byte_data, **kw)).fused_modules == 0  # CPU: off by default
+    on = Trainer(_cfg(tmp_path / "b", byte_data, fuse_projections=True, **kw))
+    assert on.fused_modules == 4
+    lora = Trainer(_cfg(tmp_path / "c", byte_data, fuse_projections=True, lora_rank=4, **kw))
+    assert lora.fused_modules == 2  # LoRA wraps q/k/v/o (the default targets): only the two MLPs fuse
