@@ -59,6 +59,7 @@ def analyse(trace: dict[str, Any], steps: int, min_gap_us: float = 2.0) -> dict[
 
     busy_until = gpu[0]["ts"]
     busy = 0.0
+    prev_name = ""
     by_cause: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     gaps = []
     for e in gpu:

@@ -59,6 +59,7 @@ class _Launched:
     tokens_before: int
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     ready: Any = None  # torch.cuda.Event on CUDA
+    launched_at: float = 0.0
 
 
 @dataclass
@@ -747,6 +748,7 @@ class Trainer:
             rec.ready.record()
         else:
             rec.values = {k: v.detach().float() for k, v in out.items()}
+        rec.launched_at = time.perf_counter()
         return rec
 
     def _diverged_error(self, rec: _Launched, loss_v: float, gnorm_v: float) -> None:
@@ -848,11 +850,12 @@ class Trainer:
         def checkpoints(k: int) -> bool:
             return bool(cfg.ckpt_every and k % cfg.ckpt_every == 0) or (k == cfg.steps and cfg.checkpoint_at_end)
 
-        def complete(rec: _Launched) -> None:
+        def complete(rec: _Launched, drained: bool) -> None:
             m = self._finish_step(rec)
-            now = time.perf_counter()
-            clock["busy"] += now - clock["since"]
-            clock["since"] = now
+            # when the step's work ended: on CUDA once its event fired; elsewhere the launch did the work
+            end = time.perf_counter() if rec.ready is not None else rec.launched_at
+            clock["busy"] += end - clock["since"]
+            clock["since"] = end
             clock["tokens"] += m.pop("_tokens")
             k = rec.step
             if evaluates(k):  # only ever the newest step: evaluation steps are not overlapped with the next
@@ -871,7 +874,8 @@ class Trainer:
                 bar.update(k, m)
             if checkpoints(k):
                 self.save_checkpoint()
-            clock["since"] = time.perf_counter()
+            if drained:  # nothing queued: the next step starts now, after the evaluation or checkpoint write
+                clock["since"] = time.perf_counter()
 
         # With the deferred check, step k's scalars are read after step k+1 is queued, so the GPU never waits
         # for the host between steps. Steps that evaluate or checkpoint finish before the next one starts.
@@ -880,11 +884,11 @@ class Trainer:
             while self.step < end:
                 rec = self._launch_step()
                 if pending is not None:
-                    complete(pending)
+                    complete(pending, drained=False)
                 pending = rec
                 if not self._fused_optimizer() or evaluates(rec.step) or checkpoints(rec.step) or rec.step == end:
                     pending = None
-                    complete(rec)
+                    complete(rec, drained=True)
         finally:
             metrics_file.close()
             bar.close()
