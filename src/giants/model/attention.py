@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from giants.config import ModelConfig
-from giants.model.mlp import fused_linear
 from giants.model.positions import RelativeBias, apply_rotary
 
 
@@ -75,20 +74,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
-        self.fuse_in_training = False  # set by the trainer: q|k|v as one GEMM while self.training
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None,
                 rel_bias: RelativeBias | None = None, causal_no_cache: bool = False) -> torch.Tensor:
         # x: (B, T, d_model); positions: (B, T)
         B, T, _ = x.shape
-        if self.fuse_in_training and self.training:
-            q, k, v = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:

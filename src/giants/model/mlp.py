@@ -23,15 +23,6 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, cfg: ModelConfig) -> 
     return gate * torch.sigmoid(cfg.swiglu_alpha * gate) * (up + 1)
 
 
-def fused_linear(x: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
-    """The outputs of `layers` (plain nn.Linear over the same input) from one GEMM over their concatenated
-    weights: fewer, larger GEMMs in training, where the weight copy is small next to the activations (not in
-    decode, where it would double the bytes read)."""
-    w = torch.cat([m.weight for m in layers])
-    b = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
-    return F.linear(x, w, b).split([m.out_features for m in layers], dim=-1)
-
-
 class GatedMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -39,14 +30,9 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.mlp_bias)
-        self.fuse_in_training = False  # set by the trainer: gate|up as one GEMM while self.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuse_in_training and self.training:
-            gate, up = fused_linear(x, [self.gate_proj, self.up_proj])
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(gated_activation(gate, up, self.cfg))
+        return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.cfg))
 
 
 def _autocast_bf16(x: torch.Tensor) -> bool:

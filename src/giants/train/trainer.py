@@ -106,9 +106,6 @@ class TrainConfig:
     # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
     # None: on for bf16 runs on CUDA that train all weights (no LoRA) with one micro-batch a step
     master_weights: bool | None = None
-    # q|k|v and gate|up each as one GEMM over concatenated weights (plain nn.Linear layers only: not LoRA's);
-    # None: on for CUDA
-    fuse_projections: bool | None = None
     activation_checkpointing: bool = False
     seed: int = 0
     # bookkeeping
@@ -272,7 +269,6 @@ class Trainer:
             self.lora_names = apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                                          cfg.lora_dropout)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
-        self.fused_modules = self._fuse_projections()
         # Evaluation and DPO run the plain module; the training loss (forward included) is what compiles.
         self.forward = self.model
         if cfg.compile:
@@ -304,22 +300,6 @@ class Trainer:
         self._write_run_json()
 
     # ---- setup -----------------------------------------------------------------------------------
-    def _fuse_projections(self) -> int:
-        """Mark attention and gated-MLP modules whose projections are plain nn.Linear to run them as one GEMM in
-        training (Llama-3.2-1B shape on an H200: larger GEMMs run closer to peak). Returns how many."""
-        from giants.model.attention import Attention
-        from giants.model.mlp import GatedMLP
-
-        on = self.device.type == "cuda" if self.cfg.fuse_projections is None else self.cfg.fuse_projections
-        n = 0
-        for mod in self.model.modules():
-            parts = ([mod.q_proj, mod.k_proj, mod.v_proj] if isinstance(mod, Attention) else
-                     [mod.gate_proj, mod.up_proj] if isinstance(mod, GatedMLP) else None)
-            if parts is not None:
-                mod.fuse_in_training = bool(on) and all(type(m) is torch.nn.Linear for m in parts)
-                n += mod.fuse_in_training
-        return n
-
     def _fused_optimizer(self) -> bool:
         """Whether the optimizer takes grad_scale and found_inf (torch's fused AdamW, MasterAdamW). With found_inf
         the non-finite check can wait for the step's scalars to come back on their own: no host sync inside a
