@@ -192,6 +192,15 @@ def test_pipelined_run_matches_step_by_step(tmp_path, byte_data):
     assert all(torch.equal(v, b[k]) for k, v in piped.model.state_dict().items())
 
 
+def test_compile_mode_checks(tmp_path, byte_data):
+    with pytest.raises(ValueError, match="compile_mode.*needs compile"):
+        Trainer(_cfg(tmp_path / "a", byte_data, compile_mode="reduce-overhead"))
+    with pytest.raises(ValueError, match="compile_mode.*needs grad_accum=1"):
+        Trainer(_cfg(tmp_path / "b", byte_data, compile=True, compile_mode="reduce-overhead", grad_accum=2))
+    with pytest.raises(ValueError, match="compile_mode: must be one of"):
+        Trainer(_cfg(tmp_path / "c", byte_data, compile=True, compile_mode="fast"))
+
+
 def test_bad_configs_fail_early(tmp_path, byte_data):
     with pytest.raises(ValueError, match=r"seq_len=4096 is beyond the model's max_context=2048"):
         Trainer(_cfg(tmp_path / "a", byte_data, seq_len=4096))

@@ -258,13 +258,14 @@ for skip in (1.0, 0.0):
         want = torch.zeros_like(p) if skip else p
         assert bool(((out.float() - want).abs() <= want.abs() * 2.0 ** -7).all())
     assert torch.equal(res[0][0], torch.linspace(-1, 1, n)) == (skip == 1.0)
-xs = [torch.randn(k, generator=torch.Generator().manual_seed(k)) for k in (5, 16384, 20000)]
+xs = [torch.randn(k, generator=torch.Generator().manual_seed(k)) for k in (5, 32768, 40000, 4097)]
 for dt in (torch.float32, torch.bfloat16):
     ys = [x.to(dt) for x in xs]
     t_of, s_of, numel = optim._sumsq_tables(tuple(y.numel() for y in ys), torch.device("cpu"))
     out = torch.empty(t_of.numel())
     optim._sumsq_kernel[(t_of.numel(),)](torch.tensor([y.data_ptr() for y in ys]), t_of, s_of, numel, out,
-                                         DTYPE=getattr(tl, optim._TL_DTYPES[dt]), BLOCK=optim.SUMSQ_BLOCK)
+                                         DTYPE=getattr(tl, optim._TL_DTYPES[dt]), BLOCK=optim.SUMSQ_BLOCK,
+                                         PER_PROGRAM=optim.SUMSQ_PER_PROGRAM)
     ref = sum(float(y.double().square().sum()) for y in ys)
     assert abs(float(out.sum()) - ref) / ref < 1e-6, (dt, float(out.sum()), ref)
 print("ok")

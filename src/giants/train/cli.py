@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, aux_loss_coef=args.aux_loss_coef,
         z_loss_coef=args.z_loss_coef, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(args.lora_targets), lora_dropout=args.lora_dropout, dpo_beta=args.dpo_beta,
-        device=args.device, precision=args.precision, compile=args.compile,
+        device=args.device, precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
         master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every,
@@ -143,6 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode (reduce-overhead: CUDA graphs; needs --grad-accum 1)")
     g.add_argument("--master-weights", choices=("auto", "on", "off"), default="auto",
                    help="bf16 matmul weights in the model, fp32 masters + moments in the optimizer "
                         "(auto: on for bf16 CUDA runs without LoRA)")

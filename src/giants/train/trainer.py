@@ -103,6 +103,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool | str = False  # True: torch.compile (inductor); a string names another backend
+    # torch.compile's mode ("reduce-overhead": CUDA graphs for the compiled forward and backward; one micro-batch a
+    # step, since a replay reuses the previous replay's output memory); None: the default mode
+    compile_mode: str | None = None
     # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
     # None: on for bf16 runs on CUDA that train all weights (no LoRA) with one micro-batch a step
     master_weights: bool | None = None
@@ -148,6 +151,14 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise bad(name, "must be >= 0")
+        modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.compile_mode not in modes:
+            raise bad("compile_mode", f"must be one of {modes[1:]} (got {self.compile_mode!r})")
+        if self.compile_mode is not None and not self.compile:
+            raise bad("compile_mode", "needs compile")
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.grad_accum > 1:
+            raise bad("compile_mode", f"{self.compile_mode!r} (CUDA graphs) needs grad_accum=1: a replay reuses the "
+                                      "previous replay's gradient memory")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -273,7 +284,7 @@ class Trainer:
         self.forward = self.model
         if cfg.compile:
             backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
-            self.loss_fn = torch.compile(self._lm_loss, backend=backend)
+            self.loss_fn = torch.compile(self._lm_loss, backend=backend, mode=cfg.compile_mode)
         else:
             self.loss_fn = self._lm_loss
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
