@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -871,9 +872,15 @@ class Trainer:
         # With the deferred check, step k's scalars are read after step k+1 is queued, so the GPU never waits
         # for the host between steps. Steps that evaluate or checkpoint finish before the next one starts.
         pending: _Launched | None = None
+        frozen = False
         try:
             while self.step < end:
                 rec = self._launch_step()
+                if not frozen:
+                    # torch.compile leaves millions of long-lived Python objects; a full collection walking them
+                    # stalls the host long enough to starve the GPU. Frozen, collections skip them.
+                    gc.freeze()
+                    frozen = True
                 if pending is not None:
                     complete(pending, drained=False)
                 pending = rec
@@ -881,6 +888,8 @@ class Trainer:
                     pending = None
                     complete(rec, drained=True)
         finally:
+            if frozen:
+                gc.unfreeze()
             metrics_file.close()
             bar.close()
         summary = self.summary()
