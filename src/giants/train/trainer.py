@@ -877,8 +877,9 @@ class Trainer:
             while self.step < end:
                 rec = self._launch_step()
                 if not frozen:
-                    # torch.compile leaves millions of long-lived Python objects; a full collection walking them
-                    # stalls the host long enough to starve the GPU. Frozen, collections skip them.
+                    # torch.compile leaves millions of long-lived Python objects that every full collection walks;
+                    # frozen, collections skip them. (Suspected, not yet measured, cause of the slow steps that
+                    # recur at fixed step indexes on the H200: benchmarks/bench_train_gc.py.)
                     gc.freeze()
                     frozen = True
                 if pending is not None:
