@@ -18,11 +18,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     """Mean cross-entropy of logits (B, T, V) against labels (B, T) already shifted (labels[t] is the
     token after input t); positions labelled `ignore_index` do not count. Computed in fp32 (on CUDA over bf16
     logits by giants.train.cross_entropy's two Triton passes, which never materialise fp32 logits)."""
-    from giants.train.cross_entropy import cross_entropy_rows, triton_ce_ok
-
     flat, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    if triton_ce_ok(flat, y):
-        return cross_entropy_rows(flat, y, ignore_index).sum() / (y != ignore_index).sum().clamp(min=1)
+    if flat.is_cuda:  # (imported here: the CPU path never loads Triton)
+        from giants.train.cross_entropy import cross_entropy_rows, triton_ce_ok
+
+        if triton_ce_ok(flat, y):
+            return cross_entropy_rows(flat, y, ignore_index).sum() / (y != ignore_index).sum().clamp(min=1)
     return F.cross_entropy(flat.float(), y, ignore_index=ignore_index)
 
 

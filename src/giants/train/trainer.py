@@ -61,6 +61,7 @@ class _Launched:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     ready: Any = None  # torch.cuda.Event on CUDA
     launched_at: float = 0.0
+    deferred: bool = False  # its non-finite check waits for the values (the device skipped a bad update)
 
 
 @dataclass
@@ -691,8 +692,9 @@ class Trainer:
             extras.append(info)
         params = self.train_params
         grads = [p.grad for p in params if p.grad is not None]
-        fold_clip = cfg.grad_clip > 0 and (isinstance(self.optimizer, MasterAdamW) or (
-            self.device.type == "cuda" and self._fused_optimizer()))
+        fused = self._fused_optimizer()
+        fold_clip = cfg.grad_clip > 0 and fused and (self.device.type == "cuda" or isinstance(self.optimizer,
+                                                                                              MasterAdamW))
         if cfg.grad_clip > 0 and not fold_clip:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
@@ -703,7 +705,8 @@ class Trainer:
                 self.optimizer.grad_scale = torch.clamp((gnorm.float() + 1e-6) / cfg.grad_clip, min=1.0)
         scalars = torch.stack([loss_sum.float(), gnorm.detach().float(), ce_sum.float()])
         rec = _Launched(step=self.step + 1, lr=lr, tokens=tokens, tokens_before=self.tokens_seen)
-        if self._fused_optimizer():
+        rec.deferred = fused
+        if fused:
             # sticky: after a non-finite step no later step updates either, so the model stays as it was
             bad = (~torch.isfinite(scalars[:2])).any().float()
             torch.maximum(self._diverged, bad, out=self._diverged)
@@ -885,7 +888,7 @@ class Trainer:
                 if pending is not None:
                     complete(pending, drained=False)
                 pending = rec
-                if not self._fused_optimizer() or evaluates(rec.step) or checkpoints(rec.step) or rec.step == end:
+                if not rec.deferred or evaluates(rec.step) or checkpoints(rec.step) or rec.step == end:
                     pending = None
                     complete(rec, drained=True)
         finally:
