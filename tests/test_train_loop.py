@@ -290,3 +290,61 @@ def test_compiled_dense_loss_is_one_graph(tmp_path, byte_data):
     tr.run()
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma2"])
+def test_fused_qkv_matches_separate(preset):
+    """q|k|v as one GEMM (training only): same output and gradients as the separate layers, QKV biases
+    included; evaluation keeps the separate layers."""
+    import giants
+    from giants.model.attention import Attention
+
+    cfg = giants.get_config(preset).replace(attn_qkv_bias=True)
+    a = giants.build(cfg, seed=0)
+    b = giants.build(cfg, seed=0)
+    marked = 0
+    for mod in b.modules():
+        if isinstance(mod, Attention):
+            mod.fuse_qkv_in_training = True
+            marked += 1
+    assert marked == cfg.n_layers
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    shapes: list[torch.Size] = []
+    handle = torch.nn.functional.linear
+
+    def spy(x, w, bias=None):
+        shapes.append(w.shape)
+        return handle(x, w, bias)
+
+    fused_w = ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.d_model)
+    for m in (a, b):
+        m.train()
+        shapes.clear()
+        torch.nn.functional.linear = spy
+        try:
+            m(ids).float().square().mean().backward()
+        finally:
+            torch.nn.functional.linear = handle
+        assert (fused_w in shapes) == (m is b)
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    shapes.clear()
+    torch.nn.functional.linear = spy
+    try:
+        b.eval()
+        with torch.no_grad():
+            out_b = b(ids)
+    finally:
+        torch.nn.functional.linear = handle
+    assert fused_w not in shapes and (cfg.n_heads * cfg.head_dim, cfg.d_model) in shapes
+    with torch.no_grad():
+        a.eval()
+        torch.testing.assert_close(out_b, a(ids))
+
+
+def test_trainer_fuses_qkv_only_where_asked(tmp_path, byte_data):
+    kw = dict(preset="tiny-llama", steps=1, eval_every=0, ckpt_every=0, checkpoint_at_end=False)
+    assert Trainer(_cfg(tmp_path / "a", byte_data, **kw)).fused_qkv == 0  # CPU: off by default
+    assert Trainer(_cfg(tmp_path / "b", byte_data, fuse_qkv=True, **kw)).fused_qkv == 2
+    lora = Trainer(_cfg(tmp_path / "c", byte_data, fuse_qkv=True, lora_rank=4, **kw))
+    assert lora.fused_qkv == 0  # LoRA wraps q/k/v/o (its default targets): nothing to fuse
