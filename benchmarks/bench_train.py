@@ -88,7 +88,7 @@ def clear(device: torch.device) -> None:
 
 def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: int, steps: int, device: str,
                  compile: bool, aux: float | None, master_weights: bool | None = None, block: int = 1,
-                 compile_mode: str | None = None, fuse_qkv: bool | None = None) -> dict[str, Any]:
+                 compile_mode: str | None = None) -> dict[str, Any]:
     warmup = -(-warmup // block) * block
     steps = -(-steps // block) * block
     with tempfile.TemporaryDirectory() as run:
@@ -96,7 +96,7 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
                          batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
                          device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
                          progress=False, log_every=block, aux_loss_coef=aux, z_loss_coef=0.0,
-                         master_weights=master_weights, compile_mode=compile_mode, fuse_qkv=fuse_qkv)
+                         master_weights=master_weights, compile_mode=compile_mode)
         cfg_file = Path(run) / "model.json"
         cfg_file.write_text(json.dumps(cfg.to_dict()))
         tc.model_config = str(cfg_file)
@@ -216,18 +216,15 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
                "both": [(False, " fp32w"), (True, " master")]}[args.master_weights]
     modes = [(None, "")] if not args.compile_modes else [
         (None if m == "default" else m, f" {m}") for m in args.compile_modes.split(",")]
-    fuses = {"auto": [(None, "")], "on": [(True, "")], "off": [(False, "")],
-             "both": [(False, " qkv-separate"), (True, " qkv-fused")]}[args.fuse_qkv]
-    variants = [(label + suffix + (msuffix if comp else "") + fsuffix, comp, mw, mode, fuse)
-                for label, comp in variants for mw, suffix in masters
-                for mode, msuffix in (modes if comp else [(None, "")]) for fuse, fsuffix in fuses]
-    for label, comp, mw, mode, fuse in variants:
+    variants = [(label + suffix + (msuffix if comp else ""), comp, mw, mode) for label, comp in variants
+                for mw, suffix in masters for mode, msuffix in (modes if comp else [(None, "")])]
+    for label, comp, mw, mode in variants:
         clear(device)
         print(f"[{name}] {label} ...", flush=True)
         try:
             case[label] = bench_giants(cfg, data, seq=seq, batch=batch, warmup=args.warmup + (2 if comp else 0),
                                        steps=args.steps, device=str(device), compile=comp, aux=aux,
-                                       master_weights=mw, block=args.block, compile_mode=mode, fuse_qkv=fuse)
+                                       master_weights=mw, block=args.block, compile_mode=mode)
         except Exception as e:  # keep going: one failure must not lose the other numbers
             case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             print(case[label]["trace"], flush=True)
@@ -302,8 +299,6 @@ def main() -> int:
     ap.add_argument("--moe-layers", type=int, default=4)
     ap.add_argument("--master-weights", choices=("auto", "on", "off", "both"), default="auto",
                     help="giants' TrainConfig.master_weights (both: time the two in the same run)")
-    ap.add_argument("--fuse-qkv", choices=("auto", "on", "off", "both"), default="auto",
-                    help="giants' TrainConfig.fuse_qkv (both: time the two in the same run)")
     ap.add_argument("--compile-modes", help="comma-separated torch.compile modes to time for giants (e.g. "
                     "default,reduce-overhead); default: the TrainConfig default")
     ap.add_argument("--block", type=int, default=1,

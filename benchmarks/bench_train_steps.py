@@ -88,25 +88,19 @@ def main() -> int:
 
         tr._finish_step = timed_finish  # type: ignore[method-assign]
         sampler = None
-        if smi:
-            sampler = subprocess.Popen(
-                [
-                    smi,
-                    "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
-                    "--format=csv,noheader,nounits",
-                    "-lms",
-                    "20",
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        try:
-            tr.run()
-        finally:
-            text = ""
-            if sampler is not None:
-                sampler.terminate()
-                text = sampler.communicate(timeout=10)[0]
+        smi_log = Path(tmp) / "smi.csv"
+        with open(smi_log, "w") as log:  # a file, not a pipe: a full pipe would stall the sampler
+            if smi:
+                sampler = subprocess.Popen(
+                    [smi, "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
+                     "--format=csv,noheader,nounits", "-lms", "20"], stdout=log, text=True)
+            try:
+                tr.run()
+            finally:
+                if sampler is not None:
+                    sampler.terminate()
+                    sampler.wait(timeout=10)
+        text = smi_log.read_text()
         samples = parse_smi(text)
         rows = []
         for h in tr.history:

@@ -74,27 +74,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
-        self.fuse_qkv_in_training = False  # set by the trainer: q|k|v as one GEMM while self.training
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not (self.fuse_qkv_in_training and self.training):
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        # One GEMM over the concatenated weights: k and v (N = 512 at Llama-3.2-1B) are too narrow to run near
-        # peak on their own, and in training the weight copy (12.6 MB a layer) is small next to the activations.
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        w = torch.cat([m.weight for m in parts])
-        b = None if self.q_proj.bias is None else torch.cat([m.bias for m in parts])
-        return F.linear(x, w, b).split([m.out_features for m in parts], dim=-1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None,
                 rel_bias: RelativeBias | None = None, causal_no_cache: bool = False) -> torch.Tensor:
         # x: (B, T, d_model); positions: (B, T)
         B, T, _ = x.shape
-        q, k, v = self._qkv(x)
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:

@@ -110,9 +110,6 @@ class TrainConfig:
     # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
     # None: on for bf16 runs on CUDA that train all weights (no LoRA) with one micro-batch a step
     master_weights: bool | None = None
-    # q|k|v as one GEMM over concatenated weights in training (plain nn.Linear projections only, not LoRA's);
-    # None: on for CUDA
-    fuse_qkv: bool | None = None
     activation_checkpointing: bool = False
     seed: int = 0
     # bookkeeping
@@ -284,7 +281,6 @@ class Trainer:
             self.lora_names = apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                                          cfg.lora_dropout)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
-        self.fused_qkv = self._fuse_qkv()
         # Evaluation and DPO run the plain module; the training loss (forward included) is what compiles.
         self.forward = self.model
         if cfg.compile:
@@ -323,20 +319,6 @@ class Trainer:
         Otherwise the check runs before the update."""
         opt = self.optimizer
         return isinstance(opt, MasterAdamW) or all(g.get("fused") for g in opt.param_groups)
-
-    def _fuse_qkv(self) -> int:
-        """Mark attention modules whose q, k and v projections are plain nn.Linear to run them as one GEMM in
-        training. Returns how many."""
-        from giants.model.attention import Attention
-
-        on = self.device.type == "cuda" if self.cfg.fuse_qkv is None else self.cfg.fuse_qkv
-        n = 0
-        for mod in self.model.modules():
-            if isinstance(mod, Attention):
-                parts = (mod.q_proj, mod.k_proj, mod.v_proj)
-                mod.fuse_qkv_in_training = bool(on) and all(type(m) is torch.nn.Linear for m in parts)
-                n += mod.fuse_qkv_in_training
-        return n
 
     def _use_master_weights(self) -> bool:
         cfg = self.cfg
