@@ -55,25 +55,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), cfg.vocab_size, (args.steps + 8) * 4 * (seq + 1) * 2)
         (Path(tmp) / "m.json").write_text(json.dumps(cfg.to_dict()))
-        tc = TrainConfig(
-            out=f"{tmp}/run",
-            preset=None,
-            model_config=f"{tmp}/m.json",
-            data=str(data),
-            tokenizer="bytes",
-            seq_len=seq,
-            batch_size=4,
-            steps=args.steps,
-            lr=1e-4,
-            warmup_steps=0,
-            schedule="constant",
-            compile="eager" if args.smoke else True,
-            compile_mode=args.compile_mode,
-            eval_every=0,
-            checkpoint_at_end=False,
-            save_final=False,
-            progress=False,
-        )
+        tc = TrainConfig(out=f"{tmp}/run", preset=None, model_config=f"{tmp}/m.json", data=str(data),
+                         tokenizer="bytes", seq_len=seq, batch_size=4, steps=args.steps, lr=1e-4, warmup_steps=0,
+                         schedule="constant", compile="eager" if args.smoke else True,
+                         compile_mode=args.compile_mode, eval_every=0, checkpoint_at_end=False, save_final=False,
+                         progress=False)
         tr = Trainer(tc)
         done: dict[int, float] = {}
         retries: dict[int, int] = {}
@@ -109,35 +95,30 @@ def main() -> int:
                 continue
             a, b = done[k - 1], done[k]
             inside = [s for s in samples if a <= s[0] <= b]
-            rows.append(
-                {
-                    "step": k,
-                    "tokens_per_s": h["tokens_per_s"],
-                    "ms": (b - a) * 1e3,
-                    "sm_mhz_mean": statistics.mean(s[1] for s in inside) if inside else None,
-                    "sm_mhz_min": min(s[1] for s in inside) if inside else None,
-                    "watts_mean": statistics.mean(s[2] for s in inside) if inside else None,
-                    "temp_c": inside[-1][3] if inside else None,
-                    "alloc_retries": retries.get(k),
-                }
-            )
+            rows.append({"step": k, "end": b, "tokens_per_s": h["tokens_per_s"], "ms": (b - a) * 1e3,
+                         "sm_mhz_mean": statistics.mean(s[1] for s in inside) if inside else None,
+                         "sm_mhz_min": min(s[1] for s in inside) if inside else None,
+                         "watts_mean": statistics.mean(s[2] for s in inside) if inside else None,
+                         "temp_c": inside[-1][3] if inside else None, "alloc_retries": retries.get(k)})
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
     print(f"{'step':>4} {'tok/s':>8} {'ms':>7} {'SM MHz mean':>11} {'min':>6} {'W':>6} {'C':>4} {'retries':>7}")
     for r in rows:
-
-        def f(v: Any, spec: str) -> str:
-            return "-" if v is None else format(v, spec)
-
-        print(
-            f"{r['step']:>4} {r['tokens_per_s']:>8,.0f} {r['ms']:>7.1f} {f(r['sm_mhz_mean'], '11.0f')} "
-            f"{f(r['sm_mhz_min'], '6.0f')} {f(r['watts_mean'], '6.0f')} {f(r['temp_c'], '4.0f')} "
-            f"{f(r['alloc_retries'], '7d')}"
-        )
+        print(f"{r['step']:>4} {r['tokens_per_s']:>8,.0f} {r['ms']:>7.1f} {f(r['sm_mhz_mean'], '11.0f')} "
+              f"{f(r['sm_mhz_min'], '6.0f')} {f(r['watts_mean'], '6.0f')} {f(r['temp_c'], '4.0f')} "
+              f"{f(r['alloc_retries'], '7d')}")
+    # left out: the first two rows (the step queued during compilation ran partly before its interval began) and
+    # the last (cut short by the final drain)
     body = rows[2:-1] or rows
     rates = [r["tokens_per_s"] for r in body]
-    print(
-        f"median {statistics.median(rates):,.0f} tok/s, tokens/time {len(rates) / sum(1 / r for r in rates):,.0f}, "
-        f"min {min(rates):,.0f}; {len(samples)} clock samples"
-    )
+    print(f"median {statistics.median(rates):,.0f} tok/s, tokens/time {len(rates) / sum(1 / r for r in rates):,.0f}, "
+          f"min {min(rates):,.0f}; {len(samples)} clock samples")
+    clocked = [r for r in body if r["sm_mhz_mean"] is not None]
+    if len(clocked) > 2:
+        corr = statistics.correlation([r["ms"] for r in clocked], [r["sm_mhz_mean"] for r in clocked])
+        print(f"correlation of step time with the mean SM clock: {corr:+.2f} over {len(clocked)} steps")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "samples": samples}))
     return 0
