@@ -130,9 +130,11 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, *, output_router_logits: bool = False,
                 check: bool = True, return_hidden: bool = False,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None):
         """rope: the rotary tables (cos, sin), each (B or 1, 1, T, head_dim/2), for `positions`, when the caller
-        keeps them (a trainer computes them once, outside torch.compile); computed here when None."""
+        keeps them (a trainer computes them once, outside torch.compile); computed here when None.
+        inputs_embeds: (B, T, d_model), the embedding rows of input_ids when the caller looked them up (a trainer
+        that adds the lookup's gradient itself); the embedding scale still applies."""
         B, T = input_ids.shape
         if positions is None:
             if cache is not None:
@@ -144,7 +146,12 @@ class Transformer(nn.Module):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
         if rope is None and self.rotary is not None:
             rope = self.rotary(positions, self.embed.weight.dtype)  # the lookup's output dtype is the table's
-        x = self.embed(input_ids)
+        if inputs_embeds is None:
+            x = self.embed(input_ids)
+        elif inputs_embeds.shape != (B, T, self.config.d_model):
+            raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} != {(B, T, self.config.d_model)}")
+        else:
+            x = inputs_embeds
         if self.config.embed_scale is not None:
             # Gemma rounds the normaliser to the activation dtype before multiplying.
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
@@ -166,8 +173,9 @@ class Transformer(nn.Module):
             return logits, router_logits
         return logits
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.output_weight)
+    def logits(self, hidden: torch.Tensor, project=None) -> torch.Tensor:
+        """project: hidden -> raw logits in place of the plain head matmul (a trainer's own head op)."""
+        logits = torch.nn.functional.linear(hidden, self.output_weight) if project is None else project(hidden)
         cap = self.config.final_softcap
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)

@@ -148,18 +148,24 @@ class MasterAdamW(torch.optim.Optimizer):
 
     groups: like torch.optim.AdamW's (dicts with "params" and optional "weight_decay"), holding the model's
     parameters. `cast`: the parameters to store in `compute_dtype` (converted here, in place; the fp32 value
-    is kept as the master). Set `grad_scale` (a 0-dim tensor) before `step()` to divide every gradient by it
+    is kept as the master). `shadow`: fp32 parameters that stay fp32 in the model and also get a `compute_dtype`
+    copy, `shadow_of(p)`, which every update rewrites from the new value (the tied embedding's copy for the output
+    head; see giants.train.tied_head). Set `grad_scale` (a 0-dim tensor) before `step()` to divide every gradient by it
     as it is read (the gradient-clipping scale); the Trainer clears it after the step. Set `found_inf` (a 0-dim
     fp32 tensor, as torch's fused AdamW takes it) to make the step a no-op on the device when it is nonzero,
     without a host sync. (The step count, kept on the host, still advances: the Trainer stops the run on such a
     step and resumes from the last checkpoint.)
     """
 
-    def __init__(self, groups: Iterable[dict], *, cast: Iterable[torch.Tensor] = (), lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 compute_dtype: torch.dtype = torch.bfloat16, use_triton: bool | None = None) -> None:
+    def __init__(self, groups: Iterable[dict], *, cast: Iterable[torch.Tensor] = (),
+                 shadow: Iterable[torch.Tensor] = (), lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, compute_dtype: torch.dtype = torch.bfloat16,
+                 use_triton: bool | None = None) -> None:
         groups = [dict(g) for g in groups]
         to_cast = {id(p) for p in cast}
+        shadow = list(shadow)
+        if any(id(p) in to_cast for p in shadow):
+            raise ValueError("MasterAdamW: a parameter cannot be both cast and shadowed")
         self.model_params: list[torch.nn.Parameter] = []
         master_groups = []
         with torch.no_grad():
@@ -179,6 +185,12 @@ class MasterAdamW(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(master_groups, defaults)
         self.masters: list[torch.Tensor] = [q for g in self.param_groups for q in g["params"]]
+        known = {id(q) for q in self.masters}
+        for p in shadow:
+            if id(p) not in known:
+                raise ValueError("MasterAdamW: a shadowed parameter must be one of the optimised parameters")
+        # fp32 parameters that also get a compute_dtype copy, rewritten by every update (`shadow_of`)
+        self._shadows: dict[int, torch.Tensor] = {id(p): p.detach().to(compute_dtype) for p in shadow}
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         self.use_triton = use_triton
@@ -196,15 +208,22 @@ class MasterAdamW(torch.optim.Optimizer):
             else:
                 p.grad.detach_().zero_()
 
+    def shadow_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The compute-dtype copy of a shadowed parameter (same storage from step to step)."""
+        return self._shadows[id(p)]
+
     # ---- the masters inside the model ---------------------------------------------------------------
     def _pairs(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
         return ((p, q) for p, q in zip(self.model_params, self.masters) if p is not q)
 
     @torch.no_grad()
     def sync_model(self) -> None:
-        """Write every bf16 model weight from its master (round to nearest)."""
+        """Write every bf16 model weight and shadow from its master (round to nearest)."""
         for p, q in self._pairs():
             p.copy_(q)
+        for q in self.masters:
+            if id(q) in self._shadows:
+                self._shadows[id(q)].copy_(q)
 
     @contextlib.contextmanager
     def masters_in_model(self) -> Iterator[None]:
@@ -246,7 +265,7 @@ class MasterAdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
                 st["step"] += 1
                 step = float(st["step"])
-                out = p if p is not q else None
+                out = p if p is not q else self._shadows.get(id(q))
                 self._update(q, p.grad, st["exp_avg"], st["exp_avg_sq"], out, scale, lr=lr, wd=wd, beta1=beta1,
                              beta2=beta2, eps=eps, step=step, skip=skip)
         return loss

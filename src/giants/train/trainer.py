@@ -40,9 +40,12 @@ from giants.train.losses import (
 )
 from giants.train.optim import MasterAdamW, grad_norm, matmul_weights
 from giants.train.schedule import SCHEDULES, lr_at
+from giants.train.tied_head import scatter_embedding_grad, tied_logits
 
 TASKS = ("lm", "sft", "dpo")
 PRECISIONS = ("auto", "bf16", "fp32")
+# where the tied head reads the optimizer's bf16 copy of the embedding (giants.train.tied_head): where it pays
+TIED_HEAD_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 class TrainingDiverged(ValueError):
@@ -435,6 +438,7 @@ class Trainer:
 
     def _optimizer(self) -> tuple[list[str], list[torch.nn.Parameter], torch.optim.Optimizer]:
         cfg = self.cfg
+        self.tied_head: torch.nn.Parameter | None = None  # set when the optimizer keeps its bf16 copy
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable parameters")
@@ -449,8 +453,11 @@ class Trainer:
         if self.master:
             trainable = {id(p) for p in params}
             cast = [p for p in matmul_weights(self.model) if id(p) in trainable]
-            opt: torch.optim.Optimizer = MasterAdamW(groups, cast=cast, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                                     eps=cfg.eps)
+            tied = self._tied_weight()
+            shadow = [tied] if tied is not None and id(tied) in trainable else []
+            self.tied_head = tied if shadow else None
+            opt: torch.optim.Optimizer = MasterAdamW(groups, cast=cast, shadow=shadow, lr=cfg.lr,
+                                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
             return names, params, opt
         fused = self.device.type in ("cuda", "cpu")
         try:
@@ -458,6 +465,15 @@ class Trainer:
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         return names, params, opt
+
+    def _tied_weight(self) -> torch.nn.Parameter | None:
+        """The tied embedding/head weight that the training loss reads through giants.train.tied_head (with
+        master weights, on the devices in TIED_HEAD_DEVICES), else None."""
+        m = self.model
+        if (not self.master or self.device.type not in TIED_HEAD_DEVICES or getattr(m, "lm_head", 0) is not None
+                or not isinstance(getattr(m, "embed", None), torch.nn.Embedding)):
+            return None
+        return m.embed.weight
 
     # ---- state ------------------------------------------------------------------------------------
     def run_signature(self) -> dict[str, Any]:
@@ -589,19 +605,29 @@ class Trainer:
         return self._rope_cache[key]
 
     def _lm_loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, embeds: torch.Tensor | None = None,
+                 head_lowp: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Forward + losses as one function of tensors, so torch.compile sees the loss too (the fp32
         cross-entropy over the vocabulary fuses with the head instead of materialising fp32 logits).
-        Returns (loss, ce) or, for MoE, (loss, ce, aux, z, per-layer aux, per-layer z, utilisation)."""
+        embeds, head_lowp: the looked-up input embeddings and the bf16 copy of the tied head weight (see
+        `_lm_micro`). Returns (loss, ce) or, for MoE, (loss, ce, aux, z, per-layer aux, per-layer z, utilisation)."""
         mc = self.model_config
         with self._autocast():
-            out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True, rope=rope)
+            out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True, rope=rope,
+                             inputs_embeds=embeds)
             hidden, router_logits = out if mc.is_moe else (out, None)
+            if head_lowp is None:
+                head = self.model.logits
+            else:
+                weight = self.model.embed.weight
+
+                def head(h: torch.Tensor) -> torch.Tensor:
+                    return self.model.logits(h, project=lambda t: tied_logits(t, weight, head_lowp))
             if self.device.type == "cpu":
                 # the head and loss a block of rows at a time: far fewer page faults than full logits
-                ce = chunked_lm_loss(self.model.logits, hidden, y, mc.vocab_size)
+                ce = chunked_lm_loss(head, hidden, y, mc.vocab_size)
             else:
-                ce = causal_lm_loss(self.model.logits(hidden), y)
+                ce = causal_lm_loss(head(hidden), y)
             if not router_logits:
                 return ce, ce.detach()
             rl = router_losses(router_logits, mc.experts_per_token, mask)
@@ -615,8 +641,18 @@ class Trainer:
 
     def _lm_micro(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
-        out = self.loss_fn(x, y, mask, self._rope(x.shape[1]))
-        info: dict[str, Any] = {"ce": out[1]}
+        tied = self.tied_head
+        if tied is None:
+            out = self.loss_fn(x, y, mask, self._rope(x.shape[1]))
+            info: dict[str, Any] = {"ce": out[1]}
+        else:
+            # the lookup outside the graph: its gradient rows are added into the head's fp32 weight gradient after
+            # the backward (`_after_backward`) instead of a zero-filled (V, D) gradient summed with it
+            with torch.no_grad():
+                embeds = torch.nn.functional.embedding(x, tied)
+            embeds.requires_grad_(True)
+            out = self.loss_fn(x, y, mask, self._rope(x.shape[1]), embeds, self.optimizer.shadow_of(tied))
+            info = {"ce": out[1], "lookup": (tied, x, embeds)}
         if len(out) > 2:
             info["router"] = RouterLosses(*out[2:])
         return out[0], info
@@ -685,6 +721,8 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             loss, info, n = self._next_micro()
             (loss / cfg.grad_accum).backward()
+            if "lookup" in info:
+                scatter_embedding_grad(*info.pop("lookup"))
             ce_sum += info["ce"].float()
             loss_sum += loss.detach().float()
             tokens += n

@@ -1,0 +1,120 @@
+"""A against B on the compiled Llama-3.2-1B training step (seq 2048, micro-batch 4, master weights), interleaved:
+every variant gets its own Trainer, built and compiled up front, and the variants take turns running blocks of
+steps. On the lent H200s the step runs at the board's power cap and its clock drifts by several percent within a
+run (benchmarks/RESULTS.md), so variants timed one after the other can differ by more than the change being
+measured; taking turns puts the drift on both sides.
+
+    python benchmarks/bench_train_ab.py --variants tied,plain [--rounds 10 --block 5] [--out ab.json]
+    python benchmarks/bench_train_ab.py --smoke     # CPU check of the script
+
+Variants:
+    tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
+    plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import giants
+from bench_train import env, make_data, palm_flops_per_token
+from giants.train import trainer as trainer_mod
+from giants.train.trainer import TrainConfig, Trainer
+
+H100_BF16 = 989e12
+
+
+@contextlib.contextmanager
+def _tied_head_on(devices: tuple[str, ...]) -> Iterator[None]:
+    saved = trainer_mod.TIED_HEAD_DEVICES
+    trainer_mod.TIED_HEAD_DEVICES = devices
+    try:
+        yield
+    finally:
+        trainer_mod.TIED_HEAD_DEVICES = saved
+
+
+# each variant: a context the Trainer is built in
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "tied": lambda: _tied_head_on(("cuda", "cpu")),  # (CPU too: the smoke run checks this path)
+    "plain": lambda: _tied_head_on(()),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="tied,plain")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=6, help="steps each variant runs before the timed rounds")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    cfg = giants.get_config("llama-3.2-1b")
+    seq, batch = 2048, 4
+    if args.smoke:
+        cfg = giants.get_config("tiny-llama").replace(tie_embeddings=True)
+        seq, batch = 32, 2
+    warmup = -(-args.warmup // args.block) * args.block  # whole blocks: each round's log line covers its block
+    total = warmup + args.rounds * args.block
+    res: dict[str, Any] = {"env": env(torch.device("cpu" if args.smoke else "cuda")), "seq": seq, "batch": batch,
+                           "rounds": args.rounds, "block": args.block, "variants": {}}
+    palm = palm_flops_per_token(cfg, seq)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp), cfg.vocab_size, (total + 4) * batch * (seq + 1) * 2)
+        (Path(tmp) / "m.json").write_text(json.dumps(cfg.to_dict()))
+        trainers: dict[str, Trainer] = {}
+        for n in names:
+            tc = TrainConfig(out=f"{tmp}/run_{n}", preset=None, model_config=f"{tmp}/m.json", data=str(data),
+                             tokenizer="bytes", seq_len=seq, batch_size=batch, steps=total, lr=1e-4,
+                             warmup_steps=0, schedule="constant", compile="eager" if args.smoke else True,
+                             eval_every=0, ckpt_every=0, checkpoint_at_end=False, save_final=False, progress=False,
+                             log_every=args.block, device="cpu" if args.smoke else "cuda",
+                             precision="bf16", master_weights=True, weight_decay=0.1)
+            with VARIANTS[n]():
+                trainers[n] = tr = Trainer(tc)
+            tr.run(until=warmup)  # compiles
+            print(f"{n}: built, {warmup} warm-up steps, tied head: {tr.tied_head is not None}", flush=True)
+        rates: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(args.rounds):
+            order = names if r % 2 == 0 else names[::-1]  # alternate who goes first
+            for n in order:
+                tr = trainers[n]
+                tr.run(until=tr.step + args.block)
+                rates[n].append(tr.history[-1]["tokens_per_s"])
+            print(f"round {r}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in names), flush=True)
+        for n in names:
+            med = statistics.median(rates[n])
+            out = {"tokens_per_s": rates[n], "median": med, "step_ms": batch * seq / med * 1e3,
+                   "mfu_palm": med * palm / H100_BF16, "loss_last": trainers[n].history[-1]["train_loss"]}
+            if torch.cuda.is_available() and not args.smoke:
+                out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            res["variants"][n] = out
+        base = names[-1]
+        print(f"\nvariant | median tok/s | step ms | MFU PaLM | paired ratio vs {base} (median of rounds)")
+        for n in names:
+            v = res["variants"][n]
+            paired = statistics.median(a / b for a, b in zip(rates[n], rates[base]))
+            v["paired_ratio_vs_" + base] = paired
+            print(f"{n:7s} | {v['median']:12,.0f} | {v['step_ms']:7.1f} | {100 * v['mfu_palm']:7.2f}% | {paired:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

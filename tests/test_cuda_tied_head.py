@@ -1,0 +1,72 @@
+"""The tied head (giants.train.tied_head) on CUDA: the fp32 weight-gradient GEMM, and the Trainer's tied path
+(compiled and eager) against the plain autocast head. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from giants.train import TrainConfig, Trainer
+from giants.train import trainer as trainer_mod
+from giants.train.data import prepare_documents
+from giants.train.tied_head import scatter_embedding_grad, tied_logits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_tied_logits_cuda_fp32_weight_gradient():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(1000, 64, generator=g, device="cuda", requires_grad=True)
+    h = torch.randn(2, 300, 64, generator=g, device="cuda", requires_grad=True)
+    low = W.detach().bfloat16()
+    out = tied_logits(h, W, low)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(h, W)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    gy = torch.randn(out.shape, generator=g, device="cuda")
+    out.backward(gy)
+    gy64 = gy.bfloat16().double().reshape(-1, 1000)
+    h64 = h.detach().bfloat16().double().reshape(-1, 64)
+    assert W.grad.dtype == torch.float32
+    torch.testing.assert_close(W.grad.double(), gy64.t() @ h64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_trainer_tied_head_cuda_matches_plain(tmp_path, monkeypatch, compile):
+    class Ids:
+        vocab_size, eos_token_id = 320, 319
+
+        def encode_batch(self, texts, add_special_tokens=False):
+            rng = np.random.default_rng(0)
+            return [rng.integers(0, 319, int(t)).tolist() for t in texts]
+
+    prepare_documents([(f"d{i}", "3000") for i in range(8)], Ids(), tmp_path / "ds", tokenizer_name="ids",
+                      val_fraction=0.1)
+
+    def trainer(out):
+        return Trainer(TrainConfig(out=str(tmp_path / out), preset="tiny-llama", data=str(tmp_path / "ds"),
+                                   tokenizer="bytes", steps=4, seq_len=64, batch_size=2, lr=3e-3, progress=False,
+                                   eval_every=0, ckpt_every=0, save_final=False, checkpoint_at_end=False,
+                                   device="cuda", compile=compile,
+                                   overrides={"vocab_size": 320, "tie_embeddings": True}))
+
+    def grads(tr):
+        loss, info, _ = tr._next_micro()
+        loss.backward()
+        if "lookup" in info:
+            scatter_embedding_grad(*info.pop("lookup"))
+        return {n: p.grad.float().clone() for n, p in tr.model.named_parameters()}
+
+    tied = trainer("tied")
+    assert tied.tied_head is tied.model.embed.weight
+    monkeypatch.setattr(trainer_mod, "TIED_HEAD_DEVICES", ())
+    plain = trainer("plain")
+    assert plain.tied_head is None
+    ours, ref = grads(tied), grads(plain)
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], rtol=2e-2, atol=2e-4 if n == "embed.weight" else 1e-5, msg=n)
+    # and training runs: the shadow follows the master
+    tied.run()
+    w = tied.model.embed.weight
+    assert torch.equal(tied.optimizer.shadow_of(w), w.detach().bfloat16())
