@@ -10,6 +10,7 @@ measured; taking turns puts the drift on both sides.
 Variants:
     tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
     plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed
+    tied+qkv  tied, and q|k|v as one GEMM over the concatenated weights (k and v alone are narrow GEMMs)
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import json
 import statistics
 import sys
 import tempfile
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import giants
 from bench_train import env, make_data, palm_flops_per_token
+from giants.model.attention import Attention
 from giants.train import trainer as trainer_mod
 from giants.train.trainer import TrainConfig, Trainer
 
@@ -44,10 +48,29 @@ def _tied_head_on(devices: tuple[str, ...]) -> Iterator[None]:
         trainer_mod.TIED_HEAD_DEVICES = saved
 
 
+def _fused_qkv(self: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    parts = (self.q_proj, self.k_proj, self.v_proj)
+    w = torch.cat([m.weight for m in parts])
+    b = None if self.q_proj.bias is None else torch.cat([m.bias for m in parts])
+    return F.linear(x, w, b).split([m.out_features for m in parts], dim=-1)
+
+
+@contextlib.contextmanager
+def _qkv_one_gemm() -> Iterator[None]:
+    """q|k|v as one GEMM over the concatenated weights (bound to each Attention when the Trainer is built)."""
+    with _tied_head_on(("cuda", "cpu")):
+        yield
+    _pending_patches.append(lambda tr: [setattr(m, "project_qkv", types.MethodType(_fused_qkv, m))
+                                        for m in tr.model.modules() if isinstance(m, Attention)])
+
+
+_pending_patches: list[Callable[[Trainer], object]] = []
+
 # each variant: a context the Trainer is built in
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "tied": lambda: _tied_head_on(("cuda", "cpu")),  # (CPU too: the smoke run checks this path)
     "plain": lambda: _tied_head_on(()),
+    "tied+qkv": _qkv_one_gemm,
 }
 
 
@@ -87,6 +110,8 @@ def main() -> int:
                              precision="bf16", master_weights=True, weight_decay=0.1)
             with VARIANTS[n]():
                 trainers[n] = tr = Trainer(tc)
+            while _pending_patches:
+                _pending_patches.pop()(tr)
             tr.run(until=warmup)  # compiles
             print(f"{n}: built, {warmup} warm-up steps, tied head: {tr.tied_head is not None}", flush=True)
         rates: dict[str, list[float]] = {n: [] for n in names}
