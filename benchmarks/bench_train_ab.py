@@ -11,7 +11,6 @@ Variants:
     tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
     plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed
     tied+qkv  tied, and q|k|v as one GEMM over the concatenated weights (k and v alone are narrow GEMMs)
-    tied-per-tensor  tied, the optimizer's update as one launch per tensor (optim.MULTI_TENSOR off)
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 import giants
 from bench_train import env, make_data, palm_flops_per_token
 from giants.model.attention import Attention
-from giants.train import optim
 from giants.train import trainer as trainer_mod
 from giants.train.trainer import TrainConfig, Trainer
 
@@ -68,26 +66,11 @@ def _qkv_one_gemm() -> Iterator[None]:
 
 _pending_patches: list[Callable[[Trainer], object]] = []
 
-@contextlib.contextmanager
-def _optimizer_per_tensor() -> Iterator[None]:
-    saved = optim.MULTI_TENSOR
-    optim.MULTI_TENSOR = False
-    try:
-        yield
-    finally:
-        optim.MULTI_TENSOR = saved
-
-
 # each variant: a context the Trainer is built in
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "tied": lambda: _tied_head_on(("cuda", "cpu")),  # (CPU too: the smoke run checks this path)
     "plain": lambda: _tied_head_on(()),
     "tied+qkv": _qkv_one_gemm,
-    "tied-per-tensor": lambda: _tied_head_on(("cuda", "cpu")),
-}
-# and a context its steps run in (default: none)
-RUN_CONTEXT: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    "tied-per-tensor": _optimizer_per_tensor,
 }
 
 
@@ -129,16 +112,14 @@ def main() -> int:
                 trainers[n] = tr = Trainer(tc)
             while _pending_patches:
                 _pending_patches.pop()(tr)
-            with RUN_CONTEXT.get(n, contextlib.nullcontext)():
-                tr.run(until=warmup)  # compiles
+            tr.run(until=warmup)  # compiles
             print(f"{n}: built, {warmup} warm-up steps, tied head: {tr.tied_head is not None}", flush=True)
         rates: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]  # alternate who goes first
             for n in order:
                 tr = trainers[n]
-                with RUN_CONTEXT.get(n, contextlib.nullcontext)():
-                    tr.run(until=tr.step + args.block)
+                tr.run(until=tr.step + args.block)
                 rates[n].append(tr.history[-1]["tokens_per_s"])
             print(f"round {r}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in names), flush=True)
         for n in names:

@@ -1,7 +1,7 @@
 """The optimizer step alone at Llama-3.2-1B shape (1.24 B parameters) on CUDA: torch's fused AdamW over fp32
 weights (the Trainer's fp32-weight path, clip scale folded in) against giants.train.optim.MasterAdamW (one Triton
-launch per tensor, or one per kind of tensor at several block shapes; bf16 matmul weights + fp32 masters, and
-fp32 weights with no cast), plus the gradient norm over fp32 and over bf16 gradients. CUDA-event medians.
+pass per tensor; bf16 matmul weights + fp32 masters, and fp32 weights with no cast), plus the gradient norm
+over fp32 and over bf16 gradients. CUDA-event medians.
 
     python benchmarks/bench_train_optim.py --out optim.json
 """
@@ -64,19 +64,10 @@ def measure(cast: bool, fused: bool) -> dict:
         ref = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))
         row["norm_rel_err"] = float(abs(optim.grad_norm(grads).double() - ref) / ref)
         default = optim.BLOCK, optim.NUM_WARPS
-        multi = optim.MULTI_TENSOR, optim.MULTI_BLOCK, optim.MULTI_PER_PROGRAM, optim.MULTI_WARPS
-        optim.MULTI_TENSOR = False  # one launch per tensor
-        row["step_ms_per_tensor"] = timeit(step)
         for block, warps in ((512, 4), (1024, 2), (1024, 8), (2048, 4), (4096, 8)):
             optim.BLOCK, optim.NUM_WARPS = block, warps
-            row[f"step_ms_per_tensor_block{block}_w{warps}"] = timeit(step)
+            row[f"step_ms_block{block}_w{warps}"] = timeit(step)
         optim.BLOCK, optim.NUM_WARPS = default
-        optim.MULTI_TENSOR = True  # one launch per kind of tensor
-        for block, per, warps in ((1024, 1, 4), (1024, 2, 4), (1024, 4, 4), (2048, 1, 8), (2048, 2, 8), (512, 2, 2),
-                                  (4096, 1, 8)):
-            optim.MULTI_BLOCK, optim.MULTI_PER_PROGRAM, optim.MULTI_WARPS = block, per, warps
-            row[f"step_ms_many_block{block}x{per}_w{warps}"] = timeit(step)
-        optim.MULTI_TENSOR, optim.MULTI_BLOCK, optim.MULTI_PER_PROGRAM, optim.MULTI_WARPS = multi
     else:
         row["norm_ms"] = timeit(lambda: torch.nn.utils.get_total_norm(grads, foreach=True))
     row["bytes_GB"] = 28 * n / 1e9

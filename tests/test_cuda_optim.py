@@ -24,12 +24,8 @@ def _groups(ps):
             {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
 
 
-@pytest.mark.parametrize("many", [True, False])
 @pytest.mark.parametrize("cast", [False, True])
-def test_triton_update_matches_fused_adamw(cast, many, monkeypatch):
-    from giants.train import optim
-
-    monkeypatch.setattr(optim, "MULTI_TENSOR", many)
+def test_triton_update_matches_fused_adamw(cast):
     ref, ours = _params(0), _params(0)
     opt_ref = torch.optim.AdamW(_groups(ref), fused=True, **KW)
     opt = MasterAdamW(_groups(ours), cast=[p for p in ours if p.dim() >= 2] if cast else [], **KW)
@@ -149,25 +145,3 @@ def test_trainer_on_cuda_pipelined_and_nan(tmp_path):
     tr.run(until=2)
     assert_nan_stop_keeps_masters(tr)
     assert tr.last_checkpoint.name.endswith("2")
-
-
-def test_many_tensor_update_equals_one_launch_per_tensor(monkeypatch):
-    """The many-tensor launch (giants.train.optim.MULTI_TENSOR) writes bitwise what one launch per tensor writes:
-    masters, moments, bf16 weights and a shadow."""
-    from giants.train import optim
-
-    states = []
-    for many in (True, False):
-        monkeypatch.setattr(optim, "MULTI_TENSOR", many)
-        ps = _params(0)
-        opt = MasterAdamW(_groups(ps), cast=[p for p in ps if p.dim() == 3], shadow=[ps[0]], **KW)
-        g = torch.Generator(device="cuda").manual_seed(3)
-        for _ in range(3):
-            for a in ps:
-                a.grad = torch.randn(a.shape, generator=g, device="cuda").to(a.dtype)
-            opt.grad_scale = torch.tensor(1.5, device="cuda")
-            opt.step()
-        torch.cuda.synchronize()
-        states.append([t.clone() for t in ps + opt.masters + [opt.shadow_of(ps[0])]
-                       + [st[k] for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]])
-    assert all(torch.equal(a, b) for a, b in zip(*states))

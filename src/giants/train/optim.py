@@ -66,48 +66,6 @@ if _HAS_TRITON:
             tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     @triton.jit
-    def _adamw_multi_kernel(table_ptr, block_tensor_ptr, block_start_ptr, numel_ptr, lr_wd_ptr, scale_ptr, skip_ptr,
-                            beta1, beta2, eps, step_size, bc2_sqrt, GRAD_DTYPE: tl.constexpr,
-                            OUT_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
-                            WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr):
-        # _adamw_kernel's update over many tensors in one launch: each program takes PER_PROGRAM * BLOCK elements of
-        # one tensor, found through a table of (master, grad, m, v, out) addresses, so no launch waits for the
-        # previous one's last wave. Same arithmetic, same order, as _adamw_kernel.
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor_ptr + pid)
-        start = tl.load(block_start_ptr + pid)
-        n = tl.load(numel_ptr + t)
-        if HAS_SKIP:
-            n = tl.where(tl.load(skip_ptr) == 0, n, 0)
-        row = table_ptr + t * 5
-        # addresses 16-byte aligned (checked on the host), blocks start at multiples of BLOCK: vector loads
-        master_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.float32)), 16)
-        grad_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        m_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(tl.float32)), 16)
-        v_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(tl.float32)), 16)
-        out_ptr = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(OUT_DTYPE)), 16)
-        lr_wd = tl.load(lr_wd_ptr + t)
-        for i in range(PER_PROGRAM):
-            offs = tl.multiple_of(start + i * BLOCK, BLOCK) + tl.arange(0, BLOCK)
-            mask = offs < n
-            p = tl.load(master_ptr + offs, mask=mask)
-            g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-            m = tl.load(m_ptr + offs, mask=mask)
-            v = tl.load(v_ptr + offs, mask=mask)
-            if HAS_SCALE:
-                g = tl.div_rn(g, tl.load(scale_ptr))
-            p = tl.where(lr_wd != 0, p - lr_wd * p, p)
-            m = beta1 * m + (1.0 - beta1) * g
-            v = beta2 * v + (1.0 - beta2) * g * g
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-            p = p - tl.div_rn(step_size * m, denom)
-            tl.store(master_ptr + offs, p, mask=mask)
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(v_ptr + offs, v, mask=mask)
-            if WRITE_OUT:
-                tl.store(out_ptr + offs, p.to(OUT_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
-
-    @triton.jit
     def _sumsq_kernel(ptrs_ptr, block_tensor_ptr, block_start_ptr, numel_ptr, out_ptr, DTYPE: tl.constexpr,
                       BLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr):
         # one program per PER_PROGRAM * BLOCK elements of one tensor; tensors are found through a table of their
@@ -133,40 +91,24 @@ if _HAS_TRITON:
 BLOCK, NUM_WARPS = 1024, 4
 
 
-# The update as one launch per kind of tensor (gradient dtype, written copy) instead of one per tensor.
-MULTI_TENSOR = True
-MULTI_BLOCK, MULTI_PER_PROGRAM, MULTI_WARPS = 1024, 1, 4
-
 SUMSQ_BLOCK, SUMSQ_PER_PROGRAM = 4096, 8  # 32768 elements a program
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _program_tables(sizes: tuple[int, ...], device: torch.device, per_program: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tensor index, first element) of every program, each taking `per_program` elements of one tensor, and the
-    tensors' sizes, on `device`; cached."""
-    key = (sizes, str(device), per_program)
+def _sumsq_tables(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tensor index, first element) of every program, and the tensors' sizes, on `device`; cached by sizes."""
+    key = (sizes, str(device))
     if key not in _block_tables:
         tensor_of, start_of = [], []
         for i, n in enumerate(sizes):
-            starts = range(0, n, per_program)
+            starts = range(0, n, SUMSQ_BLOCK * SUMSQ_PER_PROGRAM)
             tensor_of += [i] * len(starts)
             start_of += starts
         _block_tables[key] = (torch.tensor(tensor_of, dtype=torch.int32, device=device),
                               torch.tensor(start_of, dtype=torch.int64, device=device),
                               torch.tensor(sizes, dtype=torch.int64, device=device))
     return _block_tables[key]
-
-
-def _sumsq_tables(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _program_tables(sizes, device, SUMSQ_BLOCK * SUMSQ_PER_PROGRAM)
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small per-step table: a pinned copy queued on the stream (no wait for the GPU)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _sumsq_triton(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -180,7 +122,7 @@ def _sumsq_triton(grads: list[torch.Tensor]) -> torch.Tensor:
         device = gs[0].device
         tensor_of, start_of, numel = _sumsq_tables(tuple(g.numel() for g in gs), device)
         # the addresses change from step to step (new gradient tensors): a pinned copy queued on the stream
-        ptrs = _to_device([g.data_ptr() for g in gs], torch.int64, device)
+        ptrs = torch.tensor([g.data_ptr() for g in gs], dtype=torch.int64).pin_memory().to(device, non_blocking=True)
         out = torch.empty(tensor_of.numel(), dtype=torch.float32, device=device)
         _sumsq_kernel[(tensor_of.numel(),)](ptrs, tensor_of, start_of, numel, out,
                                             DTYPE=getattr(tl, _TL_DTYPES[dtype]), BLOCK=SUMSQ_BLOCK,
@@ -307,7 +249,6 @@ class MasterAdamW(torch.optim.Optimizer):
                 loss = closure()
         model_of = {id(q): p for p, q in zip(self.model_params, self.masters)}
         scale, skip = self.grad_scale, self.found_inf
-        batched: dict[tuple, list[tuple]] = {}
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
@@ -325,41 +266,9 @@ class MasterAdamW(torch.optim.Optimizer):
                 st["step"] += 1
                 step = float(st["step"])
                 out = p if p is not q else self._shadows.get(id(q))
-                args = (q, p.grad, st["exp_avg"], st["exp_avg_sq"], out)
-                if MULTI_TENSOR and self._multi_ok(*args, scale, skip):
-                    key = (p.grad.dtype, None if out is None else out.dtype, lr, beta1, beta2, eps, step)
-                    batched.setdefault(key, []).append((*args, lr * wd))
-                else:
-                    self._update(*args, scale, lr=lr, wd=wd, beta1=beta1, beta2=beta2, eps=eps, step=step,
-                                 skip=skip)
-        for (_, _, lr, beta1, beta2, eps, step), items in batched.items():
-            self._update_many(items, scale, skip, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step)
+                self._update(q, p.grad, st["exp_avg"], st["exp_avg_sq"], out, scale, lr=lr, wd=wd, beta1=beta1,
+                             beta2=beta2, eps=eps, step=step, skip=skip)
         return loss
-
-    def _multi_ok(self, *tensors: torch.Tensor | None) -> bool:
-        ts = [t for t in tensors if t is not None]
-        return (self._triton_ok(*ts) and len({t.device for t in ts}) == 1
-                and all(t.data_ptr() % 16 == 0 and t.dtype in _TL_DTYPES for t in ts))
-
-    def _update_many(self, items: list[tuple], scale: torch.Tensor | None, skip: torch.Tensor | None, *,
-                     lr: float, beta1: float, beta2: float, eps: float, step: float) -> None:
-        """_update for many tensors of one kind in one launch: items are (master, grad, m, v, out | None,
-        lr * weight_decay)."""
-        master0, grad0, _, _, out0, _ = items[0]
-        device = master0.device
-        per = MULTI_BLOCK * MULTI_PER_PROGRAM
-        tensor_of, start_of, numel = _program_tables(tuple(it[0].numel() for it in items), device, per)
-        table = _to_device([[t.data_ptr() if t is not None else it[0].data_ptr() for t in it[:5]] for it in items],
-                           torch.int64, device)
-        lr_wd = _to_device([it[5] for it in items], torch.float32, device)
-        bc1 = 1 - beta1 ** step
-        _adamw_multi_kernel[(tensor_of.numel(),)](
-            table, tensor_of, start_of, numel, lr_wd, scale if scale is not None else master0,
-            skip if skip is not None else master0, beta1, beta2, eps, lr / bc1, math.sqrt(1 - beta2 ** step),
-            GRAD_DTYPE=getattr(tl, _TL_DTYPES[grad0.dtype]),
-            OUT_DTYPE=getattr(tl, _TL_DTYPES[out0.dtype if out0 is not None else torch.float32]),
-            HAS_SCALE=scale is not None, HAS_SKIP=skip is not None, WRITE_OUT=out0 is not None,
-            BLOCK=MULTI_BLOCK, PER_PROGRAM=MULTI_PER_PROGRAM, num_warps=MULTI_WARPS)
 
     def _triton_ok(self, *tensors: torch.Tensor | None) -> bool:
         if self.use_triton is False or not _HAS_TRITON:
