@@ -66,16 +66,19 @@ def run(cfg, data: Path, *, sdpa: str, steps: int, warmup: int, smoke: bool = Fa
                     torch.cuda.synchronize()
         per_cat: dict[str, float] = defaultdict(float)
         top: dict[str, float] = defaultdict(float)
+        every: dict[str, list[float]] = {}
         for ev in prof.key_averages():
             t = (ev.self_cpu_time_total if smoke else ev.device_time_total) / 1e3 / 3  # ms per step
             if t <= 0:
                 continue
             per_cat[category(ev.key)] += t
             top[ev.key[:90]] += t
+            every[ev.key[:300]] = [round(t, 4), ev.count / 3]  # ms and launches a step
     tps = statistics.median(rates)
     return {"tokens_per_s": tps, "step_ms": tc.batch_size * tc.seq_len / tps * 1e3, "gpu_ms_by_category": dict(per_cat),
             "gpu_ms_total": sum(per_cat.values()),
-            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])}
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:25]),
+            "all_kernels_ms_count": dict(sorted(every.items(), key=lambda kv: -kv[1][0]))}
 
 
 class _null:
