@@ -29,7 +29,11 @@ def test_tied_logits_cuda_fp32_weight_gradient():
     gy64 = gy.bfloat16().double().reshape(-1, 1000)
     h64 = h.detach().bfloat16().double().reshape(-1, 64)
     assert W.grad.dtype == torch.float32
-    torch.testing.assert_close(W.grad.double(), gy64.t() @ h64, rtol=1e-5, atol=1e-5)
+    exact = gy64.t() @ h64
+    err = (W.grad.double() - exact).abs().max()
+    # fp32 sums (cuBLAS may split the reduction): far inside the bf16 rounding the plain head's gradient gets
+    assert err <= 1e-5 * exact.abs().max(), err
+    assert err <= 0.01 * (exact.float().bfloat16().double() - exact).abs().max()
 
 
 @pytest.mark.parametrize("compile", [False, True])
