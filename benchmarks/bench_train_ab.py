@@ -11,6 +11,7 @@ Variants:
     tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
     plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed
     tied+qkv  tied, and q|k|v as one GEMM over the concatenated weights (k and v alone are narrow GEMMs)
+    bf16res   tied, with the residual stream in bf16 (TrainConfig.residual_dtype="bf16", Megatron-LM's default)
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "tied": lambda: _tied_head_on(("cuda", "cpu")),  # (CPU too: the smoke run checks this path)
     "plain": lambda: _tied_head_on(()),
     "tied+qkv": _qkv_one_gemm,
+    "bf16res": lambda: _tied_head_on(("cuda", "cpu")),
 }
+# and TrainConfig fields it changes
+CONFIG: dict[str, dict[str, Any]] = {"bf16res": {"residual_dtype": "bf16"}}
 
 
 def main() -> int:
@@ -107,7 +111,7 @@ def main() -> int:
                              warmup_steps=0, schedule="constant", compile="eager" if args.smoke else True,
                              eval_every=0, ckpt_every=0, checkpoint_at_end=False, save_final=False, progress=False,
                              log_every=args.block, device="cpu" if args.smoke else "cuda",
-                             precision="bf16", master_weights=True, weight_decay=0.1)
+                             precision="bf16", master_weights=True, weight_decay=0.1, **CONFIG.get(n, {}))
             with VARIANTS[n]():
                 trainers[n] = tr = Trainer(tc)
             while _pending_patches:

@@ -54,6 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         lora_targets=tuple(args.lora_targets), lora_dropout=args.lora_dropout, dpo_beta=args.dpo_beta,
         device=args.device, precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
         master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
+        residual_dtype=args.residual_dtype,
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every,
         keep_last=args.keep_last, resume=resume, save_final=not args.no_final, tensorboard=args.tensorboard,
@@ -149,6 +150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--master-weights", choices=("auto", "on", "off"), default="auto",
                    help="bf16 matmul weights in the model, fp32 masters + moments in the optimizer "
                         "(auto: on for bf16 CUDA runs without LoRA)")
+    g.add_argument("--residual-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the residual stream's dtype in the training loss under bf16 (fp32: what autocast and "
+                        "transformers compute; bf16: as Megatron-LM's default, half the norm traffic)")
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU on devices giants does not know")

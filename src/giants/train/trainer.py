@@ -113,6 +113,12 @@ class TrainConfig:
     # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
     # None: on for bf16 runs on CUDA that train all weights (no LoRA) with one micro-batch a step
     master_weights: bool | None = None
+    # the residual stream's dtype in the training loss under bf16: "fp32" is what autocast over fp32 weights (and
+    # transformers) computes, the embedding lookup's fp32 rows carried through every residual add; "bf16" carries
+    # it in bf16 (the input embeddings rounded to bf16, each norm's output and residual sum in bf16, statistics
+    # still fp32), as Megatron-LM does by default (--fp32-residual-connection off) and torchtitan under FSDP2's
+    # bf16 compute: half the bytes for every norm and residual add. Evaluation and DPO keep fp32.
+    residual_dtype: str = "fp32"
     activation_checkpointing: bool = False
     seed: int = 0
     # bookkeeping
@@ -158,6 +164,10 @@ class TrainConfig:
         modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
             raise bad("compile_mode", f"must be one of {modes[1:]} (got {self.compile_mode!r})")
+        if self.residual_dtype not in ("fp32", "bf16"):
+            raise bad("residual_dtype", f"must be 'fp32' or 'bf16' (got {self.residual_dtype!r})")
+        if self.residual_dtype == "bf16" and self.precision == "fp32":
+            raise bad("residual_dtype", "'bf16' needs bf16 precision")
         if self.compile_mode is not None and not self.compile:
             raise bad("compile_mode", "needs compile")
         if self.compile_mode in ("reduce-overhead", "max-autotune") and self.grad_accum > 1:
@@ -263,6 +273,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
+        if cfg.residual_dtype == "bf16" and not self.bf16:
+            raise ValueError(f"TrainConfig.residual_dtype: 'bf16' needs bf16 precision (this run is fp32 on "
+                             f"{self.device.type})")
+        self.residual_bf16 = cfg.residual_dtype == "bf16"
         self.master = self._use_master_weights()
         self._check_out_dir()
 
@@ -613,6 +627,8 @@ class Trainer:
         `_lm_micro`). Returns (loss, ce) or, for MoE, (loss, ce, aux, z, per-layer aux, per-layer z, utilisation)."""
         mc = self.model_config
         with self._autocast():
+            if self.residual_bf16 and embeds is None:
+                embeds = self.model.embed(x).to(torch.bfloat16)
             out = self.model(x, output_router_logits=mc.is_moe, check=False, return_hidden=True, rope=rope,
                              inputs_embeds=embeds)
             hidden, router_logits = out if mc.is_moe else (out, None)
@@ -648,10 +664,11 @@ class Trainer:
         else:
             # the lookup outside the graph: its gradient rows are added into the head's fp32 weight gradient after
             # the backward (`_after_backward`) instead of a zero-filled (V, D) gradient summed with it
-            with torch.no_grad():
-                embeds = torch.nn.functional.embedding(x, tied)
+            low = self.optimizer.shadow_of(tied)
+            with torch.no_grad():  # bf16 rows of the bf16 copy: the master's rows rounded to bf16
+                embeds = torch.nn.functional.embedding(x, low if self.residual_bf16 else tied)
             embeds.requires_grad_(True)
-            out = self.loss_fn(x, y, mask, self._rope(x.shape[1]), embeds, self.optimizer.shadow_of(tied))
+            out = self.loss_fn(x, y, mask, self._rope(x.shape[1]), embeds, low)
             info = {"ce": out[1], "lookup": (tied, x, embeds)}
         if len(out) > 2:
             info["router"] = RouterLosses(*out[2:])
