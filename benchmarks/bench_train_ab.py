@@ -8,8 +8,11 @@ measured; taking turns puts the drift on both sides.
     python benchmarks/bench_train_ab.py --smoke     # CPU check of the script
 
 Variants:
-    tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
-    plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed
+    tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding; head and loss as one
+            op, the logits' gradient formed in the forward)
+    plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed; the
+            two-kernel cross-entropy
+    unfused tied, with the two-kernel cross-entropy instead of the fused head + loss
     tied+qkv  tied, and q|k|v as one GEMM over the concatenated weights (k and v alone are narrow GEMMs)
     bf16res   tied, with the residual stream in bf16 (TrainConfig.residual_dtype="bf16", Megatron-LM's default)
 """
@@ -40,13 +43,21 @@ H100_BF16 = 989e12
 
 
 @contextlib.contextmanager
-def _tied_head_on(devices: tuple[str, ...]) -> Iterator[None]:
-    saved = trainer_mod.TIED_HEAD_DEVICES
-    trainer_mod.TIED_HEAD_DEVICES = devices
+def _devices(tied: tuple[str, ...], fused: tuple[str, ...] = ("cuda", "cpu")) -> Iterator[None]:
+    """Where the Trainer takes the tied head and the fused head + loss (CPU too: the smoke run checks them)."""
+    saved = trainer_mod.TIED_HEAD_DEVICES, trainer_mod.FUSED_HEAD_CE_DEVICES
+    trainer_mod.TIED_HEAD_DEVICES, trainer_mod.FUSED_HEAD_CE_DEVICES = tied, fused
     try:
         yield
     finally:
-        trainer_mod.TIED_HEAD_DEVICES = saved
+        trainer_mod.TIED_HEAD_DEVICES, trainer_mod.FUSED_HEAD_CE_DEVICES = saved
+
+
+ON = ("cuda", "cpu")
+
+
+def _tied_head_on(devices: tuple[str, ...]) -> contextlib.AbstractContextManager:
+    return _devices(devices, ON if devices else ())
 
 
 def _fused_qkv(self: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,6 +84,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "plain": lambda: _tied_head_on(()),
     "tied+qkv": _qkv_one_gemm,
     "bf16res": lambda: _tied_head_on(("cuda", "cpu")),
+    "unfused": lambda: _devices(ON, ()),
 }
 # and TrainConfig fields it changes
 CONFIG: dict[str, dict[str, Any]] = {"bf16res": {"residual_dtype": "bf16"}}
@@ -112,12 +124,19 @@ def main() -> int:
                              eval_every=0, ckpt_every=0, checkpoint_at_end=False, save_final=False, progress=False,
                              log_every=args.block, device="cpu" if args.smoke else "cuda",
                              precision="bf16", master_weights=True, weight_decay=0.1, **CONFIG.get(n, {}))
-            with VARIANTS[n]():
-                trainers[n] = tr = Trainer(tc)
-            while _pending_patches:
-                _pending_patches.pop()(tr)
-            tr.run(until=warmup)  # compiles
+            try:
+                with VARIANTS[n]():
+                    tr = Trainer(tc)
+                while _pending_patches:
+                    _pending_patches.pop()(tr)
+                tr.run(until=warmup)  # compiles
+            except Exception as e:  # keep the other variants
+                print(f"{n}: FAILED {type(e).__name__}: {e}", flush=True)
+                res["variants"][n] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            trainers[n] = tr
             print(f"{n}: built, {warmup} warm-up steps, tied head: {tr.tied_head is not None}", flush=True)
+        names = [n for n in names if n in trainers]
         rates: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]  # alternate who goes first

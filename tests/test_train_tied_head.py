@@ -114,8 +114,31 @@ def test_trainer_tied_head_gradients_match_the_plain_head(tmp_path, byte_data, m
     assert not torch.equal(ours["embed.weight"], ref["embed.weight"])  # the head's part is not rounded to bf16
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainer_fused_head_and_loss_gradients(tmp_path, byte_data, monkeypatch, tied):
+    """The head and the loss as one op (giants.train.cross_entropy.linear_cross_entropy), for the tied head and for
+    a bf16 lm_head under master weights: the plain path's loss and gradients, to bf16 rounding."""
+    over = {"vocab_size": 320, "n_layers": 2, "tie_embeddings": tied}
+    plain = Trainer(_cfg(tmp_path / "plain", byte_data, overrides=over))
+    assert plain._fused_head(None) is None
+    monkeypatch.setattr(trainer_mod, "TIED_HEAD_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(trainer_mod, "FUSED_HEAD_CE_DEVICES", ("cuda", "cpu"))
+    fused = Trainer(_cfg(tmp_path / "fused", byte_data, overrides=over))
+    head_lowp = fused.optimizer.shadow_of(fused.model.embed.weight) if tied else None
+    w, low = fused._fused_head(head_lowp)
+    assert w is (fused.model.embed.weight if tied else fused.model.lm_head.weight) and low.dtype == torch.bfloat16
+    ref, ours = _micro_grads(plain), _micro_grads(fused)
+    for n in ref:
+        a, b = ours[n], ref[n]
+        assert float((a - b).norm()) <= 1e-2 * float(b.norm()) + 1e-7, n
+    loss_ref = plain._next_micro()[0]
+    loss = fused._next_micro()[0]
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-3)
+
+
 def test_trainer_tied_head_resume_bit_exact(tmp_path, byte_data, monkeypatch):
     monkeypatch.setattr(trainer_mod, "TIED_HEAD_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(trainer_mod, "FUSED_HEAD_CE_DEVICES", ("cuda", "cpu"))
     full = Trainer(_cfg(tmp_path / "full", byte_data))
     full.run()
     w = full.model.embed.weight

@@ -46,6 +46,8 @@ TASKS = ("lm", "sft", "dpo")
 PRECISIONS = ("auto", "bf16", "fp32")
 # where the tied head reads the optimizer's bf16 copy of the embedding (giants.train.tied_head): where it pays
 TIED_HEAD_DEVICES: tuple[str, ...] = ("cuda",)
+# where the output head and the cross-entropy run as one op (giants.train.cross_entropy.linear_cross_entropy)
+FUSED_HEAD_CE_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 class TrainingDiverged(ValueError):
@@ -277,6 +279,11 @@ class Trainer:
             raise ValueError(f"TrainConfig.residual_dtype: 'bf16' needs bf16 precision (this run is fp32 on "
                              f"{self.device.type})")
         self.residual_bf16 = cfg.residual_dtype == "bf16"
+        self._linear_ce = None
+        if self.device.type in FUSED_HEAD_CE_DEVICES:  # (imported only here: the CPU path never loads Triton)
+            from giants.train.cross_entropy import linear_cross_entropy
+
+            self._linear_ce = linear_cross_entropy
         self.master = self._use_master_weights()
         self._check_out_dir()
 
@@ -639,7 +646,11 @@ class Trainer:
 
                 def head(h: torch.Tensor) -> torch.Tensor:
                     return self.model.logits(h, project=lambda t: tied_logits(t, weight, head_lowp))
-            if self.device.type == "cpu":
+            fused = self._fused_head(head_lowp)
+            if fused is not None:
+                # the head and the loss as one op: the logits' gradient is formed in the forward
+                ce = self._linear_ce(hidden, *fused, y, IGNORE_INDEX)
+            elif self.device.type == "cpu":
                 # the head and loss a block of rows at a time: far fewer page faults than full logits
                 ce = chunked_lm_loss(head, hidden, y, mc.vocab_size)
             else:
@@ -654,6 +665,19 @@ class Trainer:
                 loss = loss + self.z_coef * rl.z_loss
             return (loss, ce.detach(), rl.aux_loss.detach(), rl.z_loss.detach(), rl.per_layer_aux, rl.per_layer_z,
                     rl.utilisation)
+
+    def _fused_head(self, head_lowp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight, its compute-dtype copy) when the head and the loss run as one op (giants.train.cross_entropy.
+        linear_cross_entropy): on FUSED_HEAD_CE_DEVICES, no final soft-cap, and a head weight that is already in
+        bf16 (master weights) or has the optimizer's bf16 copy (the tied head)."""
+        if self._linear_ce is None or self.model_config.final_softcap is not None:
+            return None
+        if head_lowp is not None:
+            return self.model.embed.weight, head_lowp
+        lm = getattr(self.model, "lm_head", None)
+        if type(lm) is torch.nn.Linear and lm.bias is None and lm.weight.dtype == torch.bfloat16:
+            return lm.weight, lm.weight.detach()
+        return None
 
     def _lm_micro(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
