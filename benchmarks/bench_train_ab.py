@@ -8,11 +8,10 @@ measured; taking turns puts the drift on both sides.
     python benchmarks/bench_train_ab.py --smoke     # CPU check of the script
 
 Variants:
-    tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding; head and loss as one
-            op, the logits' gradient formed in the forward)
-    plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed; the
-            two-kernel cross-entropy
-    unfused tied, with the two-kernel cross-entropy instead of the fused head + loss
+    tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
+    plain   the tied head as plain autocast: bf16 cast of the fp32 embedding every step, gradients summed
+    fused   tied, and the head + loss as one op (trainer.FUSED_HEAD_CE_DEVICES, off by default): the logits'
+            gradient formed in the forward by one Triton kernel
     tied+qkv  tied, and q|k|v as one GEMM over the concatenated weights (k and v alone are narrow GEMMs)
     bf16res   tied, with the residual stream in bf16 (TrainConfig.residual_dtype="bf16", Megatron-LM's default)
 """
@@ -43,7 +42,7 @@ H100_BF16 = 989e12
 
 
 @contextlib.contextmanager
-def _devices(tied: tuple[str, ...], fused: tuple[str, ...] = ("cuda", "cpu")) -> Iterator[None]:
+def _devices(tied: tuple[str, ...], fused: tuple[str, ...] = ()) -> Iterator[None]:
     """Where the Trainer takes the tied head and the fused head + loss (CPU too: the smoke run checks them)."""
     saved = trainer_mod.TIED_HEAD_DEVICES, trainer_mod.FUSED_HEAD_CE_DEVICES
     trainer_mod.TIED_HEAD_DEVICES, trainer_mod.FUSED_HEAD_CE_DEVICES = tied, fused
@@ -57,7 +56,7 @@ ON = ("cuda", "cpu")
 
 
 def _tied_head_on(devices: tuple[str, ...]) -> contextlib.AbstractContextManager:
-    return _devices(devices, ON if devices else ())
+    return _devices(devices)
 
 
 def _fused_qkv(self: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,7 +83,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "plain": lambda: _tied_head_on(()),
     "tied+qkv": _qkv_one_gemm,
     "bf16res": lambda: _tied_head_on(("cuda", "cpu")),
-    "unfused": lambda: _devices(ON, ()),
+    "fused": lambda: _devices(ON, ON),
 }
 # and TrainConfig fields it changes
 CONFIG: dict[str, dict[str, Any]] = {"bf16res": {"residual_dtype": "bf16"}}

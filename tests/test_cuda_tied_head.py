@@ -36,9 +36,9 @@ def test_tied_logits_cuda_fp32_weight_gradient():
     assert err <= 0.01 * (exact.float().bfloat16().double() - exact).abs().max()
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied,fused", [(True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("compile", [False, True])
-def test_trainer_tied_head_cuda_matches_plain(tmp_path, monkeypatch, compile, tied):
+def test_trainer_tied_head_cuda_matches_plain(tmp_path, monkeypatch, compile, tied, fused):
     """The Trainer's tied head (bf16 copy, fp32 weight gradient) and fused head + loss against the plain autocast
     head and Triton cross-entropy: same loss, gradients to bf16 rounding."""
     class Ids:
@@ -65,9 +65,10 @@ def test_trainer_tied_head_cuda_matches_plain(tmp_path, monkeypatch, compile, ti
             scatter_embedding_grad(*info.pop("lookup"))
         return {n: p.grad.float().clone() for n, p in tr.model.named_parameters()}
 
+    monkeypatch.setattr(trainer_mod, "FUSED_HEAD_CE_DEVICES", ("cuda",) if fused else ())
     fast = trainer("fast")
     assert (fast.tied_head is fast.model.embed.weight) if tied else fast.tied_head is None
-    assert fast._linear_ce is not None
+    assert (fast._linear_ce is not None) == fused
     monkeypatch.setattr(trainer_mod, "TIED_HEAD_DEVICES", ())
     monkeypatch.setattr(trainer_mod, "FUSED_HEAD_CE_DEVICES", ())
     plain = trainer("plain")

@@ -52,7 +52,7 @@ def test_loss_and_gradient_kernel_matches_torch(N, V, monkeypatch):
     logits = (torch.randn(N, V, generator=g, device="cuda") * 4).bfloat16()
     labels = torch.randint(0, V, (N,), generator=g, device="cuda")
     labels[::7] = -100
-    for per_sm in (1, 2):
+    for per_sm in (1, 2, 4):
         monkeypatch.setattr(ce, "GRAD_PROGRAMS_PER_SM", per_sm)
         loss, grad = ce.ce_rows_and_grad(logits, labels, -100)
         x = logits.float().requires_grad_()

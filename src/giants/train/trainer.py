@@ -46,8 +46,11 @@ TASKS = ("lm", "sft", "dpo")
 PRECISIONS = ("auto", "bf16", "fp32")
 # where the tied head reads the optimizer's bf16 copy of the embedding (giants.train.tied_head): where it pays
 TIED_HEAD_DEVICES: tuple[str, ...] = ("cuda",)
-# where the output head and the cross-entropy run as one op (giants.train.cross_entropy.linear_cross_entropy)
-FUSED_HEAD_CE_DEVICES: tuple[str, ...] = ("cuda",)
+# where the output head and the cross-entropy run as one op (giants.train.cross_entropy.linear_cross_entropy).
+# Off: on an H200 its one-kernel loss + gradient ran 1.99-2.94 ms against 1.75 ms for the two-kernel path
+# (benchmarks/bench_ce.py), and the step took the same time either way (bench_train_ab.py, 2 programs per SM);
+# at 4 programs per SM the step is not yet measured (`bench_train_ab.py --variants fused,tied`).
+FUSED_HEAD_CE_DEVICES: tuple[str, ...] = ()
 
 
 class TrainingDiverged(ValueError):
