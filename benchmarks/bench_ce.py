@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from bench_train_optim import timeit
+from bench_train_optim import copy_rate, timeit
 from giants.train import cross_entropy as ce
 
 
@@ -39,9 +39,7 @@ def main() -> int:
     for per_sm in (1, 2, 3, 4, 8):
         ce.GRAD_PROGRAMS_PER_SM = per_sm
         res[f"one_kernel_{per_sm}_per_sm_ms"] = timeit(lambda: ce._ce_rows_grad(logits, labels, -100))
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    res["copy_TB_per_s"] = 2 * x.numel() / 1e9 / timeit(lambda: y.copy_(x))
+    res["copy_TB_per_s"] = copy_rate()
     for k, v in res.items():
         if k.endswith("_ms"):
             # logits-sized transfers to memory: two kernels read, read, write; one kernel reads and writes, its

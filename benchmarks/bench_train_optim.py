@@ -34,6 +34,13 @@ def timeit(fn, reps: int = 20, warm: int = 3) -> float:
     return statistics.median(ts)
 
 
+def copy_rate() -> float:
+    """Device-to-device copy bandwidth in TB/s, bytes read and written (a 2 GiB copy)."""
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / 1e9 / timeit(lambda: y.copy_(x))
+
+
 def setup(cast: bool, fused_ref: bool):
     model = giants.build(giants.get_config("llama-3.2-1b"), device="cuda", seed=0)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -85,9 +92,7 @@ def main() -> int:
         res[name] = measure(cast, fused)
         print(name, json.dumps(res[name]), flush=True)
         torch.cuda.empty_cache()
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    res["copy_TB_per_s"] = 2 * x.numel() / 1e9 / timeit(lambda: y.copy_(x))
+    res["copy_TB_per_s"] = copy_rate()
     print("copy TB/s", res["copy_TB_per_s"])
     if args.out:
         with open(args.out, "w") as f:

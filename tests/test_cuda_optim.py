@@ -109,23 +109,13 @@ def test_grad_norm_many_tensors_one_launch_per_dtype():
 def test_trainer_on_cuda_pipelined_and_nan(tmp_path):
     """On CUDA the loop queues step k+1 before reading step k back: its losses equal those of train_step()
     called step by step, and a NaN stops the run with the weights of the last good step."""
-    import numpy as np
-
     from giants.train import TrainConfig, Trainer
-    from giants.train.data import prepare_documents
+    from train_utils import random_ids_dataset
 
-    class Ids:
-        vocab_size, eos_token_id = 320, 319
-
-        def encode_batch(self, texts, add_special_tokens=False):
-            rng = np.random.default_rng(0)
-            return [rng.integers(0, 319, int(t)).tolist() for t in texts]
-
-    prepare_documents([(f"d{i}", "3000") for i in range(8)], Ids(), tmp_path / "ds", tokenizer_name="ids",
-                      val_fraction=0.1)
+    data = random_ids_dataset(tmp_path)
 
     def cfg(out, **kw):
-        base = dict(out=str(tmp_path / out), preset="tiny-llama", data=str(tmp_path / "ds"), tokenizer="bytes",
+        base = dict(out=str(tmp_path / out), preset="tiny-llama", data=str(data), tokenizer="bytes",
                     steps=6, seq_len=64, batch_size=2, lr=3e-3, progress=False, eval_every=0, ckpt_every=2,
                     save_final=False, device="cuda", overrides={"vocab_size": 320})
         base.update(kw)

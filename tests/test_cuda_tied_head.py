@@ -3,14 +3,13 @@ fused head + loss (compiled and eager) against the plain autocast head. Skipped 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from giants.train import TrainConfig, Trainer
 from giants.train import trainer as trainer_mod
-from giants.train.data import prepare_documents
 from giants.train.tied_head import scatter_embedding_grad, tied_logits
+from train_utils import random_ids_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -41,18 +40,10 @@ def test_tied_logits_cuda_fp32_weight_gradient():
 def test_trainer_tied_head_cuda_matches_plain(tmp_path, monkeypatch, compile, tied, fused):
     """The Trainer's tied head (bf16 copy, fp32 weight gradient) and fused head + loss against the plain autocast
     head and Triton cross-entropy: same loss, gradients to bf16 rounding."""
-    class Ids:
-        vocab_size, eos_token_id = 320, 319
-
-        def encode_batch(self, texts, add_special_tokens=False):
-            rng = np.random.default_rng(0)
-            return [rng.integers(0, 319, int(t)).tolist() for t in texts]
-
-    prepare_documents([(f"d{i}", "3000") for i in range(8)], Ids(), tmp_path / "ds", tokenizer_name="ids",
-                      val_fraction=0.1)
+    data = random_ids_dataset(tmp_path)
 
     def trainer(out):
-        return Trainer(TrainConfig(out=str(tmp_path / out), preset="tiny-llama", data=str(tmp_path / "ds"),
+        return Trainer(TrainConfig(out=str(tmp_path / out), preset="tiny-llama", data=str(data),
                                    tokenizer="bytes", steps=4, seq_len=64, batch_size=2, lr=3e-3, progress=False,
                                    eval_every=0, ckpt_every=0, save_final=False, checkpoint_at_end=False,
                                    device="cuda", compile=compile,

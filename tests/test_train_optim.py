@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from giants.train import TrainConfig, Trainer
+from giants.train import Trainer
 from giants.train.optim import MasterAdamW
+from train_utils import assert_resume_bit_exact, master_cfg
 
 KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
@@ -140,39 +140,18 @@ def test_state_dict_round_trip():
         assert torch.equal(x, y)
 
 
-def _cfg(out, data, **kw) -> TrainConfig:
-    base = dict(out=str(out), preset="tiny-llama", data=str(data), tokenizer="bytes", steps=4, seq_len=32,
-                batch_size=2, lr=3e-3, progress=False, eval_every=0, eval_batches=1, ckpt_every=2,
-                save_final=True, device="cpu", precision="bf16", master_weights=True,
-                overrides={"vocab_size": 320, "n_layers": 2})
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def test_trainer_master_weights_resume_bit_exact(tmp_path, byte_data):
     """bf16 compute weights, fp32 masters: checkpoints hold the fp32 masters, and a resumed run equals the
     uninterrupted one bit for bit."""
     import giants
 
-    full = Trainer(_cfg(tmp_path / "full", byte_data))
+    def cfg(out, **kw):
+        return master_cfg(out, byte_data, **kw)
+
+    full, resumed = assert_resume_bit_exact(cfg, tmp_path)
     assert isinstance(full.optimizer, MasterAdamW)
     assert full.model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
     assert full.model.embed.weight.dtype == torch.float32 and full.model.norm.weight.dtype == torch.float32
-    full.run()
-    part = Trainer(_cfg(tmp_path / "part", byte_data))
-    part.run(until=3)
-    del part
-    resumed = Trainer(_cfg(tmp_path / "part", byte_data, resume=True))
-    assert resumed.step == 2
-    resumed.run()
-
-    def losses(run, key):
-        return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    for key in ("train_loss", "grad_norm"):
-        assert losses(tmp_path / "full", key) == losses(tmp_path / "part", key)
-    for x, y in zip(full.optimizer.masters, resumed.optimizer.masters):
-        assert torch.equal(x, y)
     saved = giants.load(tmp_path / "full" / "final").state_dict()
     with full.optimizer.masters_in_model():
         live = {k: v.clone() for k, v in full.model.state_dict().items()}
@@ -184,35 +163,35 @@ def test_trainer_master_weights_resume_bit_exact(tmp_path, byte_data):
 def test_trainer_master_weights_nan_stops_with_weights_kept(tmp_path, byte_data):
     from train_utils import assert_nan_stop_keeps_masters
 
-    tr = Trainer(_cfg(tmp_path / "run", byte_data, steps=5, save_final=False))
+    tr = Trainer(master_cfg(tmp_path / "run", byte_data, steps=5, save_final=False))
     tr.run(until=2)
     assert_nan_stop_keeps_masters(tr)
 
 
 def test_master_weights_config_checks(tmp_path, byte_data):
     with pytest.raises(ValueError, match="master_weights"):
-        Trainer(_cfg(tmp_path / "a", byte_data, precision="fp32"))
+        Trainer(master_cfg(tmp_path / "a", byte_data, precision="fp32"))
     with pytest.raises(ValueError, match="master_weights: not with grad_accum=2"):
-        Trainer(_cfg(tmp_path / "c", byte_data, grad_accum=2))
-    fp32 = Trainer(_cfg(tmp_path / "b", byte_data, precision="auto", master_weights=None))
+        Trainer(master_cfg(tmp_path / "c", byte_data, grad_accum=2))
+    fp32 = Trainer(master_cfg(tmp_path / "b", byte_data, precision="auto", master_weights=None))
     assert isinstance(fp32.optimizer, torch.optim.AdamW)  # CPU fp32: unchanged
 
 
 def test_resume_across_master_weights_setting(tmp_path, byte_data):
     """A checkpoint holds fp32 weights and fp32 moments either way: a master-weights run resumes without them
     and the other way round, continuing from the same state."""
-    a = Trainer(_cfg(tmp_path / "a", byte_data, save_final=False))
+    a = Trainer(master_cfg(tmp_path / "a", byte_data, save_final=False))
     a.run(until=2)
     with a.optimizer.masters_in_model():
         saved = {k: v.clone() for k, v in a.model.state_dict().items()}
-    b = Trainer(_cfg(tmp_path / "a", byte_data, save_final=False, master_weights=False, resume=True))
+    b = Trainer(master_cfg(tmp_path / "a", byte_data, save_final=False, master_weights=False, resume=True))
     assert isinstance(b.optimizer, torch.optim.AdamW) and b.step == 2
     live = b.model.state_dict()
     assert all(torch.equal(live[k], saved[k]) for k in saved)
     st = next(iter(b.optimizer.state.values()))
     assert st["exp_avg"].dtype == torch.float32 and float(st["step"]) == 2
     b.run()
-    c = Trainer(_cfg(tmp_path / "a", byte_data, save_final=False, resume=True))  # back to master weights
+    c = Trainer(master_cfg(tmp_path / "a", byte_data, save_final=False, resume=True))  # back to master weights
     assert isinstance(c.optimizer, MasterAdamW) and c.step == 4
     with c.optimizer.masters_in_model():
         assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in c.model.state_dict().items())

@@ -9,15 +9,11 @@ import torch
 from giants.train import TrainConfig, Trainer
 from giants.train import trainer as trainer_mod
 from giants.train.tied_head import scatter_embedding_grad
+from train_utils import master_cfg
 
 
 def _cfg(out, data, **kw) -> TrainConfig:
-    base = dict(out=str(out), preset="tiny-llama", data=str(data), tokenizer="bytes", steps=4, seq_len=32,
-                batch_size=2, lr=3e-3, progress=False, eval_every=0, eval_batches=1, ckpt_every=0,
-                save_final=False, device="cpu", precision="bf16", master_weights=True,
-                overrides={"vocab_size": 320, "n_layers": 2})
-    base.update(kw)
-    return TrainConfig(**base)
+    return master_cfg(out, data, **{"ckpt_every": 0, "save_final": False, **kw})
 
 
 def _stream_dtypes(tr: Trainer) -> tuple[list[torch.dtype], dict[str, torch.Tensor], float]:

@@ -4,8 +4,6 @@ On CPU here (the Trainer uses it on CUDA; tests/test_cuda_optim.py runs it there
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from giants.train import TrainConfig, Trainer
 from giants.train import trainer as trainer_mod
 from giants.train.optim import MasterAdamW
 from giants.train.tied_head import scatter_embedding_grad, tied_logits
+from train_utils import assert_resume_bit_exact, master_cfg
 
 
 def test_tied_logits_forward_and_gradients():
@@ -79,12 +78,8 @@ def test_master_adamw_shadow_follows_the_master():
 
 
 def _cfg(out, data, preset="tiny-llama", **kw) -> TrainConfig:
-    base = dict(out=str(out), preset=preset, data=str(data), tokenizer="bytes", steps=4, seq_len=32,
-                batch_size=2, lr=3e-3, progress=False, eval_every=0, eval_batches=1, ckpt_every=2,
-                save_final=True, device="cpu", precision="bf16", master_weights=True,
-                overrides={"vocab_size": 320, "n_layers": 2, "tie_embeddings": True})
-    base.update(kw)
-    return TrainConfig(**base)
+    kw.setdefault("overrides", {"vocab_size": 320, "n_layers": 2, "tie_embeddings": True})
+    return master_cfg(out, data, preset=preset, **kw)
 
 
 def _micro_grads(tr: Trainer) -> dict[str, torch.Tensor]:
@@ -139,22 +134,7 @@ def test_trainer_fused_head_and_loss_gradients(tmp_path, byte_data, monkeypatch,
 def test_trainer_tied_head_resume_bit_exact(tmp_path, byte_data, monkeypatch):
     monkeypatch.setattr(trainer_mod, "TIED_HEAD_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(trainer_mod, "FUSED_HEAD_CE_DEVICES", ("cuda", "cpu"))
-    full = Trainer(_cfg(tmp_path / "full", byte_data))
-    full.run()
+    full, resumed = assert_resume_bit_exact(lambda out, **kw: _cfg(out, byte_data, **kw), tmp_path)
     w = full.model.embed.weight
     assert torch.equal(full.optimizer.shadow_of(w), w.detach().bfloat16())
-    part = Trainer(_cfg(tmp_path / "part", byte_data))
-    part.run(until=3)
-    del part
-    resumed = Trainer(_cfg(tmp_path / "part", byte_data, resume=True))
-    assert resumed.step == 2
-    resumed.run()
-
-    def col(run, key):
-        return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    for key in ("train_loss", "grad_norm"):
-        assert col(tmp_path / "full", key) == col(tmp_path / "part", key)
-    for x, y in zip(full.optimizer.masters, resumed.optimizer.masters):
-        assert torch.equal(x, y)
     assert torch.equal(resumed.optimizer.shadow_of(resumed.model.embed.weight), full.optimizer.shadow_of(w))
