@@ -494,8 +494,7 @@ class Trainer:
         """The tied embedding/head weight that the training loss reads through giants.train.tied_head (with
         master weights, on the devices in TIED_HEAD_DEVICES), else None."""
         m = self.model
-        if (not self.master or self.device.type not in TIED_HEAD_DEVICES or getattr(m, "lm_head", 0) is not None
-                or not isinstance(getattr(m, "embed", None), torch.nn.Embedding)):
+        if not self.master or self.device.type not in TIED_HEAD_DEVICES or m.lm_head is not None:
             return None
         return m.embed.weight
 
@@ -689,8 +688,8 @@ class Trainer:
             out = self.loss_fn(x, y, mask, self._rope(x.shape[1]))
             info: dict[str, Any] = {"ce": out[1]}
         else:
-            # the lookup outside the graph: its gradient rows are added into the head's fp32 weight gradient after
-            # the backward (`_after_backward`) instead of a zero-filled (V, D) gradient summed with it
+            # the lookup outside the graph: its gradient rows are added into the head's fp32 weight gradient right
+            # after the backward (`_launch_step`) instead of a zero-filled (V, D) gradient summed with it
             low = self.optimizer.shadow_of(tied)
             with torch.no_grad():  # bf16 rows of the bf16 copy: the master's rows rounded to bf16
                 embeds = torch.nn.functional.embedding(x, low if self.residual_bf16 else tied)
