@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from giants.train.tied_head import mm_fp32
+
 try:
     import triton
     import triton.language as tl
@@ -84,28 +86,27 @@ if _HAS_TRITON:
     @triton.jit
     def _ce_grad_row(logits_ptr, labels_ptr, loss_ptr, out_ptr, row, stride, out_stride, ignore_index, cols,
                      V: tl.constexpr, BLOCK: tl.constexpr):
-        if True:  # (keeps the body's indentation)
-            base = logits_ptr + row.to(tl.int64) * stride
-            # one max reduction a block; the sum of exponentials stays per lane until the end
-            m = tl.full([], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-                m = m_new
-            lse = m + tl.log(tl.sum(s, axis=0))
-            label = tl.load(labels_ptr + row)
-            valid = label != ignore_index
-            target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
-            tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
-            obase = out_ptr + row.to(tl.int64) * out_stride
-            for start in range(0, V, BLOCK):
-                idx = start + cols
-                x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
-                grad = tl.exp(x - lse) - tl.where(idx == label, 1.0, 0.0)
-                grad = tl.where(valid, grad, 0.0)
-                tl.store(obase + idx, grad.to(out_ptr.dtype.element_ty), mask=idx < V)
+        base = logits_ptr + row.to(tl.int64) * stride
+        # one max reduction a block; the sum of exponentials stays per lane until the end
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        lse = m + tl.log(tl.sum(s, axis=0))
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+        target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+        obase = out_ptr + row.to(tl.int64) * out_stride
+        for start in range(0, V, BLOCK):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(idx == label, 1.0, 0.0)
+            grad = tl.where(valid, grad, 0.0)
+            tl.store(obase + idx, grad.to(out_ptr.dtype.element_ty), mask=idx < V)
 
     @triton_op("giants::ce_rows_grad", mutates_args={})
     def _ce_rows_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
@@ -199,18 +200,11 @@ class _LinearCE(torch.autograd.Function):
     def backward(ctx, grad_rows: torch.Tensor):
         hidden, weight_lowp, grad = ctx.saved_tensors
         g = grad_rows.float()[:, None]  # (N, 1)
-        d_hidden = (_mm_fp32(grad, weight_lowp) * g).to(hidden.dtype)
+        d_hidden = (mm_fp32(grad, weight_lowp) * g).to(hidden.dtype)
         scaled = (hidden.float() * g).to(hidden.dtype)
         gt = grad.t()
-        d_weight = _mm_fp32(gt, scaled) if ctx.weight_dtype == torch.float32 else (gt @ scaled).to(ctx.weight_dtype)
+        d_weight = mm_fp32(gt, scaled) if ctx.weight_dtype == torch.float32 else (gt @ scaled).to(ctx.weight_dtype)
         return d_hidden, d_weight, None, None, None
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b summed and returned in fp32 (low-precision operands)."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, weight_lowp: torch.Tensor, labels: torch.Tensor,

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 
 
-def _wgrad(grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """grad.T @ hidden in fp32: (N, V), (N, D) low precision -> (V, D) fp32."""
-    if grad.is_cuda:
-        return torch.mm(grad.t(), hidden, out_dtype=torch.float32)
-    return torch.mm(grad.t().float(), hidden.float())  # exact products of bf16 values, fp32 sums
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of low-precision operands, summed and returned in fp32 (cuBLAS writes fp32 directly on CUDA; elsewhere
+    the exact products of the upcast values)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 class _TiedHead(torch.autograd.Function):
@@ -35,7 +36,7 @@ class _TiedHead(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         hidden, weight_lowp = ctx.saved_tensors
         grad = grad.to(weight_lowp.dtype)
-        return grad @ weight_lowp, _wgrad(grad, hidden), None
+        return grad @ weight_lowp, mm_fp32(grad.t(), hidden), None
 
 
 def tied_logits(hidden: torch.Tensor, weight: torch.Tensor, weight_lowp: torch.Tensor) -> torch.Tensor:

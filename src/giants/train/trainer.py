@@ -171,8 +171,6 @@ class TrainConfig:
             raise bad("compile_mode", f"must be one of {modes[1:]} (got {self.compile_mode!r})")
         if self.residual_dtype not in ("fp32", "bf16"):
             raise bad("residual_dtype", f"must be 'fp32' or 'bf16' (got {self.residual_dtype!r})")
-        if self.residual_dtype == "bf16" and self.precision == "fp32":
-            raise bad("residual_dtype", "'bf16' needs bf16 precision")
         if self.compile_mode is not None and not self.compile:
             raise bad("compile_mode", "needs compile")
         if self.compile_mode in ("reduce-overhead", "max-autotune") and self.grad_accum > 1:
