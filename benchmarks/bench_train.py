@@ -16,7 +16,12 @@ attention), which is the one the issue's transformers figure (45,400 tok/s = 37.
 
     python benchmarks/bench_train.py --cases dense,moe --out train.json
     python benchmarks/bench_train.py --cases dense --skip-eager   # only the compiled giants run + transformers
+    python benchmarks/bench_train.py --cases dense --skip-eager --accum 1,4   # also with gradient accumulation
     python benchmarks/bench_train.py --smoke          # CPU check of the script on tiny shapes
+
+--accum N: N micro-batches of 4 x 2048 tokens per optimizer step on both sides (giants' TrainConfig.grad_accum;
+transformers sums (loss / N).backward() over N micro-batches, then clips and steps). Tokens/s count every
+micro-batch; "step" is one optimizer step.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def clear(device: torch.device) -> None:
 
 def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: int, steps: int, device: str,
                  compile: bool, aux: float | None, master_weights: bool | None = None, block: int = 1,
-                 compile_mode: str | None = None) -> dict[str, Any]:
+                 compile_mode: str | None = None, accum: int = 1) -> dict[str, Any]:
     warmup = -(-warmup // block) * block
     steps = -(-steps // block) * block
     with tempfile.TemporaryDirectory() as run:
@@ -96,7 +101,7 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
                          batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
                          device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
                          progress=False, log_every=block, aux_loss_coef=aux, z_loss_coef=0.0,
-                         master_weights=master_weights, compile_mode=compile_mode)
+                         master_weights=master_weights, compile_mode=compile_mode, grad_accum=accum)
         cfg_file = Path(run) / "model.json"
         cfg_file.write_text(json.dumps(cfg.to_dict()))
         tc.model_config = str(cfg_file)
@@ -107,10 +112,11 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
         # each logged entry's tokens/s covers exactly its `block` steps (the trainer syncs before reading the clock)
         rates = [h["tokens_per_s"] for h in tr.history[warmup // block:]]
         timed = rates[:-1] if len(rates) > 2 else rates  # the last interval is cut short by the final drain
-        out = {"tokens_per_s": statistics.median(rates), "step_s": batch * seq / statistics.median(rates),
+        out = {"tokens_per_s": statistics.median(rates), "step_s": accum * batch * seq / statistics.median(rates),
+               "accum": accum,
                "tokens_per_s_all": len(timed) / sum(1 / r for r in timed),  # tokens over time, slow steps included
                "rates": rates, "block": block,
-               "first_steps_s": [batch * seq / h["tokens_per_s"] for h in tr.history[:warmup // block]],
+               "first_steps_s": [accum * batch * seq / h["tokens_per_s"] for h in tr.history[:warmup // block]],
                "loss_first_last": [tr.history[0]["train_loss"], tr.history[-1]["train_loss"]], "wall_s": wall,
                "optimizer": type(tr.optimizer).__name__}
         if tr.device.type == "cuda":
@@ -120,7 +126,8 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
 
 
 def bench_transformers(cfg: ModelConfig, *, seq: int, batch: int, warmup: int, steps: int, device: torch.device,
-                       aux: float | None, experts: str | None = None, block: int = 1) -> dict[str, Any]:
+                       aux: float | None, experts: str | None = None, block: int = 1,
+                       accum: int = 1) -> dict[str, Any]:
     import transformers
 
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
@@ -143,28 +150,32 @@ def bench_transformers(cfg: ModelConfig, *, seq: int, batch: int, warmup: int, s
     warmup, steps = -(-warmup // block) * block, -(-steps // block) * block
     for _ in range((warmup + steps) // block):
         # block 1: one loss read-back per step; block N: none inside the block, one read-back at its end
-        ids = [torch.randint(0, cfg.vocab_size - 1, (batch, seq), generator=g).to(device) for _ in range(block)]
+        ids = [[torch.randint(0, cfg.vocab_size - 1, (batch, seq), generator=g).to(device) for _ in range(accum)]
+               for _ in range(block)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
         block_losses = []
-        for x in ids:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(input_ids=x, labels=x)
-            # transformers shifts labels itself; `ids` as labels is its standard usage (same loss work)
-            out.loss.backward()
+        for micro in ids:
+            step_loss = 0.0
+            for x in micro:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = model(input_ids=x, labels=x)
+                # transformers shifts labels itself; `ids` as labels is its standard usage (same loss work)
+                (out.loss / accum).backward()
+                step_loss = step_loss + out.loss.detach() / accum
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            block_losses.append(out.loss.detach())
+            block_losses.append(step_loss)
         losses += torch.stack(block_losses).tolist()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t) / block)
     step = statistics.median(times[warmup // block:])
     timed = times[warmup // block:]
-    res = {"tokens_per_s": batch * seq / step, "step_s": step, "times": times,
-           "tokens_per_s_all": batch * seq * len(timed) / sum(timed), "loss_first_last": [losses[0],
+    res = {"tokens_per_s": accum * batch * seq / step, "step_s": step, "times": times, "accum": accum,
+           "tokens_per_s_all": accum * batch * seq * len(timed) / sum(timed), "loss_first_last": [losses[0],
                                                                                                   losses[-1]]}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -206,7 +217,9 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
     if cfg.is_moe:
         case["autocast_check"] = check_moe_autocast(cfg, device)
         print(f"[{name}] MoE autocast vs fp32: {case['autocast_check']}", flush=True)
-    data = make_data(root / name, cfg.vocab_size, (args.warmup + args.steps + 2) * batch * (seq + 1) * 2)
+    accums = [int(a) for a in str(args.accum).split(",")]
+    data = make_data(root / name, cfg.vocab_size,
+                     (args.warmup + args.steps + 2) * max(accums) * batch * (seq + 1) * 2)
     variants = [("giants", False), ("giants+compile", True)] if not args.no_compile else [("giants", False)]
     if args.skip_eager and not args.no_compile:
         variants = [("giants+compile", True)]
@@ -218,35 +231,44 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
         (None if m == "default" else m, f" {m}") for m in args.compile_modes.split(",")]
     variants = [(label + suffix + (msuffix if comp else ""), comp, mw, mode) for label, comp in variants
                 for mw, suffix in masters for mode, msuffix in (modes if comp else [(None, "")])]
-    for label, comp, mw, mode in variants:
-        clear(device)
-        print(f"[{name}] {label} ...", flush=True)
-        try:
-            case[label] = bench_giants(cfg, data, seq=seq, batch=batch, warmup=args.warmup + (2 if comp else 0),
-                                       steps=args.steps, device=str(device), compile=comp, aux=aux,
-                                       master_weights=mw, block=args.block, compile_mode=mode)
-        except Exception as e:  # keep going: one failure must not lose the other numbers
-            case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            print(case[label]["trace"], flush=True)
-        save(args, results)
-    clear(device)
-    print(f"[{name}] transformers ...", flush=True)
-    try:
-        case["transformers"] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup, steps=args.steps,
-                                                  device=device, aux=aux, block=args.block)
-    except Exception as e:
-        case["transformers"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-        print(case["transformers"]["trace"], flush=True)
-        if cfg.is_moe:  # grouped_mm may refuse fp32 weights: measure its eager experts loop instead
+    for accum in accums:
+        asuffix = accum_suffix(accum)
+        for label, comp, mw, mode in variants:
+            label += asuffix
             clear(device)
+            print(f"[{name}] {label} ...", flush=True)
             try:
-                case["transformers"] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup,
-                                                          steps=args.steps, device=device, aux=aux, experts="eager",
-                                                          block=args.block)
-                case["transformers"]["note"] = "grouped_mm failed under autocast; eager experts"
-            except Exception as e2:
-                case["transformers"] = {"error": f"{type(e2).__name__}: {e2}"}
-    save(args, results)
+                case[label] = bench_giants(cfg, data, seq=seq, batch=batch,
+                                           warmup=args.warmup + (2 if comp else 0), steps=args.steps,
+                                           device=str(device), compile=comp, aux=aux, master_weights=mw,
+                                           block=args.block, compile_mode=mode, accum=accum)
+            except Exception as e:  # keep going: one failure must not lose the other numbers
+                case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+                print(case[label]["trace"], flush=True)
+            save(args, results)
+        clear(device)
+        ref = "transformers" + asuffix
+        print(f"[{name}] {ref} ...", flush=True)
+        try:
+            case[ref] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup, steps=args.steps,
+                                           device=device, aux=aux, block=args.block, accum=accum)
+        except Exception as e:
+            case[ref] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(case[ref]["trace"], flush=True)
+            if cfg.is_moe:  # grouped_mm may refuse fp32 weights: measure its eager experts loop instead
+                clear(device)
+                try:
+                    case[ref] = bench_transformers(cfg, seq=seq, batch=batch, warmup=args.warmup,
+                                                   steps=args.steps, device=device, aux=aux, experts="eager",
+                                                   block=args.block, accum=accum)
+                    case[ref]["note"] = "grouped_mm failed under autocast; eager experts"
+                except Exception as e2:
+                    case[ref] = {"error": f"{type(e2).__name__}: {e2}"}
+        save(args, results)
+
+
+def accum_suffix(accum: int) -> str:
+    return "" if accum == 1 else f" accum{accum}"
 
 
 def save(args, results: dict) -> None:
@@ -254,34 +276,29 @@ def save(args, results: dict) -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def batch_seq(case: dict) -> int:
-    return case["batch"] * case["seq"]
-
-
 def summarize(results: dict) -> None:
     peak = H100_BF16
-    print("\ncase   | variant                 | tokens/s   | step ms | MFU (causal) | MFU (PaLM) | x transformers | "
-          "peak GiB")
+    print("\ncase   | variant                        | tokens/s   | step ms | MFU (causal) | MFU (PaLM) | "
+          "x transformers | peak GiB")
     for name, case in results["cases"].items():
-        ref = case.get("transformers", {}).get("tokens_per_s")
-        labels = [k for k, v in case.items() if isinstance(v, dict) and k.startswith("giants")]
-        labels.append("transformers")
+        labels = [k for k, v in case.items() if isinstance(v, dict) and k.startswith(("giants", "transformers"))]
         for label in labels:
             r = case.get(label)
-            if not r:
-                continue
             if "error" in r:
-                print(f"{name:6s} | {label:23s} | ERROR {r['error'][:80]}")
+                print(f"{name:6s} | {label:30s} | ERROR {r['error'][:80]}")
                 continue
+            accum = r.get("accum", 1)
+            ref = case.get("transformers" + accum_suffix(accum), {}).get("tokens_per_s")
             tps = r["tokens_per_s"]
             mfu = tps * case["flops_per_token"] / peak
             mfu_p = tps * case["palm_flops_per_token"] / peak
             ratio = f"{tps / ref:.2f}x" if ref else "-"
-            print(f"{name:6s} | {label:23s} | {tps:10,.0f} | {r['step_s'] * 1e3:7.1f} | {100 * mfu:11.1f}% | "
+            print(f"{name:6s} | {label:30s} | {tps:10,.0f} | {r['step_s'] * 1e3:7.1f} | {100 * mfu:11.1f}% | "
                   f"{100 * mfu_p:9.1f}% | {ratio:>14s} | {r.get('peak_mem_gib', 0):.1f}")
             if "tokens_per_s_all" in r:
                 a = r["tokens_per_s_all"]
-                print(f"{'':6s} | {'  all timed steps':23s} | {a:10,.0f} | {batch_seq(case) / a * 1e3:7.1f} | "
+                step_ms = accum * case["batch"] * case["seq"] / a * 1e3
+                print(f"{'':6s} | {'  all timed steps':30s} | {a:10,.0f} | {step_ms:7.1f} | "
                       f"{100 * a * case['flops_per_token'] / peak:11.1f}% | "
                       f"{100 * a * case['palm_flops_per_token'] / peak:9.1f}% |")
 
@@ -297,6 +314,8 @@ def main() -> int:
     ap.add_argument("--moe-compile", action="store_true", help="also time the MoE case with torch.compile")
     ap.add_argument("--skip-eager", action="store_true", help="time only the compiled giants variant")
     ap.add_argument("--moe-layers", type=int, default=4)
+    ap.add_argument("--accum", default="1", help="comma-separated gradient-accumulation counts to time (micro-batches "
+                    "per optimizer step, both sides)")
     ap.add_argument("--master-weights", choices=("auto", "on", "off", "both"), default="auto",
                     help="giants' TrainConfig.master_weights (both: time the two in the same run)")
     ap.add_argument("--compile-modes", help="comma-separated torch.compile modes to time for giants (e.g. "

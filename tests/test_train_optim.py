@@ -9,7 +9,7 @@ import torch
 
 from giants.train import Trainer
 from giants.train.optim import MasterAdamW
-from train_utils import assert_resume_bit_exact, master_cfg
+from train_utils import assert_resume_bit_exact, first_step_grads, master_cfg
 
 KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
@@ -171,10 +171,49 @@ def test_trainer_master_weights_nan_stops_with_weights_kept(tmp_path, byte_data)
 def test_master_weights_config_checks(tmp_path, byte_data):
     with pytest.raises(ValueError, match="master_weights"):
         Trainer(master_cfg(tmp_path / "a", byte_data, precision="fp32"))
-    with pytest.raises(ValueError, match="master_weights: not with grad_accum=2"):
-        Trainer(master_cfg(tmp_path / "c", byte_data, grad_accum=2))
     fp32 = Trainer(master_cfg(tmp_path / "b", byte_data, precision="auto", master_weights=None))
     assert isinstance(fp32.optimizer, torch.optim.AdamW)  # CPU fp32: unchanged
+
+
+def test_accumulate_sums_in_fp32():
+    """accumulate() sums the bf16 gradients of cast parameters in fp32 (bitwise autocast's fp32 .grad sums) and
+    clears .grad; fp32 parameters keep autograd's own accumulation; zero_grad starts a new sum."""
+    ps = _params(5)
+    opt = MasterAdamW(_groups(ps), cast=[ps[0], ps[2]], **KW)
+    g = torch.Generator().manual_seed(6)
+    micro = [[torch.randn(p.shape, generator=g) for p in ps] for _ in range(3)]
+    for _ in range(2):
+        for gs in micro:
+            for p, x in zip(ps, gs):
+                x = x.to(p.dtype)
+                p.grad = x if p.grad is None else p.grad + x  # autograd's sum (fp32 only: .grad is None for bf16)
+            opt.accumulate()
+            assert ps[0].grad is None and ps[2].grad is None and ps[1].grad is not None
+        for i in (0, 2):
+            want = micro[0][i].bfloat16().float()
+            for gs in micro[1:]:
+                want = want + gs[i].bfloat16().float()
+            got = opt.grad_of(ps[i])
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert [x.dtype for x in opt.grads()] == [torch.float32] * 3
+        opt.step()
+        opt.zero_grad()
+        assert opt.grads() == []
+
+
+def test_trainer_master_weights_accumulate_like_autocast(tmp_path, byte_data):
+    """grad_accum=3 with master weights: the optimizer gets fp32 sums equal bit for bit to what autocast over fp32
+    weights accumulates in .grad; the run resumes bit-exactly."""
+    # (no clipping: torch's clip_grad_norm_ would scale the reference's .grad in place before the capture)
+    ours = Trainer(master_cfg(tmp_path / "m", byte_data, grad_accum=3, grad_clip=0.0))
+    ref = Trainer(master_cfg(tmp_path / "f", byte_data, grad_accum=3, grad_clip=0.0, master_weights=False))
+    assert isinstance(ours.optimizer, MasterAdamW) and not isinstance(ref.optimizer, MasterAdamW)
+    got, want = first_step_grads(ours), first_step_grads(ref)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert got[n].dtype == want[n].dtype == torch.float32, n
+        assert torch.equal(got[n], want[n]), (n, float((got[n] - want[n]).abs().max()))
+    assert_resume_bit_exact(lambda out, **kw: master_cfg(out, byte_data, grad_accum=2, **kw), tmp_path / "r")
 
 
 def test_resume_across_master_weights_setting(tmp_path, byte_data):
@@ -228,6 +267,10 @@ for skip in (1.0, 0.0):
         want = torch.zeros_like(p) if skip else p
         assert bool(((out.float() - want).abs() <= want.abs() * 2.0 ** -7).all())
     assert torch.equal(res[0][0], torch.linspace(-1, 1, n)) == (skip == 1.0)
+acc = torch.full((n,), 7.0)
+for first in (True, False):  # the fp32 sum of bf16 gradients, bitwise torch's
+    optim._accumulate_kernel[(triton.cdiv(n, optim.BLOCK),)](acc, g, n, FIRST=first, BLOCK=optim.BLOCK)
+assert torch.equal(acc, g.float() + g.float()), "accumulate"
 xs = [torch.randn(k, generator=torch.Generator().manual_seed(k)) for k in (5, 32768, 40000, 4097)]
 for dt in (torch.float32, torch.bfloat16):
     ys = [x.to(dt) for x in xs]
@@ -243,7 +286,8 @@ print("ok")
 
 
 def test_triton_kernels_under_the_interpreter(tmp_path):
-    """The CUDA kernels (AdamW update with clip scale and found_inf, the pointer-table sum of squares) run on CPU
+    """The CUDA kernels (AdamW update with clip scale and found_inf, the fp32 gradient sum, the pointer-table sum of
+    squares) run on CPU
     under TRITON_INTERPRET and agree with the torch path, so a launch-signature slip fails here, not on a GPU."""
     import subprocess
     import sys

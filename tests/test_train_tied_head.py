@@ -11,7 +11,7 @@ from giants.train import TrainConfig, Trainer
 from giants.train import trainer as trainer_mod
 from giants.train.optim import MasterAdamW
 from giants.train.tied_head import scatter_embedding_grad, tied_logits
-from train_utils import assert_resume_bit_exact, master_cfg
+from train_utils import assert_resume_bit_exact, first_step_grads, master_cfg
 
 
 def test_tied_logits_forward_and_gradients():
@@ -107,6 +107,21 @@ def test_trainer_tied_head_gradients_match_the_plain_head(tmp_path, byte_data, m
         tol = dict(rtol=2e-2, atol=2e-4) if n == "embed.weight" else dict(rtol=0, atol=0)
         torch.testing.assert_close(ours[n], ref[n], **tol, msg=n)
     assert not torch.equal(ours["embed.weight"], ref["embed.weight"])  # the head's part is not rounded to bf16
+
+
+def test_trainer_tied_head_with_gradient_accumulation(tmp_path, byte_data, monkeypatch):
+    """grad_accum=2: the lookup rows of both micro-batches land in the head's fp32 gradient, which autograd sums
+    over the micro-batches, while the bf16 weights' gradients are summed by MasterAdamW.accumulate."""
+    kw = dict(grad_accum=2, grad_clip=0.0)
+    ref = first_step_grads(Trainer(_cfg(tmp_path / "plain", byte_data, **kw)))
+    monkeypatch.setattr(trainer_mod, "TIED_HEAD_DEVICES", ("cuda", "cpu"))
+    tied = Trainer(_cfg(tmp_path / "tied", byte_data, **kw))
+    assert tied.tied_head is not None
+    ours = first_step_grads(tied)
+    assert ref.keys() == ours.keys()
+    for n in ref:
+        tol = dict(rtol=2e-2, atol=2e-4) if n == "embed.weight" else dict(rtol=0, atol=0)
+        torch.testing.assert_close(ours[n], ref[n], **tol, msg=n)
 
 
 @pytest.mark.parametrize("tied", [True, False])

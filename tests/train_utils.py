@@ -61,6 +61,24 @@ def assert_resume_bit_exact(cfg, tmp_path):
     return full, resumed
 
 
+def first_step_grads(tr) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as the optimizer applies it in the Trainer's first step."""
+    from giants.train.optim import MasterAdamW
+
+    seen: dict[str, torch.Tensor] = {}
+    step = tr.optimizer.step
+
+    def capture(*a, **kw):
+        for n, p in tr.model.named_parameters():
+            g = tr.optimizer.grad_of(p) if isinstance(tr.optimizer, MasterAdamW) else p.grad
+            seen[n] = g.clone()
+        return step(*a, **kw)
+
+    tr.optimizer.step = capture
+    tr.train_step()
+    return seen
+
+
 def random_ids_dataset(root, vocab: int = 320, docs: int = 8, tokens: int = 3000):
     """A prepared dataset of `docs` documents of random token ids under root / "ds" (the CUDA trainer tests)."""
     import numpy as np

@@ -15,6 +15,11 @@ master: the update runs on them in place, as AdamW would.
 torch.optim.AdamW's. `masters_in_model()` puts the masters into the model for the time of a checkpoint write
 or load (`giants.save` then writes fp32), and writes the bf16 weights back from the masters on exit.
 
+Gradient accumulation: autocast over fp32 weights sums the micro-batches' gradients in fp32 (each bf16 weight
+gradient is cast to fp32, then added to `.grad`). bf16 parameters would get bf16 `.grad` and sum in bf16, so a run
+that accumulates calls `accumulate()` after each micro-batch's backward: it moves the bf16 gradients into fp32 sums
+held here (the same fp32 additions, in the same order) and clears `.grad`. `grads()` and `step()` read those sums.
+
 On CUDA the update is one Triton kernel launch per tensor; elsewhere (or without Triton) plain torch ops.
 """
 
@@ -64,6 +69,16 @@ if _HAS_TRITON:
         if WRITE_OUT:
             # round to nearest even, as torch.Tensor.to does (the master rounded, not truncated)
             tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def _accumulate_kernel(acc_ptr, grad_ptr, n, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+        # acc (fp32) = grad, or acc + grad: the fp32 sum autograd forms in an fp32 parameter's .grad
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        if not FIRST:
+            g = tl.load(acc_ptr + offs, mask=mask) + g
+        tl.store(acc_ptr + offs, g, mask=mask)
 
     @triton.jit
     def _sumsq_kernel(ptrs_ptr, block_tensor_ptr, block_start_ptr, numel_ptr, out_ptr, DTYPE: tl.constexpr,
@@ -194,12 +209,46 @@ class MasterAdamW(torch.optim.Optimizer):
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         self.use_triton = use_triton
+        # fp32 gradient sums of the cast parameters (`accumulate`), kept from step to step; `_live`: the ones
+        # holding this step's sum
+        self._acc: dict[int, torch.Tensor] = {}
+        self._live: set[int] = set()
 
     # ---- gradients ---------------------------------------------------------------------------------
+    def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient `step()` applies to model parameter p: its fp32 sum after `accumulate()`, else p.grad."""
+        return self._acc[id(p)] if id(p) in self._live else p.grad
+
     def grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.model_params if p.grad is not None]
+        return [g for g in map(self.grad_of, self.model_params) if g is not None]
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add the cast parameters' compute-dtype gradients into their fp32 sums and clear `.grad` (call after
+        every micro-batch's backward, the last included, when accumulating). Parameters that stay fp32 in the
+        model keep accumulating in `.grad`, as autograd does."""
+        for p, q in self._pairs():
+            g = p.grad
+            if g is None:
+                continue
+            acc = self._acc.get(id(p))
+            if acc is None:
+                acc = self._acc[id(p)] = torch.empty_like(q, memory_format=torch.contiguous_format)
+            first = id(p) not in self._live
+            if self._triton_ok(acc, g):
+                # (one vectorised pass; torch's mixed-dtype add would take its dynamic-casting path)
+                n = acc.numel()
+                _accumulate_kernel[(triton.cdiv(n, BLOCK),)](acc, g, n, FIRST=first, BLOCK=BLOCK,
+                                                             num_warps=NUM_WARPS)
+            elif first:
+                acc.copy_(g)
+            else:
+                acc.add_(g)
+            self._live.add(id(p))
+            p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._live.clear()
         for p in self.model_params:
             if p.grad is None:
                 continue
@@ -254,9 +303,10 @@ class MasterAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for q in group["params"]:
                 p = model_of[id(q)]
-                if p.grad is None:
+                grad = self.grad_of(p)
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("MasterAdamW does not support sparse gradients")
                 st = self.state[q]
                 if not st:
@@ -266,7 +316,7 @@ class MasterAdamW(torch.optim.Optimizer):
                 st["step"] += 1
                 step = float(st["step"])
                 out = p if p is not q else self._shadows.get(id(q))
-                self._update(q, p.grad, st["exp_avg"], st["exp_avg_sq"], out, scale, lr=lr, wd=wd, beta1=beta1,
+                self._update(q, grad, st["exp_avg"], st["exp_avg_sq"], out, scale, lr=lr, wd=wd, beta1=beta1,
                              beta2=beta2, eps=eps, step=step, skip=skip)
         return loss
 

@@ -211,7 +211,7 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def estimate_memory(cfg: ModelConfig, tc: TrainConfig, bf16: bool) -> int:
+def estimate_memory(cfg: ModelConfig, tc: TrainConfig, bf16: bool, master: bool = False) -> int:
     from giants.analysis.memory import training_memory
 
     rows = tc.batch_size * (2 if tc.task == "dpo" else 1)
@@ -223,6 +223,8 @@ def estimate_memory(cfg: ModelConfig, tc: TrainConfig, bf16: bool) -> int:
         total = count_total_params(cfg) * 4 + est.activations + est.logits + est.runtime
     if tc.task == "dpo" and tc.lora_rank == 0:
         total += count_total_params(cfg) * (2 if bf16 else 4)  # the frozen reference copy
+    if master and tc.grad_accum > 1:
+        total += count_total_params(cfg) * 4  # MasterAdamW's fp32 gradient sums (an upper bound: not the norms)
     return int(total)
 
 
@@ -348,12 +350,7 @@ class Trainer:
     def _use_master_weights(self) -> bool:
         cfg = self.cfg
         if cfg.master_weights is None:
-            return self.bf16 and self.device.type == "cuda" and cfg.lora_rank == 0 and cfg.grad_accum == 1
-        if cfg.master_weights and cfg.grad_accum > 1:
-            # bf16 parameters get bf16 .grad, so micro-batches would be summed in bf16 (autocast over fp32
-            # weights sums them in fp32)
-            raise ValueError(f"TrainConfig.master_weights: not with grad_accum={cfg.grad_accum} (gradients would "
-                             "accumulate in bf16); use master_weights off")
+            return self.bf16 and self.device.type == "cuda" and cfg.lora_rank == 0
         if cfg.master_weights and not self.bf16:
             raise ValueError("TrainConfig.master_weights: needs bf16 precision (fp32 runs keep fp32 weights)")
         if cfg.master_weights and cfg.lora_rank:
@@ -401,7 +398,7 @@ class Trainer:
         return load_config(source)
 
     def _check_memory(self) -> None:
-        need = estimate_memory(self.model_config, self.cfg, self.bf16)
+        need = estimate_memory(self.model_config, self.cfg, self.bf16, self.master)
         have = (int(self.cfg.memory_limit_gb * 2**30) if self.cfg.memory_limit_gb is not None
                 else available_memory(self.device))
         if need > have:
@@ -759,17 +756,25 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         extras: list[dict[str, Any]] = []
+        accumulate = cfg.grad_accum > 1 and isinstance(self.optimizer, MasterAdamW)
         for _ in range(cfg.grad_accum):
             loss, info, n = self._next_micro()
             (loss / cfg.grad_accum).backward()
             if "lookup" in info:
                 scatter_embedding_grad(*info.pop("lookup"))
+            if accumulate:
+                # bf16 weights get bf16 .grad: the micro-batches are summed in fp32 in the optimizer instead, as
+                # autocast over fp32 weights sums them
+                self.optimizer.accumulate()
             ce_sum += info["ce"].float()
             loss_sum += loss.detach().float()
             tokens += n
             extras.append(info)
         params = self.train_params
-        grads = [p.grad for p in params if p.grad is not None]
+        if isinstance(self.optimizer, MasterAdamW):
+            grads = self.optimizer.grads()
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
         fused = self._fused_optimizer()
         fold_clip = cfg.grad_clip > 0 and fused and (self.device.type == "cuda" or isinstance(self.optimizer,
                                                                                               MasterAdamW))
