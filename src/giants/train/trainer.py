@@ -48,8 +48,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 TIED_HEAD_DEVICES: tuple[str, ...] = ("cuda",)
 # where the output head and the cross-entropy run as one op (giants.train.cross_entropy.linear_cross_entropy).
 # Off: on an H200 its one-kernel loss + gradient ran 1.99-2.94 ms against 1.75 ms for the two-kernel path
-# (benchmarks/bench_ce.py), and the step took the same time either way (bench_train_ab.py, 2 programs per SM);
-# at 4 programs per SM the step is not yet measured (`bench_train_ab.py --variants fused,tied`).
+# (benchmarks/bench_ce.py), and the step took the same time either way (bench_train_ab.py: 2 programs per SM on
+# one machine; at 4 a paired ratio of 1.0091 on one machine and 0.9995 on another).
 FUSED_HEAD_CE_DEVICES: tuple[str, ...] = ()
 
 
@@ -116,7 +116,7 @@ class TrainConfig:
     # step, since a replay reuses the previous replay's output memory); None: the default mode
     compile_mode: str | None = None
     # bf16 matmul weights in the model, fp32 master weights + moments in the optimizer (giants.train.optim);
-    # None: on for bf16 runs on CUDA that train all weights (no LoRA) with one micro-batch a step
+    # None: on for bf16 runs on CUDA that train all weights (no LoRA)
     master_weights: bool | None = None
     # the residual stream's dtype in the training loss under bf16: "fp32" is what autocast over fp32 weights (and
     # transformers) computes, the embedding lookup's fp32 rows carried through every residual add; "bf16" carries
