@@ -248,7 +248,7 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
           f"{g.get('graph_replay_ms', 0):.2f} ms/step; gemv {g.get('gemv_choice')}", flush=True)
     runner = llm.engine.runner
     if getattr(runner, "graphs", None) is not None:
-        from giants.inference import triton_kernels as tk
+        from giants.inference import kernels as tk
 
         # the same model and kernel picks, the decode graph captured again with one switch flipped
         for on in pdl_modes:

@@ -17,7 +17,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from giants.inference import triton_kernels as tk
+from giants.inference import kernels as tk
 
 
 def best(fn, configs):

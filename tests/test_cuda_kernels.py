@@ -15,7 +15,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(8, 5760, 2880), (32, 2880, 2880), (8, 448, 64)])
 def test_expert_gemv_equals_per_pair_matmul(shape, bias):
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
 
     E, N, K = shape
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -73,7 +73,7 @@ def test_moe_decode_gemv_path_equals_grouped_path(name):
 @pytest.mark.parametrize("E,K", [(8, 2), (32, 4), (128, 4)])
 def test_route_topk_equals_moe_route(E, K, before, renorm):
     from giants.config import ModelConfig
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
     from giants.model.mlp import MoE
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=16,
@@ -93,7 +93,7 @@ def test_route_topk_equals_moe_route(E, K, before, renorm):
 @pytest.mark.parametrize("bias", [False, True])
 def test_expert_down_combine_equals_reference(activation, bias):
     from giants.config import ModelConfig
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
     from giants.model.mlp import gated_activation
 
     E, N, F, B, K = 8, 96, 200, 3, 2
@@ -122,7 +122,7 @@ def test_expert_down_combine_equals_reference(activation, bias):
 def test_expert_gemv_with_activation_and_norm_combine(activation):
     """The split down path: activation applied on load, then the combine fused into residual + RMSNorm."""
     from giants.config import ModelConfig
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
     from giants.model.mlp import gated_activation
 
     E, N, F, B, K = 8, 96, 200, 3, 2
@@ -157,7 +157,7 @@ def test_splitk_gemv_partials_sum_to_reference(activation, bias):
     """Split-K GEMV: the split partials (fp32) add up to the per-pair product, activation and bias included;
     split 1 gives the result in the input dtype. Dense weights (N, K) are one expert."""
     from giants.config import ModelConfig
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
     from giants.model.mlp import gated_activation
 
     E, N, K = 5, 300, 1000
@@ -274,7 +274,7 @@ def test_clip_folded_into_fused_adamw_equals_clip_then_step():
 def test_norm_gemv_equals_norm_then_linear(glu, residual, plus_one):
     """One kernel for residual add + RMSNorm + one-row GEMV (+ GLU) against the separate steps."""
     from giants.config import ModelConfig
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
     from giants.model.mlp import gated_activation
 
     K, N = 1000, 300
@@ -333,7 +333,7 @@ def test_runner_norm_gemv_plan_agrees():
 
 
 def tk_glu(gu, cfg):
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
 
     return tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
 
@@ -371,7 +371,7 @@ def test_programmatic_dependent_launch_changes_no_token(name):
     """Kernels launched with PDL start while the previous kernel drains and wait for its writes: the decode
     graphs give the same tokens with PDL off and on."""
     import giants
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
     from giants.inference.engine import Engine
 
     model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
@@ -399,7 +399,7 @@ def test_chained_gemvs_equal_norm_then_linear(glu, bias, plus_one):
     GLU). Many programs (4096 rows, block_n 2), so the last-ticket reduction sees real concurrency."""
     import torch.nn.functional as F
 
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
 
     torch.manual_seed(0)
     K, N, dt = 4096, 1536, torch.float32
@@ -483,7 +483,7 @@ def _run_one(engine, prompt):
 def test_qkv_rope_gemv_equals_gemv_then_rope_kv_write(rope, bias, block_n):
     """The QKV GEMV with the rotary and the paged KV write in its epilogue equals the GEMV then
     rope_kv_write (Llama-3.1-8B head layout: 32 query heads, 8 kv heads, head dim 128)."""
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
 
     torch.manual_seed(0)
     H, Hkv, D, K, dt = 32, 8, 128, 4096, torch.float32
@@ -514,7 +514,7 @@ def test_norm_route_equals_norm_then_router_then_topk(E, K, B, before, renorm, b
     to finish) equals rmsnorm, the router linear and route_topk; its ticket counter resets itself."""
     import torch.nn.functional as F
 
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
 
     torch.manual_seed(0)
     D = 2880
@@ -541,7 +541,7 @@ def test_norm_route_equals_norm_then_router_then_topk(E, K, B, before, renorm, b
 def test_expert_gemv_glu_epilogue_equals_gemv_then_glu(activation, bias):
     """expert_gemv(glu=) streams each routed expert's gate and up rows together and applies the activation in
     its epilogue: equal to the gate|up GEMV then the GLU kernel, every config (gpt-oss-20b expert shape)."""
-    from giants.inference import triton_kernels as tk
+    from giants.inference import kernels as tk
 
     torch.manual_seed(0)
     E, F_, D = 8, 2880, 2880

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from giants.inference import triton_kernels as tk
+from giants.inference import kernels as tk
 from giants.inference.kv_cache import KVCacheManager
 from giants.inference.runner import Chunk, ModelRunner
 from giants.model.mlp import MoE

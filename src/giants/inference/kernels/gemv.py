@@ -1,0 +1,294 @@
+"""One-row GEMVs: fused residual + RMSNorm + GEMV (+ GLU), the batch-1 GEMV (with norm / scale / GLU
+epilogues), the fused QKV GEMV + rotary + paged KV write, and the cuBLAS-vs-Triton pick for one-row linears."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from giants.inference.kernels.common import ACTS, _act, _grid_dep, _np2, _pdl, cold_copies, time_ms
+
+
+# ---- residual add + RMSNorm + one-row GEMV (+ GLU) --------------------------------------------
+@triton.jit
+def _norm_gemv_kernel(X, R, NW, W, B, Y, RES_OUT, N, K, eps, alpha, limit, HAS_RES: tl.constexpr,
+                      PLUS_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y = W @ norm(x [+ r]) for one row, the norm computed by every program from x (a few KB, read from
+    L2) instead of by a kernel of its own; program 0 stores x + r, the new residual stream. With GLU >= 0
+    W holds [gate; up] (2N rows) and y = act(gate . h, up . h): the GLU kernel goes too. Intermediate
+    values are rounded to the activation dtype where the unfused kernels store them."""
+    _grid_dep(PDL)
+    pid = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        km = k0 + rk < K
+        x = tl.load(X + k0 + rk, mask=km, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            if pid == 0:
+                tl.store(RES_OUT + k0 + rk, x, mask=km)
+        xf = x.to(tl.float32)
+        ss += xf * xf
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    u_ptr = W + (rn + N).to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        km = k0 + rk < K
+        x = tl.load(X + k0 + rk, mask=km, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(R + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        nw = tl.load(NW + k0 + rk, mask=km, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            nw = nw + 1.0
+        h = ((x.to(tl.float32) * rstd) * nw).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * h[None, :]
+        if GLU >= 0:
+            wu = tl.load(u_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            acc_u += wu.to(tl.float32) * h[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
+    if GLU >= 0:
+        u = tl.sum(acc_u, axis=1)
+        if HAS_BIAS:
+            u += tl.load(B + N + rn, mask=nm, other=0.0).to(tl.float32)
+        g = y.to(Y.dtype.element_ty).to(tl.float32)
+        u = u.to(Y.dtype.element_ty).to(tl.float32)
+        y = _act(g, u, alpha, limit, GLU)
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+NORM_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                     for bn, bk, nw, ns in ((8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3),
+                                            (16, 512, 8, 3), (4, 512, 4, 3))]
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              plus_one: bool, w: torch.Tensor, bias: torch.Tensor | None, *, glu: str | None = None,
+              alpha: float = 1.702, limit: float = 7.0, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
+              num_stages: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x, residual: (1, K); w: (N, K), or (2F, K) = [gate; up] with `glu` -> (y (1, N or F), x + residual
+    or None): rmsnorm then F.linear (then the GLU) for one row in one kernel."""
+    N2, K = w.shape
+    N = N2 // 2 if glu is not None else N2
+    if not (x.shape == (1, K) and x.is_contiguous() and w.is_contiguous()):
+        raise ValueError(f"norm_gemv needs contiguous x (1, {K}) and w (N, {K}); got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    _norm_gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, residual if residual is not None else x, norm_weight, w, bias if bias is not None else w, y,
+        res_out if res_out is not None else y, N, K, eps, alpha, limit, HAS_RES=residual is not None,
+        PLUS_ONE=plus_one, HAS_BIAS=bias is not None, GLU=ACTS[glu] if glu is not None else -1, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **_pdl())
+    return y, res_out
+
+
+# ---- batch-1 GEMV ---------------------------------------------------------------------------
+@triton.jit
+def _row_dots(X, W, rn, nm, N, K, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """(sum_k W[rn, k] X[k], and with GLU >= 0 the same over rows rn + N, else zeros) in fp32: one stream
+    over the weight rows (rows outside nm read as zero), x loaded once per K tile for both."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    u_ptr = W + (rn + N).to(tl.int64)[:, None] * K + rk[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(X + k0 + rk)
+            w = tl.load(w_ptr + k0, mask=nm[:, None], other=0.0)
+            if GLU >= 0:
+                wu = tl.load(u_ptr + k0, mask=nm[:, None], other=0.0)
+        else:
+            km = k0 + rk < K
+            x = tl.load(X + k0 + rk, mask=km, other=0.0)
+            w = tl.load(w_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            if GLU >= 0:
+                wu = tl.load(u_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if GLU >= 0:
+            acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1), tl.sum(acc_u, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, limit, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_RES: tl.constexpr,
+                 PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PDL: tl.constexpr):
+    """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
+
+    SCALED: the sum is multiplied by S_IN[0] before the bias, so with X = x * nw and S_IN = rstd(x) this is
+    linear(rmsnorm(x)) without a norm kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up).
+    HAS_RES (the O and down projections of a chained layer): Y = round(round(y) + R), the new residual
+    stream, as the norm kernel would add it; HX = round(Y * NW), the next norm's input times its weight;
+    and the program that finishes last (a ticket from CNT) sums the per-program squares in SS in a fixed
+    order and writes RSTD = 1 / sqrt(mean(Y^2) + eps), so the result is deterministic."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    _grid_dep(PDL)
+    y, u = _row_dots(X, W, rn, nm, N, K, GLU, BLOCK_N, BLOCK_K, EVEN_K)
+    if SCALED:
+        y = y * tl.load(S_IN)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
+    if GLU >= 0:
+        if SCALED:
+            u = u * tl.load(S_IN)
+        if HAS_BIAS:
+            u += tl.load(B + N + rn, mask=nm, other=0.0).to(tl.float32)
+        y = _act(y.to(Y.dtype.element_ty).to(tl.float32), u.to(Y.dtype.element_ty).to(tl.float32), alpha, limit,
+                 GLU)
+    if HAS_RES:
+        r = tl.load(R + rn, mask=nm, other=0.0).to(tl.float32)
+        x = (y.to(Y.dtype.element_ty).to(tl.float32) + r).to(Y.dtype.element_ty)
+        tl.store(Y + rn, x, mask=nm)
+        xf = tl.where(nm, x.to(tl.float32), 0.0)
+        nw = tl.load(NW + rn, mask=nm, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            nw = nw + 1.0
+        tl.store(HX + rn, (xf * nw).to(HX.dtype.element_ty), mask=nm)
+        tl.store(SS + pid, tl.sum(xf * xf, axis=0))
+        tl.debug_barrier()  # whichever thread stored SS, the ticket's release below orders it
+        # acq_rel: this program's SS store is visible to the program that draws the last ticket
+        ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            rp = tl.arange(0, BLOCK_P)
+            tot = tl.sum(tl.load(SS + rp, mask=rp < tl.num_programs(0), other=0.0, cache_modifier=".cg"), axis=0)
+            tl.store(RSTD, tl.rsqrt(tot / N + eps))
+            tl.store(CNT, 0)  # ready for the next chained GEMV (the counter is shared)
+    else:
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
+         glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
+         residual: tuple[torch.Tensor, torch.Tensor, float, bool, torch.Tensor] | None = None, block_n: int = 8,
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
+    """x: (1, K), w: (N, K) row-major -> (1, N); F.linear for a single row.
+
+    scale: a (1,) fp32 factor on the product before the bias (the rstd of a chained norm, x its input
+    times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
+    residual = (r (1, N), next norm weight (N,), eps, plus_one, counter (1,) int32 zeros): returns
+    (r + linear, that times the norm weight, its rstd (1,) fp32) for the next chained GEMV."""
+    N2, K = w.shape
+    N = N2 // 2 if glu is not None else N2
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    grid = triton.cdiv(N, block_n)
+    if residual is not None:
+        r, nw, eps, plus_one, cnt = residual
+        hx = torch.empty_like(y)
+        ss = torch.empty(grid, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(1, dtype=torch.float32, device=x.device)
+    else:
+        r = nw = hx = ss = cnt = rstd = y
+        eps, plus_one = 0.0, False
+    _gemv_kernel[(grid,)](x, w, bias if bias is not None else w, y, r, nw, hx, ss, cnt, rstd,
+                          scale if scale is not None else y, N, K, eps, alpha, limit, HAS_BIAS=bias is not None,
+                          BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, HAS_RES=residual is not None,
+                          PLUS_ONE=plus_one, SCALED=scale is not None, GLU=ACTS[glu] if glu is not None else -1,
+                          BLOCK_P=_np2(grid) if residual is not None else 1, num_warps=num_warps,
+                          num_stages=num_stages, **_pdl())
+    return (y, hx, rstd) if residual is not None else y
+
+
+@triton.jit
+def _qkv_rope_gemv_kernel(X, W, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, K, H, HKV,
+                          HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    """The one-row QKV projection with the rotary and the KV-cache write in its epilogue (no qkv tensor,
+    no rotary kernel). Program p covers BLOCK_N / 2 rows of one head's first half and the matching rows
+    of its second half, so each rotation pair meets in one program; rows are ordered lo0, hi0, lo1, ...
+    Values are rounded to the activation dtype where the unfused GEMV stores qkv."""
+    BH: tl.constexpr = BLOCK_N // 2
+    D: tl.constexpr = 2 * HALF
+    pid = tl.program_id(0)
+    head = pid // (HALF // BH)
+    j = (pid % (HALF // BH)) * BH + tl.arange(0, BH)  # (BH,) positions in the half
+    i = tl.arange(0, BLOCK_N)
+    rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
+    _grid_dep(PDL)
+    y, _ = _row_dots(X, W, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, -1, BLOCK_N, BLOCK_K, EVEN_K)
+    if SCALED:
+        y = y * tl.load(S_IN)
+    if HAS_BIAS:
+        y += tl.load(B + rn).to(tl.float32)
+    y = y.to(Q_OUT.dtype.element_ty).to(tl.float32)
+    lo, hi = tl.split(tl.reshape(y, (BH, 2)))
+    if HAS_ROPE and head < H + HKV:
+        c = tl.load(COS + j).to(tl.float32)
+        s = tl.load(SIN + j).to(tl.float32)
+        lo, hi = lo * c - hi * s, hi * c + lo * s
+    if head < H:
+        dst = Q_OUT + head * D
+    else:
+        slot = tl.load(SLOT).to(tl.int64)
+        if head < H + HKV:
+            dst = K_CACHE + (slot * HKV + head - H) * D
+        else:
+            dst = V_CACHE + (slot * HKV + head - H - HKV) * D
+    tl.store(dst + j, lo.to(Q_OUT.dtype.element_ty))
+    tl.store(dst + HALF + j, hi.to(Q_OUT.dtype.element_ty))
+
+
+def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                  cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int, *, block_n: int = 8,
+                  block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> None:
+    """One row: qkv = x @ w.T (* scale) (+ bias), then what rope_kv_write does with it, in one kernel.
+    x: (1, K); w: ((H + 2 Hkv) D, K); cos/sin (1, D/2) or None; q_out (1, H, D); caches (blocks, bs, Hkv, D)."""
+    D = q_out.shape[-1]
+    K = w.shape[1]
+    if block_n % 2 or (D // 2) % (block_n // 2) or w.shape[0] != (H + 2 * Hkv) * D or x.shape != (1, K):
+        raise ValueError(f"qkv_rope_gemv: block_n {block_n} must be even and split D/2 = {D // 2}; w "
+                         f"{tuple(w.shape)} must be (({H} + 2 * {Hkv}) * {D}, K), x {tuple(x.shape)} (1, K)")
+    grid = (H + 2 * Hkv) * (D // block_n)
+    _qkv_rope_gemv_kernel[(grid,)](
+        x, w, bias if bias is not None else w, scale if scale is not None else x, cos if cos is not None else x,
+        sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, H, Hkv, HAS_BIAS=bias is not None,
+        SCALED=scale is not None, HAS_ROPE=cos is not None, HALF=D // 2, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages, **_pdl())
+
+
+GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                for bn, bk, nw, ns in ((4, 1024, 4, 4), (8, 512, 4, 4), (16, 256, 4, 4), (8, 1024, 8, 3),
+                                       (16, 512, 8, 3), (32, 256, 8, 3), (2, 2048, 4, 4))]
+
+
+def pick_linear_1row(w: torch.Tensor, bias: torch.Tensor | None, reps: int = 30):
+    """Time F.linear (cuBLAS) against the Triton GEMV configs for a one-row input (CUDA graphs, cold weight
+    copies); returns the fastest as a callable x -> y, with its name and the measured microseconds of each."""
+    import torch.nn.functional as F
+
+    x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
+    cands = {"cublas": lambda x, w=w: F.linear(x, w, bias)}
+    for c in GEMV_CONFIGS:
+        cands[f"triton{c['block_n']}x{c['block_k']}w{c['num_warps']}s{c['num_stages']}"] = \
+            functools.partial(gemv, bias=bias, **c)
+    ref = F.linear(x, w, bias).float()
+    copies = cold_copies(w)
+    times = {}
+    for name, fn in cands.items():
+        try:
+            y = fn(x, w=w)
+            if name != "cublas" and not torch.allclose(y.float(), ref, atol=2e-2, rtol=2e-2):
+                continue
+            times[name] = time_ms(lambda i, fn=fn: fn(x, w=copies[i % len(copies)]), reps) * 1e3
+        except Exception:  # noqa: BLE001 - a config that does not compile for this shape is skipped
+            torch.cuda.synchronize()
+            continue
+    best = min(times, key=times.get)
+    return functools.partial(cands[best], w=w), best, times
