@@ -101,4 +101,19 @@ class RelativeBias(nn.Module):
         # q_pos: (B, T), k_pos: (B, S) -> bias: (B, H, T, S)
         rel = k_pos[:, None, :] - q_pos[:, :, None]
         bucket = t5_relative_bucket(rel, self.num_buckets, self.max_distance)
-        return self.weight[bucket].permute(0, 3, 1, 2)
+        return bias_lookup(self.weight, bucket).permute(0, 3, 1, 2)
+
+
+def bias_lookup(weight: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+    """weight[bucket]: (nb, H) rows picked by bucket ids (...) -> (..., H), with a deterministic gradient.
+
+    The backward of `weight[bucket]` is index_put_(accumulate=True), which on the CPU with more than one
+    thread adds with atomics in whatever order the threads race (the table's gradient then differs run to
+    run in the last bits, and a resumed run drifts from an uninterrupted one). On the CPU this is a gather
+    instead, whose backward is scatter_add_, deterministic there (stable-sorted per row) and faster; the
+    forward values are the same copies. On CUDA indexing stays: its accumulate is sort-based and
+    deterministic, while scatter_add_ uses atomics there."""
+    if weight.device.type != "cpu":
+        return weight[bucket]
+    idx = bucket.reshape(-1, 1).expand(-1, weight.shape[1])
+    return weight.gather(0, idx).view(*bucket.shape, weight.shape[1])
