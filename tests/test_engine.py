@@ -252,3 +252,33 @@ def test_async_decode_launches_ahead_and_matches_reference(name, prompts):
     assert engine.num_ahead_dropped >= 1 and engine.num_ahead_used > 10, (engine.num_ahead_used,
                                                                           engine.num_ahead_dropped)
     assert Engine(model, block_size=4, num_blocks=64).async_decode is False  # CPU default: off
+
+
+def test_prefix_block_key_is_a_sha256_chain():
+    """A block's key is sha256(parent key || token ids as int64 little-endian), the first block's parent 32 zero
+    bytes: a collision-resistant chain, where Python's 64-bit `hash` of (parent hash, tokens) could be made to
+    collide and hand one prompt's cached KV to another."""
+    import hashlib
+    import struct
+
+    from giants.inference.kv_cache import ROOT_KEY, KVCacheManager, SeqBlocks, block_key
+
+    toks = (1, 2, 70000, 2**40)
+    first = block_key(None, toks)
+    assert ROOT_KEY == bytes(32)
+    assert first == hashlib.sha256(bytes(32) + struct.pack("<4q", *toks)).digest()
+    assert first == hashlib.sha256(bytes(32) + b"".join(t.to_bytes(8, "little") for t in toks)).digest()
+    second = block_key(first, (5, 6, 7, 8))
+    assert second == hashlib.sha256(first + struct.pack("<4q", 5, 6, 7, 8)).digest()
+    assert isinstance(second, bytes) and len(second) == 32
+    # different tokens, different parents, token order, and a token split across blocks all give different keys
+    keys = {first, second, block_key(None, (1, 2, 70000, 2**40 + 1)), block_key(second, (5, 6, 7, 8)),
+            block_key(None, (2, 1, 70000, 2**40)), block_key(block_key(None, (1, 2)), (70000, 2**40))}
+    assert len(keys) == 6
+    # the manager keys a sequence's full blocks by that chain
+    kv = KVCacheManager(giants.get_config("tiny-llama"), block_size=4, num_blocks=8, max_model_len=64,
+                        dtype=torch.float32, device=torch.device("cpu"))
+    blocks = SeqBlocks(len(kv.groups))
+    ids = list(range(10, 21))
+    assert kv._keys(blocks, ids, 2) == [block_key(None, (10, 11, 12, 13)),
+                                        block_key(block_key(None, (10, 11, 12, 13)), (14, 15, 16, 17))]

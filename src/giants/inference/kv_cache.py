@@ -5,14 +5,18 @@ Layers are grouped by attention window. Each group owns a pool of `num_blocks` b
 releases a sequence's blocks once they fall out of the window while a full-attention group keeps all
 of them. A block's identity is the same across the layers of its group.
 
-Prefix caching: a full block is keyed by (key of the previous block, its token ids), a hash chain, so
-equal keys mean equal prefixes. A block whose last user leaves stays in the cache (an LRU of
+Prefix caching: a full block is keyed by a SHA-256 chain (`block_key`): the digest of the previous block's
+key and the block's token ids, so equal keys mean equal prefixes (a collision would need a SHA-256
+collision, where a 64-bit `hash` chain could be made to collide on purpose and serve one prompt's KV to
+another). A block whose last user leaves stays in the cache (an LRU of
 evictable blocks) until its slot is needed. A prefix hit needs, in every full-attention group, all
 blocks of the prefix and, in every sliding group, the blocks that the window still reaches.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -20,7 +24,8 @@ import torch
 
 from giants.config import ModelConfig
 
-BlockKey = tuple  # (parent key hash, token ids)
+BlockKey = bytes  # a SHA-256 digest (32 bytes), see block_key
+ROOT_KEY = bytes(32)  # the parent of a sequence's first block
 
 
 class BlockPool:
@@ -90,7 +95,11 @@ class SeqBlocks:
 
 
 def block_key(parent: BlockKey | None, tokens: tuple[int, ...]) -> BlockKey:
-    return (hash(parent) if parent is not None else 0, tokens)
+    """sha256(parent key (32 bytes; ROOT_KEY, all zeros, for the first block) || token ids as int64
+    little-endian).digest(): the fixed-length parent makes the byte string unambiguous, and the key names the
+    whole prefix up to and including this block."""
+    data = (ROOT_KEY if parent is None else parent) + struct.pack(f"<{len(tokens)}q", *tokens)
+    return hashlib.sha256(data).digest()
 
 
 class KVCacheManager:
