@@ -5,12 +5,27 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite never reaches the hub (transformers and `kernels` would otherwise try to, e.g. for MXFP4 kernels):
+# forced, not defaulted, and set before anything imports huggingface_hub (it reads the variable at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 HF_TINY = ("tiny-llama", "tiny-gemma2", "tiny-mixtral", "tiny-gpt-oss")
 ALL_TINY = (*HF_TINY, "tiny-gpt-oss-described")
+
+# For tests that need a CUDA GPU (`from conftest import cuda`, then `@cuda`). `make test-gpu` runs them.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test of a test_cuda_*.py file and every test that skips without CUDA (the `cuda` marker
+    above, or its own skipif whose reason names CUDA), so that `pytest -m cuda` selects exactly the GPU tests."""
+    for item in items:
+        if item.path.name.startswith("test_cuda_") or any(
+                "cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import cuda
 
 
 @cuda
@@ -246,7 +246,8 @@ def test_async_decode_on_cuda_graphs_matches_sync(name):
 
 @cuda
 def test_clip_folded_into_fused_adamw_equals_clip_then_step():
-    """The trainer's CUDA path: clipping as the fused AdamW's grad_scale equals clip_grad_norm_ then step."""
+    """The trainer's CUDA path with master_weights=False: clipping as the fused AdamW's grad_scale equals
+    clip_grad_norm_ then step."""
     torch.manual_seed(0)
     shapes = [(64, 32), (32,), (128, 64)]
     a = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
@@ -339,30 +340,57 @@ def tk_glu(gu, cfg):
 
 
 @cuda
-def test_trainer_on_cuda_clips_through_fused_adamw(tmp_path):
-    """A few CUDA training steps of a tiny twin with clipping on: finite, falling loss; the folded clip's
-    grad_scale is cleared after every step; the logged gradient norm is the pre-clip norm."""
+@pytest.mark.parametrize("master_weights", [None, False], ids=["master-adamw", "fused-adamw"])
+def test_trainer_on_cuda_clips_through_the_optimizer(tmp_path, master_weights):
+    """CUDA training steps of a tiny twin with clipping on, through the optimizer the trainer picks: by default
+    (bf16, master weights) MasterAdamW over bf16 matmul weights; with master_weights=False (`--master-weights off`)
+    torch's fused AdamW over fp32 weights. Either way the clip rides in the optimizer's kernel: every step() sees
+    grad_scale = max(1, (norm + 1e-6) / clip) of that step's logged, pre-clip gradient norm, and the trainer clears
+    grad_scale and found_inf after it; the loss is finite and falls. (That a grad_scale equals clipping first:
+    test_clip_folded_into_fused_adamw_equals_clip_then_step, and MasterAdamW against fused AdamW with the same
+    grad_scale: tests/test_cuda_optim.py.)"""
     import numpy as np
 
     from giants.train.data import prepare
+    from giants.train.optim import MasterAdamW
     from giants.train.trainer import TrainConfig, Trainer
 
     rng = np.random.default_rng(0)
     text = tmp_path / "t.txt"
     text.write_text(" ".join("abcdefgh"[int(i)] * 3 for i in rng.integers(0, 8, 6000)))
     prepare(text, "bytes", tmp_path / "ds", val_fraction=0.1)
+    clip, steps = 0.5, 12
     tc = TrainConfig(out=str(tmp_path / "run"), preset="tiny-llama", data=str(tmp_path / "ds"), tokenizer="bytes",
-                     seq_len=64,
-                     batch_size=4, steps=12, lr=3e-3, warmup_steps=0, schedule="constant", device="cuda",
-                     grad_clip=0.5, eval_every=0, checkpoint_at_end=False, save_final=False, progress=False,
-                     log_every=1)
+                     seq_len=64, batch_size=4, steps=steps, lr=3e-3, warmup_steps=0, schedule="constant",
+                     device="cuda", grad_clip=clip, master_weights=master_weights, eval_every=0,
+                     checkpoint_at_end=False, save_final=False, progress=False, log_every=1)
     tr = Trainer(tc)
-    assert tr.optimizer.defaults.get("fused")
+    opt = tr.optimizer
+    dtypes = {p.dtype for p in tr.model.parameters()}
+    assert tr.bf16  # precision "auto" on CUDA
+    if master_weights is None:
+        assert tr.master and isinstance(opt, MasterAdamW)
+        assert dtypes == {torch.float32, torch.bfloat16}  # bf16 matmul weights; norms and embedding fp32
+    else:
+        assert not tr.master and type(opt) is torch.optim.AdamW and opt.defaults.get("fused")
+        assert dtypes == {torch.float32}  # fp32 weights under bf16 autocast
+    seen = []
+    step = opt.step
+
+    def spy(*args, **kwargs):  # what the optimizer's kernel reads: the scale set for this step
+        seen.append(None if opt.grad_scale is None else opt.grad_scale.detach().clone())
+        return step(*args, **kwargs)
+
+    opt.step = spy
     tr.run()
+    assert [h["step"] for h in tr.history] == list(range(1, steps + 1)) and len(seen) == steps
     losses = [h["train_loss"] for h in tr.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-    assert getattr(tr.optimizer, "grad_scale", None) is None
-    assert any(h["grad_norm"] > 0.5 for h in tr.history)  # clipping was active at some step
+    for h, scale in zip(tr.history, seen):
+        assert scale is not None, h  # folded into the optimizer, not a separate clip_grad_norm_ pass
+        assert float(scale) == pytest.approx(max(1.0, (h["grad_norm"] + 1e-6) / clip), rel=1e-5), h
+    assert opt.grad_scale is None and opt.found_inf is None
+    assert any(h["grad_norm"] > clip for h in tr.history)  # clipping was active at some step
 
 
 @cuda

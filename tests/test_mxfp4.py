@@ -129,9 +129,11 @@ def test_checkpoint_write_read_lossless_and_transformers_loads_it(tmp_path):
     again = load(tmp_path / "q")
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
-    # transformers reads the same files (dequantizing on CPU) to the same logits
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    # transformers reads the same files to the same logits. Dequantizing is asked for explicitly: otherwise a
+    # transformers with the `kernels` package installed fetches MXFP4 kernels from the hub (tests run offline).
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", dtype=torch.float32, attn_implementation="eager",
+        quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         assert (again(ids) - hf(ids).logits).abs().max().item() <= 1e-4
