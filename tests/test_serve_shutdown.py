@@ -108,6 +108,7 @@ def test_queue_full_429_then_drain_timeout_ends_streams_cleanly():
                 await asyncio.sleep(0.05)
             full = await http.post("/completions", json={"model": "tiny-llama", "prompt": "one more"})
             assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            assert full.headers["retry-after"] == "1"
 
             srv.terminate()
             while srv.health()[0] != 503:

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from giants.serve import api
+from giants.serve import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, api
 from giants.serve.bridge import AsyncEngine
 from giants.serve.errors import (
     APIError,
@@ -59,8 +59,10 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 class ServerState:
-    def __init__(self, name: str, aliases: tuple[str, ...], max_queue: int | None, metrics: Metrics):
+    def __init__(self, name: str, aliases: tuple[str, ...], max_queue: int | None, metrics: Metrics,
+                 request_timeout: float | None = None):
         self.name, self.aliases, self.max_queue, self.metrics = name, aliases, max_queue, metrics
+        self.request_timeout = request_timeout
         self.status = "loading"
         self.error: str | None = None
         self.served: api.Served | None = None
@@ -73,7 +75,7 @@ class ServerState:
 
     def ready(self, loaded: Loaded, loop: asyncio.AbstractEventLoop) -> None:
         self.bridge = AsyncEngine(loaded.engine, self.metrics, max_running=loaded.max_running,
-                                  max_queue=self.max_queue)
+                                  max_queue=self.max_queue, request_timeout=self.request_timeout)
         self.bridge.start(loop)
         self.served = api.Served(self.name, self.aliases, self.bridge, loaded.tokenizer, loaded.max_model_len,
                                  loaded.vocab_size)
@@ -188,15 +190,23 @@ async def _send_error(send: Any, err: APIError) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if err.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, ...] = (), api_key: str | None = None,
-               max_queue: int | None = None, max_body: int = DEFAULT_MAX_BODY,
+               max_queue: int | None = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY,
+               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                on_load_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """max_queue: engine requests (one per prompt) allowed to wait beyond the running batch, None for no limit;
+    request_timeout: seconds from arrival before a request is ended with 408 and aborted, None for no limit."""
+    if max_queue is not None and max_queue < 0:
+        raise ValueError(f"max_queue: must be >= 0 or None (got {max_queue})")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout: must be > 0 or None (got {request_timeout})")
     metrics = Metrics(name)
-    state = ServerState(name, tuple(a for a in aliases if a != name), max_queue, metrics)
+    state = ServerState(name, tuple(a for a in aliases if a != name), max_queue, metrics, request_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

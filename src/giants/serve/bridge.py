@@ -6,6 +6,11 @@ between steps, which is exactly where continuous batching lets requests join and
 with one `loop.call_soon_threadsafe` per step that fans them out to per-request asyncio queues, so a
 64-stream batch costs one loop wake-up per step, not 64.
 
+Limits: at most `max_running + max_queue` engine requests are in flight; more are refused at once with 429
+(and a Retry-After header). A request still unfinished `request_timeout` seconds after it arrived is aborted
+by the engine thread (its KV blocks are freed in that turn, whether or not its HTTP handler is reading) and
+its handler gets a 408.
+
 Failure isolation: a request the engine refuses (too long, bad parameters) fails alone. If a whole
 engine step raises, the requests of that batch are failed with a 500 and aborted, and the loop carries on
 serving new ones; it never dies with requests left hanging.
@@ -90,11 +95,16 @@ class RequestGroup:
             self.bridge._release(len(self.request_ids))
 
 
+RETRY_AFTER_S = 1  # the 429's Retry-After: a running batch frees slots within about a second of steps
+
+
 class AsyncEngine:
-    def __init__(self, engine: Any, metrics: Metrics, *, max_running: int, max_queue: int | None = None):
+    def __init__(self, engine: Any, metrics: Metrics, *, max_running: int, max_queue: int | None = None,
+                 request_timeout: float | None = None):
         self.engine = engine
         self.metrics = metrics
         self.capacity = None if max_queue is None else max_running + max_queue
+        self.request_timeout = request_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self._cv = threading.Condition()
         self._cmds: list[tuple[str, Any]] = []
@@ -125,7 +135,7 @@ class AsyncEngine:
             raise APIError(503, "server is shutting down; not accepting new requests", None, "draining")
         if self.capacity is not None and self._in_flight + len(prompts) > self.capacity:
             raise APIError(429, f"server queue is full ({self.capacity} requests in flight); retry later", None,
-                           "queue_full")
+                           "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         queue: asyncio.Queue = asyncio.Queue()
         ids = [f"req-{next(self._ids)}" for _ in prompts]
         self._in_flight += len(prompts)
@@ -196,6 +206,8 @@ class AsyncEngine:
         engine = self.engine
         for kind, arg in cmds:
             self._apply(kind, arg, out)
+        if self.request_timeout is not None:
+            self._expire(time.monotonic(), out)
         if engine.has_unfinished_requests():
             try:
                 results = engine.step()
@@ -235,6 +247,22 @@ class AsyncEngine:
         elif kind == "abort_all":
             for request_id in list(self._tracked):
                 self._apply("abort", (request_id, True), out)
+
+    def _expire(self, now: float, out: list) -> None:
+        """Abort every request older than request_timeout (frees its KV blocks now); its handler gets a 408."""
+        limit = self.request_timeout
+        for request_id, t in list(self._tracked.items()):
+            if now - t.arrival < limit:
+                continue
+            del self._tracked[request_id]
+            self._safe_abort(request_id)
+            self.metrics.aborted.inc()
+            self.metrics.timeouts.inc()
+            out.append((t.queue, (request_id, APIError(
+                408, f"request timed out: not finished within the server's request timeout of {limit:g} s "
+                     "(giants serve --request-timeout)", None, "request_timeout",
+                # the official client retries 408s by default: the same request would only time out again
+                headers={"x-should-retry": "false"}))))
 
     def _safe_abort(self, request_id: str) -> None:
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from giants.serve import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT
+
 
 def _positive(kind: type, minimum: float = 1e-300):
     def parse(v: str):
@@ -22,7 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
                         max_model_len=args.max_model_len, max_queue=args.max_queue, max_num_seqs=args.max_num_seqs,
                         num_blocks=args.num_blocks, served_model_name=args.served_model_name, dtype=args.dtype,
                         device=args.device, seed=args.seed, max_body=args.max_body_bytes,
-                        drain_timeout=args.drain_timeout, log_level=args.log_level, compile=args.compile)
+                        drain_timeout=args.drain_timeout, log_level=args.log_level, compile=args.compile,
+                        request_timeout=args.request_timeout or None)
     return serve(opts)
 
 
@@ -44,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $GIANTS_API_KEY, which keeps the key "
                         "out of process listings)")
     p.add_argument("--max-model-len", type=_positive(int), default=None, help="context length (default: model's)")
-    p.add_argument("--max-queue", type=_positive(int, 0), default=None,
-                   help="requests allowed to wait beyond the running batch; more get 429 (default: unbounded)")
+    p.add_argument("--max-queue", type=_positive(int, 0), default=DEFAULT_MAX_QUEUE,
+                   help="requests (one per prompt) allowed to wait beyond the running batch (--max-num-seqs); more "
+                        f"get 429 with Retry-After (default: {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=_positive(int), default=None, help="KV cache blocks (default: auto)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients ask for (default: MODEL)")
@@ -55,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=_positive(int), default=4 * 1024 * 1024, help="larger bodies get 413")
     p.add_argument("--drain-timeout", type=_positive(float, 0), default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are ended")
+    p.add_argument("--request-timeout", type=_positive(float, 0), default=DEFAULT_REQUEST_TIMEOUT,
+                   help="seconds a request may take from arrival to its last token; then it is aborted (its KV "
+                        f"blocks freed) and answered 408 (default: {DEFAULT_REQUEST_TIMEOUT:g}; 0: no limit)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--compile", action="store_true",
                    help="CPU: steps where one sequence decodes run through torch.compile'd layers (the first such "

@@ -47,8 +47,10 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("giants_request_latency_seconds", "arrival to last token", buckets=_E2E_BUCKETS,
                              registry=r)
-        self.aborted = Counter("giants_aborted_requests", "requests cancelled (client gone, drain timeout)",
-                               registry=r)
+        self.aborted = Counter("giants_aborted_requests",
+                               "requests cancelled (client gone, drain timeout, request timeout)", registry=r)
+        self.timeouts = Counter("giants_request_timeouts", "requests ended by the request timeout (408)",
+                                registry=r)
         self.state = Gauge("giants_server_state", "1 for the current state", ["state"], registry=r)
         self.info = Gauge("giants_model_info", "the served model", ["model"], registry=r)
         self.info.labels(model=model_name).set(1)

@@ -12,6 +12,7 @@ from types import FrameType
 
 import uvicorn
 
+from giants.serve import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT
 from giants.serve.app import DEFAULT_MAX_BODY, Loaded, ServerState, create_app
 
 log = logging.getLogger("giants.serve")
@@ -24,7 +25,7 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     max_model_len: int | None = None
-    max_queue: int | None = None
+    max_queue: int | None = DEFAULT_MAX_QUEUE  # None: no limit
     max_num_seqs: int = 256
     num_blocks: int | None = None
     block_size: int = 16
@@ -34,6 +35,7 @@ class ServeOptions:
     seed: int = 0
     max_body: int = DEFAULT_MAX_BODY
     drain_timeout: float = 30.0
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # None: no limit
     log_level: str = "info"
     compile: bool = False  # CPU: steps where one sequence decodes run compiled (LLM(cpu_compile=True))
 
@@ -123,7 +125,7 @@ def serve(opts: ServeOptions) -> int:
     name = opts.served_model_name or opts.model
     holder: dict[str, DrainingServer] = {}
     app = create_app(lambda: load_model(opts), name, aliases=(opts.model,), api_key=opts.api_key,
-                     max_queue=opts.max_queue, max_body=opts.max_body,
+                     max_queue=opts.max_queue, max_body=opts.max_body, request_timeout=opts.request_timeout,
                      on_load_failed=lambda e: holder["server"].fail_load(e))
     # Idle keep-alive connections are held 65 s, longer than clients pool them (httpx, under the openai
     # client, expires them after 5 s, uvicorn's own default): at equal timeouts the server could close a
