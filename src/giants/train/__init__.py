@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _LAZY = {"TrainConfig": "giants.train.trainer", "Trainer": "giants.train.trainer",
-         "TrainingDiverged": "giants.train.trainer", "train": "giants.train.trainer",
+         "TrainingDiverged": "giants.train.config", "train": "giants.train.trainer",
          "prepare": "giants.train.data", "ArenaConfig": "giants.train.arena", "run_arena": "giants.train.arena"}
 
 
