@@ -51,12 +51,18 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-         ) -> Transformer:
+         device_map: str | dict | None = None, max_memory: dict | None = None,
+         offload_folder: str | os.PathLike | None = None) -> Transformer:
     """Load a checkpoint as a giants Transformer (eval mode).
 
-    dtype None keeps the checkpoint's floating dtype (float32 for GGUF, whose weights are dequantized)."""
+    dtype None keeps the checkpoint's floating dtype (float32 for GGUF, whose weights are dequantized).
+    device_map ("auto", "balanced", "sequential" or {module: device}) places whole blocks on GPUs, in host
+    memory or on disk (offload_folder) instead of `device`, within max_memory ({0: "70GiB", "cpu": "200GiB"});
+    each weight is read straight to its placement (giants.inference.placement)."""
     path = resolve(source)
     dtype = _dtype(dtype)
+    if device_map is not None:
+        device = _Placed(device_map, max_memory, offload_folder)
     if path.is_file():
         if path.suffix == ".gguf":
             return _load_gguf(path, dtype, device)
@@ -65,6 +71,13 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
         else:
             raise CheckpointError("not a checkpoint: expected a directory or a .gguf file", file=path)
     return _load_dir(path, dtype, device)
+
+
+class _Placed:
+    """A device_map request standing where a device goes: _allocate places the model with it."""
+
+    def __init__(self, device_map: str | dict, max_memory: dict | None, offload_folder) -> None:
+        self.device_map, self.max_memory, self.offload_folder = device_map, max_memory, offload_folder
 
 
 # ---- directories -----------------------------------------------------------------------------------
@@ -283,6 +296,10 @@ def meta_model(cfg: ModelConfig) -> Transformer:
 
 def _allocate(cfg: ModelConfig, device, dtype: torch.dtype) -> Transformer:
     """Uninitialised weights, allocated once, directly in the target dtype (no float32 detour)."""
+    if isinstance(device, _Placed):
+        from giants.inference.placement import materialize
+
+        return materialize(meta_model(cfg).to(dtype), device.device_map, device.max_memory, device.offload_folder)
     return meta_model(cfg).to(dtype).materialize(device)
 
 

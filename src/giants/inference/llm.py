@@ -122,7 +122,8 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  use_cuda_graphs: bool = True, quantization: str | None = None, weights: str | None = None,
-                 cpu_compile: bool = False) -> None:
+                 cpu_compile: bool = False, device_map: str | dict | None = None, max_memory: dict | None = None,
+                 offload_folder: str | None = None) -> None:
         if tensor_parallel_size != 1:
             raise NotImplementedError(
                 f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism arrives with the scale-out work; "
@@ -133,7 +134,15 @@ class LLM:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         torch.manual_seed(seed)
-        m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
+        if device_map is not None:  # layer placement: blocks on GPUs / host memory / disk (placement.py)
+            from giants.inference.placement import resolve_placed_model
+
+            m, tok, device, use_cuda_graphs = resolve_placed_model(
+                model, parse_dtype(dtype), device, seed, device_map, max_memory, offload_folder,
+                quantization=quantization, weights=weights, util=gpu_memory_utilization,
+                use_cuda_graphs=use_cuda_graphs)
+        else:
+            m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
         if weights not in (None, "int8"):
             raise ValueError(f"weights: only 'int8' (weight-only, CPU) is supported (got {weights!r})")
         if weights == "int8":

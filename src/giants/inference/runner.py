@@ -140,8 +140,14 @@ class ModelRunner:
         self.device = kv.device
         # Q/K/V and gate/up as one matmul each: fewer, larger products (the modules become views).
         self.fused = []
+        self.placement = getattr(model, "placement", None)  # device_map (giants.inference.placement)
+        if self.placement is not None:
+            self.placement.check_runner(self, kv)
         with torch.no_grad():
-            for layer in model.layers:
+            for i, layer in enumerate(model.layers):
+                if self.placement is not None and self.placement.streamed[i]:
+                    self.fused.append(None)  # streamed block: its fused views come with it (placement.fused)
+                    continue
                 a = layer.attn
                 qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj]) if _plain(a.q_proj, a.k_proj, a.v_proj) else None
                 if isinstance(layer.mlp, MoE):
@@ -160,6 +166,8 @@ class ModelRunner:
         """CPU: steps of one decoding sequence go through torch.compile'd layer functions (see cpu_decode)."""
         from giants.inference.cpu_decode import CompiledDecode
 
+        if self.placement is not None:
+            raise ValueError("cpu_compile: not for a model placed with device_map")
         self.compiled = CompiledDecode(self)
 
     def pack_for_onednn(self) -> None:
@@ -167,7 +175,10 @@ class ModelRunner:
         streams ~16 GB/s on AMD CPUs, oneDNN's packed linear ~40 GB/s; costs a second copy of the weights."""
         model = self.model
         ws = [model.output_weight]
-        for (qkv, mlp), layer in zip(self.fused, model.layers):
+        for fused, layer in zip(self.fused, model.layers):
+            if fused is None:  # a streamed block (device_map) is never packed
+                continue
+            qkv, mlp = fused
             if qkv is not None:
                 ws.append(qkv[0])
             if type(layer.attn.o_proj) is torch.nn.Linear:
@@ -254,9 +265,11 @@ class ModelRunner:
         rope = model.rotary(inp.pos[None], x.dtype) if model.rotary is not None else None  # (1, 1, N, D/2)
         H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         for i, layer in enumerate(model.layers):
+            if self.placement is not None:  # streams the block in, moves x / rope / inputs to its device
+                x, rope, inp = self.placement.enter(i, x, rope, inp)
             attn = layer.attn
             h = layer.attn_norm(x)
-            qkv_w, mlp_w = self.fused[i]
+            qkv_w, mlp_w = self.fused[i] or self.placement.fused(i, layer)
             if qkv_w is not None:
                 qkv = self._lin(h, *qkv_w)
                 q = qkv[:, :H * D].view(N, H, D)

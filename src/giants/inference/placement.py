@@ -1,0 +1,698 @@
+"""Layer placement (`device_map`): whole blocks on GPUs in order, the rest in host memory or on disk, streamed.
+
+A plan maps the model's units (`embed`, `rel_bias`, `layers.0` ... `layers.{L-1}`, `norm`, `lm_head`) to a
+device: a GPU (`0`, `"cuda:1"`), `"cpu"` or `"disk"`. The model is built on the meta device and each unit is
+allocated where the plan puts it, so loading writes every weight straight to its placement.
+
+Execution. The main device is the first GPU of the plan (else the CPU). A unit on a GPU runs there; activations
+move between devices at unit boundaries. A block placed on `"cpu"` while the plan has a GPU, or on `"disk"`, is
+*streamed*: its weights live in a store (one flat pinned host buffer per block, or a file in `offload_folder`
+memory-mapped), and before the block runs its bytes are copied in one transfer into one of two slot buffers on
+the main device (non-blocking, on a side CUDA stream); the next streamed block is prefetched into the other slot
+while this one computes, and a slot that already holds the block is reused. After the block, its parameters
+point at the store again. On a CPU-only machine `"disk"` blocks take the same path (store -> slot copy), so the
+CPU tests exercise the streaming code. `embed`, `rel_bias`, `norm` and `lm_head` are never streamed: on `"cpu"`
+they run on the CPU. The rotary tables live on the main device.
+
+Planning (`"auto"` = `"balanced"`, `"sequential"`), after accelerate's `infer_auto_device_map`: budgets from
+`max_memory` (a GPU's default is 90% of its free memory, the CPU's the available RAM); the embedding goes on the
+first device, the final norm and head on the last GPU with room for them, then the blocks fill the GPUs in
+order, then the CPU (offloaded), then the disk. When blocks are streamed, room for two of the largest block (the
+slots) is kept on the main device. `"balanced"` with several GPUs caps every GPU but the last at
+model size / GPUs + 1.25 blocks, as accelerate's `get_balanced_memory` does; `"sequential"` fills GPU 0 first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+UNIT_ORDER = ("embed", "rel_bias", "layers", "norm", "lm_head")
+_NEVER_STREAMED = ("embed", "rel_bias", "norm", "lm_head")
+STRATEGIES = ("auto", "balanced", "sequential")
+_ALIGN = 256
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+# ---- sizes and devices ------------------------------------------------------------------------------
+def parse_size(value: int | float | str) -> int:
+    """Bytes from an int or a string like "70GiB", "200GB", "512MiB" (GB = 10^9, GiB = 2^30, as accelerate)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"max_memory: a size must be >= 0 (got {value})")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"max_memory: cannot read size {value!r} (examples: 70GiB, 200GB, 512MiB, 10**9)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def device_name(value: object, what: str) -> str:
+    """'cuda:N' | 'cpu' | 'disk' for a device_map / max_memory value; `what` names it in the error."""
+    orig = value
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"cuda:{value}"
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("cpu", "disk"):
+            return v
+        if v == "cuda":
+            v = "cuda:0"
+        m = re.fullmatch(r"cuda:(\d+)", v)
+        if m:
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if int(m.group(1)) >= n:
+                raise ValueError(f"{what}: device {orig!r} does not exist ({n} CUDA device{'s' * (n != 1)} here)")
+            return v
+    raise ValueError(f"{what}: unknown device {orig!r} (a GPU index, 'cuda:N', 'cpu' or 'disk')")
+
+
+def _nbytes(module: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The placeable units of a Transformer in execution order."""
+    out: list[tuple[str, nn.Module]] = [("embed", model.embed)]
+    if model.rel_bias is not None:
+        out.append(("rel_bias", model.rel_bias))
+    out += [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    out.append(("norm", model.norm))
+    if model.lm_head is not None:
+        out.append(("lm_head", model.lm_head))
+    return out
+
+
+def unit_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes of every unit (the model may be on the meta device, already cast to its dtype)."""
+    return {name: _nbytes(m) for name, m in units(model)}
+
+
+def _available_cpu() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_max_memory(gpu_fraction: float = 0.9) -> dict[str, int]:
+    """Every visible GPU at `gpu_fraction` of its free memory, the CPU at its available RAM."""
+    out = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, _ = torch.cuda.mem_get_info(i)
+            out[f"cuda:{i}"] = int(free * gpu_fraction)
+    out["cpu"] = _available_cpu()
+    return out
+
+
+def _budgets(max_memory: dict | None) -> dict[str, int]:
+    if max_memory is None:
+        return default_max_memory()
+    if not isinstance(max_memory, dict):
+        raise ValueError(f"max_memory: expected a dict like {{0: '70GiB', 'cpu': '200GiB'}} (got {max_memory!r})")
+    out: dict[str, int] = {}
+    for k, v in max_memory.items():
+        d = device_name(k, "max_memory")
+        if d != "disk":
+            out[d] = parse_size(v)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] == "cpu", kv[0])))
+
+
+# ---- planning -----------------------------------------------------------------------------------------
+def infer_device_map(model: nn.Module, max_memory: dict | None = None, strategy: str = "auto") -> dict[str, str]:
+    """unit -> device for a (meta) model within max_memory (see the module docstring)."""
+    return plan_units(unit_sizes(model), _budgets(max_memory), strategy)
+
+
+def plan_units(sizes: dict[str, int], budgets: dict[str, int], strategy: str = "auto", offload_reserve: int = 2
+               ) -> dict[str, str]:
+    """The planner on plain numbers: unit sizes (execution order) and device budgets in bytes ('cuda:N' in
+    order, 'cpu') -> unit -> device. When any block is streamed, `offload_reserve` of the largest block stay
+    free on the main device (the slots)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"device_map: unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)}, or a dict)")
+    budgets = dict(budgets)
+    gpus = [d for d in budgets if d.startswith("cuda")]
+    layers = [n for n in sizes if n.startswith("layers.")]
+    biggest = max((sizes[n] for n in layers), default=0)
+    if strategy in ("auto", "balanced") and len(gpus) > 1:
+        per_gpu = sum(sizes.values()) // len(gpus) + int(1.25 * biggest)
+        for g in gpus[:-1]:
+            budgets[g] = min(budgets[g], per_gpu)
+    plan = _plan(sizes, budgets, gpus)
+    main = gpus[0] if gpus else "cpu"
+    if any(_streamed(plan[n], main) for n in layers):
+        budgets[main] = max(0, budgets.get(main, 0) - offload_reserve * biggest)
+        plan = _plan(sizes, budgets, gpus)
+    return plan
+
+
+def _plan(sizes: dict[str, int], budgets: dict[str, int], gpus: list[str]) -> dict[str, str]:
+    left = dict(budgets)
+    left.setdefault("cpu", 0)
+    plan: dict[str, str] = {}
+    first = [*gpus, "cpu"]
+    head = sizes["norm"] + sizes.get("lm_head", 0)
+    lead = sizes["embed"] + sizes.get("rel_bias", 0)
+    dev = next((d for d in first if left[d] >= lead), "cpu")
+    for n in ("embed", "rel_bias"):
+        if n in sizes:
+            plan[n] = dev
+    left[dev] -= lead
+    hdev = next((d for d in reversed(gpus) if left[d] >= head), "cpu")
+    left[hdev] -= head
+    order = [*gpus, "cpu", "disk"]
+    cur = 0
+    for n, s in sizes.items():
+        if not n.startswith("layers."):
+            continue
+        while order[cur] != "disk" and left[order[cur]] < s:
+            cur += 1
+        plan[n] = order[cur]
+        if order[cur] != "disk":
+            left[order[cur]] -= s
+    plan["norm"] = hdev
+    if "lm_head" in sizes:
+        plan["lm_head"] = hdev
+    return {n: plan[n] for n in sizes}
+
+
+def _streamed(device: str, main: str) -> bool:
+    return device == "disk" or (device == "cpu" and main != "cpu")
+
+
+def resolve_device_map(model: nn.Module, device_map: str | dict, max_memory: dict | None = None
+                       ) -> dict[str, str]:
+    """A strategy name or an explicit {module name: device} (accelerate's format) -> unit -> device. A name
+    covers every unit under it ("" = the whole model, "layers" = every block); the longest name wins."""
+    if isinstance(device_map, str):
+        return infer_device_map(model, max_memory, device_map)
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map: expected 'auto', 'balanced', 'sequential' or a dict (got {device_map!r})")
+    names = [n for n, _ in units(model)]
+    valid = {"", "layers", *names}
+    if model.rotary is not None:
+        valid.add("rotary")
+    given: dict[str, str] = {}
+    for key, value in device_map.items():
+        key = str(key)
+        if key not in valid:
+            inside = next((n for n in names if key.startswith(n + ".")), None)
+            if inside is not None:
+                raise ValueError(f"device_map: {key!r} is inside block {inside!r}; placement is per block")
+            if key == "lm_head" and model.lm_head is None:
+                raise ValueError("device_map: 'lm_head': this model ties its head to the embedding (no lm_head "
+                                 "module); place 'embed'")
+            shown = ", ".join(names[:3] + ["..."] + names[-2:]) if len(names) > 6 else ", ".join(names)
+            raise ValueError(f"device_map: unknown module {key!r} (modules: {shown}; also 'layers' and '')")
+        given[key] = device_name(value, f"device_map[{key!r}]")
+    plan = {}
+    for n in names:
+        keys = [k for k in given if k == "" or n == k or n.startswith(k + ".")]
+        if not keys:
+            missing = [m for m in names if not any(k == "" or m == k or m.startswith(k + ".") for k in given)]
+            raise ValueError(f"device_map: no device for {', '.join(missing[:5])}"
+                             + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        plan[n] = given[max(keys, key=len)]
+    for n in _NEVER_STREAMED:
+        if plan.get(n) == "disk":
+            raise ValueError(f"device_map[{n!r}]: 'disk' is only for blocks (layers.N); put {n} on a GPU or 'cpu'")
+    return plan
+
+
+# ---- streamed blocks: flat layout ---------------------------------------------------------------------
+@dataclasses.dataclass
+class _Region:
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    members: list[tuple[nn.Module, str, bool, int, int, int]]  # (owner, attr, is_param, dim, start, length)
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+def _plain(*mods: nn.Module) -> bool:
+    return all(type(m) is nn.Linear for m in mods)
+
+
+def _groups(block: nn.Module) -> list[tuple[list[tuple[nn.Module, str]], int, str]]:
+    """The block's tensors as (members, cat dim, tag): the ModelRunner's fused Q/K/V and gate/up come out as
+    one region each, so streamed blocks run the same products as resident ones."""
+    from giants.model.mlp import MoE
+
+    groups = []
+    a = block.attn
+    if _plain(a.q_proj, a.k_proj, a.v_proj):
+        groups.append(([(m, "weight") for m in (a.q_proj, a.k_proj, a.v_proj)], 0, "qkv_w"))
+        if a.q_proj.bias is not None:
+            groups.append(([(m, "bias") for m in (a.q_proj, a.k_proj, a.v_proj)], 0, "qkv_b"))
+    mlp = block.mlp
+    if isinstance(mlp, MoE):
+        groups.append(([(mlp, "w_gate"), (mlp, "w_up")], 1, "moe_w"))
+        if mlp.b_gate is not None:
+            groups.append(([(mlp, "b_gate"), (mlp, "b_up")], 1, "moe_b"))
+    elif hasattr(mlp, "gate_proj") and _plain(mlp.gate_proj, mlp.up_proj):
+        groups.append(([(mlp.gate_proj, "weight"), (mlp.up_proj, "weight")], 0, "dense_w"))
+        if mlp.gate_proj.bias is not None:
+            groups.append(([(mlp.gate_proj, "bias"), (mlp.up_proj, "bias")], 0, "dense_b"))
+    grouped = {(id(m), attr) for members, _, _ in groups for m, attr in members}
+    for mod in block.modules():
+        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None and (id(mod), attr) not in grouped:
+                groups.append(([(mod, attr)], 0, ""))
+    return groups
+
+
+class _Layout:
+    """Where each tensor of a streamed block sits in its flat byte buffer."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.regions: list[_Region] = []
+        self.tags: dict[str, _Region] = {}
+        off = 0
+        for members, dim, tag in _groups(block):
+            ts = [getattr(m, a) for m, a in members]
+            shape = list(ts[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in ts)
+            nbytes = ts[0].element_size() * int(torch.Size(shape).numel())
+            mem, start = [], 0
+            for (m, a), t in zip(members, ts):
+                mem.append((m, a, a in m._parameters, dim, start, t.shape[dim]))
+                start += t.shape[dim]
+            r = _Region(off, nbytes, tuple(shape), ts[0].dtype, mem)
+            self.regions.append(r)
+            if tag:
+                self.tags[tag] = r
+            off += -(-nbytes // _ALIGN) * _ALIGN
+        self.nbytes = max(off, _ALIGN)
+
+    def point(self, flat: torch.Tensor, replace: bool = False) -> None:
+        """Make the block's tensors views into `flat` (replace=True: new Parameter objects, from meta)."""
+        for r in self.regions:
+            region = r.view(flat)
+            for m, a, is_param, dim, start, length in r.members:
+                v = region.narrow(dim, start, length)
+                if not is_param:
+                    m._buffers[a] = v
+                elif replace:
+                    m._parameters[a] = nn.Parameter(v, requires_grad=False)
+                else:
+                    m._parameters[a].data = v
+
+    def fill_from_module(self, flat: torch.Tensor) -> None:
+        """Copy the block's current tensor values into `flat` (placing an already built model)."""
+        for r in self.regions:
+            region = r.view(flat)
+            for m, a, _, dim, start, length in r.members:
+                region.narrow(dim, start, length).copy_(getattr(m, a))
+
+    def fused(self, flat: torch.Tensor, block: nn.Module) -> tuple:
+        """The ModelRunner's (qkv, mlp) tuple for this block, as views into `flat`."""
+        from giants.inference.mxfp4 import MXFP4MoE
+
+        t = {k: r.view(flat) for k, r in self.tags.items()}
+        qkv = (t["qkv_w"], t.get("qkv_b")) if "qkv_w" in t else None
+        if "moe_w" in t:
+            mlp = ("moe", t["moe_w"], t.get("moe_b"))
+        elif isinstance(block.mlp, MXFP4MoE):
+            mlp = ("mxfp4",)
+        elif "dense_w" in t:
+            mlp = ("dense", t["dense_w"], t.get("dense_b"))
+        else:
+            mlp = ("modules",)
+        return qkv, mlp
+
+
+# ---- the placed model at run time ---------------------------------------------------------------------
+class Placement:
+    """A model's plan plus the streaming machinery; attached as `model.placement` by `dispatch`/`materialize`."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, str], offload_folder: str | os.PathLike | None = None
+                 ) -> None:
+        self.plan = dict(plan)
+        gpus = sorted({d for d in plan.values() if d.startswith("cuda")}, key=lambda d: int(d.split(":")[1]))
+        self.main = torch.device(gpus[0] if gpus else "cpu")
+        self.cuda = self.main.type == "cuda"
+        main = str(self.main)
+        n = len(model.layers)
+        self.streamed = [_streamed(plan[f"layers.{i}"], main) for i in range(n)]
+        self.devices = {u: (self.main if _streamed(d, main) else torch.device(d)) for u, d in plan.items()}
+        if any(d == "disk" for d in plan.values()) and offload_folder is None:
+            disk = [u for u, d in plan.items() if d == "disk"]
+            raise ValueError(f"device_map: {len(disk)} block(s) ({disk[0]} ...) are placed on 'disk': pass "
+                             "offload_folder= (a directory for their weights), or give max_memory['cpu'] more room")
+        self.folder = Path(offload_folder) if offload_folder is not None else None
+        self.layouts: dict[int, _Layout] = {}
+        self.stores: dict[int, torch.Tensor] = {}
+        self.order = [i for i in range(n) if self.streamed[i]]
+        self.slots: list[torch.Tensor] = []
+        self.holder = [-1, -1]  # block whose bytes each slot holds (or is receiving)
+        self.current = -1  # slot of the streamed block last streamed in
+        self.active = -1  # streamed block whose parameters point at a slot now
+        self.head_device = self.devices.get("lm_head", self.devices["embed"])
+        self._hooks: list = []
+
+    # ---- describing --------------------------------------------------------------------------------------
+    @property
+    def trivial(self) -> bool:
+        """Everything resident on one device: the model is an ordinary one on that device."""
+        return not self.order and len({str(d) for d in self.devices.values()}) == 1
+
+    def layer_device(self, i: int) -> torch.device:
+        return self.devices[f"layers.{i}"]
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for i in range(len(self.streamed)):
+            d = self.plan[f"layers.{i}"]
+            key = f"{d} (streamed to {self.main})" if self.streamed[i] else d
+            counts[key] = counts.get(key, 0) + 1
+        parts = [f"{k}: {v} block{'s' * (v != 1)}" for k, v in counts.items()]
+        return f"embed on {self.plan['embed']}, " + ", ".join(parts) + f", norm/head on {self.plan['norm']}"
+
+    # ---- building --------------------------------------------------------------------------------------
+    def _new_store(self, i: int, nbytes: int) -> torch.Tensor:
+        if self.plan[f"layers.{i}"] == "disk":
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"layers.{i}.bin"
+            if path.exists():
+                path.unlink()
+            return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    def build(self, model: nn.Module, from_meta: bool) -> None:
+        """Allocate every unit at its placement. from_meta: the model is on the meta device (weights are
+        written afterwards); else its current weights are copied to their places."""
+        for name, mod in units(model):
+            if name.startswith("layers.") and self.streamed[int(name.split(".")[1])]:
+                i = int(name.split(".")[1])
+                layout = _Layout(mod)
+                store = self._new_store(i, layout.nbytes)
+                if not from_meta:
+                    layout.fill_from_module(store)
+                layout.point(store, replace=True)
+                self.layouts[i], self.stores[i] = layout, store
+            elif from_meta:
+                mod.to_empty(device=self.devices[name])
+            else:
+                mod.to(self.devices[name])
+        if model.rotary is not None:
+            if from_meta:
+                model.rotary.to_empty(device=self.main)
+                model.rotary.reset_buffers()
+            else:
+                model.rotary.to(self.main)
+        if self.order:
+            size = max(lay.nbytes for lay in self.layouts.values())
+            self.slots = [torch.empty(size, dtype=torch.uint8, device=self.main) for _ in range(2)]
+            if self.cuda:
+                self.copy_stream = torch.cuda.Stream(self.main)
+                self.ready = [torch.cuda.Event() for _ in range(2)]
+                self.done = [torch.cuda.Event() for _ in range(2)]
+
+    # ---- streaming -------------------------------------------------------------------------------------
+    def _load(self, i: int, slot: int) -> None:
+        """Copy block i's bytes into `slot` (on the side stream on CUDA, once the slot's last user is done)."""
+        n = self.layouts[i].nbytes
+        self.holder[slot] = i
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.done[slot])
+                self.slots[slot][:n].copy_(self.stores[i], non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+        else:
+            self.slots[slot][:n].copy_(self.stores[i])
+
+    def stream_in(self, i: int) -> None:
+        """Block i's weights on the main device (a no-op for resident blocks); prefetches the next one. The
+        block streamed in before (if still in) is streamed out first."""
+        if self.active == i:
+            return
+        if self.active >= 0:
+            self.stream_out(self.active)
+        if not self.streamed[i]:
+            return
+        self.active = i
+        slot = self.holder.index(i) if i in self.holder else -1
+        if slot < 0:
+            slot = 1 - self.current if self.current >= 0 else 0
+            self._load(i, slot)
+        if self.cuda:
+            torch.cuda.current_stream(self.main).wait_event(self.ready[slot])
+        self.layouts[i].point(self.slots[slot])
+        self.current = slot
+        nxt = self.order[(self.order.index(i) + 1) % len(self.order)]
+        if nxt not in self.holder:
+            self._load(nxt, 1 - slot)
+
+    def stream_out(self, i: int) -> None:
+        """After block i ran: its parameters point at the store again; the slot may be overwritten."""
+        if not self.streamed[i] or self.active != i:
+            return
+        self.active = -1
+        if self.cuda:
+            self.done[self.current].record(torch.cuda.current_stream(self.main))
+        self.layouts[i].point(self.stores[i])
+
+    def fused(self, i: int, block: nn.Module) -> tuple:
+        """The ModelRunner's fused (qkv, mlp) tuple of a streamed block while it is streamed in."""
+        return self.layouts[i].fused(self.slots[self.current], block)
+
+    def enter(self, i: int, x: torch.Tensor, rope, inp):
+        """Runner: before layer i, its weights in place and (x, rope, step inputs) on its device."""
+        self.stream_in(i)
+        dev = self.layer_device(i)
+        return _move(x, dev), _move(rope, dev), inputs_on(inp, dev)
+
+    # ---- hooks (Transformer.forward) ---------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        for i, layer in enumerate(model.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._block_pre(i)))
+            self._hooks.append(layer.register_forward_hook(self._block_post(i)))
+        self._hooks.append(model.embed.register_forward_pre_hook(_to_module_device(self.devices["embed"])))
+        self._hooks.append(model.norm.register_forward_pre_hook(self._norm_pre))
+        self._hooks.append(model.norm.register_forward_hook(lambda m, a, out: out.to(self.head_device)))
+        out_device = self.devices["embed"]
+        if self.head_device != out_device:  # logits come back where the ids came from
+            logits = model.logits
+            model.logits = lambda hidden, project=None: logits(hidden, project).to(out_device)
+        for mod, dev in ((model.rotary, self.main), (model.rel_bias, self.devices.get("rel_bias"))):
+            if mod is not None:
+                self._hooks.append(mod.register_forward_pre_hook(_follow_input(dev), with_kwargs=True))
+                self._hooks.append(mod.register_forward_hook(_return_to_input(), with_kwargs=True))
+        model.placement = self
+
+    def _norm_pre(self, module, args):
+        if self.active >= 0:  # the last streamed block is done (the runner calls no block forward)
+            self.stream_out(self.active)
+        return _move(args, self.devices["norm"])
+
+    def check_runner(self, runner, kv) -> None:
+        """A runner over this model: only the generic ModelRunner runs placed models. KV pools move to their
+        layer's device."""
+        from giants.inference.runner import ModelRunner
+
+        if type(runner) is not ModelRunner:
+            raise ValueError(f"{type(runner).__name__} cannot run a model placed with device_map ({self.summary()}):"
+                             " CUDA graphs and tensor parallelism need every weight resident on its GPU. The generic "
+                             "ModelRunner runs it (LLM/Engine with use_cuda_graphs=False).")
+        for g in kv.groups:
+            for li, layer in enumerate(g.layers):
+                dev = self.layer_device(layer)
+                if g.k[li].device != dev:
+                    g.k[li], g.v[li] = g.k[li].to(dev), g.v[li].to(dev)
+
+    def _block_pre(self, i: int):
+        def hook(module, args):
+            self.stream_in(i)
+            return _move(args, self.layer_device(i))
+        return hook
+
+    def _block_post(self, i: int):
+        def hook(module, args, out):
+            self.stream_out(i)
+        return hook
+
+
+def _move(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True) if obj.device != device else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _move(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj)})
+    return obj
+
+
+def inputs_on(inp, device: torch.device):
+    """A runner's StepInputs with its tensors on `device` (made once per step and device)."""
+    if inp.ids.device == device:
+        return inp
+    cache = inp.__dict__.setdefault("_on_device", {str(inp.ids.device): inp})
+    key = str(device)
+    if key not in cache:
+        new = object.__new__(type(inp))
+        for k, v in inp.__dict__.items():
+            new.__dict__[k] = v if k in ("chunks", "_on_device") else _move(v, device)
+        cache[key] = new
+    return cache[key]
+
+
+def _to_module_device(device: torch.device):
+    def hook(module, args):
+        return _move(args, device)
+    return hook
+
+
+_INPUT_DEVICE = "_placement_input_device"
+
+
+def _follow_input(device: torch.device):
+    def hook(module, args, kwargs):
+        src = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        module.__dict__[_INPUT_DEVICE] = src
+        return _move(args, device), kwargs
+    return hook
+
+
+def _return_to_input():
+    def hook(module, args, kwargs, out):
+        src = module.__dict__.pop(_INPUT_DEVICE, None)
+        return _move(out, src) if src is not None else out
+    return hook
+
+
+# ---- entry points -------------------------------------------------------------------------------------
+def materialize(model: nn.Module, device_map: str | dict, max_memory: dict | None = None,
+                offload_folder: str | os.PathLike | None = None) -> nn.Module:
+    """Allocate a meta-built model (already cast to its dtype) at the placement `device_map` gives; weights
+    uninitialised (a loader writes them next, each straight to its place)."""
+    plan = resolve_device_map(model, device_map, max_memory)
+    pl = Placement(model, plan, offload_folder)
+    pl.build(model, from_meta=True)
+    if not pl.trivial:
+        pl.attach(model)
+    return model
+
+
+def dispatch(model: nn.Module, device_map: str | dict, max_memory: dict | None = None,
+             offload_folder: str | os.PathLike | None = None) -> nn.Module:
+    """Place an already built model (its weights move to their placement; streamed blocks into stores)."""
+    if getattr(model, "placement", None) is not None:
+        raise ValueError("dispatch: this model is placed already")
+    plan = resolve_device_map(model, device_map, max_memory)
+    pl = Placement(model, plan, offload_folder)
+    with torch.no_grad():
+        pl.build(model, from_meta=False)
+    if not pl.trivial:
+        pl.attach(model)
+    return model
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Transformer.init_weights for a placed model: each tensor drawn on `device` (the generator's, as an
+    unplaced model built there would) in the same order, then copied to its place, so the values equal the
+    unplaced model's bit for bit."""
+    from giants.model.norm import Norm
+
+    pl = getattr(model, "placement", None)
+    if pl is None:
+        model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+        return
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = model.config.init_std
+    out_std = std / math.sqrt(2 * model.config.n_layers)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
+        if "norm" in owner:
+            continue
+        if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
+            p.zero_()
+            continue
+        s = out_std if leaf == "w_down" or owner in ("o_proj", "down_proj") else std
+        p.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, s, generator=gen))
+    for m in model.modules():
+        if isinstance(m, Norm):
+            m.reset_parameters()
+
+
+def serving_max_memory(util: float = 0.9, kv_fraction: float = 0.1) -> dict[str, int]:
+    """Default weight budgets for an engine: on each GPU `util` of its memory, less what is in use, less
+    `kv_fraction` of it kept for the KV cache and activations; the CPU at its available RAM."""
+    out = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out[f"cuda:{i}"] = max(0, int(util * total - (total - free) - kv_fraction * total))
+    out["cpu"] = _available_cpu()
+    return out
+
+
+def resolve_placed_model(model, dtype: torch.dtype | None, device: torch.device, seed: int, device_map: str | dict,
+                         max_memory: dict | None, offload_folder, *, quantization: str | None = None,
+                         weights: str | None = None, util: float = 0.9, use_cuda_graphs: bool = True):
+    """LLM(device_map=...): (model, tokenizer or None, the engine's device, use_cuda_graphs) for a Transformer, a
+    checkpoint path / known name, or a preset (random weights drawn as an unplaced LLM on `device` would)."""
+    from giants.inference.llm import _default_tokenizer, _known_names
+    from giants.model.transformer import Transformer, build
+    from giants.presets import PRESETS
+
+    if quantization is not None or weights is not None:
+        raise ValueError("device_map: not combined with quantization= or weights= yet")
+    if max_memory is None:
+        max_memory = serving_max_memory(util)
+    tok = None
+    if isinstance(model, Transformer):
+        if dtype is not None:
+            model = model.to(dtype)
+        m = dispatch(model.eval(), device_map, max_memory, offload_folder)
+    elif isinstance(model, str) and (os.path.exists(model) or model in _known_names()):
+        import giants
+
+        m = giants.load(model, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                        offload_folder=offload_folder)
+        try:
+            tok = giants.load_tokenizer(model)
+        except (ImportError, ValueError, FileNotFoundError, AttributeError):
+            tok = None
+    elif isinstance(model, str) and model in PRESETS:
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        m = materialize(build(PRESETS[model].config, device="meta").to(dtype), device_map, max_memory,
+                        offload_folder)
+        init_random(m, seed, device)
+        tok = _default_tokenizer(m)
+    else:
+        raise ValueError(f"model: {model!r} is not a Transformer, a checkpoint or a preset name")
+    m = m.eval()
+    pl = getattr(m, "placement", None)
+    if pl is None:  # everything resident on one device: an ordinary model
+        return m, tok, m.embed.weight.device, use_cuda_graphs
+    if use_cuda_graphs and pl.cuda:
+        warnings.warn(f"device_map: {pl.summary()}; CUDA graphs are off for a placed model (the generic runner "
+                      "runs it: every step streams the offloaded blocks)", stacklevel=3)
+    return m, tok, m.embed.weight.device, False
