@@ -79,3 +79,35 @@ def test_dpo_data_errors(tok, tmp_path):
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": ""}) + "\n")
     with pytest.raises(ValueError, match="non-empty strings"):
         load_dpo(f, tok)
+
+
+def test_dpo_grad_accum_equals_one_batch(tmp_path, pref_file):
+    """DPO averages over pairs: 2 micro-batches of 2 pairs give the loss and gradients of one batch of 4."""
+    def first_step(tr):
+        seen = {}
+        step = tr.optimizer.step
+
+        def capture(*a, **kw):
+            seen.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+            return step(*a, **kw)
+
+        tr.optimizer.step = capture
+        m = tr.train_step()
+        return m, seen
+
+    def trainer(name, **kw):
+        return Trainer(TrainConfig(out=str(tmp_path / name), task="dpo", preset="tiny-llama", data=str(pref_file),
+                                   steps=2, seq_len=64, lr=1e-3, grad_clip=0.0, dpo_beta=0.5, progress=False,
+                                   eval_every=0, checkpoint_at_end=False, save_final=False,
+                                   overrides={"n_layers": 2}, **kw))
+
+    # step 2: policy != reference, so the loss and its gradients are not at their symmetric starting point
+    one, many = trainer("one", batch_size=4), trainer("many", batch_size=2, grad_accum=2)
+    one.train_step()
+    many.train_step()
+    (m1, g1), (mn, gn) = first_step(one), first_step(many)
+    assert mn["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-5)
+    assert mn["margin"] == pytest.approx(m1["margin"], rel=1e-4, abs=1e-6)
+    assert g1.keys() == gn.keys() and g1
+    for n in g1:
+        torch.testing.assert_close(gn[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)

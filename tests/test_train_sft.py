@@ -87,3 +87,55 @@ def test_sft_training_run(tok, tmp_path):
     assert summary["val_loss"] < first - 1.0
     # the final model directory carries the tokenizer with its chat template
     assert giants.load_tokenizer(str(tmp_path / "run" / "final")).chat_template
+
+
+def _chat_file(tmp_path):
+    """Conversations whose answers differ in length, so micro-batches hold different numbers of target tokens."""
+    data = tmp_path / "chat.jsonl"
+    answers = ["7", "The answer is eleven, as anyone who counts on their fingers will find.", "no",
+               "Fifteen: eight and seven make fifteen, and that is the whole of it."]
+    convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]
+             for i, a in enumerate(answers)]
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return data
+
+
+def _first_step(tr: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    """The first step's reported loss and the gradients the optimizer applies."""
+    seen: dict[str, torch.Tensor] = {}
+    step = tr.optimizer.step
+
+    def capture(*a, **kw):
+        seen.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+        return step(*a, **kw)
+
+    tr.optimizer.step = capture
+    return tr.train_step()["train_loss"], seen
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_sft_grad_accum_weights_micro_batches_by_target_tokens(tok, tmp_path, accum):
+    """grad_accum x batch_size/grad_accum gives the one-batch loss and gradients (the sum of the token losses over
+    the whole step / its target tokens), not the mean of the micro-batches' means."""
+    data = _chat_file(tmp_path)
+
+    def trainer(name, **kw):
+        return Trainer(TrainConfig(out=str(tmp_path / name), task="sft", preset="tiny-llama", data=str(data),
+                                   steps=1, seq_len=64, lr=1e-3, grad_clip=0.0, progress=False, eval_every=0,
+                                   checkpoint_at_end=False, save_final=False, overrides={"n_layers": 2}, **kw))
+
+    one = trainer("one", batch_size=4)
+    many = trainer("many", batch_size=4 // accum, grad_accum=accum)
+    # the accumulating run's micro-batches: the one-batch run's items, in order, holding unequal target counts
+    # (a mean of their means would weight a short answer's tokens like a long one's)
+    state = many.reader.state_dict()
+    counts = [int((collate(many.reader.next_items(), 64, tok.pad_token_id)[1] != IGNORE_INDEX).sum())
+              for _ in range(accum)]
+    many.reader.load_state_dict(state)
+    assert len(set(counts)) > 1
+    loss1, g1 = _first_step(one)
+    lossn, gn = _first_step(many)
+    assert lossn == pytest.approx(loss1, rel=1e-5)
+    assert g1.keys() == gn.keys()
+    for n in g1:
+        torch.testing.assert_close(gn[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)

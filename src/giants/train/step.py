@@ -233,7 +233,7 @@ class StepMixin:
     def _step_micros(self) -> tuple[list[Micro] | None, int | None]:
         """SFT and DPO: the step's micro-batches, read up front, and their targets in total (the loss's
         denominator). LM: (None, None), every micro-batch holds the same number of targets (read one at a time)."""
-        if self.cfg.task in ("lm", "sft", "dpo"):
+        if self.cfg.task == "lm":
             return None, None
         micros = [self._read_micro() for _ in range(self.cfg.grad_accum)]
         return micros, sum(m.targets for m in micros)
