@@ -92,7 +92,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="checkpoint dtype on disk")
     ap.add_argument("--shard", default="500MB", help="max shard size of the generated checkpoint")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
-    ap.add_argument("--write-results", action="store_true", help="replace the ## checkpoint section of RESULTS.md")
+    ap.add_argument("--write-results", action="store_true",
+                    help="replace the ## checkpoint section of HISTORY.md (the RESULTS.md dashboard row: by hand)")
     args = ap.parse_args()
 
     import torch
@@ -146,7 +147,7 @@ def main() -> None:
     print()
     print(section)
     if args.write_results:
-        write_section(Path(__file__).with_name("RESULTS.md"), section)
+        write_section(Path(__file__).with_name("HISTORY.md"), section)
 
 
 def notes(rows: list[dict]) -> list[str]:

@@ -14,7 +14,7 @@ Steps, all in this one run on the same machine:
 5. transformers: the same token ids, `generate` greedy with the same max_new_tokens, one request at a time,
    on the same weights (the GGUF for smollm2-135m); its output tok/s is what a one-at-a-time server can
    reach at best, and the ratio to ours is printed.
-Prints a markdown block for benchmarks/RESULTS.md.
+Prints a markdown block for benchmarks/HISTORY.md (section `## serve`).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main() -> int:
                     f"same weights) | {tps:.1f} tok/s | ratio **{s.tokens_per_s / tps:.2f}x** |\n")
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    print("\n--- markdown for benchmarks/RESULTS.md ---")
+    print("\n--- markdown for benchmarks/HISTORY.md (## serve) ---")
     print(f"Model `{args.model}`, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads), {date}, Python {sys.version.split()[0]}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}; load average at start "

@@ -2,7 +2,7 @@
 8 key/value heads, head dim 64, sequence 2048, bf16): SDPA's backends against FlexAttention (compiled, causal
 block mask), timed with CUDA events in one process. Outputs and gradients are checked against the cuDNN result.
 
-    python benchmarks/bench_attention_train.py [--seq 2048 --batch 4]
+    python benchmarks/investigations/bench_attention_train.py [--seq 2048 --batch 4]
 """
 
 from __future__ import annotations

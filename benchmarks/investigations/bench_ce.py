@@ -2,7 +2,7 @@
 the two-kernel Triton cross-entropy (forward, then backward from the saved logits) against the one-kernel loss +
 gradient that the fused head + loss uses, at several persistent-grid sizes. CUDA-event medians.
 
-    python benchmarks/bench_ce.py [--out ce.json]
+    python benchmarks/investigations/bench_ce.py [--out ce.json]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a batch-1 decode step spends its GPU time: torch.profiler over CUDA-graph replays of giants'
 fused decode step, kernel time per step by kernel name, against the bytes the step must read.
 
-    python benchmarks/bench_decode_profile.py --presets gpt-oss-20b,llama-3.1-8b --out profile.json
+    python benchmarks/investigations/bench_decode_profile.py --presets gpt-oss-20b,llama-3.1-8b --out profile.json
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import torch
 
+import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path for bench_decode
 from bench_decode import bytes_per_token, copy_bandwidth, env
 from giants.inference import LLM, SamplingParams
 

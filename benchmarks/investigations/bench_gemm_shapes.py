@@ -2,7 +2,7 @@
 three layouts a linear layer runs: forward y = x W^T, input gradient dx = dy W, weight gradient dW = dy^T x.
 A square 8192^3 GEMM gives the ceiling. CUDA-event medians.
 
-    python benchmarks/bench_gemm_shapes.py
+    python benchmarks/investigations/bench_gemm_shapes.py
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """A against B on the compiled Llama-3.2-1B training step (seq 2048, micro-batch 4, master weights), interleaved:
 every variant gets its own Trainer, built and compiled up front, and the variants take turns running blocks of
 steps. On the lent H200s the step runs at the board's power cap and its clock drifts by several percent within a
-run (benchmarks/RESULTS.md), so variants timed one after the other can differ by more than the change being
+run (benchmarks/HISTORY.md), so variants timed one after the other can differ by more than the change being
 measured; taking turns puts the drift on both sides.
 
-    python benchmarks/bench_train_ab.py --variants tied,plain [--rounds 10 --block 5] [--out ab.json]
-    python benchmarks/bench_train_ab.py --smoke     # CPU check of the script
+    python benchmarks/investigations/bench_train_ab.py --variants tied,plain [--rounds 10 --block 5] [--out ab.json]
+    python benchmarks/investigations/bench_train_ab.py --smoke     # CPU check of the script
 
 Variants:
     tied    the default Trainer (the tied head reads the optimizer's bf16 copy of the embedding)
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path for bench_train
 import giants
 from bench_train import env, make_data, palm_flops_per_token
 from giants.model.attention import Attention

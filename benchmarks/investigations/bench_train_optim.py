@@ -3,7 +3,7 @@ weights (the Trainer's fp32-weight path, clip scale folded in) against giants.tr
 pass per tensor; bf16 matmul weights + fp32 masters, and fp32 weights with no cast), plus the gradient norm
 over fp32 and over bf16 gradients. CUDA-event medians.
 
-    python benchmarks/bench_train_optim.py --out optim.json
+    python benchmarks/investigations/bench_train_optim.py --out optim.json
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and whether preferring cuDNN attention in SDPA helps. CUDA kernel time per step by category, from
 torch.profiler over 3 steps after warm-up.
 
-    python benchmarks/bench_train_profile.py --out profile.json
+    python benchmarks/investigations/bench_train_profile.py --out profile.json
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path for bench_train
 import giants
 from bench_train import H100_BF16, env, make_data
 from giants.analysis.flops import training_flops_per_token

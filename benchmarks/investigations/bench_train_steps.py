@@ -2,8 +2,8 @@
 (seq 2048, micro-batch 4, one log line a step) beside the GPU's SM clock, power and temperature, sampled by
 `nvidia-smi` every 20 ms, and the caching allocator's retries (each one a device-wide sync).
 
-    python benchmarks/bench_train_steps.py [--steps 30] [--compile-mode default]
-    python benchmarks/bench_train_steps.py --smoke      # CPU check of the script (no clocks)
+    python benchmarks/investigations/bench_train_steps.py [--steps 30] [--compile-mode default]
+    python benchmarks/investigations/bench_train_steps.py --smoke      # CPU check of the script (no clocks)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path for bench_train
 import giants
 from bench_train import make_data
 from giants.train.trainer import TrainConfig, Trainer

@@ -5,8 +5,8 @@
 - the idle gaps grouped by the host operation that launched the kernel after each gap (what the GPU waited for);
 - the kernels by total time, with counts.
 
-    python benchmarks/bench_train_trace.py --out trace.json [--trace-dir DIR] [--log-every 1]
-    python benchmarks/bench_train_trace.py --smoke      # CPU check of the script (no CUDA timeline)
+    python benchmarks/investigations/bench_train_trace.py --out trace.json [--trace-dir DIR] [--log-every 1]
+    python benchmarks/investigations/bench_train_trace.py --smoke      # CPU check of the script (no CUDA timeline)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path for bench_train
 import giants
 from bench_train import env, make_data
 from giants.train.trainer import TrainConfig, Trainer
