@@ -19,27 +19,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+from tokenizers import processors
 
 from giants.checkpoint.errors import CheckpointError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-# GGUF `tokenizer.ggml.pre` -> the split regex llama.cpp applies before byte-level BPE. Names not here
-# use the GPT-2 regex of ByteLevel itself.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-                "deepseek-r1-qwen": _QWEN2_SPLIT}
-# llama.cpp isolates every numeral (\p{N}) before the GPT-2 regex for these (their tokenizer.json has
-# Digits(individual_digits=True) first). transformers' GGUF loader omits this step, so it differs from
-# the original tokenizer on numerals that have merges, e.g. " ½" in SmolLM2.
-_GGUF_DIGIT_SPLIT = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
-
 
 class Tokenizer:
     """encode/decode, streaming decode, special tokens and chat templates over a `tokenizers.Tokenizer`."""
@@ -117,47 +102,40 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "gguf") -> Tokenizer:
-        kind = meta.get("tokenizer.ggml.model")
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if kind is None or not isinstance(tokens, list) or not tokens:
-            raise CheckpointError("no tokenizer metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)", file=source)
-        if kind != "gpt2":
-            raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)",
-                                  file=source)
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = meta.get("tokenizer.ggml.merges") or []
-        # Metadata is untrusted: every value must have the type llama.cpp writes, or it is a bad file.
-        for key, value, kinds in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
-            if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
-                raise CheckpointError(f"tokenizer.ggml.{key} must be an array of {kinds.__name__}", file=source)
-        if len(types) != len(tokens):
-            raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens",
-                                  file=source)
-        pre = meta.get("tokenizer.ggml.pre")
-        template = meta.get("tokenizer.chat_template")
-        for key, value in (("tokenizer.ggml.pre", pre), ("tokenizer.chat_template", template)):
-            if value is not None and not isinstance(value, str):
-                raise CheckpointError(f"{key} must be a string, got {type(value).__name__}", file=source)
-        backend = _byte_level_bpe(tokens, merges, types, pre, source)
+        """The tokenizer llama.cpp runs for this metadata (`giants.gguf_vocab`); an unsupported
+        `tokenizer.ggml.model` or `tokenizer.ggml.pre` raises CheckpointError naming the file, key and value."""
+        from giants.gguf_vocab import build_backend
 
-        def tok(key: str) -> str | None:
-            i = meta.get(f"tokenizer.ggml.{key}")
+        built = build_backend(meta, source)
+        tokens = meta["tokenizer.ggml.tokens"]
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"tokenizer.chat_template must be a string, got {type(template).__name__}",
+                                  file=source)
+
+        def tok_id(key: str) -> int | None:
+            i = meta.get(f"tokenizer.ggml.{key}", built.default_ids.get(key))
             if i is None:
                 return None
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens):
                 raise CheckpointError(f"tokenizer.ggml.{key}={i!r} is not a token id of the vocabulary of "
                                       f"{len(tokens)}", file=source)
-            return tokens[i]
+            return i
+
+        def tok(key: str) -> str | None:
+            i = tok_id(key)
+            return None if i is None else built.backend.id_to_token(i)
 
         special = {"bos_token": tok("bos_token_id"), "eos_token": tok("eos_token_id"),
                    "unk_token": tok("unknown_token_id"), "pad_token": tok("padding_token_id")}
-        tok("eot_token_id")  # validated like the others
-        eos = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-        add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-        t = cls(backend, special=special, chat_template=template,
-                eos_token_ids=[e for e in eos if e is not None], add_bos_token=add_bos, add_eos_token=add_eos,
-                source=source)
+        eos = [tok_id("eos_token_id"), tok_id("eot_token_id")]
+        for flag, name in ((built.add_bos, "bos"), (built.add_eos, "eos")):
+            if flag and special[f"{name}_token"] is None:  # llama.cpp refuses this too
+                raise CheckpointError(f"tokenizer.ggml.add_{name}_token is true, but tokenizer.ggml.{name}_token_id "
+                                      "is not set", file=source)
+        t = cls(built.backend, special=special, chat_template=template,
+                eos_token_ids=[e for e in eos if e is not None], add_bos_token=built.add_bos,
+                add_eos_token=built.add_eos, source=source)
         t._set_post_processor()
         return t
 
@@ -338,64 +316,11 @@ class StreamDecoder:
 
 
 # ---- builders ----------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
 def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable spelling of the 256 bytes."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    """GPT-2's printable spelling of the 256 bytes (`giants.gguf_vocab.byte_alphabet`)."""
+    from giants.gguf_vocab import byte_alphabet
 
-
-def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str | None,
-                    source: str) -> _Backend:
-    alphabet = set(_byte_alphabet().values())
-    spell = _byte_alphabet()
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        # Control tokens are stored as plain text; spell them as bytes only for the BPE model's vocabulary.
-        key = t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))
-        vocab.setdefault(key, i)
-    pairs = []
-    for m in merges:
-        a, sep, b = m.partition(" ")
-        if not sep:
-            raise CheckpointError(f"tokenizer.ggml.merges: malformed merge {m!r}", file=source)
-        pairs.append((a, b))
-    try:
-        model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot build the BPE tokenizer: {e}", file=source) from None
-    backend = _Backend(model)
-    if pre in _GGUF_SPLITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in _GGUF_DIGIT_SPLIT:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    # 3 = control (special), 4 = user-defined (added, matched whole, not special); as llama.cpp treats them.
-    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
-               if k == 3 and set(t) <= alphabet]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
-    if control:
-        backend.add_special_tokens(control)
-    if user:
-        backend.add_tokens(user)
-    n = backend.get_vocab_size(with_added_tokens=True)
-    if n != len(tokens):
-        raise CheckpointError(f"tokenizer has {n} entries but the file lists {len(tokens)} tokens "
-                              "(duplicate or unspellable tokens)", file=source)
-    return backend
+    return byte_alphabet()
 
 
 def _read_backend(path: Path) -> _Backend:

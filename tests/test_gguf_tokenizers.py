@@ -1,0 +1,331 @@
+"""GGUF vocabularies tokenized as llama.cpp does: every supported `tokenizer.ggml.pre`, SentencePiece
+(`tokenizer.ggml.model == "llama"`) vocabularies, and refusal of everything else.
+
+Each case writes a tiny GGUF with the `gguf` package and compares our ids and text with
+
+* transformers' own GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), wherever it builds
+  the same tokenizer llama.cpp runs, and
+* an independent reference written out here with the `regex` module and plain Python: llama.cpp's
+  successive regex splits + rank-ordered BPE (`llm_tokenizer_bpe_session`), and its SentencePiece merge by
+  score + byte fallback (`llm_tokenizer_spm_session`), for the cases where transformers does something else
+  (it has no mapping for `default` or `smollm`, ignores `ignore_merges`, and adds SentencePiece's space
+  prefix only at the very start of a text that does not already begin with a space).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import regex
+from tokenizers import Tokenizer as _Backend
+from tokenizers import models, pre_tokenizers, trainers
+
+from giants.checkpoint import CheckpointError
+from giants.gguf_vocab import _PRE_TOKENIZERS, SUPPORTED_PRE, byte_alphabet
+from giants.tokenizer import Tokenizer, load_tokenizer
+
+TRICKY = [
+    "Hello world",
+    " leading space",
+    "   three leading spaces",
+    "multiple   spaces  inside",
+    "trailing spaces   ",
+    "line\nbreaks\n\n\nand\r\nCRLF\r\n",
+    "\ttabs\tand \t mixed\n \n",
+    "digits 1 12 123 1234 12345 123456 3.14159 2024-01-31 x42y",
+    "I'm you're he'll we've she'd it's DON'T WE'LL They'RE",
+    "camelCaseWords and HTTPServer, XMLHttpRequest",
+    "naïve café résumé Ünïcödé straße",
+    "中文测试，日本語のテキスト、한국어",
+    "Здравствуй мир! Γειά σου",
+    "emoji 😀👍🏽 family 👨‍👩‍👧 flag 🇫🇷 🦙",
+    "combining e\u0301 a\u0308 and zero\u200bwidth",
+    "code: def f(x):\n    return x**2  # sq\n",
+    "url https://example.com/a/b?c=1&d=2 path/to/file.txt",
+    "punct!!! ?? ... --- (( )) [[ ]] {{ }} <<>> ~~ ||",
+    "½ ¾ x² Ⅻ ① ٣٤",
+    "",
+    " ",
+    "\n",
+]
+WITH_SPECIAL = ["<|endoftext|>hello", "a<|endoftext|> b", "<think>x</think>", "q <think> 12345<|endoftext|>\n"]
+
+CORPUS = "\n".join([
+    "The quick brown fox jumps over the lazy dog. I'm sure you're right; they'll see we've won.",
+    "DON'T SHOUT! It's camelCaseWords and HTTPServer calling XMLHttpRequest.getResponseHeader()",
+    "numbers: 0 1 2 3 4 5 6 7 8 9 10 12 123 1234 12345 123456 2024-01-31 3.14159 x42y",
+    "def main():\n    for i in range(10):\n        print(i ** 2)  # squares\n\n\treturn None\r\n",
+    "naïve café résumé straße Ünïcödé — “quotes” … and   spaces    everywhere     here",
+    "中文测试，日本語のテキスト、한국어 문장 Здравствуй мир Γειά σου κόσμε",
+    "https://example.com/path/to/file.txt?query=1&x=2 user@example.com ~/dir/ ../up",
+    "emoji 😀 👍🏽 🇫🇷 🦙 ½ ¾ x² Ⅻ ① ٣٤ e\u0301 a\u0308",
+] * 3)
+
+
+# ---- writing tiny GGUFs ------------------------------------------------------------------------------------
+def _write(path: Path, arch: str, kv: dict, n_tokens: int) -> Path:
+    """A GGUF llama.cpp's converter could have written: the architecture keys transformers needs for a config,
+    the tokenizer metadata `kv`, and an embedding table."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 16),
+                 ("attention.head_count", 2), ("attention.head_count_kv", 2)):
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    for k, v in kv.items():
+        if isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        elif k == "tokenizer.ggml.scores":
+            w.add_token_scores(v)
+        elif k == "tokenizer.ggml.token_type":
+            w.add_token_types(v)
+        else:
+            w.add_array(k, v)
+    w.add_tensor("token_embd.weight", np.zeros((n_tokens, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _hf(path: Path):
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def byte_bpe():
+    """(tokens, merges, types) of a byte-level BPE trained on CORPUS with no pre-tokenizer, so its merges cross
+    every boundary one split regex or another draws (digits, case, spaces, punctuation, newlines)."""
+    backend = _Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.train_from_iterator(CORPUS.split("\n"), trainers.BpeTrainer(
+        vocab_size=900, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(backend.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens += ["<|endoftext|>", "<|start|>", "<think>", "</think>"]
+    types = [1] * (len(tokens) - 4) + [3, 3, 4, 4]
+    return tokens, merges, types
+
+
+def _bpe_gguf(tmp_path: Path, byte_bpe, pre: str | None, arch: str = "llama", **extra) -> Path:
+    tokens, merges, types = byte_bpe
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+          "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": len(tokens) - 3,
+          "tokenizer.ggml.eos_token_id": len(tokens) - 4, **extra}
+    if pre is not None:
+        kv["tokenizer.ggml.pre"] = pre
+    return _write(tmp_path / f"bpe-{pre}.gguf", arch, kv, len(tokens))
+
+
+# ---- the reference: llama.cpp's BPE session in plain Python --------------------------------------------------
+def _regex_split(text: str, exprs: tuple[str, ...]) -> list[str]:
+    """`unicode_regex_split`: each regex cuts every piece into its matches and the text between them."""
+    pieces = [text] if text else []
+    for expr in exprs:
+        out = []
+        for p in pieces:
+            pos = 0
+            for m in regex.finditer(expr, p):
+                if m.start() > pos:
+                    out.append(p[pos:m.start()])
+                out.append(m.group())
+                pos = m.end()
+            if pos < len(p):
+                out.append(p[pos:])
+        pieces = out
+    return pieces
+
+
+def _partition(text: str, added: list[str]) -> list[tuple[str, bool]]:
+    """`tokenizer_st_partition`: added (control / user-defined) tokens cut out of the raw text first."""
+    if not added:
+        return [(text, False)] if text else []
+    alt = "|".join(regex.escape(t) for t in sorted(added, key=len, reverse=True))
+    return [(p, p in added) for p in regex.split(f"({alt})", text) if p]
+
+
+def _bpe_word(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """llama.cpp's merge loop: repeatedly the adjacent pair of lowest rank (leftmost on ties)."""
+    syms = list(word)
+    while len(syms) > 1:
+        best = min(((ranks.get((a, b), 1 << 60), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))))
+        if best[0] == 1 << 60:
+            break
+        i = best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    return syms
+
+
+def _reference_bpe(text: str, byte_bpe, pre: str) -> list[int]:
+    tokens, merges, types = byte_bpe
+    spec = _PRE_TOKENIZERS[pre]
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
+    spell = byte_alphabet()
+    out = []
+    for part, is_added in _partition(text, [t for t, k in zip(tokens, types) if k in (3, 4)]):
+        if is_added:
+            out.append(ids[part])
+            continue
+        for piece in _regex_split(part, spec.splits):
+            word = "".join(spell[b] for b in piece.encode("utf-8"))
+            out += [ids[word]] if spec.ignore_merges and word in ids else [ids[s] for s in _bpe_word(word, ranks)]
+    return out
+
+
+# ---- byte-level BPE: every pre-tokenizer --------------------------------------------------------------------
+# transformers maps these names to the same split regex llama.cpp uses (integrations/gguf
+# gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS), and builds plain GPT-2 byte-level BPE for the GPT-2 ones.
+HF_SAME = ["gpt-2", "phi-2", "mpt", "olmo", "llama-bpe", "llama3", "dbrx", "smaug-bpe", "qwen2", "deepseek-r1-qwen",
+           "megrez", "tekken", "gpt-4o", "llama4", "minimax-m2"]
+# transformers has no mapping for these (it falls back to GPT-2's regex): compared with the reference only.
+HF_OTHER = ["default", "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "stablelm2"]
+
+
+def test_every_supported_name_is_tested():
+    assert set(SUPPORTED_PRE) >= set(HF_SAME) | set(HF_OTHER)
+    # the rest are aliases llama.cpp gives the very same behaviour as a tested name
+    tested = {_PRE_TOKENIZERS[p] for p in HF_SAME + HF_OTHER}
+    assert all(_PRE_TOKENIZERS[p] in tested for p in SUPPORTED_PRE)
+
+
+@pytest.mark.parametrize("pre", HF_SAME + HF_OTHER)
+def test_bpe_pre_tokenizer_matches_llama_cpp_reference(tmp_path, byte_bpe, pre):
+    ours = load_tokenizer(_bpe_gguf(tmp_path, byte_bpe, pre))
+    for text in TRICKY + WITH_SPECIAL + CORPUS.split("\n")[:8]:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == _reference_bpe(text, byte_bpe, pre), (pre, text)
+        assert ours.decode(ids) == text, (pre, text)  # byte-level BPE is lossless
+
+
+@pytest.mark.parametrize("pre", HF_SAME)
+def test_bpe_matches_transformers_gguf_tokenizer(tmp_path, byte_bpe, pre):
+    path = _bpe_gguf(tmp_path, byte_bpe, pre)
+    ours, ref = load_tokenizer(path), _hf(path)
+    if _PRE_TOKENIZERS[pre].ignore_merges:
+        # llama.cpp (and Llama 3's / tekken's own tokenizer.json) take a piece that is a token whole;
+        # transformers' GGUF loader leaves BPE's ignore_merges off. Compare with it switched on.
+        ref.backend_tokenizer.model.ignore_merges = True
+    for text in TRICKY + WITH_SPECIAL:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == ref.encode(text, add_special_tokens=False), (pre, text)
+        assert ours.decode(ids) == ref.decode(ids), (pre, text)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), (pre, text)
+    assert ours.special_tokens == ["<|endoftext|>", "<|start|>"]
+    assert ours.encode("<think>", add_special_tokens=False) == [len(byte_bpe[0]) - 2]  # user-defined: whole
+
+
+@pytest.mark.parametrize("pre", ["default", "smollm"])
+def test_bpe_without_transformers_mapping_differs_from_gpt2_where_llama_cpp_does(tmp_path, byte_bpe, pre):
+    """For these transformers runs GPT-2's split; llama.cpp does not, and neither do we."""
+    path = _bpe_gguf(tmp_path, byte_bpe, pre)
+    ours, ref = load_tokenizer(path), _hf(path)
+    differ = [t for t in TRICKY if ours.encode(t, add_special_tokens=False) != ref.encode(t, add_special_tokens=False)]
+    assert differ and all(_reference_bpe(t, byte_bpe, pre) != _reference_bpe(t, byte_bpe, "gpt-2") for t in differ)
+
+
+def test_gpt_4o_is_not_gpt2(tmp_path):
+    """The old bug: an unknown `pre` (gpt-oss writes `gpt-4o`) silently got GPT-2's split. o200k cuts digits
+    in runs of at most three and splits words at case changes; GPT-2 keeps "12345" and "camelCase" whole."""
+    spell = byte_alphabet()
+    tokens = [spell[b] for b in range(256)] + ["12", "123", "45", "12345", "ca", "cam", "came", "camel",
+                                               "camelC", "Ca", "Cas", "Case", "camelCa", "camelCas", "camelCase"]
+    merges = ["1 2", "12 3", "4 5", "123 45", "c a", "ca m", "cam e", "came l", "camel C", "C a", "Ca s",
+              "Cas e", "camelC a", "camelCa s", "camelCas e"]
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+          "tokenizer.ggml.token_type": [1] * len(tokens)}
+    path = _write(tmp_path / "o200k.gguf", "gpt-oss", {**kv, "tokenizer.ggml.pre": "gpt-4o"}, len(tokens))
+    ours = load_tokenizer(path)
+    tid = {t: i for i, t in enumerate(tokens)}
+    assert ours.encode("12345") == [tid["123"], tid["45"]]  # \p{N}{1,3}
+    assert ours.encode("camelCase") == [tid["camel"], tid["Case"]]  # a lower-case run, then Upper+lower
+    assert _hf(path).encode("12345 camelCase", add_special_tokens=False) == ours.encode("12345 camelCase")
+    gpt2 = Tokenizer.from_gguf_metadata({**kv, "tokenizer.ggml.pre": "gpt-2"}, source="gpt2.gguf")
+    assert gpt2.encode("12345") == [tid["12345"]] and gpt2.encode("camelCase") == [tid["camelCase"]]
+
+
+def test_llama3_takes_a_piece_that_is_a_token_whole(tmp_path):
+    """ignore_merges (llama.cpp sets it for llama-bpe and tekken; Llama 3's tokenizer.json has it): "abc" is a
+    token that the merges never build, and a Llama 3 vocabulary still uses it for the piece "abc"."""
+    spell = byte_alphabet()
+    tokens = [spell[b] for b in range(256)] + ["ab", "abc"]
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
+          "tokenizer.ggml.token_type": [1] * len(tokens)}
+    llama3 = Tokenizer.from_gguf_metadata({**kv, "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token":
+                                           False}, source="l3.gguf")
+    assert llama3.encode("abc") == [257]
+    assert llama3.encode("abcd") == [256, ord("c"), ord("d")]  # not a token: merged as usual
+    qwen2 = Tokenizer.from_gguf_metadata({**kv, "tokenizer.ggml.pre": "qwen2"}, source="q.gguf")
+    assert qwen2.encode("abc") == [256, ord("c")]
+
+
+def test_bos_defaults_follow_llama_cpp(byte_bpe):
+    tokens, merges, types = byte_bpe
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+          "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": len(tokens) - 3}
+    bos = len(tokens) - 3
+    # llama.cpp adds BOS by default for llama-bpe and tekken only; the file's own flag always wins.
+    assert Tokenizer.from_gguf_metadata({**kv, "tokenizer.ggml.pre": "llama-bpe"}).encode("x")[0] == bos
+    assert Tokenizer.from_gguf_metadata({**kv, "tokenizer.ggml.pre": "gpt-4o"}).encode("x")[0] != bos
+    off = {**kv, "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": False}
+    assert Tokenizer.from_gguf_metadata(off).encode("x")[0] != bos
+    no_bos = {k: v for k, v in kv.items() if k != "tokenizer.ggml.bos_token_id"}
+    with pytest.raises(CheckpointError, match="add_bos_token is true, but tokenizer.ggml.bos_token_id is not set"):
+        Tokenizer.from_gguf_metadata({**no_bos, "tokenizer.ggml.pre": "llama-bpe"}, source="x.gguf")
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pre", ["gpt2", "deepseek-llm", "falcon", "qwen35", "LLAMA-BPE", " smollm"])
+def test_unknown_pre_is_refused(tmp_path, byte_bpe, pre):
+    path = _bpe_gguf(tmp_path, byte_bpe, pre)
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(path)
+    msg = str(e.value)
+    assert isinstance(e.value, CheckpointError)
+    assert str(path) in msg and f"tokenizer.ggml.pre={pre!r}" in msg
+    assert all(name in msg for name in ("default", "gpt-2", "llama-bpe", "smollm", "gpt-4o", "qwen2", "tekken"))
+
+
+@pytest.mark.parametrize("model", ["bert", "t5", "gemma4", "rwkv", "no_vocab", "GPT2"])
+def test_unknown_tokenizer_model_is_refused(tmp_path, byte_bpe, model):
+    tokens, merges, types = byte_bpe
+    path = _write(tmp_path / "m.gguf", "llama", {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": tokens},
+                  len(tokens))
+    with pytest.raises(CheckpointError) as e:
+        load_tokenizer(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and f"tokenizer.ggml.model={model!r}" in msg
+    assert "'gpt2'" in msg and "'llama'" in msg
+
+
+def test_missing_pre_is_llama_cpp_default_with_a_warning(byte_bpe):
+    tokens, merges, types = byte_bpe
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+          "tokenizer.ggml.token_type": types}
+    for meta in (kv, {**kv, "tokenizer.ggml.pre": ""}):  # llama.cpp treats an empty name as a missing one
+        with pytest.warns(UserWarning, match=r"old\.gguf: no tokenizer.ggml.pre .* llama.cpp's 'default'"):
+            t = Tokenizer.from_gguf_metadata(meta, source="old.gguf")
+        for text in TRICKY:
+            assert t.encode(text) == _reference_bpe(text, byte_bpe, "default"), text
+
+
+def test_duplicate_tokens_are_refused(byte_bpe):
+    tokens, merges, types = byte_bpe
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [*tokens[:-1], tokens[5]],
+          "tokenizer.ggml.merges": merges, "tokenizer.ggml.pre": "gpt-2"}
+    with pytest.raises(CheckpointError, match=r"^d\.gguf: duplicate token"):
+        Tokenizer.from_gguf_metadata(kv, source="d.gguf")
