@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from giants.inference.offload import Layout, Pinned
+
 UNIT_ORDER = ("embed", "rel_bias", "layers", "norm", "lm_head")
 _NEVER_STREAMED = ("embed", "rel_bias", "norm", "lm_head")
 STRATEGIES = ("auto", "balanced", "sequential")
-_ALIGN = 256
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
           "TIB": 2**40}
@@ -240,111 +241,6 @@ def resolve_device_map(model: nn.Module, device_map: str | dict, max_memory: dic
     return plan
 
 
-# ---- streamed blocks: flat layout ---------------------------------------------------------------------
-@dataclasses.dataclass
-class _Region:
-    offset: int
-    nbytes: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    members: list[tuple[nn.Module, str, bool, int, int, int]]  # (owner, attr, is_param, dim, start, length)
-
-    def view(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
-
-
-def _plain(*mods: nn.Module) -> bool:
-    return all(type(m) is nn.Linear for m in mods)
-
-
-def _groups(block: nn.Module) -> list[tuple[list[tuple[nn.Module, str]], int, str]]:
-    """The block's tensors as (members, cat dim, tag): the ModelRunner's fused Q/K/V and gate/up come out as
-    one region each, so streamed blocks run the same products as resident ones."""
-    from giants.model.mlp import MoE
-
-    groups = []
-    a = block.attn
-    if _plain(a.q_proj, a.k_proj, a.v_proj):
-        groups.append(([(m, "weight") for m in (a.q_proj, a.k_proj, a.v_proj)], 0, "qkv_w"))
-        if a.q_proj.bias is not None:
-            groups.append(([(m, "bias") for m in (a.q_proj, a.k_proj, a.v_proj)], 0, "qkv_b"))
-    mlp = block.mlp
-    if isinstance(mlp, MoE):
-        groups.append(([(mlp, "w_gate"), (mlp, "w_up")], 1, "moe_w"))
-        if mlp.b_gate is not None:
-            groups.append(([(mlp, "b_gate"), (mlp, "b_up")], 1, "moe_b"))
-    elif hasattr(mlp, "gate_proj") and _plain(mlp.gate_proj, mlp.up_proj):
-        groups.append(([(mlp.gate_proj, "weight"), (mlp.up_proj, "weight")], 0, "dense_w"))
-        if mlp.gate_proj.bias is not None:
-            groups.append(([(mlp.gate_proj, "bias"), (mlp.up_proj, "bias")], 0, "dense_b"))
-    grouped = {(id(m), attr) for members, _, _ in groups for m, attr in members}
-    for mod in block.modules():
-        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is not None and (id(mod), attr) not in grouped:
-                groups.append(([(mod, attr)], 0, ""))
-    return groups
-
-
-class _Layout:
-    """Where each tensor of a streamed block sits in its flat byte buffer."""
-
-    def __init__(self, block: nn.Module) -> None:
-        self.regions: list[_Region] = []
-        self.tags: dict[str, _Region] = {}
-        off = 0
-        for members, dim, tag in _groups(block):
-            ts = [getattr(m, a) for m, a in members]
-            shape = list(ts[0].shape)
-            shape[dim] = sum(t.shape[dim] for t in ts)
-            nbytes = ts[0].element_size() * int(torch.Size(shape).numel())
-            mem, start = [], 0
-            for (m, a), t in zip(members, ts):
-                mem.append((m, a, a in m._parameters, dim, start, t.shape[dim]))
-                start += t.shape[dim]
-            r = _Region(off, nbytes, tuple(shape), ts[0].dtype, mem)
-            self.regions.append(r)
-            if tag:
-                self.tags[tag] = r
-            off += -(-nbytes // _ALIGN) * _ALIGN
-        self.nbytes = max(off, _ALIGN)
-
-    def point(self, flat: torch.Tensor, replace: bool = False) -> None:
-        """Make the block's tensors views into `flat` (replace=True: new Parameter objects, from meta)."""
-        for r in self.regions:
-            region = r.view(flat)
-            for m, a, is_param, dim, start, length in r.members:
-                v = region.narrow(dim, start, length)
-                if not is_param:
-                    m._buffers[a] = v
-                elif replace:
-                    m._parameters[a] = nn.Parameter(v, requires_grad=False)
-                else:
-                    m._parameters[a].data = v
-
-    def fill_from_module(self, flat: torch.Tensor) -> None:
-        """Copy the block's current tensor values into `flat` (placing an already built model)."""
-        for r in self.regions:
-            region = r.view(flat)
-            for m, a, _, dim, start, length in r.members:
-                region.narrow(dim, start, length).copy_(getattr(m, a))
-
-    def fused(self, flat: torch.Tensor, block: nn.Module) -> tuple:
-        """The ModelRunner's (qkv, mlp) tuple for this block, as views into `flat`."""
-        from giants.inference.mxfp4 import MXFP4MoE
-
-        t = {k: r.view(flat) for k, r in self.tags.items()}
-        qkv = (t["qkv_w"], t.get("qkv_b")) if "qkv_w" in t else None
-        if "moe_w" in t:
-            mlp = ("moe", t["moe_w"], t.get("moe_b"))
-        elif isinstance(block.mlp, MXFP4MoE):
-            mlp = ("mxfp4",)
-        elif "dense_w" in t:
-            mlp = ("dense", t["dense_w"], t.get("dense_b"))
-        else:
-            mlp = ("modules",)
-        return qkv, mlp
-
-
 # ---- the placed model at run time ---------------------------------------------------------------------
 class Placement:
     """A model's plan plus the streaming machinery; attached as `model.placement` by `dispatch`/`materialize`."""
@@ -364,7 +260,7 @@ class Placement:
             raise ValueError(f"device_map: {len(disk)} block(s) ({disk[0]} ...) are placed on 'disk': pass "
                              "offload_folder= (a directory for their weights), or give max_memory['cpu'] more room")
         self.folder = Path(offload_folder) if offload_folder is not None else None
-        self.layouts: dict[int, _Layout] = {}
+        self.layouts: dict[int, Layout] = {}
         self.stores: dict[int, torch.Tensor] = {}
         self.order = [i for i in range(n) if self.streamed[i]]
         self.slots: list[torch.Tensor] = []
@@ -373,6 +269,7 @@ class Placement:
         self.active = -1  # streamed block whose parameters point at a slot now
         self.head_device = self.devices.get("lm_head", self.devices["embed"])
         self._hooks: list = []
+        self._pinned: list[Pinned] = []
 
     # ---- describing --------------------------------------------------------------------------------------
     @property
@@ -400,7 +297,11 @@ class Placement:
             if path.exists():
                 path.unlink()
             return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        if not self.cuda:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        buf = Pinned(nbytes)
+        self._pinned.append(buf)
+        return buf.tensor
 
     def build(self, model: nn.Module, from_meta: bool) -> None:
         """Allocate every unit at its placement. from_meta: the model is on the meta device (weights are
@@ -408,7 +309,7 @@ class Placement:
         for name, mod in units(model):
             if name.startswith("layers.") and self.streamed[int(name.split(".")[1])]:
                 i = int(name.split(".")[1])
-                layout = _Layout(mod)
+                layout = Layout(mod)
                 store = self._new_store(i, layout.nbytes)
                 if not from_meta:
                     layout.fill_from_module(store)
