@@ -1,0 +1,274 @@
+"""Rank functions for tests/test_parallel_pp_ep.py (spawned by tests/dist_utils.run_ranks, so module-level).
+
+Every case trains a tiny twin for STEPS steps both ways on each rank: the parallel layout on the rank's share
+of the global batch, and the single-process reference on the whole global batch (same seed, same data), then
+reports the worst relative error of the per-step losses and of the last step's gradients (every parameter the
+rank holds, compared with the reference parameter of the same name; DTensor gradients compared whole)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+import giants
+from giants.parallel.layout import ParallelDims
+from giants.train.losses import causal_lm_loss, router_losses
+
+STEPS = 5
+VOCAB = 512  # the twins' 49,152-row vocabulary cut down: same code paths, a fraction of the CPU time
+SEQ = 16
+AUX, ZC = 0.02, 1e-3  # router-loss coefficients used on the MoE twins
+
+
+def twin(name: str, n_layers: int | None = None) -> giants.ModelConfig:
+    cfg = giants.get_config(name).replace(vocab_size=VOCAB)
+    return cfg.replace(n_layers=n_layers) if n_layers else cfg
+
+
+def batch(global_batch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (global_batch, SEQ + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def make_opt(params: list[torch.nn.Parameter], opt: str) -> torch.optim.Optimizer:
+    # DTensor and plain parameters in separate groups (foreach kernels do not mix them)
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]
+    if opt == "sgd":
+        return torch.optim.SGD([{"params": g} for g in groups], lr=0.05)
+    return torch.optim.AdamW([{"params": g} for g in groups], lr=1e-3, weight_decay=0.01, foreach=True)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def reference(cfg: giants.ModelConfig, global_batch: int, opt: str, *, router: bool = False,
+              micro: int = 1) -> dict[str, Any]:
+    """Single process on the global batch: per-step losses and the first and last steps' gradients. micro > 1
+    splits each step into that many equal micro-batches with the loss divided by it (gradient accumulation)."""
+    model = giants.build(cfg, seed=0)
+    optim = make_opt(list(model.parameters()), opt)
+    losses: list[float] = []
+    grads: list[dict[str, torch.Tensor]] = []
+    for step in range(STEPS):
+        optim.zero_grad(set_to_none=True)
+        ids, labels = batch(global_batch, step)
+        total = 0.0
+        for x, y in zip(ids.chunk(micro), labels.chunk(micro)):
+            if router:
+                logits, rl = model(x, output_router_logits=True)
+                r = router_losses(rl, cfg.experts_per_token)
+                loss = causal_lm_loss(logits, y) + AUX * r.aux_loss + ZC * r.z_loss
+            else:
+                loss = causal_lm_loss(model(x), y)
+            (loss / micro).backward()
+            total += float(loss.detach()) / micro
+        losses.append(total)
+        if step in (0, STEPS - 1):
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        optim.step()
+    return {"losses": losses, "first": grads[0], "last": grads[-1]}
+
+
+def compare(run: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Worst relative errors: per-step losses, first-step and last-step gradients (norm of the difference over
+    the norm of the reference, per parameter)."""
+    out: dict[str, Any] = {"loss_err": max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref["losses"]))}
+    for key in ("first", "last"):
+        err, worst = 0.0, ""
+        for name, g in run[key]:
+            e = rel(g, ref[key][name])
+            if e > err:
+                err, worst = e, name
+        out[f"{key}_grad_err"], out[f"{key}_worst"] = err, worst
+    out["n_grads"] = len(run["last"])
+    return out
+
+
+def _avg_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """The data-parallel mean of each gradient (DDP's all-reduce; DTensor gradients through their local shard)."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            continue
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        dist.all_reduce(local, group=group)
+        local.div_(n)
+
+
+# ---- pipeline parallel ---------------------------------------------------------------------------------------
+
+def _pp_case(case: dict[str, Any], mesh: DeviceMesh, fsdp: bool) -> dict[str, Any]:
+    from giants.parallel.pipeline import moe_router_loss_fn, pipeline_model
+
+    cfg = twin(case["model"], case.get("n_layers"))
+    dims = ParallelDims(pp=mesh["pp"].size(), dp_shard=mesh["dp_shard"].size(), pp_schedule=case["schedule"],
+                        ep=mesh["dp_shard"].size() if case.get("ep") else 1)
+    n_mb, opt = case.get("microbatches", 4), case.get("opt", "sgd")
+    dp = dims.dp_shard
+    local_batch = case.get("local_batch", 4)
+    router = bool(case.get("router"))
+    refs = {"accum": reference(cfg, local_batch * dp, opt, router=router, micro=n_mb * dp)}
+    if not router:  # router losses are per micro-batch in a pipeline (as with gradient accumulation)
+        refs["full"] = reference(cfg, local_batch * dp, opt)
+
+    model = giants.build(cfg, seed=0)
+    parallelize = None
+    if case.get("ep"):  # PP x EP: the experts of each stage split over the data-parallel ranks (ep = dp_shard)
+        from giants.parallel.expert import apply_ep
+
+        def parallelize(part: torch.nn.Module) -> None:
+            apply_ep(part, mesh["dp_shard"])
+    elif fsdp:
+        parallelize = _fsdp_fn(mesh["dp_shard"])
+    aux_fn = moe_router_loss_fn(cfg, AUX, ZC) if router else None
+    parts = pipeline_model(model, dims, mesh["pp"], causal_lm_loss, n_mb, parallelize_fn=parallelize,
+                           aux_loss_fn=aux_fn)
+    params = [p for part in parts.model_parts for p in part.parameters()]
+    optim = make_opt(params, opt)
+    d = mesh["dp_shard"].get_local_rank()
+    run: dict[str, Any] = {"losses": []}
+    for step in range(STEPS):
+        optim.zero_grad(set_to_none=True)
+        ids, labels = batch(local_batch * dp, step)
+        ids, labels = ids[d * local_batch:(d + 1) * local_batch], labels[d * local_batch:(d + 1) * local_batch]
+        loss = parts.step(ids, labels)
+        if case.get("ep"):  # no FSDP here: DDP's mean for everything outside the experts
+            _avg_grads([p for p in params if not isinstance(p, DTensor)], mesh["dp_shard"].get_group())
+        if dp > 1:
+            dist.all_reduce(loss, group=mesh["dp_shard"].get_group())
+            loss = loss / dp
+        run["losses"].append(float(loss))
+        if step in (0, STEPS - 1):
+            run["first" if step == 0 else "last"] = [(n, full(p.grad).clone()) for part in parts.model_parts
+                                                      for n, p in part.named_parameters()]
+        optim.step()
+    out = {k: compare(run, r) for k, r in refs.items()}
+    out["stages"] = [s.stage_index for s in parts.stages]
+    out["layers"] = [list(part.layer_ids) for part in parts.model_parts]
+    return out
+
+
+def _fsdp_fn(dp_mesh: DeviceMesh) -> Callable[[torch.nn.Module], None]:
+    """FSDP over the data-parallel shard mesh: each block, then the part (giants.parallel.fsdp when it exists)."""
+    try:
+        from giants.parallel import fsdp as gfsdp  # the plan's FSDP, once it lands
+    except ImportError:
+        gfsdp = None
+
+    def apply(part: torch.nn.Module) -> None:
+        if gfsdp is not None and hasattr(gfsdp, "apply_fsdp"):
+            gfsdp.apply_fsdp(part, dp_mesh)
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in part.layers.values():
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(part, mesh=dp_mesh)
+
+    return apply
+
+
+def pp_worker(rank: int, world: int, pp: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PP (pp = world), PP x FSDP or PP x EP (pp x dp_shard = world) cases on one mesh."""
+    dp = world // pp
+    mesh = init_device_mesh("cpu", (pp, dp), mesh_dim_names=("pp", "dp_shard"))
+    out = []
+    for case in cases:
+        r = _pp_case(case, mesh, fsdp=dp > 1)
+        r["case"] = case
+        out.append(r)
+    return out
+
+
+# ---- expert parallel -----------------------------------------------------------------------------------------
+
+def _ep_case(case: dict[str, Any], mesh: DeviceMesh) -> dict[str, Any]:
+    from giants.parallel.expert import apply_ep, router_losses_global
+
+    cfg = twin(case["model"])
+    opt = case.get("opt", "sgd")
+    world = dist.get_world_size()
+    local_batch = case.get("local_batch", 2)
+    ref = reference(cfg, local_batch * world, opt, router=True)
+
+    model = giants.build(cfg, seed=0)
+    n = apply_ep(model, mesh["ep"])
+    assert n == cfg.n_layers, n
+    params = list(model.parameters())
+    dense = [p for p in params if not isinstance(p, DTensor)]
+    experts = [p for p in params if isinstance(p, DTensor)]
+    optim = make_opt(params, opt)
+    r = dist.get_rank()
+    mod_group = mesh["dp_shard_mod_ep"].get_group()
+    run: dict[str, Any] = {"losses": []}
+    for step in range(STEPS):
+        optim.zero_grad(set_to_none=True)
+        ids, labels = batch(local_batch * world, step)
+        x, y = ids[r * local_batch:(r + 1) * local_batch], labels[r * local_batch:(r + 1) * local_batch]
+        logits, rl = model(x, output_router_logits=True)
+        g = router_losses_global(rl, cfg.experts_per_token, dist.group.WORLD)
+        loss = causal_lm_loss(logits, y) + AUX * g.aux_loss + ZC * g.z_loss
+        loss.backward()
+        _avg_grads(dense, None)  # everything outside the experts: the mean over all data-parallel ranks
+        _avg_grads(experts, mod_group)  # experts: summed over the EP group by the all-to-all, scaled 1/ep
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        run["losses"].append(float(value) / world)
+        if step in (0, STEPS - 1):
+            run["first" if step == 0 else "last"] = [(nm, full(p.grad).clone()) for nm, p in model.named_parameters()]
+        optim.step()
+    return {"full": compare(run, ref)}
+
+
+def ep_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    meshes: dict[int, DeviceMesh] = {}
+    for case in cases:
+        ep = case["ep"]
+        if ep not in meshes:
+            meshes[ep] = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("dp_shard_mod_ep", "ep"))
+        r = _ep_case(case, meshes[ep])
+        r["case"] = case
+        out.append(r)
+    return out
+
+
+def forward_equal_worker(rank: int, world: int, names: list[str]) -> dict[str, float]:
+    """EP forward (outputs and router logits) against one process on the same tokens: max abs difference."""
+    from giants.parallel.expert import apply_ep
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    out = {}
+    for name in names:
+        cfg = twin(name)
+        ref, model = giants.build(cfg, seed=0), giants.build(cfg, seed=0)
+        apply_ep(model, mesh)
+        ids, _ = batch(2 * world, 0)
+        with torch.no_grad():
+            want, want_rl = ref(ids, output_router_logits=True)
+            got, got_rl = model(ids[2 * rank:2 * rank + 2], output_router_logits=True)
+        n = 2 * SEQ
+        out[name] = max(float((got - want[2 * rank:2 * rank + 2]).abs().max()),
+                        max(float((a - b[rank * n:(rank + 1) * n]).abs().max()) for a, b in zip(got_rl, want_rl)))
+    return out
+
+
+def all_workers(rank: int, world: int, jobs: list[tuple[str, tuple]]) -> list[Any]:
+    """Several workers in one spawn (one process group): [(name, args), ...] -> their results, in order."""
+    fns = {"pp": pp_worker, "ep": ep_worker, "forward": forward_equal_worker}
+    return [fns[name](rank, world, *args) for name, args in jobs]
+
