@@ -287,6 +287,18 @@ def _linear_style(name: str, *, out_layout: Placement, use_local_output: bool = 
     return None
 
 
+def _norm_style(name: str, sequence_parallel: bool, *, use_local_output: bool = True) -> ParallelStyle:
+    """SequenceParallel; without sequence parallelism the norm sees the whole (replicated) sequence and its
+    weights are Replicate DTensors read as local tensors (every parameter a DTensor: a foreach optimizer refuses
+    to mix DTensor and plain parameters). Either way each rank's gradient is the whole one."""
+    for leaf in ("weight", "bias"):
+        if tp_split(f"{name}.{leaf}") is not None:
+            raise LayoutError(f"apply_tp: norms are replicated, but tp_split({name}.{leaf!r}) splits them")
+    if sequence_parallel:
+        return SequenceParallel(use_local_output=use_local_output)
+    return LocalParams({"weight": Replicate(), "bias": Replicate()})
+
+
 def _blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, block) of the model's layers: a ModuleList, or a ModuleDict of a pipeline stage."""
     layers = getattr(model, "layers", None)
@@ -333,10 +345,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool =
     for prefix, block in _blocks(model):
         norms = [k for k in ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")
                  if getattr(block, k, None) is not None]
-        if sequence_parallel:
+        for k in norms:
             # local outputs: the sandwich norms' outputs are added to the (local) residual stream
-            for k in norms:
-                parallelize_module(getattr(block, k), tp_mesh, SequenceParallel(use_local_output=True))
+            parallelize_module(getattr(block, k), tp_mesh, _norm_style(f"{prefix}.{k}", sequence_parallel))
         attn = block.attn
         plan: dict[str, ParallelStyle] = {}
         for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -368,8 +379,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool =
 
     norm = getattr(model, "norm", None)
     if norm is not None:
-        if sequence_parallel:
-            parallelize_module(norm, tp_mesh, SequenceParallel(use_local_output=False))
+        parallelize_module(norm, tp_mesh, _norm_style("norm", sequence_parallel, use_local_output=False))
         parallelize_module(norm, tp_mesh, OutputToReplicate())
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None:
