@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cuda
 
 import giants
 from giants.inference import LLM, SamplingParams
@@ -26,6 +25,8 @@ from giants.inference.placement import (
 )
 from giants.model.transformer import build
 from giants.presets import PRESETS, TINY_PRESETS
+
+from conftest import cuda
 
 GiB = 2**30
 
@@ -220,7 +221,8 @@ def test_runners_other_than_the_generic_one_refuse_a_placed_model(tmp_path):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral", "tiny-gpt-oss"])
 def test_cuda_offloaded_blocks_stream_from_pinned_memory(name):
     """Blocks on "cpu" with a GPU in the map are streamed (pinned store -> GPU slot, side stream, prefetch):
-    logits equal the GPU-resident model's, and greedy tokens through LLM equal."""
+    logits equal the GPU-resident model's (to fp32 rounding: the MoE combine's index_add_ is atomic on CUDA, so
+    top-4 routing is not bit-reproducible even unplaced), and greedy tokens through LLM equal."""
     ref = random_model(name, torch.device("cuda"), torch.float32, seed=0)
     n = ref.config.n_layers
     device_map = {"": 0, **{f"layers.{i}": "cpu" for i in range(1, n)}}
@@ -230,7 +232,7 @@ def test_cuda_offloaded_blocks_stream_from_pinned_memory(name):
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), device="cuda")
     with torch.no_grad():
         for _ in range(2):
-            torch.testing.assert_close(m.eval()(ids), ref.eval()(ids), rtol=0, atol=0)
+            torch.testing.assert_close(m.eval()(ids), ref.eval()(ids))
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     kw = dict(dtype="float32", num_blocks=64, max_model_len=128, max_num_seqs=4, use_cuda_graphs=False)
     want = [o.outputs[0].token_ids for o in LLM(name, **kw).generate([[5, 6, 7, 8]], sp)]
