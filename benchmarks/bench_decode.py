@@ -234,8 +234,9 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
+    util = {"gpu_memory_utilization": 0.45} if device.type == "cuda" else {}  # CUDA only: refused on the CPU
     llm = LLM(preset, device=device, dtype=dtype, seed=0, max_model_len=1024, max_num_seqs=4,
-              gpu_memory_utilization=0.45, quantization=quantization)
+              quantization=quantization, **util)
     build_s = time.perf_counter() - t0
     b = bytes_per_token(llm.model, 16 + new / 2)
     roof = bw / b["per_token"]

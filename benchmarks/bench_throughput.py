@@ -97,8 +97,9 @@ def main() -> None:
     conc = [int(c) for c in args.concurrency.split(",")]
     res = {"env": env(device), "preset": args.preset, "dtype": str(dtype)}
     t0 = time.perf_counter()
+    util = {"gpu_memory_utilization": 0.85} if device.type == "cuda" else {}  # CUDA only: refused on the CPU
     llm = LLM(args.preset, device=device, dtype=dtype, seed=0, max_model_len=args.prompt + args.new + 16,
-              max_num_seqs=max(conc), gpu_memory_utilization=0.85)
+              max_num_seqs=max(conc), **util)
     res["build_s"] = time.perf_counter() - t0
     res["kv_blocks_total"] = llm.engine.stats()["kv_blocks_total"]
     run(llm, min(conc), args.prompt, 8, seed=99)  # warm-up: Triton compiles, first graph

@@ -65,6 +65,10 @@ def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: t
         if quantization == "mxfp4":
             from giants.inference.mxfp4 import pack_experts
 
+            if not model.config.is_moe:
+                raise ValueError("quantization: 'mxfp4' quantizes mixture-of-experts layers, and this model has none "
+                                 f"(n_experts={model.config.n_experts}) (got {quantization!r})")
+
             model = pack_experts(model)
         if dtype is not None or next(model.parameters()).device != device:
             model = model.to(device=device, dtype=dtype)
@@ -72,6 +76,12 @@ def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: t
     if not isinstance(model, str):
         raise ValueError(f"model: expected a preset name, path or Transformer (got {type(model).__name__})")
     if os.path.exists(model) or model in _known_names():
+        if quantization is not None:
+            # Never ignored: loading MXFP4 experts from a checkpoint is not there yet (the checkpoint would load
+            # dequantized), so a quantization asked for here is refused rather than silently dropped.
+            raise ValueError(f"quantization: {quantization!r} is not applied when loading a checkpoint ({model}) "
+                             "yet; it applies to presets and built Transformers. Pass quantization=None to load the "
+                             "checkpoint dequantized")
         import giants
 
         m = giants.load(model, dtype=dtype, device=str(device))
@@ -118,21 +128,31 @@ def _smollm2_tokenizer() -> Any:
 class LLM:
     def __init__(self, model: str | Transformer, tokenizer: Any = None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, seed: int = 0,
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 use_cuda_graphs: bool = True, quantization: str | None = None, weights: str | None = None,
+                 use_cuda_graphs: bool | None = None, quantization: str | None = None, weights: str | None = None,
                  cpu_compile: bool = False, device_map: str | dict | None = None, max_memory: dict | None = None,
                  offload_folder: str | None = None) -> None:
         if tensor_parallel_size != 1:
             raise NotImplementedError(
                 f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism arrives with the scale-out work; "
                 "use tensor_parallel_size=1 (gpt-oss-120b with MXFP4 experts fits on one 80 GB GPU)")
+        # None: the default (0.9; CUDA graphs where the device has them); a value given must take effect
+        util_given, graphs_given = gpu_memory_utilization is not None, use_cuda_graphs is not None
+        gpu_memory_utilization = 0.9 if gpu_memory_utilization is None else gpu_memory_utilization
+        use_cuda_graphs = True if use_cuda_graphs is None else use_cuda_graphs
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1] (got {gpu_memory_utilization})")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        if util_given and (device.type != "cuda" or num_blocks is not None):
+            raise ValueError(f"gpu_memory_utilization: sizes the KV cache on a CUDA device when num_blocks is None; "
+                             f"it would not be applied here (device {device.type!r}, num_blocks={num_blocks}) "
+                             f"(got {gpu_memory_utilization})")
+        if graphs_given and use_cuda_graphs and device.type != "cuda":
+            raise ValueError(f"use_cuda_graphs: CUDA graphs need a CUDA device (got True with device {device.type!r})")
         torch.manual_seed(seed)
         if device_map is not None:  # layer placement: blocks on GPUs / host memory / disk (placement.py)
             from giants.inference.placement import resolve_placed_model
@@ -184,6 +204,12 @@ class LLM:
         return out
 
     # ---- generation ------------------------------------------------------------------
+    def _check_params(self, sp: SamplingParams) -> SamplingParams:
+        if sp.stop_strings and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop: stop strings are matched in the decoded text and this model has "
+                             f"no tokenizer; use stop_token_ids (got {sp.stop!r})")
+        return sp
+
     def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Runs every prompt to completion in one continuous batch; outputs in input order. A prompt
@@ -195,6 +221,8 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(items)
+        for sp in params:
+            self._check_params(sp)
         results: dict[str, RequestOutput] = {}
         order = []
         for (text, ids), sp in zip(items, params):
@@ -215,7 +243,7 @@ class LLM:
         """Yields a RequestOutput each step this prompt progresses (new_text / new_token_ids are the deltas)."""
         (text, ids), = self._normalise([prompt])
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, ids, sampling_params or SamplingParams(), prompt=text)
+        self.engine.add_request(rid, ids, self._check_params(sampling_params or SamplingParams()), prompt=text)
         try:
             done = False
             while not done and self.engine.has_unfinished_requests():

@@ -71,10 +71,14 @@ def _reject_unsupported(body: Any, names: dict[str, Any]) -> None:
             raise APIError(400, f"{name} is not supported by this server (got {v!r})", name, "unsupported_parameter")
 
 
-def sampling_params(body: Any, max_tokens: int, logprobs: int | None) -> Any:
+def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any) -> Any:
+    """tokenizer: the served one (None: token ids only, where stop strings could never match)."""
     from giants.inference import SamplingParams
 
     stop = body.stop
+    if stop and tokenizer is None:
+        raise APIError(400, "stop strings are matched in the decoded text and this server has no tokenizer; use "
+                       "stop_token_ids", "stop", "unsupported_parameter")
     if isinstance(stop, str):
         stop = [stop]
     for i, s in enumerate(stop or []):
@@ -276,7 +280,7 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
     prompts = await asyncio.to_thread(_completion_prompts, served, body)  # big prompts must not stall the loop
     for i, ids in enumerate(prompts):
         _check_length(served, ids, body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-    params = sampling_params(body, body.max_tokens or 16, body.logprobs)
+    params = sampling_params(body, body.max_tokens or 16, body.logprobs, served.tokenizer)
     echo = [served.tokenizer.decode(ids) for ids in prompts] if body.echo else None
     group = served.bridge.submit(prompts, params)
     rid, created, n, tok, nlp = new_id("cmpl"), now(), body.n, served.tokenizer, body.logprobs
@@ -366,12 +370,22 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
                 if part.type != "text" or part.text is None:
                     raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
                                    f"messages[{i}].content[{j}].type", "unsupported_parameter")
+                extra = next(iter(part.model_extra or {}), None)
+                if extra is not None:
+                    raise APIError(400, f"content part field {extra!r} is not supported",
+                                   f"messages[{i}].content[{j}].{extra}", "unsupported_parameter")
                 parts.append(part.text)
             content = "".join(parts)
+        for key in ("tool_calls", "function_call", "refusal", "audio", "annotations"):
+            if getattr(m, key):
+                raise APIError(400, f"{key} in messages is not supported by this server",
+                               f"messages[{i}].{key}", "unsupported_parameter")
         role = "system" if m.role == "developer" else m.role
         msg: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
         if m.name:
             msg["name"] = m.name
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
@@ -398,12 +412,16 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
     prompt = await asyncio.to_thread(chat_prompt, served, body)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
+                       "disagree; send one of them", "max_tokens", "invalid_value")
     max_tokens = body.max_completion_tokens or body.max_tokens
     _check_length(served, prompt, max_tokens, "messages")
     if max_tokens is None:
         max_tokens = served.max_model_len - len(prompt)
     nlp = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, nlp)
+    params = sampling_params(body, max_tokens, nlp, served.tokenizer)
     group = served.bridge.submit([prompt], params)
     rid, created, n, tok = new_id("chatcmpl"), now(), body.n, served.tokenizer
 

@@ -68,6 +68,11 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if extra:  # OpenAI's answer to an unknown field, rather than running without it
+        param = _param_from_loc(tuple(extra[0].get("loc", ())))
+        return error_response(400, f"Unrecognized request argument supplied: {param}", param,
+                              "unsupported_parameter")
     first = errors[0] if errors else {}
     loc = tuple(first.get("loc", ()))
     if first.get("type") == "json_invalid":

@@ -2,8 +2,10 @@
 
 Field names, defaults and ranges follow OpenAI's API reference; extensions that vLLM also accepts
 (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos) ride along in the same body, which is
-how the official client sends them (`extra_body=`). Unknown fields are ignored like OpenAI does;
-known fields we cannot honour (suffix, logit_bias, tools, ...) are rejected by name in the handlers.
+how the official client sends them (`extra_body=`). Nothing is silently ignored: an unknown field is refused
+with 400 "Unrecognized request argument supplied" as OpenAI does (a misspelt `max_token` would otherwise run
+with the default), and known fields we cannot honour (suffix, logit_bias, tools, ...) are rejected by name in
+the handlers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ Stop = str | list[str] | None
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Body):
@@ -57,7 +59,10 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(_Body):
+class TextPart(BaseModel):
+    # extra keys are kept and refused by name in the handler (a non-text part's payload is its own key)
+    model_config = ConfigDict(extra="allow")
+
     type: str
     text: str | None = None
 
@@ -66,6 +71,13 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None  # a "tool" message's: passed to the chat template
+    # what a client copies back from an earlier response's message; accepted empty, refused by name otherwise
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
