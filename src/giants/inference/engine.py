@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,10 @@ class Engine:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  device: torch.device | str | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
                  use_cuda_graphs: bool = True, cpu_onednn: bool | None = None,
-                 async_decode: bool | None = None, cpu_compile: bool = False) -> None:
+                 async_decode: bool | None = None, cpu_compile: bool = False,
+                 make_runner: Callable[[Engine], Any] | None = None) -> None:
+        """make_runner(engine): builds the runner once the KV cache exists, in place of the one-process
+        runners (tensor parallelism: the executor's driver; `model` is then rank 0's shard)."""
         cfg = model.config
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -131,7 +135,7 @@ class Engine:
             num_blocks = self._auto_num_blocks(block_size, dtype, gpu_memory_utilization)
         self.kv = KVCacheManager(cfg, block_size=block_size, num_blocks=num_blocks, max_model_len=self.max_model_len,
                                  dtype=dtype, device=self.device, enable_prefix_caching=enable_prefix_caching)
-        self.runner = self._make_runner(use_cuda_graphs)
+        self.runner = make_runner(self) if make_runner is not None else self._make_runner(use_cuda_graphs)
         # Launch the next decode step before reading this step's tokens back (its input ids stay on the
         # device), so the host's bookkeeping overlaps the GPU's work: on by default where decode replays
         # CUDA graphs; elsewhere it only costs a read-back, but the CPU tests force it to check the logic.

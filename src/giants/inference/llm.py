@@ -134,10 +134,6 @@ class LLM:
                  use_cuda_graphs: bool | None = None, quantization: str | None = None, weights: str | None = None,
                  cpu_compile: bool = False, device_map: str | dict | None = None, max_memory: dict | None = None,
                  offload_folder: str | None = None) -> None:
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={tensor_parallel_size}: tensor parallelism arrives with the scale-out work; "
-                "use tensor_parallel_size=1 (gpt-oss-120b with MXFP4 experts fits on one 80 GB GPU)")
         # None: the default (0.9; CUDA graphs where the device has them); a value given must take effect
         util_given, graphs_given = gpu_memory_utilization is not None, use_cuda_graphs is not None
         gpu_memory_utilization = 0.9 if gpu_memory_utilization is None else gpu_memory_utilization
@@ -162,10 +158,19 @@ class LLM:
                 quantization=quantization, weights=weights, util=gpu_memory_utilization,
                 use_cuda_graphs=use_cuda_graphs)
         else:
+            self.executor = None  # tensor parallelism: the workers (giants.inference.executor); m is rank 0's shard
+        if tensor_parallel_size != 1:
+            from giants.inference import executor
+
+            self.executor, tok = executor.start(model, tensor_parallel_size, dtype=parse_dtype(dtype), device=device,
+                                                seed=seed, quantization=quantization, weights=weights,
+                                                cpu_compile=cpu_compile)
+            m = self.executor.model
+        else:
             m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
         if weights not in (None, "int8"):
             raise ValueError(f"weights: only 'int8' (weight-only, CPU) is supported (got {weights!r})")
-        if weights == "int8":
+        if weights == "int8" and self.executor is None:
             from giants.inference.quant import int8_weights
 
             m = int8_weights(m)
@@ -176,7 +181,8 @@ class LLM:
                              max_num_batched_tokens=max_num_batched_tokens,
                              enable_prefix_caching=enable_prefix_caching, device=device, seed=seed,
                              gpu_memory_utilization=gpu_memory_utilization, use_cuda_graphs=use_cuda_graphs,
-                             cpu_compile=cpu_compile)
+                             cpu_compile=cpu_compile,
+                             make_runner=self.executor.make_runner if self.executor is not None else None)
         self._ids = itertools.count()
 
     # ---- inputs --------------------------------------------------------------------

@@ -259,7 +259,7 @@ class ModelRunner:
             return self.compiled(inp)
         model, cfg, kv = self.model, self.cfg, self.kv
         N = inp.n_tokens
-        x = model.embed(inp.ids)
+        x = self._embed(inp.ids)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         rope = model.rotary(inp.pos[None], x.dtype) if model.rotary is not None else None  # (1, 1, N, D/2)
@@ -292,6 +292,7 @@ class ModelRunner:
             o = self._attention(i, q, inp)
             h = self._lin(o.reshape(N, H * D), attn.o_proj.weight, attn.o_proj.bias) \
                 if type(attn.o_proj) is torch.nn.Linear else attn.o_proj(o.reshape(N, H * D))
+            h = self._reduce(h)
             if layer.attn_post_norm is not None:
                 h = layer.attn_post_norm(h)
             x = x + h
@@ -304,10 +305,25 @@ class ModelRunner:
             else:
                 h = layer.mlp(h[None])
                 h = (h[0] if isinstance(h, tuple) else h)[0]
+            h = self._reduce(h)
             if layer.mlp_post_norm is not None:
                 h = layer.mlp_post_norm(h)
             x = x + h
-        x = model.norm(x[inp.sample_rows])
+        return self._gather_vocab(self._head(model.norm(x[inp.sample_rows])))
+
+    # Tensor parallelism (giants.inference.tp_runner) overrides these four; one process: plain modules.
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(ids)
+
+    def _reduce(self, h: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a row-parallel output (o_proj, down_proj)."""
+        return h
+
+    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        model, cfg = self.model, self.cfg
         head = getattr(model, "int8_head", None)
         if head is None and not self.packed:
             return model.logits(x)

@@ -95,17 +95,23 @@ class ParallelDims:
                               f"{self.n_stages} stages, more than n_layers={cfg.n_layers}")
 
 
-def check_tp(cfg: ModelConfig, tp: int, *, vocab: bool = True) -> None:
+def check_tp(cfg: ModelConfig, tp: int, *, vocab: bool = True, replicate_kv: bool = False) -> None:
     """Tensor parallelism splits heads, KV heads and FFN columns evenly (and the vocabulary, for the
-    vocab-parallel embedding and head); refuse anything that does not divide."""
+    vocab-parallel embedding and head); refuse anything that does not divide.
+    replicate_kv (inference): when tp exceeds n_kv_heads, ranks share KV heads (each holds a copy of the one
+    its query heads read, as vLLM does); tp must then be a multiple of n_kv_heads."""
     if not isinstance(tp, int) or tp < 1:
         raise LayoutError(f"tensor parallel size must be a positive integer (got {tp!r})")
     if tp == 1:
         return
-    for name in ("n_heads", "n_kv_heads", "ffn_dim") + (("vocab_size",) if vocab else ()):
+    kv = ("n_kv_heads",) if not (replicate_kv and tp > cfg.n_kv_heads) else ()
+    for name in ("n_heads",) + kv + ("ffn_dim",) + (("vocab_size",) if vocab else ()):
         v = getattr(cfg, name)
         if v % tp:
             raise LayoutError(f"tensor parallel size {tp} does not divide {name}={v}")
+    if not kv and tp % cfg.n_kv_heads:
+        raise LayoutError(f"tensor parallel size {tp} exceeds n_kv_heads={cfg.n_kv_heads} and is not a multiple "
+                          f"of it, so KV heads cannot be replicated evenly")
 
 
 # ---- the split table --------------------------------------------------------------------------------------
@@ -160,3 +166,39 @@ def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
         raise LayoutError(f"cannot split a dimension of {size} evenly over {world} ranks")
     step = size // world
     return rank * step, (rank + 1) * step
+
+
+# ---- inference TP: one rank's share, read from the table above -----------------------------------------
+_KV = re.compile(r"attn\.(k|v)_proj\.(weight|bias)$")
+# Replicated parameters that sit inside a sum over ranks (row-parallel biases): added by one rank only.
+_AFTER_REDUCE = re.compile(r"attn\.o_proj\.bias$|mlp\.down_proj\.bias$|mlp\.b_down$")
+
+
+def tp_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """KV heads one rank holds: n_kv_heads / tp, or 1 when ranks share (replicate) KV heads."""
+    return max(1, cfg.n_kv_heads // tp)
+
+
+def tp_local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """The config of one rank's modules: its heads, KV heads and FFN columns. vocab_size stays whole (token
+    ids are validated against it); the vocab-parallel embedding and head are sized by `tp_shard`."""
+    check_tp(cfg, tp, replicate_kv=True)
+    return cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=tp_kv_heads(cfg, tp), ffn_dim=cfg.ffn_dim // tp)
+
+
+def tp_shard(cfg: ModelConfig, name: str, shape: tuple[int, ...], rank: int, tp: int) -> tuple[int, int, int] | None:
+    """(dim, start, end) of parameter `name` (full shape `shape`) held by `rank` of `tp`, or None when every
+    rank holds it whole. K/V projections of a model with fewer KV heads than ranks give each rank the KV head
+    its query heads read (rank // (tp / n_kv_heads))."""
+    dim = tp_split(name)
+    if dim is None or tp == 1:
+        return None
+    if _KV.search(name) and tp > cfg.n_kv_heads:
+        head = rank // (tp // cfg.n_kv_heads)
+        return dim, head * cfg.head_dim, (head + 1) * cfg.head_dim
+    return (dim, *shard_range(shape[dim], rank, tp))
+
+
+def tp_reduced_bias(name: str) -> bool:
+    """A whole (unsplit) bias added inside a sum over ranks: rank 0 adds it, the others hold zeros."""
+    return bool(_AFTER_REDUCE.search(name))

@@ -25,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
                         num_blocks=args.num_blocks, served_model_name=args.served_model_name, dtype=args.dtype,
                         device=args.device, seed=args.seed, max_body=args.max_body_bytes,
                         drain_timeout=args.drain_timeout, log_level=args.log_level, compile=args.compile,
-                        request_timeout=args.request_timeout or None)
+                        request_timeout=args.request_timeout or None,
+                        tensor_parallel_size=args.tensor_parallel_size)
     return serve(opts)
 
 
@@ -56,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed for random presets' weights and unseeded sampling")
+    p.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1,
+                   help="split the model over N processes (N GPUs with --device cuda; on the CPU N processes)")
     p.add_argument("--max-body-bytes", type=_positive(int), default=4 * 1024 * 1024, help="larger bodies get 413")
     p.add_argument("--drain-timeout", type=_positive(float, 0), default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are ended")

@@ -38,6 +38,7 @@ class ServeOptions:
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # None: no limit
     log_level: str = "info"
     compile: bool = False  # CPU: steps where one sequence decodes run compiled (LLM(cpu_compile=True))
+    tensor_parallel_size: int = 1  # worker processes (GPUs); a dead worker ends the server (exit 1)
 
 
 def load_model(opts: ServeOptions) -> Loaded:
@@ -46,7 +47,11 @@ def load_model(opts: ServeOptions) -> Loaded:
 
     llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len, seed=opts.seed,
               block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
-              cpu_compile=opts.compile)
+              cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size)
+    if llm.executor is not None:
+        from giants.inference.executor import exit_on_failure
+
+        llm.executor.on_failure(exit_on_failure)
     if llm.tokenizer is None:
         raise ValueError(f"{opts.model}: no tokenizer found; the OpenAI API needs one to read and write text")
     engine = llm.engine

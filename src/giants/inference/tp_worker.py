@@ -1,0 +1,117 @@
+"""One tensor-parallel worker process (ranks 1..N-1; rank 0 is the caller's process, see executor.py).
+
+Life: load this rank's shard (only its slices of the checkpoint) -> report -> join the process group ->
+build its KV pool (its KV heads, the engine's block ids) and runner on the KV layout rank 0 sends -> run
+every step rank 0 sends until told to stop.
+
+Messages from rank 0 come over a pipe, one `send_bytes` each, the first byte the operation:
+  b"I" + pickle(kv layout)   build the KV cache and runner        -> ("ready", stats)
+  b"S" + encoded chunks      run one step (collectives with every rank)
+  b"P"                       pack weights for oneDNN (CPU fp32)
+  b"R"                       report stats (peak RSS, bytes read)  -> ("stats", stats)
+  b"Q"                       exit
+Replies go back pickled with `send`; a failure sends ("error", traceback) and exits 1.
+
+The process is `python -m giants.inference.tp_worker FD` (executor._spawn): its arguments arrive pickled
+as the first message on socket FD. A worker never outlives rank 0: the socket's end-of-file (rank 0 exited)
+ends the loop, and a thread polls the parent pid, which also covers a rank 0 killed while this worker sits
+in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import torch
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(0.25)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def rss_stats() -> dict[str, int]:
+    """Peak resident set of this process (ru_maxrss, KiB on Linux) and the current one."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cur = 0
+    try:
+        with open("/proc/self/statm") as f:
+            cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except OSError:
+        pass
+    return {"maxrss_kb": int(peak), "rss_kb": cur, "pid": os.getpid()}
+
+
+def main(fd: int) -> None:
+    """Entry point (`python -m giants.inference.tp_worker FD`): the arguments arrive pickled on socket FD."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        rank, world, port, spec, parent_pid, device, threads, timeout_s = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="giants-tp-parent", daemon=True).start()
+    try:
+        _run(rank, world, port, spec, conn, torch.device(device), threads, timeout_s)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        os._exit(0)  # rank 0 is gone: nothing left to report to
+    except BaseException:  # noqa: BLE001 - reported to rank 0 with this rank's traceback
+        tb = traceback.format_exc()
+        print(f"giants tensor-parallel worker rank {rank}: {tb}", file=sys.stderr, flush=True)
+        try:
+            conn.send(("error", tb))
+        except OSError:
+            pass
+        os._exit(1)
+    os._exit(0)
+
+
+def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.device, threads: int,
+         timeout_s: float) -> None:
+    from giants.inference.kv_cache import KVCacheManager
+    from giants.inference.tp_model import build_shard, vocab_start
+    from giants.inference.tp_runner import Comm, TPModelRunner, decode_chunks, make_group
+
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, nbytes = build_shard(spec, rank, device)
+    stats = {"bytes_read": nbytes, **rss_stats()}
+    conn.send(("loaded", stats))
+    pg = make_group(rank, world, port, device, timeout_s)
+    comm = Comm(pg, rank, world, device)
+    runner = None
+    while True:
+        buf = conn.recv_bytes()
+        op = buf[:1]
+        if op == b"S":
+            runner.execute(decode_chunks(buf[1:]))
+        elif op == b"I":
+            layout = pickle.loads(buf[1:])
+            kv = KVCacheManager(model.config, block_size=layout["block_size"], num_blocks=layout["num_blocks"],
+                                max_model_len=layout["max_model_len"], dtype=layout["dtype"], device=device,
+                                enable_prefix_caching=False)
+            runner = TPModelRunner(model, kv, comm, vocab_start(spec.cfg, rank, world))
+            conn.send(("ready", {**stats, **rss_stats()}))
+        elif op == b"P":
+            runner.pack_for_onednn()
+        elif op == b"R":
+            conn.send(("stats", {**stats, **rss_stats()}))
+        elif op == b"Q":
+            return
+        else:
+            raise RuntimeError(f"unknown message {op!r} from rank 0")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
