@@ -150,15 +150,7 @@ class LLM:
         if graphs_given and use_cuda_graphs and device.type != "cuda":
             raise ValueError(f"use_cuda_graphs: CUDA graphs need a CUDA device (got True with device {device.type!r})")
         torch.manual_seed(seed)
-        if device_map is not None:  # layer placement: blocks on GPUs / host memory / disk (placement.py)
-            from giants.inference.placement import resolve_placed_model
-
-            m, tok, device, use_cuda_graphs = resolve_placed_model(
-                model, parse_dtype(dtype), device, seed, device_map, max_memory, offload_folder,
-                quantization=quantization, weights=weights, util=gpu_memory_utilization,
-                use_cuda_graphs=use_cuda_graphs)
-        else:
-            self.executor = None  # tensor parallelism: the workers (giants.inference.executor); m is rank 0's shard
+        self.executor = None  # tensor parallelism: the workers (giants.inference.executor); m is rank 0's shard
         if tensor_parallel_size != 1:
             from giants.inference import executor
 
@@ -166,6 +158,13 @@ class LLM:
                                                 seed=seed, quantization=quantization, weights=weights,
                                                 cpu_compile=cpu_compile)
             m = self.executor.model
+        elif device_map is not None:  # layer placement: blocks on GPUs / host memory / disk (placement.py)
+            from giants.inference.placement import resolve_placed_model
+
+            m, tok, device, use_cuda_graphs = resolve_placed_model(
+                model, parse_dtype(dtype), device, seed, device_map, max_memory, offload_folder,
+                quantization=quantization, weights=weights, util=gpu_memory_utilization,
+                use_cuda_graphs=use_cuda_graphs)
         else:
             m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
         if weights not in (None, "int8"):
