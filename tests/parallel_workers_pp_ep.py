@@ -7,7 +7,6 @@ rank holds, compared with the reference parameter of the same name; DTensor grad
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,14 +110,17 @@ def _avg_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None
 
 # ---- pipeline parallel ---------------------------------------------------------------------------------------
 
-def _pp_case(case: dict[str, Any], mesh: DeviceMesh, fsdp: bool) -> dict[str, Any]:
+def _pp_case(case: dict[str, Any], pp: int) -> dict[str, Any]:
+    """pp pipeline ranks; the rest of the world is dp_shard, parallelised by the plan (giants.parallel.plan:
+    FSDP, and EP over dp_shard when the case says ep) on each stage part."""
+    from giants.parallel.mesh import build_mesh, dp_coords
     from giants.parallel.pipeline import moe_router_loss_fn, pipeline_model
 
     cfg = twin(case["model"], case.get("n_layers"))
-    dims = ParallelDims(pp=mesh["pp"].size(), dp_shard=mesh["dp_shard"].size(), pp_schedule=case["schedule"],
-                        ep=mesh["dp_shard"].size() if case.get("ep") else 1)
+    dp = dist.get_world_size() // pp
+    dims = ParallelDims(pp=pp, dp_shard=dp, pp_schedule=case["schedule"], ep=dp if case.get("ep") else 1)
+    mesh = build_mesh(dims, "cpu")
     n_mb, opt = case.get("microbatches", 4), case.get("opt", "sgd")
-    dp = dims.dp_shard
     local_batch = case.get("local_batch", 4)
     router = bool(case.get("router"))
     refs = {"accum": reference(cfg, local_batch * dp, opt, router=router, micro=n_mb * dp)}
@@ -127,29 +129,25 @@ def _pp_case(case: dict[str, Any], mesh: DeviceMesh, fsdp: bool) -> dict[str, An
 
     model = giants.build(cfg, seed=0)
     parallelize = None
-    if case.get("ep"):  # PP x EP: the experts of each stage split over the data-parallel ranks (ep = dp_shard)
-        from giants.parallel.expert import apply_ep
+    if dp > 1:
+        from giants.parallel.plan import parallelize as plan
 
         def parallelize(part: torch.nn.Module) -> None:
-            apply_ep(part, mesh["dp_shard"])
-    elif fsdp:
-        parallelize = _fsdp_fn(mesh["dp_shard"])
+            plan(part, dims, mesh)
     aux_fn = moe_router_loss_fn(cfg, AUX, ZC) if router else None
     parts = pipeline_model(model, dims, mesh["pp"], causal_lm_loss, n_mb, parallelize_fn=parallelize,
                            aux_loss_fn=aux_fn)
     params = [p for part in parts.model_parts for p in part.parameters()]
     optim = make_opt(params, opt)
-    d = mesh["dp_shard"].get_local_rank()
+    d, _ = dp_coords(mesh)
     run: dict[str, Any] = {"losses": []}
     for step in range(STEPS):
         optim.zero_grad(set_to_none=True)
         ids, labels = batch(local_batch * dp, step)
         ids, labels = ids[d * local_batch:(d + 1) * local_batch], labels[d * local_batch:(d + 1) * local_batch]
         loss = parts.step(ids, labels)
-        if case.get("ep"):  # no FSDP here: DDP's mean for everything outside the experts
-            _avg_grads([p for p in params if not isinstance(p, DTensor)], mesh["dp_shard"].get_group())
         if dp > 1:
-            dist.all_reduce(loss, group=mesh["dp_shard"].get_group())
+            dist.all_reduce(loss, group=mesh._giants_flat["dp"].get_group())
             loss = loss / dp
         run["losses"].append(float(loss))
         if step in (0, STEPS - 1):
@@ -159,36 +157,15 @@ def _pp_case(case: dict[str, Any], mesh: DeviceMesh, fsdp: bool) -> dict[str, An
     out = {k: compare(run, r) for k, r in refs.items()}
     out["stages"] = [s.stage_index for s in parts.stages]
     out["layers"] = [list(part.layer_ids) for part in parts.model_parts]
+    out["dtensor_params"] = sum(isinstance(p, DTensor) for p in params)
     return out
 
 
-def _fsdp_fn(dp_mesh: DeviceMesh) -> Callable[[torch.nn.Module], None]:
-    """FSDP over the data-parallel shard mesh: each block, then the part (giants.parallel.fsdp when it exists)."""
-    try:
-        from giants.parallel import fsdp as gfsdp  # the plan's FSDP, once it lands
-    except ImportError:
-        gfsdp = None
-
-    def apply(part: torch.nn.Module) -> None:
-        if gfsdp is not None and hasattr(gfsdp, "apply_fsdp"):
-            gfsdp.apply_fsdp(part, dp_mesh)
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        for block in part.layers.values():
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(part, mesh=dp_mesh)
-
-    return apply
-
-
 def pp_worker(rank: int, world: int, pp: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """PP (pp = world), PP x FSDP or PP x EP (pp x dp_shard = world) cases on one mesh."""
-    dp = world // pp
-    mesh = init_device_mesh("cpu", (pp, dp), mesh_dim_names=("pp", "dp_shard"))
+    """PP (pp = world), or PP x FSDP / PP x EP x FSDP (pp x dp_shard = world) through the plan."""
     out = []
     for case in cases:
-        r = _pp_case(case, mesh, fsdp=dp > 1)
+        r = _pp_case(case, pp)
         r["case"] = case
         out.append(r)
     return out
@@ -206,25 +183,37 @@ def _ep_case(case: dict[str, Any], mesh: DeviceMesh) -> dict[str, Any]:
     ref = reference(cfg, local_batch * world, opt, router=True)
 
     model = giants.build(cfg, seed=0)
-    n = apply_ep(model, mesh["ep"])
-    assert n == cfg.n_layers, n
+    plan = bool(case.get("plan"))
+    if plan:  # the whole plan: EP over "ep", FSDP over dp_shard (router, dense) and dp_shard_mod_ep (experts)
+        from giants.parallel.mesh import build_mesh
+        from giants.parallel.plan import parallelize
+
+        dims = ParallelDims(dp_shard=world, ep=case["ep"])
+        mesh = build_mesh(dims, "cpu")
+        parallelize(model, dims, mesh)
+        dp_group = mesh._giants_flat["dp"].get_group()
+    else:  # apply_ep alone; DDP-style gradient means below
+        n = apply_ep(model, mesh["ep"])
+        assert n == cfg.n_layers, n
+        dp_group = dist.group.WORLD
     params = list(model.parameters())
     dense = [p for p in params if not isinstance(p, DTensor)]
     experts = [p for p in params if isinstance(p, DTensor)]
     optim = make_opt(params, opt)
     r = dist.get_rank()
-    mod_group = mesh["dp_shard_mod_ep"].get_group()
+    mod_group = None if plan else mesh["dp_shard_mod_ep"].get_group()
     run: dict[str, Any] = {"losses": []}
     for step in range(STEPS):
         optim.zero_grad(set_to_none=True)
         ids, labels = batch(local_batch * world, step)
         x, y = ids[r * local_batch:(r + 1) * local_batch], labels[r * local_batch:(r + 1) * local_batch]
         logits, rl = model(x, output_router_logits=True)
-        g = router_losses_global(rl, cfg.experts_per_token, dist.group.WORLD)
+        g = router_losses_global(rl, cfg.experts_per_token, dp_group)
         loss = causal_lm_loss(logits, y) + AUX * g.aux_loss + ZC * g.z_loss
         loss.backward()
-        _avg_grads(dense, None)  # everything outside the experts: the mean over all data-parallel ranks
-        _avg_grads(experts, mod_group)  # experts: summed over the EP group by the all-to-all, scaled 1/ep
+        if not plan:
+            _avg_grads(dense, None)  # everything outside the experts: the mean over all data-parallel ranks
+            _avg_grads(experts, mod_group)  # experts: summed over the EP group by the all-to-all, scaled 1/ep
         value = loss.detach().clone()
         dist.all_reduce(value)
         run["losses"].append(float(value) / world)

@@ -11,6 +11,11 @@ References (each rank computes them itself, same seed and data; tests/parallel_w
 - "accum": one process, the same micro-batches as the pipeline (gradient accumulation). Losses every step and
   the last step's gradients, for every optimizer; the only reference for the pipelined router losses, which
   (as with gradient accumulation) are those of each micro-batch.
+Layouts: PP alone (world 2: gpipe, 1f1b, interleaved 1f1b; world 4: pp=4); EP alone (apply_ep with DDP-style
+gradient means; ep=2 of 2, ep=4 of 4, ep=2 of 4) and EP through the plan (giants.parallel.plan.parallelize: EP +
+FSDP, experts sharded further over dp_shard_mod_ep); PP x FSDP (pp=2, dp_shard=2: the plan on each stage part)
+and PP x EP x FSDP (pp=2, dp_shard=ep=2). Router losses: EP cases add aux + z losses over the global batch
+(router_losses_global); pipelined router losses are per micro-batch (router=True cases, world 2).
 The tiny twins have 2 layers (tiny-gemma2 4); interleaved 1F1B with pp=2 x 2 stages per rank, and pp=4, use
 `config.replace(n_layers=4)` (or 8) for the 2-layer twins. The vocabulary is cut to 512 rows (same code paths).
 """
@@ -42,7 +47,7 @@ EP2 = [dict(model="tiny-mixtral", ep=2, opt="adamw"), dict(model="tiny-gpt-oss",
 PP4 = [dict(model="tiny-gemma2", schedule="1f1b"), dict(model="tiny-gpt-oss-described", schedule="gpipe", n_layers=4),
        dict(model="tiny-gpt-oss", schedule="1f1b", n_layers=4),
        dict(model="tiny-llama", schedule="interleaved1f1b", n_layers=8)]
-EP4 = [dict(model=m, ep=e) for e in (4, 2) for m in MOE]
+EP4 = [dict(model=m, ep=e) for e in (4, 2) for m in MOE] + [dict(model=m, ep=2, plan=True) for m in MOE]
 PPDP = ([dict(model=m, schedule=s, microbatches=2) for m, s in zip(FAMILIES, ("1f1b", "gpipe", "1f1b",
                                                                                  "interleaved1f1b", "1f1b"))]
         + [dict(model="tiny-llama", schedule="1f1b", microbatches=2, opt="adamw"),

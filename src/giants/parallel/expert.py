@@ -131,8 +131,10 @@ class ExpertParallelMoE(MoE):
         # ---- combine: back to the source ranks in the order they were sent, then MoE.forward's weighting ----
         y = all_to_all_single_autograd(y[inv], send_splits, recv_splits, self.ep_group)
         y = y * weights.reshape(-1)[order, None]
-        out = torch.zeros_like(x).index_add_(0, token_of_row, y.to(x.dtype))
-        return out.view(shape), logits
+        # MoE.forward's index_add, into a tensor of the output's shape (not a view: FSDP hooks the unit's outputs)
+        out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        out.view(-1, shape[-1]).index_add_(0, token_of_row, y.to(x.dtype))
+        return out, logits
 
 
 def _group_of(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup | None:
