@@ -58,6 +58,8 @@ class CheckpointMixin:
                 "run": self.run_signature(), "device": str(self.device),
                 "versions": {"torch": torch.__version__, "python": platform.python_version()},
                 "flops_per_token": self.flops_per_token}
+        if self.dist is not None:
+            info["parallel"] = self.dist.to_dict()
         atomic_write(self.out / "run.json", json.dumps(info, indent=1, default=json_default))
 
     def data_state(self) -> dict[str, Any]:

@@ -58,12 +58,21 @@ def _train(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every,
         keep_last=args.keep_last, resume=resume, save_final=not args.no_final, tensorboard=args.tensorboard,
-        progress=not args.quiet, peak_tflops=args.peak_tflops, memory_limit_gb=args.memory_limit_gb)
+        progress=not args.quiet, peak_tflops=args.peak_tflops, memory_limit_gb=args.memory_limit_gb,
+        dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, tp=args.tp, pp=args.pp, ep=args.ep,
+        pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches, dist_timeout_s=args.dist_timeout)
     trainer = Trainer(tc)
-    if trainer.step >= tc.steps:
-        print(f"{args.out}: already at step {trainer.step} of {tc.steps}; raise --steps to train further")
+    try:
+        if trainer.step >= tc.steps:
+            if trainer.is_main:
+                print(f"{args.out}: already at step {trainer.step} of {tc.steps}; raise --steps to train further")
+            return 0
+        s = trainer.run()
+    finally:
+        if trainer.dist is not None:
+            trainer.dist.close()
+    if not trainer.is_main:
         return 0
-    s = trainer.run()
     val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
     print(f"{args.out}: step {s['step']}, train loss {s['train_loss']:.4f}{val}, "
           f"{s['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {s['last_checkpoint']}"
@@ -169,6 +178,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-final", action="store_true", help="skip writing RUN_DIR/final")
     g.add_argument("--tensorboard", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("scale-out (under torchrun; see docs/training.md)")
+    g.add_argument("--dp-shard", type=int, help="FSDP degree (default: what the other degrees leave of the world)")
+    g.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")
+    g.add_argument("--tp", type=int, default=1, help="tensor (and sequence) parallel degree")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    g.add_argument("--ep", type=int, default=1, help="expert parallel degree (borrows --dp-shard ranks)")
+    g.add_argument("--pp-schedule", choices=("1f1b", "interleaved1f1b", "gpipe"), default="1f1b")
+    g.add_argument("--pp-microbatches", type=int, help="pipeline micro-batches per micro-batch (default: --pp)")
+    g.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="collectives waiting longer fail (a dead rank stops the job)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plot", help="draw a run's training curves to PNG")

@@ -210,7 +210,11 @@ class StepMixin:
             if not targets:
                 raise ValueError("an SFT batch has no assistant tokens within seq_len; raise --seq-len")
             tokens = int(mask.sum())
-            ids, labels, mask = self._rows(ids), self._rows(labels), self._rows(mask)
+            if self.dist is not None:
+                from giants.train.distributed import pad_rows
+
+                ids, labels, mask = pad_rows(ids, labels, mask, self.dist.pad_len(ids.shape[1]), self.pad_id)
+                ids, labels, mask = self._rows(ids), self._rows(labels), self._rows(mask)
             return Micro(x=ids.to(self.device), y=labels.to(self.device), mask=mask.to(self.device), targets=targets,
                          local=int((labels != IGNORE_INDEX).sum()), tokens=tokens)
         pairs = self.reader.next_items()
@@ -351,8 +355,6 @@ class StepMixin:
         if cfg.task == "dpo":
             out["margin"] = torch.stack([e["margin"] for e in extras]).mean()
             out["accuracy"] = torch.stack([e["accuracy"] for e in extras]).mean()
-        if self.dist is not None:
-            out = self.dist.reduce_report(out)
         if self.device.type == "cuda":
             rec.values = {k: v.detach().float().to("cpu", non_blocking=True) for k, v in out.items()}
             rec.ready = torch.cuda.Event()

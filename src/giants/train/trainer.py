@@ -27,6 +27,7 @@ import torch
 
 from giants.config import ModelConfig
 from giants.train import checkpoint as ckpt
+from giants.train import distributed
 from giants.train.checkpoint_io import CheckpointMixin, atomic_write, cached_tokenizer
 from giants.train.config import PRECISIONS, TASKS, TrainConfig, TrainingDiverged
 from giants.train.data import BatchReader, TokenStream, load_meta
@@ -108,27 +109,45 @@ class Trainer(StepMixin, CheckpointMixin):
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.dist: Any = None
-        self.device = resolve_device(cfg.device)
+        self.dist: Any = None  # giants.train.distributed.Distributed under scale-out
+        self.model_config: ModelConfig | None = None
+        if distributed.wanted(cfg):
+            # the layout is checked against the model and the batch before any process group or weight exists
+            self.model_config = self._model_config()
+            dims = distributed.plan(cfg, self.model_config)
+            self._check_out_dir()  # every rank, before the process group's rendezvous lets rank 0 write anything
+            self.dist = distributed.start(cfg, dims)
+            self.device = self.dist.device
+        else:
+            self.device = resolve_device(cfg.device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
         if cfg.residual_dtype == "bf16" and not self.bf16:
             raise ValueError(f"TrainConfig.residual_dtype: 'bf16' needs bf16 precision (this run is fp32 on "
                              f"{self.device.type})")
-        self.residual_bf16 = cfg.residual_dtype == "bf16"
+        self.residual_bf16 = cfg.residual_dtype == "bf16" and self.dist is None
         self._linear_ce = None
-        if self.device.type in FUSED_HEAD_CE_DEVICES:  # (imported only here: the CPU path never loads Triton)
+        if self.dist is None and self.device.type in FUSED_HEAD_CE_DEVICES:  # (the CPU path never loads Triton)
             from giants.train.cross_entropy import linear_cross_entropy
 
             self._linear_ce = linear_cross_entropy
-        self.master = self._use_master_weights()
-        self._check_out_dir()
+        if self.dist is None:
+            self.master = self._use_master_weights()
+            self._check_out_dir()
+        else:
+            self.master = False
+            self.dist.setup_notes(cfg, self.bf16)
 
-        self.model_config = self._model_config()
+        if self.model_config is None:
+            self.model_config = self._model_config()
+        mc = self.model_config
+        self.aux_coef = mc.moe_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+        self.z_coef = mc.moe_z_loss_coef if cfg.z_loss_coef is None else cfg.z_loss_coef
         if cfg.seq_len > self.model_config.max_context:
             raise ValueError(f"seq_len={cfg.seq_len} is beyond the model's max_context="
                              f"{self.model_config.max_context}")
-        self._check_memory()
+        if self.dist is None:
+            self._check_memory()
         self.tokenizer: Any = None
         self._setup_data()
         self.model = self._build_model()
@@ -142,9 +161,13 @@ class Trainer(StepMixin, CheckpointMixin):
             self.lora_names = apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                                          cfg.lora_dropout)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
+        if self.dist is not None:  # the parallel plan, applied here and nowhere else
+            self.model = self.dist.parallelize(self, self.model)
+            if self.reference is not None:
+                self.reference = self.dist.parallelize(self, self.reference, frozen=True)
         # Evaluation and DPO run the plain module; the training loss (forward included) is what compiles.
         self.forward = self.model
-        if cfg.compile:
+        if cfg.compile and self.dist is None:
             backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
             self.loss_fn = torch.compile(self._lm_loss, backend=backend, mode=cfg.compile_mode)
         else:
@@ -152,9 +175,6 @@ class Trainer(StepMixin, CheckpointMixin):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_names, self.train_params, self.optimizer = self._optimizer()
         self._diverged = torch.zeros((), device=self.device)
-        mc = self.model_config
-        self.aux_coef = mc.moe_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
-        self.z_coef = mc.moe_z_loss_coef if cfg.z_loss_coef is None else cfg.z_loss_coef
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, cfg.steps // 10)
         if self.warmup > cfg.steps:
             raise ValueError(f"warmup_steps={self.warmup} exceeds steps={cfg.steps}")
@@ -166,12 +186,13 @@ class Trainer(StepMixin, CheckpointMixin):
         self.last_val: float | None = None
         self.history: list[dict[str, Any]] = []
         self._tb = None
+        self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self._resume()
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             self._write_run_json()
+        if self.dist is not None:
+            distributed.announce(self.dist)
 
     def _use_master_weights(self) -> bool:
         cfg = self.cfg
@@ -296,6 +317,8 @@ class Trainer(StepMixin, CheckpointMixin):
             opt: torch.optim.Optimizer = MasterAdamW(groups, cast=cast, shadow=shadow, lr=cfg.lr,
                                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
             return names, params, opt
+        if self.dist is not None:
+            return names, params, self.dist.optimizer(groups, cfg)
         fused = self.device.type in ("cuda", "cpu")
         try:
             opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
