@@ -52,11 +52,17 @@ PREFERENCE = ("bf16", "fp8", "int8", "mxfp4", "int4")  # best quality first
 def _fit_one(args: argparse.Namespace) -> int:
     from giants.analysis.compare import resolve_model
     from giants.analysis.hardware import get_gpu
-    from giants.analysis.perf import decode, fit, prefill_seconds
+    from giants.analysis.perf import FitError, decode, fit, prefill_seconds
 
     label, cfg, _ = resolve_model(args.model)
     gpu = get_gpu(args.gpu)
-    f = fit(cfg, gpu, args.context, args.batch, args.dtype, args.kv_dtype, args.max_gpus)
+    plan = _serve_plan(args, cfg, gpu)
+    try:
+        f = fit(cfg, gpu, args.context, args.batch, args.dtype, args.kv_dtype, args.num_gpus or args.max_gpus)
+    except FitError:
+        if args.num_gpus is None or plan.kind != "device_map":
+            raise
+        return _fit_placement(args, label, gpu, plan)
     d1 = decode(cfg, gpu, f.gpus, args.context, 1, args.dtype, f.kv_dtype)
     db = decode(cfg, gpu, f.gpus, args.context, args.batch, args.dtype, f.kv_dtype)
     pre = prefill_seconds(cfg, gpu, f.gpus, args.context, 1, args.dtype, f.kv_dtype)
@@ -77,6 +83,44 @@ def _fit_one(args: argparse.Namespace) -> int:
     notes = [f"roofline decode: {d1.tokens_per_s:,.0f} tok/s at batch 1; {db.tokens_per_s_per_seq:,.0f} tok/s per "
              f"sequence, {db.tokens_per_s:,.0f} tok/s aggregate at batch {args.batch} ({db.bound}-bound, upper bound)",
              f"prefill of {args.context} tokens: {pre * 1e3:,.1f} ms (roofline)"]
+    payload["serve"] = plan.as_dict()
+    notes += _serve_notes(args, plan)
+    _out(render(rows, cols, args.format, title=title, notes=notes, json_payload=payload))
+    return 0
+
+
+def _serve_plan(args: argparse.Namespace, cfg, gpu):
+    from giants.analysis.serve_plan import propose, serve_dtype
+
+    args.serve_dtype = serve_dtype(cfg, args.dtype)
+    kv = args.kv_dtype if args.serve_dtype == args.dtype else None
+    return propose(cfg, args.model, gpu, args.num_gpus or args.max_gpus, args.context, args.batch, args.serve_dtype,
+                   kv)
+
+
+def _serve_notes(args: argparse.Namespace, plan) -> list[str]:
+    notes = [f"giants serve tensor parallel size {tp} refused: {why}" for tp, why in plan.skipped.items()]
+    if args.serve_dtype != args.dtype:
+        notes.append(f"giants serve runs {args.serve_dtype} weights (no flag for {args.dtype}): planned in bf16")
+    return notes + [f"serve with: {plan.command}"]
+
+
+def _fit_placement(args: argparse.Namespace, label: str, gpu, plan) -> int:
+    """No tensor-parallel size fits the machine's GPUs: the layer placement that does (blocks streamed)."""
+    rows = [{"device": d, "bytes": b, "why": "weights budget: the card at 90% less its KV cache and workspace"
+             if d != "cpu" else f"{plan.blocks_streamed} blocks in pinned host memory, streamed every step"}
+            for d, b in plan.max_memory.items()]
+    rows.append({"device": "streamed/step", "bytes": plan.streamed_bytes_per_step,
+                 "why": "host -> GPU 0 copies per decode step (the speed limit)"})
+    cols = [Column("device", "device"), Column("bytes", "bytes", human_bytes), Column("why", "why", align="left")]
+    n = args.num_gpus
+    title = (f"{label} does not fit {n} x {gpu.label} with tensor parallelism ({args.serve_dtype} weights, context "
+             f"{args.context}, batch {args.batch}): layer placement, {plan.blocks_on_gpus} blocks on the GPU(s), "
+             f"{plan.blocks_streamed} streamed from host memory")
+    notes = [f"roofline decode with streaming: {plan.decode_tokens_per_s:.2f} tok/s at batch 1 (the host link moves "
+             "every streamed block each step; upper bound)"] + _serve_notes(args, plan)
+    payload = {"model": label, "gpu": gpu.name, "num_gpus": n, "fits_tensor_parallel": False,
+               "serve": plan.as_dict()}
     _out(render(rows, cols, args.format, title=title, notes=notes, json_payload=payload))
     return 0
 
@@ -228,6 +272,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help=f"weight format: {', '.join(WEIGHT_FORMATS)} (default bf16)")
     p.add_argument("--kv-dtype", choices=list(DTYPE_BYTES), default=None)
     p.add_argument("--max-gpus", type=_positive_int, default=8, help="GPUs in one node (default 8)")
+    p.add_argument("--num-gpus", type=_positive_int, default=None,
+                   help="GPUs on the serving machine: the tensor-parallel size proposed stays within it, and when "
+                        "none fits, a --device-map placement with blocks streamed from host memory is proposed")
     t = p.add_argument_group("training (--train)")
     t.add_argument("--train", action="store_true", help="size AdamW training instead of serving")
     t.add_argument("--tokens", type=float, default=1e12, help="training tokens for GPU-days (default 1e12)")

@@ -151,6 +151,8 @@ class LLM:
             raise ValueError(f"use_cuda_graphs: CUDA graphs need a CUDA device (got True with device {device.type!r})")
         torch.manual_seed(seed)
         self.executor = None  # tensor parallelism: the workers (giants.inference.executor); m is rank 0's shard
+        if device_map is not None and tensor_parallel_size != 1:
+            raise ValueError("device_map: not combined with tensor_parallel_size (place whole blocks or split them)")
         if tensor_parallel_size != 1:
             from giants.inference import executor
 

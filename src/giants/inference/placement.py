@@ -57,8 +57,9 @@ def parse_size(value: int | float | str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def device_name(value: object, what: str) -> str:
-    """'cuda:N' | 'cpu' | 'disk' for a device_map / max_memory value; `what` names it in the error."""
+def device_name(value: object, what: str, exists: bool = True) -> str:
+    """'cuda:N' | 'cpu' | 'disk' for a device_map / max_memory value; `what` names it in the error. exists:
+    refuse a GPU this machine does not have."""
     orig = value
     if isinstance(value, torch.device):
         value = str(value)
@@ -71,6 +72,8 @@ def device_name(value: object, what: str) -> str:
         if v == "cuda":
             v = "cuda:0"
         m = re.fullmatch(r"cuda:(\d+)", v)
+        if m and not exists:
+            return v
         if m:
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if int(m.group(1)) >= n:
@@ -126,14 +129,14 @@ def default_max_memory(gpu_fraction: float = 0.9) -> dict[str, int]:
     return out
 
 
-def _budgets(max_memory: dict | None) -> dict[str, int]:
+def _budgets(max_memory: dict | None, exists: bool = True) -> dict[str, int]:
     if max_memory is None:
         return default_max_memory()
     if not isinstance(max_memory, dict):
         raise ValueError(f"max_memory: expected a dict like {{0: '70GiB', 'cpu': '200GiB'}} (got {max_memory!r})")
     out: dict[str, int] = {}
     for k, v in max_memory.items():
-        d = device_name(k, "max_memory")
+        d = device_name(k, "max_memory", exists)
         if d != "disk":
             out[d] = parse_size(v)
     return dict(sorted(out.items(), key=lambda kv: (kv[0] == "cpu", kv[0])))
@@ -597,3 +600,41 @@ def resolve_placed_model(model, dtype: torch.dtype | None, device: torch.device,
         warnings.warn(f"device_map: {pl.summary()}; CUDA graphs are off for a placed model (the generic runner "
                       "runs it: every step streams the offloaded blocks)", stacklevel=3)
     return m, tok, m.embed.weight.device, False
+
+
+def parse_max_memory_arg(text: str) -> dict:
+    """`--max-memory 0=70GiB,1=70GiB,cpu=200GiB` (or a JSON object) -> {0: "70GiB", ..., "cpu": "200GiB"}."""
+    import json
+
+    text = text.strip()
+    if text.startswith("{"):
+        raw = json.loads(text)
+    else:
+        raw = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"--max-memory: expected DEVICE=SIZE items like 0=70GiB,cpu=200GiB (got {part!r})")
+            raw[key.strip()] = value.strip()
+    out = {(int(k) if str(k).isdigit() else k): v for k, v in raw.items()}
+    _budgets(out, exists=False)  # every device and size readable (the GPUs are checked where the model loads)
+    return out
+
+
+def parse_device_map_arg(text: str) -> str | dict:
+    """`--device-map auto|balanced|sequential`, a JSON object {"embed": 0, ...} or @file.json."""
+    import json
+
+    text = text.strip()
+    if text in STRATEGIES:
+        return text
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"--device-map: {', '.join(STRATEGIES)}, a JSON object or @file.json (got {text!r:.60})"
+                         ) from None
+    if not isinstance(value, dict):
+        raise ValueError("--device-map: the JSON must be an object {module name: device}")
+    return value

@@ -17,6 +17,17 @@ def _positive(kind: type, minimum: float = 1e-300):
     return parse
 
 
+def _placement_arg(parser: str):
+    def parse(v: str):
+        from giants.inference import placement
+
+        try:
+            return getattr(placement, parser)(v)
+        except (ValueError, OSError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
 def _serve(args: argparse.Namespace) -> int:
     from giants.serve.server import ServeOptions, serve
 
@@ -26,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
                         device=args.device, seed=args.seed, max_body=args.max_body_bytes,
                         drain_timeout=args.drain_timeout, log_level=args.log_level, compile=args.compile,
                         request_timeout=args.request_timeout or None,
-                        tensor_parallel_size=args.tensor_parallel_size)
+                        tensor_parallel_size=args.tensor_parallel_size, device_map=args.device_map,
+                        max_memory=args.max_memory, offload_folder=args.offload_folder)
     return serve(opts)
 
 
@@ -59,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random presets' weights and unseeded sampling")
     p.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1,
                    help="split the model over N processes (N GPUs with --device cuda; on the CPU N processes)")
+    p.add_argument("--device-map", type=_placement_arg("parse_device_map_arg"), default=None,
+                   help="place whole blocks: auto | balanced | sequential | JSON {module: device} | @file.json; blocks "
+                        "that do not fit the GPUs stay in host memory and are streamed each step (see `giants fit`)")
+    p.add_argument("--max-memory", type=_placement_arg("parse_max_memory_arg"), default=None,
+                   help="weight budgets for --device-map, e.g. 0=62GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None, help="directory for blocks --device-map puts on 'disk'")
     p.add_argument("--max-body-bytes", type=_positive(int), default=4 * 1024 * 1024, help="larger bodies get 413")
     p.add_argument("--drain-timeout", type=_positive(float, 0), default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are ended")

@@ -39,6 +39,9 @@ class ServeOptions:
     log_level: str = "info"
     compile: bool = False  # CPU: steps where one sequence decodes run compiled (LLM(cpu_compile=True))
     tensor_parallel_size: int = 1  # worker processes (GPUs); a dead worker ends the server (exit 1)
+    device_map: str | dict | None = None  # layer placement (giants.inference.placement), with max_memory
+    max_memory: dict | None = None
+    offload_folder: str | None = None
 
 
 def load_model(opts: ServeOptions) -> Loaded:
@@ -47,7 +50,8 @@ def load_model(opts: ServeOptions) -> Loaded:
 
     llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len, seed=opts.seed,
               block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
-              cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size)
+              cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size,
+              device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder)
     if llm.executor is not None:
         from giants.inference.executor import exit_on_failure
 
