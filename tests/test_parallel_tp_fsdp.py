@@ -14,23 +14,23 @@ from dist_utils import run_ranks
 from giants.parallel import LayoutError, ParallelDims, tp_split
 from giants.parallel.loss import cross_entropy
 from giants.train.losses import causal_lm_loss
-from parallel_workers import FAMILIES, LAYOUTS, compare_layouts, mesh_names, vocab_parallel_loss
+from parallel_workers import FAMILIES, layout_keys, world_checks
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def world2() -> dict:
-    return run_ranks(compare_layouts, 2, timeout=900)[0]
+def world2() -> list[dict]:
+    return run_ranks(world_checks, 2, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def world4() -> dict:
-    return run_ranks(compare_layouts, 4, timeout=1500)[0]
+def world4() -> list[dict]:
+    return run_ranks(world_checks, 4, timeout=1500)
 
 
 def _check(results: dict, world: int) -> None:
-    assert set(results) == {f"{f}/{lay}" for f in FAMILIES for lay in LAYOUTS[world]}
+    assert sorted(results) == sorted(layout_keys(world))
     problems = []
     for key, r in sorted(results.items()):
         if r["placement"]:
@@ -46,15 +46,15 @@ def _check(results: dict, world: int) -> None:
 
 
 def test_world2_fsdp_tp_match_one_process(world2):
-    _check(world2, 2)
+    _check(world2[0]["layouts"], 2)
 
 
 def test_world4_fsdp_tp_hsdp_2d_match_one_process(world4):
-    _check(world4, 4)
+    _check(world4[0]["layouts"], 4)
 
 
-def test_mesh_names_and_sizes():
-    r = run_ranks(mesh_names, 4)
+def test_mesh_names_and_sizes(world4):
+    r = [x["mesh"] for x in world4]
     ep, hsdp_tp = r[0]["ep"], r[0]["hsdp_tp"]
     assert ep["names"] == ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
     assert ep["sizes"] == dict(pp=None, dp_replicate=None, dp_shard=4, dp_shard_mod_ep=2, ep=2, tp=None, dp=4)
@@ -67,8 +67,10 @@ def test_mesh_names_and_sizes():
     assert [x["ep"]["dp"] for x in r] == [(i, 4) for i in range(4)]
 
 
-def test_vocab_parallel_cross_entropy():
-    for r in run_ranks(vocab_parallel_loss, 2):
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_cross_entropy(world, request):
+    for rank_out in request.getfixturevalue(f"world{world}"):
+        r = rank_out["vocab_loss"]
         for reduction in ("mean", "sum", "none"):
             assert r[reduction] < 1e-6, (reduction, r[reduction])
             assert r[f"{reduction}_type"] == "Tensor"  # a plain tensor, the same on every rank
