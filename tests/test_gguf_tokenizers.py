@@ -329,3 +329,156 @@ def test_duplicate_tokens_are_refused(byte_bpe):
           "tokenizer.ggml.merges": merges, "tokenizer.ggml.pre": "gpt-2"}
     with pytest.raises(CheckpointError, match=r"^d\.gguf: duplicate token"):
         Tokenizer.from_gguf_metadata(kv, source="d.gguf")
+
+
+# ---- SentencePiece vocabularies (tokenizer.ggml.model == "llama") --------------------------------------------
+SPM_ADDED = ["<|im_start|>", "<|im_end|>"]
+SPM_TEXTS = TRICKY + CORPUS.split("\n")[:8] + ["<|im_start|>user\nhi<|im_end|>\n", "a<|im_end|> b", "<s>x</s>",
+                                                "x <unk> y", "new 👨‍👩‍👧 𝔘𝔫𝔦 \x00\x7f"]
+
+
+@pytest.fixture(scope="module")
+def spm_vocab():
+    """(tokens, scores, types) laid out as llama.cpp's converter writes a SentencePiece BPE model: <unk>, <s>, </s>,
+    the 256 byte tokens, then pieces spelled with ▁ for spaces, best (highest score) first, then added tokens.
+    The pieces come from a BPE trained on CORPUS with spaces escaped and the ▁ prefix, as SentencePiece's are."""
+    from tokenizers import normalizers
+
+    backend = _Backend(models.BPE())
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.train_from_iterator(CORPUS.replace("🇫🇷", "").split("\n"),
+                                trainers.BpeTrainer(vocab_size=700, show_progress=False))
+    pieces = [t for t, _ in sorted(json.loads(backend.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + SPM_ADDED
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4, 3]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
+    return tokens, scores, types
+
+
+def _spm_kv(vocab, **extra) -> dict:
+    tokens, scores, types = vocab
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0, **extra}
+
+
+def _reference_spm(text: str, vocab, add_space_prefix: bool = True) -> list[int]:
+    """llama.cpp's `llm_tokenizer_spm_session` after `tokenizer_st_partition`: a text run gets " " in front
+    when it starts the text or follows an added token, spaces become ▁, then the adjacent pair whose
+    concatenation is a token of the highest score merges (leftmost on ties) until none does, and a symbol
+    that is no token is spelled as its <0xNN> byte tokens."""
+    tokens, scores, types = vocab
+    ids = {t: i for i, t in enumerate(tokens)}
+    out, prev_added = [], True
+    for part, is_added in _partition(text, [t for t, k in zip(tokens, types) if k in (2, 3, 4)]):
+        if is_added:
+            out.append(ids[part])
+            prev_added = True
+            continue
+        syms = list(((" " if add_space_prefix and prev_added else "") + part).replace(" ", "▁"))
+        while True:
+            pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(syms, syms[1:])) if a + b in ids]
+            if not pairs:
+                break
+            i = -max(pairs)[1]
+            syms[i:i + 2] = [syms[i] + syms[i + 1]]
+        for s in syms:
+            out += [ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode("utf-8")]
+        prev_added = False
+    return out
+
+
+def _transformers_agrees(text: str, added: list[str]) -> bool:
+    """transformers' GGUF SentencePiece tokenizer (Metaspace, prepend_scheme="first") adds the ▁ prefix only at
+    the very start and only when the text does not already begin with a space; llama.cpp (and SentencePiece,
+    and Llama 2's own tokenizer.json, whose normalizer prepends ▁) add it to every text run."""
+    return not text.startswith(" ") and not any(a in text for a in added)
+
+
+def test_spm_matches_llama_cpp_reference(tmp_path, spm_vocab):
+    path = _write(tmp_path / "spm.gguf", "llama", _spm_kv(spm_vocab), len(spm_vocab[0]))
+    ours = load_tokenizer(path)
+    for text in SPM_TEXTS:
+        assert ours.encode(text, add_special_tokens=False) == _reference_spm(text, spm_vocab), text
+        assert ours.encode(text) == [1, *_reference_spm(text, spm_vocab)], text  # llama.cpp's default: BOS
+    ids = ours.encode("new 👨‍👩‍👧", add_special_tokens=False)
+    assert {ours.id_to_token(i) for i in ids} >= {"<0xF0>", "<0x9F>", "<0x91>", "<0xA8>"}  # byte fallback
+    assert ours.encode(" ", add_special_tokens=False) == [ours.token_to_id("▁▁")]  # prefix + the space
+
+
+def test_spm_matches_transformers_gguf_tokenizer(tmp_path, spm_vocab):
+    path = _write(tmp_path / "spm.gguf", "llama", _spm_kv(spm_vocab), len(spm_vocab[0]))
+    ours, ref = load_tokenizer(path), _hf(path)
+    compared = 0
+    for text in SPM_TEXTS:
+        ids = ours.encode(text)
+        if _transformers_agrees(text, ["<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>"]):
+            assert ids == ref.encode(text), text
+            compared += 1
+        for i in (ids, ref.encode(text)):
+            assert ours.decode(i) == ref.decode(i), text
+            assert ours.decode(i, skip_special_tokens=True) == ref.decode(i, skip_special_tokens=True), text
+    assert compared >= len(SPM_TEXTS) * 2 // 3
+    assert (ours.bos_token, ours.eos_token, ours.unk_token) == (ref.bos_token, ref.eos_token, ref.unk_token)
+    assert set(ours.special_tokens) == {t.content for t in ref.added_tokens_decoder.values() if t.special}
+
+
+def test_spm_decode_and_stream(tmp_path, spm_vocab):
+    ours = Tokenizer.from_gguf_metadata(_spm_kv(spm_vocab), source="spm.gguf")
+    for text in TRICKY + CORPUS.split("\n")[:8]:
+        ids = ours.encode(text)
+        assert ours.decode(ids, skip_special_tokens=True) == text, text  # ▁ prefix stripped, bytes fused
+        s = ours.stream(skip_special_tokens=True)
+        deltas = [s.add(i) for i in ids]
+        assert "".join(deltas) + s.flush() == text and not any("\ufffd" in d for d in deltas), text
+
+
+def test_spm_flags(spm_vocab):
+    tokens, scores, types = spm_vocab
+    plain = Tokenizer.from_gguf_metadata(_spm_kv(spm_vocab, **{"tokenizer.ggml.add_bos_token": False,
+                                                               "tokenizer.ggml.add_eos_token": True}))
+    assert plain.encode("hi") == [*_reference_spm("hi", spm_vocab), 2]
+    no_prefix = Tokenizer.from_gguf_metadata(_spm_kv(spm_vocab, **{"tokenizer.ggml.add_space_prefix": False}))
+    for text in TRICKY:
+        assert no_prefix.encode(text, add_special_tokens=False) == _reference_spm(text, spm_vocab, False), text
+        assert no_prefix.decode(no_prefix.encode(text), skip_special_tokens=True) == text, text
+    # llama.cpp's SPM defaults for files that leave the special ids out: unk 0, bos 1, eos 2.
+    bare = {k: v for k, v in _spm_kv(spm_vocab).items() if not k.endswith("_token_id")}
+    t = Tokenizer.from_gguf_metadata(bare)
+    assert (t.unk_token, t.bos_token, t.eos_token) == ("<unk>", "<s>", "</s>") and t.encode("a")[0] == 1
+    with pytest.raises(CheckpointError, match=r"^s\.gguf: tokenizer.ggml.model='llama' needs tokenizer.ggml.scores"):
+        Tokenizer.from_gguf_metadata({k: v for k, v in bare.items() if k != "tokenizer.ggml.scores"}, source="s.gguf")
+    with pytest.raises(CheckpointError, match=r"^s\.gguf: tokenizer.ggml.scores has 3 entries"):
+        Tokenizer.from_gguf_metadata({**bare, "tokenizer.ggml.scores": [0.0] * 3}, source="s.gguf")
+    with pytest.raises(CheckpointError, match=r"^s\.gguf: tokenizer.ggml.add_space_prefix must be a bool"):
+        Tokenizer.from_gguf_metadata({**bare, "tokenizer.ggml.add_space_prefix": 1}, source="s.gguf")
+
+
+def test_spm_save_reload(tmp_path, spm_vocab):
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer.from_gguf_metadata(_spm_kv(spm_vocab), source="spm.gguf")
+    ours.save(tmp_path)
+    again, hf = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    for text in SPM_TEXTS:
+        assert again.encode(text) == ours.encode(text) == hf.encode(text), text
+
+
+def test_gemma_style_spm(tmp_path, spm_vocab):
+    """Gemma's GGUF: no space prefix (add_space_prefix=false) and whitespace runs as user-defined tokens written
+    with real spaces, which llama.cpp matches in the raw text before anything else."""
+    tokens, scores, types = spm_vocab
+    vocab = (tokens + ["  ", "   ", "\n\n"], scores + [0.0] * 3, types + [4] * 3)
+    kv = _spm_kv(vocab, **{"tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.bos_token_id": 1})
+    path = _write(tmp_path / "gemma.gguf", "gemma2", kv, len(vocab[0]))
+    ours, ref = load_tokenizer(path), _hf(path)
+    runs = ["  ", "\n\n"]
+    for text in SPM_TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == _reference_spm(text, vocab, add_space_prefix=False), text
+        if not any(r in text for r in runs + SPM_ADDED):
+            # transformers respells the whitespace tokens as ▁ runs and merges them; elsewhere it agrees
+            assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids), text
+    assert ours.encode("a   b", add_special_tokens=False) == [ours.token_to_id("a"), len(tokens) + 1,
+                                                               ours.token_to_id("b")]

@@ -241,13 +241,16 @@ def test_gguf_tokenizer_metadata_of_the_wrong_type_is_a_checkpoint_error():
     toks = [_byte_alphabet()[i] for i in range(256)]
     good = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": toks, "tokenizer.ggml.token_type": [1] * 256,
             "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.chat_template": "{{ messages[0].content }}"}
+            "tokenizer.ggml.pre": "gpt-2", "tokenizer.chat_template": "{{ messages[0].content }}"}
     assert Tokenizer.from_gguf_metadata(good, source="m.gguf").encode("hi") == [ord("h"), ord("i")]
     for key, value in (("tokenizer.ggml.tokens", list(range(256))), ("tokenizer.ggml.tokens", [*toks[:-1], None]),
                        ("tokenizer.ggml.token_type", ["1"] * 256), ("tokenizer.ggml.merges", [1, 2]),
                        ("tokenizer.ggml.merges", "a b"), ("tokenizer.ggml.bos_token_id", "1"),
                        ("tokenizer.ggml.eos_token_id", 1.5), ("tokenizer.ggml.eot_token_id", 10**6),
-                       ("tokenizer.ggml.pre", 7), ("tokenizer.chat_template", [1, 2])):
+                       ("tokenizer.ggml.pre", 7), ("tokenizer.chat_template", [1, 2]),
+                       ("tokenizer.ggml.pre", "gpt-5"), ("tokenizer.ggml.model", "bert"),
+                       ("tokenizer.ggml.add_bos_token", "yes"), ("tokenizer.ggml.scores", ["0"] * 256),
+                       ("tokenizer.ggml.tokens", [*toks[:-1], toks[0]])):
         with pytest.raises(CheckpointError, match=r"^m\.gguf: "):
             Tokenizer.from_gguf_metadata({**good, key: value}, source="m.gguf")
 

@@ -151,7 +151,7 @@ def read_vocab(meta: dict[str, Any], source: str) -> GGUFVocab:
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or not isinstance(tokens, list) or not tokens:
         raise CheckpointError("no tokenizer metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)", file=source)
-    if kind not in SUPPORTED_MODELS:
+    if not isinstance(kind, str) or kind not in SUPPORTED_MODELS:
         raise CheckpointError(f"tokenizer.ggml.model={kind!r} is not supported (supported: "
                               f"{', '.join(f'{k!r} ({v})' for k, v in SUPPORTED_MODELS.items())})", file=source)
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
