@@ -482,3 +482,23 @@ def test_gemma_style_spm(tmp_path, spm_vocab):
         assert ours.decode(ids) == ref.decode(ids), text
     assert ours.encode("a   b", add_special_tokens=False) == [ours.token_to_id("a"), len(tokens) + 1,
                                                                ours.token_to_id("b")]
+
+
+# ---- llama.cpp's own vocabulary test suite (opt-in: the files are not shipped with giants) ------------------
+_LLAMA_CPP_MODELS = Path(__import__("os").environ.get("GIANTS_LLAMA_CPP_VOCABS", "/nonexistent"))
+
+
+@pytest.mark.skipif(not _LLAMA_CPP_MODELS.is_dir(), reason="set GIANTS_LLAMA_CPP_VOCABS to llama.cpp's models/ "
+                    "folder (e.g. vendor/llama.cpp/models of the llama-cpp-python sdist) to run llama.cpp's "
+                    "test-tokenizer-0 cases")
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2", "mpt", "starcoder", "refact",
+                                  "command-r"])
+def test_llama_cpp_vocab_suite(name):
+    """llama.cpp's tests/test-tokenizer-0: ggml-vocab-NAME.gguf with the expected ids of each .inp text in .out
+    (tokenized with add_special=false, parse_special=false)."""
+    path = _LLAMA_CPP_MODELS / f"ggml-vocab-{name}.gguf"
+    texts = path.with_name(path.name + ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    want = path.with_name(path.name + ".out").read_text(encoding="utf-8").split("\n")
+    tok = load_tokenizer(path)
+    for text, ids in zip(texts, want, strict=True):
+        assert tok.encode(text, add_special_tokens=False) == [int(i) for i in ids.split()], text
