@@ -150,10 +150,13 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, *, grad_divide: float | None
     stage part): the expert weights and biases become DTensors Shard(0) on `ep_mesh`, the router stays as it is
     (replicated), and the module's forward dispatches tokens by all-to-all. `grad_divide` scales the experts'
     gradients by 1/grad_divide (default the EP size; see the module docstring). Returns the number of MoE
-    modules converted. Call before FSDP (the order of giants.parallel.plan: TP -> EP -> AC/compile -> FSDP)."""
+    modules converted (0 for a mesh of one rank: nothing changes). Call before FSDP (the order of
+    giants.parallel.plan: TP -> EP -> AC/compile -> FSDP)."""
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_ep: the EP mesh must be 1-D, got dims {ep_mesh.mesh_dim_names}")
     ep = ep_mesh.size()
+    if ep == 1:
+        return 0
     group = ep_mesh.get_group()
     n = 0
     for mod in model.modules():
@@ -162,13 +165,12 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, *, grad_divide: float | None
         E = mod.cfg.n_experts
         if E % ep:
             raise ValueError(f"apply_ep: --ep {ep} does not divide n_experts={E}")
-        if ep > 1:
-            for name in EXPERT_PARAMS:
-                p = getattr(mod, name)
-                if p is None or isinstance(p, DTensor):
-                    continue
-                mod.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]),
-                                                          requires_grad=p.requires_grad))
+        for name in EXPERT_PARAMS:
+            p = getattr(mod, name)
+            if p is None or isinstance(p, DTensor):
+                continue
+            mod.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]),
+                                                      requires_grad=p.requires_grad))
         mod.__class__ = ExpertParallelMoE
         mod.ep_group, mod.ep_size, mod.ep_rank = group, ep, ep_mesh.get_local_rank()
         mod.ep_grad_scale = 1.0 / (ep if grad_divide is None else grad_divide)

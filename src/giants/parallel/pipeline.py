@@ -121,6 +121,18 @@ class StagePart(nn.Module):
         self.loss_scale = loss_scale
         self.aux_values: list[torch.Tensor] = []  # this stage's scaled router-loss share, per micro-batch
 
+    def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> StagePart:
+        """Allocate a part split from a meta-built model (Transformer.materialize on this part's modules only)."""
+        return Transformer.materialize(self, device, dtype)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Transformer.init_weights over this part's parameters (same rules, by name). The random stream is the
+        part's own, so the values differ from a whole model's init: to start equal to one process, load a
+        checkpoint instead. A tied embedding held by the first and last stage must get the same generator state
+        on both (or be broadcast), or its two copies start apart."""
+        Transformer.init_weights(self, generator)  # type: ignore[arg-type]
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
