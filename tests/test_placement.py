@@ -238,3 +238,44 @@ def test_cuda_offloaded_blocks_stream_from_pinned_memory(name):
     want = [o.outputs[0].token_ids for o in LLM(name, **kw).generate([[5, 6, 7, 8]], sp)]
     llm = LLM(name, device_map=device_map, **kw)
     assert [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7, 8]], sp)] == want
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2", "tiny-gpt-oss-described"])
+def test_cuda_blocks_spread_over_two_gpus_with_one_streamed(name):
+    """Blocks on GPU 0 and GPU 1 (activations, rotary tables, T5 bias and KV pools follow them) and one block
+    streamed from host memory: logits and greedy tokens equal the one-GPU model's."""
+    ref = random_model(name, torch.device("cuda:0"), torch.float32, seed=0)
+    n = ref.config.n_layers
+    device_map: dict = {"": 0, **{f"layers.{i}": 1 for i in range(n // 2, n)}, "norm": 1, "layers.0": "cpu"}
+    if ref.lm_head is not None:
+        device_map["lm_head"] = 1
+    m = materialize(_meta(name), device_map)
+    init_random(m, 0, torch.device("cuda:0"))
+    assert m.layers[n - 1].attn.o_proj.weight.device == torch.device("cuda:1") and m.placement.streamed[0]
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9), device="cuda:0")
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(ids), ref.eval()(ids))
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    kw = dict(dtype="float32", num_blocks=64, max_model_len=128, max_num_seqs=4, use_cuda_graphs=False)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
+    want = [o.outputs[0].token_ids for o in LLM(name, **kw).generate(prompts, sp)]
+    llm = LLM(name, device_map=device_map, **kw)
+    assert {str(k.device) for g in llm.engine.kv.groups for k in g.k} == {"cuda:0", "cuda:1"}
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == want
+
+
+@cuda
+def test_cuda_embedding_and_head_on_the_cpu_blocks_on_the_gpu():
+    """One GPU with embed/norm/head kept in host memory (they run on the CPU): the engine works on the
+    embedding's device (the CPU), the KV pools move to the blocks' GPU, step inputs follow each block."""
+    name = "tiny-llama"
+    device_map = {"": 0, "embed": "cpu", "norm": "cpu", "lm_head": "cpu", "layers.1": "cpu"}
+    kw = dict(dtype="float32", num_blocks=64, max_model_len=128, max_num_seqs=4, use_cuda_graphs=False)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
+    want = [o.outputs[0].token_ids for o in LLM(name, **kw).generate(prompts, sp)]
+    llm = LLM(name, device_map=device_map, **kw)
+    assert llm.engine.device.type == "cpu" and llm.model.placement.streamed == [False, True]
+    assert {str(k.device) for g in llm.engine.kv.groups for k in g.k} == {"cuda:0"}
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == want

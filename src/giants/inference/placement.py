@@ -257,7 +257,9 @@ class Placement:
         main = str(self.main)
         n = len(model.layers)
         self.streamed = [_streamed(plan[f"layers.{i}"], main) for i in range(n)]
-        self.devices = {u: (self.main if _streamed(d, main) else torch.device(d)) for u, d in plan.items()}
+        # where each unit runs: streamed blocks on the main device; embed / norm / head on "cpu" run on the CPU
+        self.devices = {u: (self.main if u.startswith("layers.") and _streamed(d, main) else torch.device(d))
+                        for u, d in plan.items()}
         if any(d == "disk" for d in plan.values()) and offload_folder is None:
             disk = [u for u, d in plan.items() if d == "disk"]
             raise ValueError(f"device_map: {len(disk)} block(s) ({disk[0]} ...) are placed on 'disk': pass "

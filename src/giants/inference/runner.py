@@ -187,7 +187,8 @@ class ModelRunner:
                 ws += [mlp[1], layer.mlp.down_proj.weight]
         with torch.no_grad():
             for w in ws:
-                self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+                if w.device.type == "cpu":  # a placed model (device_map) may keep some weights on a GPU
+                    self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
 
     def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         packed = self.packed.get(w.data_ptr()) if self.packed else None
