@@ -1,11 +1,12 @@
 """One tensor-parallel rank's share of a checkpoint, read without the rest of it.
 
 Each parameter's split comes from `giants.parallel.layout.tp_shard` (the one split table). For safetensors
-(HF or giants naming) every read is `safe_open(file).get_slice(name)[index]`, so a rank reads its rows or
-columns of each tensor and nothing else; a file is reopened for each tensor, so the pages a column slice
-touches are unmapped again before the next tensor (peak resident memory: the rank's shard plus at most one
-tensor's pages). HF name-map rules that fuse, stack or transpose tensors are sliced in the HF layout at the
-positions that map onto the giants slice (see `_hf_index`), then the rule's own transform runs on the slices.
+(HF or giants naming) a rank reads its rows or columns of each tensor and nothing else: positioned reads of
+exactly those byte runs (`SliceReader`), straight into the parameter when the dtype agrees. No file is
+mapped (a mapped column slice would page in the whole tensor), so resident memory stays the shard plus at
+most one slice-sized buffer for tensors that are converted, stacked or de-interleaved. HF name-map rules that
+fuse, stack or transpose tensors are sliced in the HF layout at the positions that map onto the giants slice
+(see `_hf_index`), then the rule's own transform runs on the slices.
 MXFP4-packed gpt-oss experts are sliced in their packed layout and dequantized per slice.
 
 GGUF: quantized tensors are sliced by whole quantization blocks in the file mapping (rows freely, columns at
@@ -15,6 +16,7 @@ block boundaries), dequantized per slice; Q/K rows llama.cpp permuted for rotary
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +43,10 @@ def _index(ndim: int, shard: Shard, offset: int = 0) -> Index:
 
 
 class SliceReader:
-    """Slices of safetensors tensors through `safe_open(...).get_slice`; `bytes_read` counts what came back."""
+    """Slices of safetensors tensors by positioned reads of exactly their bytes (no mapping of the file): a
+    slice along one dim of a row-major tensor is `outer` runs of contiguous bytes, each read with os.preadv
+    straight into the destination (the parameter itself when dtype and layout agree, else one slice-sized
+    buffer). `bytes_read` counts every byte read; `_pread` is the one place that reads."""
 
     def __init__(self, st: SafetensorsSet) -> None:
         self.st = st
@@ -50,19 +55,52 @@ class SliceReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.st.entries[name].shape
 
-    def read(self, name: str, index: Index) -> torch.Tensor:
-        from safetensors import safe_open
+    def _pread(self, fd: int, buf: memoryview, offset: int, e) -> None:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if not n:
+                raise CheckpointError(f"file ended {got} bytes into a {len(buf)}-byte read at {offset}: truncated",
+                                      file=e.file, tensor=e.name)
+            got += n
+        self.bytes_read += got
 
+    def read(self, name: str, index: Index, out: torch.Tensor | None = None) -> torch.Tensor:
+        """tensor[index] (at most one dim sliced, step 1), into `out` when it fits (CPU, contiguous, the file's
+        dtype and the slice's shape), else into a new tensor; returns what it filled."""
         e = self.st.entries[name]
+        shape = e.shape
+        cut = [(d, *s.indices(shape[d])) for d, s in enumerate(index) if s.indices(shape[d]) != (0, shape[d], 1)]
+        if len(cut) > 1 or any(c[3] != 1 for c in cut):
+            raise CheckpointError(f"slice {index} cuts more than one dim (or steps): not a tensor-parallel share",
+                                  file=e.file, tensor=name)
+        d, a, b = cut[0][:3] if cut else (0, 0, shape[0] if shape else 1)
+        out_shape = tuple(b - a if i == d else n for i, n in enumerate(shape))
+        if out is None or out.device.type != "cpu" or out.dtype != e.torch_dtype or not out.is_contiguous() \
+                or tuple(out.shape) != out_shape:
+            out = torch.empty(out_shape, dtype=e.torch_dtype)
+        if out.numel() == 0:
+            return out
+        item = e.torch_dtype.itemsize
+        inner = math.prod(shape[d + 1:]) * item if shape else item
+        outer = math.prod(shape[:d]) if shape else 1
+        seg, stride = (b - a) * inner, (shape[d] if shape else 1) * inner
+        mv = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
         try:
-            # reopened per tensor: the mapping (and the pages a strided slice touched) goes when it closes
-            with safe_open(str(e.file), framework="pt") as f:
-                t = f.get_slice(name)[index]
-        except Exception as err:
-            raise CheckpointError(f"slice read failed: {type(err).__name__}: {err}", file=e.file,
-                                  tensor=name) from None
-        self.bytes_read += t.numel() * t.element_size()
-        return t
+            fd = os.open(e.file, os.O_RDONLY)
+        except OSError as err:
+            raise CheckpointError(f"cannot open: {err.strerror or err}", file=e.file, tensor=name) from None
+        try:
+            if seg == stride:  # the whole tensor, or a dim-0 slice: one run
+                self._pread(fd, mv, e.start + a * inner, e)
+            else:
+                for o in range(outer):
+                    self._pread(fd, mv[o * seg:(o + 1) * seg], e.start + o * stride + a * inner, e)
+        except OSError as err:
+            raise CheckpointError(f"read failed: {err.strerror or err}", file=e.file, tensor=name) from None
+        finally:
+            os.close(fd)
+        return out
 
 
 def _hf_index(rule: hf_map.Rule, shards: list[Shard], reader: SliceReader) -> list[Index]:
@@ -133,12 +171,19 @@ def load_dir_shard(path: Path, cfg: ModelConfig, naming: str, params: dict[str, 
     with torch.no_grad():
         if naming == "giants":
             for name in params:
-                put(name, reader.read(name, _index(len(full[name]), tp_shard(cfg, name, full[name], rank, tp))),
-                    name)
+                t = reader.read(name, _index(len(full[name]), tp_shard(cfg, name, full[name], rank, tp)),
+                                out=params[name])
+                if t is not params[name]:
+                    put(name, t, name)
         else:
             for rule in hf_map.family_rules(cfg):
                 shards = [tp_shard(cfg, o, full[o], rank, tp) for o in rule.ours]
                 index = _hf_index(rule, shards, reader)
+                if rule.identity and rule.hf[0] in st:  # straight into the parameter when the dtype agrees
+                    t = reader.read(rule.hf[0], index[0], out=params[rule.ours[0]])
+                    if t is not params[rule.ours[0]]:
+                        put(rule.ours[0], t, rule.hf[0])
+                    continue
                 inputs = [_read_hf(reader, n, i) for n, i in zip(rule.hf, index)]
                 for ours, t in zip(rule.ours, rule.to_ours(inputs)):
                     put(ours, t, rule.hf[0])

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 
 from giants.inference.runner import Chunk
-from giants.inference.tp_model import ShardSpec, build_shard, slice_params
+from giants.inference.tp_model import ShardSpec, slice_params
 from giants.inference.tp_runner import Comm, TPModelRunner, encode_chunks, make_group
+from giants.inference.tp_worker import load_shard, rss_stats
 from giants.model.transformer import Transformer
 from giants.parallel.layout import check_tp
 
@@ -120,9 +121,23 @@ class _Workers:
         self.abort: Callable[[], None] | None = None
         self._stop_r, self._stop_w = os.pipe()
 
-    def check(self) -> None:
-        if self.failure is not None:
-            raise TPWorkerError(self.failure)
+    def check(self, wait_s: float = 0.0) -> None:
+        """Raise the named error if a worker died; wait_s: keep looking that long (a collective that failed
+        with a reset connection: the peer's exit shows a moment after its sockets close)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.failure is None and not self.closing:
+                for r, p in self.procs.items():
+                    if p.exitcode is not None:
+                        with self.lock:
+                            self.read_error(r, 0.2)
+                        self.fail(r, f"died ({_describe_exit(p.exitcode)})")
+                        break
+            if self.failure is not None:
+                raise TPWorkerError(self.failure)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def fail(self, rank: int, what: str) -> None:
         with self.lock:
@@ -228,11 +243,9 @@ class TPExecutor:
         self.stats: dict[int, dict[str, int]] = {}
         try:
             own = dataclasses.replace(spec, states=[spec.states[0]]) if spec.states is not None else spec
-            self.model, nbytes = build_shard(own, 0, device)
+            self.stats[0] = load_shard(own, 0, device)
+            self.model = self.stats[0].pop("model")
             self.spec = dataclasses.replace(spec, states=None)  # the slices are in the workers now
-            from giants.inference.tp_worker import rss_stats
-
-            self.stats[0] = {"bytes_read": nbytes, **rss_stats()}
             for r in range(1, self.world):
                 self.stats[r] = self._expect(r, "loaded", startup_timeout_s)
             self.pg = make_group(0, self.world, store.port, device, timeout_s, store=store)
@@ -287,10 +300,7 @@ class TPExecutor:
 
     def worker_stats(self) -> dict[int, dict[str, int]]:
         """Per rank: bytes of checkpoint read, peak and current RSS (KiB), pid; asked of the workers now."""
-        out = {0: dict(self.stats[0])}
-        from giants.inference.tp_worker import rss_stats
-
-        out[0].update(rss_stats())
+        out = {0: {**self.stats[0], **rss_stats()}}
         self.send(b"R")
         for r in range(1, self.world):
             out[r] = self._expect(r, "stats", 60.0)
@@ -346,6 +356,13 @@ class DriverRunner:
 
     def compile_decode(self) -> None:
         self.local.compile_decode()
+
+
+def exit_on_failure(message: str) -> None:
+    """A failure callback for servers: the error on stderr, then the process exits 1 (its other workers are
+    already killed), so a supervisor sees the server die rather than serve errors from a broken model."""
+    print(f"giants: error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 # ---- LLM(..., tensor_parallel_size=N) ------------------------------------------------------------------

@@ -31,7 +31,7 @@ class Comm:
     """Collectives of one rank on a c10d process group (gloo on CPU, NCCL on GPUs)."""
 
     def __init__(self, pg, rank: int, world: int, device: torch.device,
-                 health: Callable[[], None] | None = None, timeout_s: float = 600.0) -> None:
+                 health: Callable[..., None] | None = None, timeout_s: float = 600.0) -> None:
         self.pg, self.rank, self.world, self.device = pg, rank, world, device
         self.health = health  # raises when a peer is known dead (rank 0); None: plain waits (workers)
         self.timeout_s = timeout_s
@@ -47,8 +47,8 @@ class Comm:
                 work.wait(WAIT_SLICE)
                 return
             except RuntimeError as e:
-                if "timed out" not in str(e).lower():
-                    self.health()
+                if "timed out" not in str(e).lower():  # e.g. "Connection reset by peer": which rank died?
+                    self.health(2.0)
                     raise
             self.health()
             if time.monotonic() > deadline:

@@ -40,15 +40,41 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def rss_stats() -> dict[str, int]:
-    """Peak resident set of this process (ru_maxrss, KiB on Linux) and the current one."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cur = 0
+    """Resident memory of this process in KiB: now (VmRSS), its peak (VmHWM) and getrusage's ru_maxrss.
+    VmHWM is the one to read: ru_maxrss survives exec, so a worker forked from a big parent starts with the
+    parent's peak; VmHWM belongs to this address space and can be reset (`reset_peak_rss`)."""
+    out = {"maxrss_kb": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), "pid": os.getpid()}
     try:
-        with open("/proc/self/statm") as f:
-            cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out["rss_kb" if line.startswith("VmRSS") else "peak_rss_kb"] = int(line.split()[1])
     except OSError:
         pass
-    return {"maxrss_kb": int(peak), "rss_kb": cur, "pid": os.getpid()}
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Restart VmHWM from the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def load_shard(spec: Any, rank: int, device: torch.device) -> dict[str, Any]:
+    """build_shard with the memory it took (KiB): RSS before, the peak while loading (VmHWM, reset first),
+    bytes read; and "model"."""
+    from giants.inference.tp_model import build_shard
+
+    reset_peak_rss()
+    start = rss_stats()
+    model, nbytes = build_shard(spec, rank, device)
+    after = rss_stats()
+    return {"model": model, "bytes_read": nbytes, "start_rss_kb": start.get("rss_kb", 0),
+            "load_peak_rss_kb": after.get("peak_rss_kb", 0), **after}
 
 
 def main(fd: int) -> None:
@@ -79,14 +105,14 @@ def main(fd: int) -> None:
 def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.device, threads: int,
          timeout_s: float) -> None:
     from giants.inference.kv_cache import KVCacheManager
-    from giants.inference.tp_model import build_shard, vocab_start
+    from giants.inference.tp_model import vocab_start
     from giants.inference.tp_runner import Comm, TPModelRunner, decode_chunks, make_group
 
     torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, nbytes = build_shard(spec, rank, device)
-    stats = {"bytes_read": nbytes, **rss_stats()}
+    stats = load_shard(spec, rank, device)
+    model = stats.pop("model")
     conn.send(("loaded", stats))
     pg = make_group(rank, world, port, device, timeout_s)
     comm = Comm(pg, rank, world, device)
