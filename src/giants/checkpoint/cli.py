@@ -34,18 +34,25 @@ def _inspect(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from giants.checkpoint.loading import load, resolve
-    from giants.checkpoint.saving import save
+    from giants.checkpoint import loading
+    from giants.checkpoint.saving import check_destination, save
     from giants.tokenizer import load_tokenizer
 
-    src = resolve(args.src)
-    model = load(src, dtype=args.dtype)
+    try:  # before the source is loaded: a foreign destination fails at once, not after the load
+        check_destination(args.dst)
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    src = loading.resolve(args.src)
+    model = loading.load(src, dtype=args.dtype)
     tok = None
     has_tok = src.suffix == ".gguf" or (src.is_dir() and (src / "tokenizer.json").is_file())
     if has_tok and not args.no_tokenizer:
         tok = load_tokenizer(src)
-    out = save(model, Path(args.dst), tokenizer=tok, max_shard_size=args.max_shard_size,
-               quantize="mxfp4" if args.mxfp4 else None, format="giants" if args.giants else "hf")
+    try:
+        out = save(model, Path(args.dst), tokenizer=tok, max_shard_size=args.max_shard_size,
+                   quantize="mxfp4" if args.mxfp4 else None, format="giants" if args.giants else "hf")
+    except FileExistsError as e:  # the destination changed while the source was loaded
+        raise ValueError(str(e)) from None
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n:,} parameters, {next(model.parameters()).dtype}"
           f"{', tokenizer' if tok is not None else ''})")
@@ -67,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("convert", help="GGUF or HF directory -> HF directory transformers can load")
     p.add_argument("src", help="HF directory, .gguf file or known model name")
-    p.add_argument("dst", help="output directory (replaced if it holds a checkpoint)")
+    p.add_argument("dst", help="output directory: new, empty, or a checkpoint giants wrote there (replaced)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep; GGUF -> float32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--mxfp4", action="store_true", help="store gpt-oss experts as MXFP4 blocks + scales")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from giants.checkpoint.errors import CheckpointError
+from giants.checkpoint.files import open_regular
 from giants.config import ModelConfig
 
 GGUF_MAGIC = b"GGUF"
@@ -100,12 +101,9 @@ def validate_gguf(path: str | Path) -> None:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"cannot open: {e.strerror or e}", file=path) from None
+    f = open_regular(path)  # a FIFO or device is refused, never waited on
     with f:
+        size = os.fstat(f.fileno()).st_size
         c = _Cursor(f, size, path)
         if size < 4 or c.read(4, "magic") != GGUF_MAGIC:
             raise CheckpointError("not a GGUF file (bad magic)", file=path)
@@ -153,6 +151,16 @@ def validate_gguf(path: str | Path) -> None:
             if data_start + offset + nbytes > size:
                 raise CheckpointError(f"data at offset {offset} (+{nbytes} bytes) runs past the end of the file "
                                       f"({size} bytes): truncated?", file=path, tensor=name)
+        _check_overlaps(infos, path)
+
+
+def _check_overlaps(infos: list[tuple[str, int, int]], path: Path) -> None:
+    """No two tensors may share data bytes (one would silently load the other's weights)."""
+    spans = sorted((offset, offset + nbytes, name) for name, offset, nbytes in infos if nbytes)
+    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CheckpointError(f"data [{a0}, {a1}) overlaps tensor {b!r} at [{b0}, {b1}) (relative to the data "
+                                  "section): each tensor needs bytes of its own", file=path, tensor=a)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -222,18 +230,25 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]], 
                      rope_freqs: np.ndarray | None = None) -> ModelConfig:
     """ModelConfig from GGUF metadata; `tensors` maps GGUF tensor names to numpy-order shapes."""
     try:
-        cfg = _config_from_gguf(meta, tensors, path, rope_freqs)
+        return _config_from_gguf(meta, tensors, path, rope_freqs)
     except CheckpointError:
         raise
     except (ValueError, TypeError, OverflowError, KeyError, IndexError) as e:
         raise CheckpointError(f"metadata does not describe a model: {type(e).__name__}: {e}", file=path) from None
-    # Layer and expert counts drive Python loops; they must match tensors actually in the file.
+
+
+def _check_counts(n_layers: int, n_experts: int, tensors: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """Layer and expert counts drive Python loops and name lists: they must match the tensors actually in the
+    file, and are compared without building anything of their size (a block_count of 1e9 is one comparison)."""
     layers = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
-    if layers != set(range(cfg.n_layers)):
-        raise CheckpointError(f"block_count={cfg.n_layers} but the file has blocks {_span(layers)}", file=path)
-    if cfg.n_experts > max(len(tensors), 256):
-        raise CheckpointError(f"expert_count={cfg.n_experts} is implausible for {len(tensors)} tensors", file=path)
-    return cfg
+    if n_layers != len(layers) or (layers and (min(layers) != 0 or max(layers) != n_layers - 1)):
+        raise CheckpointError(f"block_count={n_layers} but the file has blocks {_span(layers)}", file=path)
+    if n_experts:
+        router = tensors.get("blk.0.ffn_gate_inp.weight")  # (experts, d_model) in numpy order, in every layout
+        if router is None or router[0] != n_experts:
+            have = "no router tensor blk.0.ffn_gate_inp.weight" if router is None else \
+                f"a router blk.0.ffn_gate_inp.weight of {router[0]} rows"
+            raise CheckpointError(f"expert_count={n_experts} but the file has {have}", file=path)
 
 
 def _span(xs: set[int]) -> str:
@@ -255,6 +270,7 @@ def _config_from_gguf(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]],
 
     d_model = int(get("embedding_length", required=True))
     n_layers = int(get("block_count", required=True))
+    _check_counts(n_layers, int(get("expert_count", 0) or 0), tensors, path)
     n_heads = int(get("attention.head_count", required=True))
     n_kv = get("attention.head_count_kv", n_heads)
     if isinstance(n_kv, list):
@@ -432,6 +448,7 @@ def dequantize_tensor(t, path: str | Path) -> torch.Tensor:
     """One `ReaderTensor` as float32, in numpy (PyTorch) dimension order, via gguf.quants.dequantize."""
     from gguf.quants import dequantize
 
+    check_mxfp4_scales(t.data, t.tensor_type, t.name, path)
     try:
         arr = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
@@ -447,6 +464,21 @@ def dequantize_tensor(t, path: str | Path) -> torch.Tensor:
     if not np.isfinite(arr).all():
         raise CheckpointError("non-finite values after dequantization", file=path, tensor=t.name)
     return torch.from_numpy(arr.reshape(shape))
+
+
+def check_mxfp4_scales(data: np.ndarray, qtype, name: str, path: str | Path) -> None:
+    """An MXFP4 block's E8M0 scale byte 0xFF is NaN (OCP MX v1.0), which decodes to inf: refuse it, naming the
+    block. One vectorised comparison over the scale bytes (every 17th byte), not a decode."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if qtype != GGMLQuantizationType.MXFP4:
+        return
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    scales = np.asarray(data).reshape(-1).view(np.uint8).reshape(-1, type_size)[:, 0]
+    bad = scales == 0xFF
+    if bad.any():
+        raise CheckpointError(f"scale 0xFF (E8M0 NaN) in block {int(bad.argmax())} ({int(bad.sum())} such blocks of "
+                              f"{len(scales)})", file=path, tensor=name)
 
 
 class GGUFFile:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from giants.checkpoint.errors import CheckpointError
+from giants.checkpoint.files import check_regular, read_text
 
 
 def inspect(source: str | os.PathLike) -> dict[str, Any]:
@@ -15,6 +16,8 @@ def inspect(source: str | os.PathLike) -> dict[str, Any]:
     from giants.checkpoint.loading import resolve
 
     path = resolve(source)
+    if not path.is_dir():
+        check_regular(path)  # a FIFO would block the first open() forever
     if path.is_file() and path.suffix == ".gguf":
         return _inspect_gguf(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -50,20 +53,19 @@ def _params(cfg) -> dict[str, int]:
 
 
 def _inspect_dir(path: Path) -> dict[str, Any]:
-    from giants.checkpoint.loading import read_dir_config
-    from giants.checkpoint.safetensors_io import SafetensorsSet
+    from giants.checkpoint.loading import read_dir
 
-    cfg, naming = read_dir_config(path)
+    cfg, naming, st = read_dir(path)
     out: dict[str, Any] = {"format": "hf" if naming == "hf" else "giants", "path": str(path),
                            "files_present": sorted(p.name for p in path.iterdir() if not p.name.startswith("."))}
     hf = path / "config.json"
     if hf.is_file():
-        d = json.loads(hf.read_text(encoding="utf-8"))
+        d = json.loads(read_text(hf))
         out["model_type"] = d.get("model_type")
         if d.get("quantization_config"):
             out["quantization"] = d["quantization_config"]
     out["tokenizer"] = (path / "tokenizer.json").is_file()
-    return _summary(out, SafetensorsSet.from_dir(path), cfg)
+    return _summary(out, st, cfg)
 
 
 def _inspect_gguf(path: Path) -> dict[str, Any]:

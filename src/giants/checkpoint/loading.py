@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from giants.checkpoint import hf_map, hub, mxfp4
 from giants.checkpoint.errors import CheckpointError
+from giants.checkpoint.files import check_regular, exists, read_text
 from giants.checkpoint.safetensors_io import FLOATING, SafetensorsSet
 from giants.config import ModelConfig
 from giants.model import Transformer, build
@@ -63,6 +65,8 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
     dtype = _dtype(dtype)
     if device_map is not None:
         device = _Placed(device_map, max_memory, offload_folder)
+    if not path.is_dir():
+        check_regular(path)  # a FIFO would block the first open() forever
     if path.is_file():
         if path.suffix == ".gguf":
             return _load_gguf(path, dtype, device)
@@ -82,26 +86,53 @@ class _Placed:
 
 # ---- directories -----------------------------------------------------------------------------------
 def read_dir_config(path: Path) -> tuple[ModelConfig, str]:
-    """(config, tensor naming 'hf' | 'giants') of a checkpoint directory."""
+    """(config, tensor naming 'hf' | 'giants') of a checkpoint directory. The safetensors headers are read too:
+    every size in the config is checked against the tensors present before anything is built from it."""
+    cfg, naming, _ = read_dir(path)
+    return cfg, naming
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(read_text(path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # untrusted JSON: whatever the parser trips on is a bad config, not a crash
+        raise CheckpointError(f"bad JSON: {e}", file=path) from None
+
+
+def read_dir(path: Path) -> tuple[ModelConfig, str, SafetensorsSet]:
+    """(config, tensor naming, the safetensors headers) of a checkpoint directory, the config checked against
+    the tensors (`check_plausible`) before anything proportional to its sizes (window lists, name maps, the
+    HF export compared below) is built."""
     gpath, hpath = path / GIANTS_CONFIG, path / "config.json"
     hf_cfg = None
-    if hpath.is_file():
+    if exists(hpath):
+        hf = _read_json(hpath)
         try:
-            hf = json.loads(hpath.read_text(encoding="utf-8"))
             if not isinstance(hf, dict):
                 raise ValueError("config.json must hold a JSON object")
             hf_cfg = ModelConfig.from_hf(hf)
         except Exception as e:  # untrusted JSON: whatever the parser trips on is a bad config, not a crash
             raise CheckpointError(f"bad config: {e}", file=hpath) from None
-    if gpath.is_file():
+    cfg = naming = None
+    if exists(gpath):
+        g = _read_json(gpath)
         try:
-            g = json.loads(gpath.read_text(encoding="utf-8"))
             naming = g["tensor_names"]
             if naming not in ("hf", "giants"):
                 raise ValueError(f"tensor_names must be 'hf' or 'giants', got {naming!r}")
             cfg = ModelConfig.from_dict(g["config"])
         except Exception as e:
             raise CheckpointError(f"bad giants config: {e}", file=gpath) from None
+    if cfg is None and hf_cfg is None:
+        raise CheckpointError(f"no config.json or {GIANTS_CONFIG}", file=path)
+    st = SafetensorsSet.from_dir(path)
+    shapes = {n: e.shape for n, e in st.entries.items()}
+    if hf_cfg is not None:
+        check_plausible(hf_cfg, shapes, hpath)
+    if cfg is not None:
+        check_plausible(cfg, shapes, gpath)
         if hf_cfg is not None:
             # Both present: they must describe the same model (someone may have edited one).
             theirs = hf_cfg.to_dict()
@@ -113,10 +144,9 @@ def read_dir_config(path: Path) -> tuple[ModelConfig, str]:
             if diff:
                 raise CheckpointError(f"config.json and {GIANTS_CONFIG} disagree on {', '.join(diff)}",
                                       file=hpath)
-        return cfg, naming
-    if hf_cfg is None:
-        raise CheckpointError(f"no config.json or {GIANTS_CONFIG}", file=path)
-    return hf_cfg, "hf"
+        return cfg, str(naming), st
+    assert hf_cfg is not None
+    return hf_cfg, "hf", st
 
 
 def _expected_hf(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -161,25 +191,43 @@ class _MXFP4View:
         blocks, scales = self.st[packed[0]], self.st[packed[1]]
         try:
             return mxfp4.dequantize(blocks, scales, torch.float32)
+        except mxfp4.ScaleError as e:
+            raise CheckpointError(str(e), file=self.st.file_of(packed[1]), tensor=packed[1]) from None
         except ValueError as e:
             raise CheckpointError(str(e), file=self.st.file_of(packed[0]), tensor=packed[0]) from None
 
 
-def check_plausible(cfg: ModelConfig, sizes: list[int], where: Path) -> None:
-    """Counts and sizes that drive work before the shape checks (Python loops over layers and experts, the
-    rotary tables computed on the CPU while the meta model is built) must be backed by the file: `sizes`
-    holds the element count of every tensor in it. A corrupt config therefore cannot make us build a
-    billion-layer model or allocate a terabyte of rotary frequencies before its tensors are compared."""
-    n_tensors, biggest = len(sizes), max(sizes, default=0)
-    if cfg.n_layers > n_tensors:
-        raise CheckpointError(f"config says {cfg.n_layers} layers but the checkpoint holds only {n_tensors} tensors",
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_ROUTERS = ("mlp.router.weight", "block_sparse_moe.gate.weight")  # (experts, d_model): HF gpt-oss / giants, Mixtral
+
+
+def _span(xs: set[int]) -> str:
+    return f"{min(xs)}..{max(xs)} ({len(xs)} distinct)" if xs else "none"
+
+
+def check_plausible(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Counts and sizes that drive work before the shape checks (Python loops and name lists over layers and
+    experts, window lists, the rotary tables computed on the CPU while the meta model is built) must be backed
+    by the file: `shapes` holds every tensor in it. A corrupt config therefore cannot make us build a
+    billion-layer model or allocate a terabyte of rotary frequencies before its tensors are compared; each
+    check is a comparison, never a structure of the size it checks."""
+    sizes = [math.prod(s) for s in shapes.values()]
+    biggest = max(sizes, default=0)
+    layers = {int(m.group(1)) for n in shapes if (m := _LAYER.search(n))}
+    if cfg.n_layers > len(layers):
+        raise CheckpointError(f"config says {cfg.n_layers} layers but the checkpoint holds layers {_span(layers)}",
                               file=where)
-    if cfg.n_experts > max(n_tensors, 256):
-        raise CheckpointError(f"config says {cfg.n_experts} experts; the checkpoint holds {n_tensors} tensors",
-                              file=where)
+    if cfg.n_experts:
+        routers = {n: s for n, s in shapes.items() if n.endswith(_ROUTERS) and s}
+        wrong = next(((n, s) for n, s in sorted(routers.items()) if s[0] != cfg.n_experts), None)
+        if not routers or wrong is not None:
+            have = f"the router {wrong[0]} has {wrong[1][0]} rows" if wrong else "it holds no router weight"
+            raise CheckpointError(f"config says {cfg.n_experts} experts but {have}", file=where)
     # Every one of these is (a factor of) one dimension of some weight, so it cannot exceed the largest tensor.
     dims = {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "ffn_dim": cfg.ffn_dim, "head_dim": cfg.head_dim,
             "n_heads * head_dim": cfg.n_heads * cfg.head_dim, "n_kv_heads * head_dim": cfg.n_kv_heads * cfg.head_dim}
+    if cfg.position == "t5_bias":
+        dims["rel_buckets"] = cfg.rel_buckets
     for what, n in dims.items():
         if n > biggest:
             raise CheckpointError(f"config says {what} = {n}, more than the largest tensor in the checkpoint "
@@ -188,7 +236,7 @@ def check_plausible(cfg: ModelConfig, sizes: list[int], where: Path) -> None:
 
 def _check_dir(st: SafetensorsSet, cfg: ModelConfig, naming: str, path: Path) -> None:
     """Names, shapes and dtypes of every tensor against what the config implies, before allocation."""
-    check_plausible(cfg, [math.prod(e.shape) for e in st.entries.values()], path)
+    check_plausible(cfg, {n: e.shape for n, e in st.entries.items()}, path)
     if naming == "giants":
         expected = {n: tuple(t.shape) for n, t in meta_model(cfg).state_dict().items()}
     else:
@@ -304,8 +352,7 @@ def _allocate(cfg: ModelConfig, device, dtype: torch.dtype) -> Transformer:
 
 
 def _load_dir(path: Path, dtype: torch.dtype | None, device) -> Transformer:
-    cfg, naming = read_dir_config(path)
-    st = SafetensorsSet.from_dir(path)
+    cfg, naming, st = read_dir(path)
     _check_dir(st, cfg, naming, path)
     model = _allocate(cfg, device, dtype or _default_dtype(st))
     params = dict(model.named_parameters())
@@ -353,6 +400,8 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device) -> Transformer:
 def load_config(source: str | os.PathLike) -> ModelConfig:
     """Only the config of a checkpoint (no tensors read)."""
     path = resolve(source)
+    if not path.is_dir():
+        check_regular(path)
     if path.is_file() and path.suffix == ".gguf":
         from giants.checkpoint.gguf_io import GGUFFile
 
@@ -360,4 +409,4 @@ def load_config(source: str | os.PathLike) -> ModelConfig:
     return read_dir_config(path if path.is_dir() else path.parent)[0]
 
 
-__all__: list[Any] = ["load", "load_config", "resolve", "read_dir_config"]
+__all__: list[Any] = ["load", "load_config", "resolve", "read_dir_config", "read_dir"]

@@ -18,6 +18,21 @@ E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3
 E2M1_MAX = 6.0
 
 
+class ScaleError(ValueError):
+    """A scale byte 0xFF: E8M0's NaN (OCP MX v1.0), which 2**(255 - 127) would decode to inf."""
+
+
+def check_scales(scales: torch.Tensor) -> None:
+    """Refuse a NaN scale (0xFF), naming the first such block by its index into `scales`; one vectorised
+    comparison over the scales (1/16 of the blocks' bytes)."""
+    bad = scales == 0xFF
+    if bool(bad.any()):
+        flat = bad.reshape(-1)
+        first = int(flat.to(torch.uint8).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(scales.shape)))
+        raise ScaleError(f"scale 0xFF (E8M0 NaN) at block {idx} ({int(flat.sum())} such blocks of {flat.numel()})")
+
+
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """blocks (..., N, K/32, 16) uint8 + scales (..., N, K/32) uint8 -> W (..., K, N)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
@@ -25,6 +40,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)} "
                          f"(expected blocks = scales shape + ({BLOCK // 2},))")
+    check_scales(scales)
     lut = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
     lo = lut[(blocks & 0x0F).long()]
     hi = lut[(blocks >> 4).long()]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from giants.checkpoint.errors import CheckpointError
+from giants.checkpoint.files import exists, open_regular, read_text
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -58,8 +59,8 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     from safetensors import safe_open
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"truncated: {size} bytes, too short for a header", file=path)
@@ -125,11 +126,13 @@ class SafetensorsSet:
     @classmethod
     def from_dir(cls, path: Path) -> SafetensorsSet:
         index = path / "model.safetensors.index.json"
-        if index.is_file():
+        if exists(index):
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = json.loads(read_text(index))["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError("weight_map must be a JSON object")
+            except CheckpointError:
+                raise
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"bad index: {type(e).__name__}: {e}", file=index) from None
             for name, shard in weight_map.items():
@@ -140,7 +143,7 @@ class SafetensorsSet:
             for n in names:
                 if Path(n).name != n or n in ("", ".", ".."):  # no path tricks: shards sit beside the index
                     raise CheckpointError(f"shard name {n!r} is not a plain file name", file=index)
-                if not (path / n).is_file():
+                if not exists(path / n):
                     raise CheckpointError(f"shard {n} named by the index is missing", file=index)
             st = cls([path / n for n in names], index)
             for name, shard in weight_map.items():
@@ -214,7 +217,7 @@ class SafetensorsSet:
                                   tensor=e.name)
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
         try:
-            with open(e.file, "rb", buffering=0) as f:
+            with open_regular(e.file, buffering=0) as f:
                 f.seek(e.start + offset)
                 got = 0
                 while got < want:  # one read() may return less than asked (2 GiB cap on Linux)

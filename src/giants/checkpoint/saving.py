@@ -6,15 +6,21 @@ round-trip through giants.load), and tokenizer files when a tokenizer is given. 
 family can express (e.g. T5 relative bias) is saved under our own tensor names with
 giants_config.json only; asking for format="hf" then raises, naming the field HF lacks.
 The directory is assembled under a temporary name beside the target and renamed into place.
+
+Every directory written holds `.giants-checkpoint`, a JSON list of the files giants put there. An existing
+directory is only ever replaced when that marker lists every entry in it (or it is empty): a folder of the
+user's, or a checkpoint someone has since added files to, is refused by name and nothing in it is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from giants.checkpoint.loading import FORMAT_VERSION, GIANTS_CONFIG
 from giants.checkpoint.safetensors_io import write_file
 from giants.config import ModelConfig
 
+MARKER = ".giants-checkpoint"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -100,12 +107,7 @@ def save(model, path: str | os.PathLike, tokenizer=None, max_shard_size: int | s
         raise ValueError(f"quantize must be None or 'mxfp4', got {quantize!r}")
     if quantize and (hf_cfg is None or hf_cfg["model_type"] != "gpt_oss"):
         raise ValueError("quantize='mxfp4' applies to gpt-oss experts saved in HF format only")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not ((path / "config.json").exists()
-                                                      or (path / GIANTS_CONFIG).exists()):
-        raise FileExistsError(f"{path} is a non-empty directory that does not hold a checkpoint; refusing to "
-                              "replace it")
+    check_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_tmp_dir(path)
     try:
@@ -130,12 +132,60 @@ def save(model, path: str | os.PathLike, tokenizer=None, max_shard_size: int | s
         _write_json(tmp / "generation_config.json", _generation_config(cfg, tokenizer))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        _write_json(tmp / MARKER, {"written_by": "giants", "format_version": FORMAT_VERSION,
+                                   "files": sorted(f.name for f in tmp.iterdir())})
         _set_modes(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _owned(path: Path) -> set[str] | None:
+    """The file names `path`'s marker says giants wrote; None without a readable marker."""
+    from giants.checkpoint.files import read_text
+
+    marker = path / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        files = json.loads(read_text(marker)).get("files")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return {f for f in files if f and f == Path(f).name and f not in (".", "..")}
+
+
+def check_destination(path: str | os.PathLike) -> Path:
+    """Where `save` (and `giants convert`) may write: a new path, an empty directory, or a directory giants
+    wrote whose marker lists every entry in it. Anything else raises FileExistsError naming the directory,
+    before any work is done (convert calls this before loading its source)."""
+    path = Path(path).expanduser()
+    if not os.path.lexists(path):
+        return path
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link; refusing to replace it: give the directory itself")
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return path
+    owned = _owned(path)
+    if owned is None:
+        raise FileExistsError(f"{path} is a non-empty directory not written by giants (it does not hold a checkpoint "
+                              f"with a valid {MARKER}); refusing to replace it: choose a new or empty directory")
+    foreign = [n for n in entries if n != MARKER and (n not in owned or not _plain_file(path / n))]
+    if foreign:
+        more = f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise FileExistsError(f"{path} holds {foreign[0]!r}{more}, which giants did not write; refusing to replace "
+                              "the directory: move it out or choose another directory")
+    return path
+
+
+def _plain_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
 
 
 def _generation_config(cfg: ModelConfig, tokenizer) -> dict[str, Any]:
@@ -199,16 +249,28 @@ def _set_modes(tmp: Path) -> None:
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing checkpoint there is moved aside first and removed after."""
-    if not path.exists():
+    """Rename `tmp` to `path`; an existing checkpoint there (checked by `check_destination`) is moved aside
+    first, and after the rename only the files its marker lists are deleted: anything that appeared in it
+    since the check is left where it is, named in a warning."""
+    if not os.path.lexists(path):
         os.replace(tmp, path)
         return
+    check_destination(path)  # again, just before: the directory may have changed while the weights were written
+    owned = _owned(path) or set()
     old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
     os.replace(path, old / "ckpt")
     try:
         os.replace(tmp, path)
     except BaseException:
         os.replace(old / "ckpt", path)
+        os.rmdir(old)
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    for name in (*owned, MARKER):
+        with contextlib.suppress(OSError):
+            (old / "ckpt" / name).unlink()
+    try:
+        os.rmdir(old / "ckpt")
+        os.rmdir(old)
+    except OSError:
+        warnings.warn(f"{path}: files that appeared in the replaced checkpoint while it was written were kept in "
+                      f"{old / 'ckpt'}", stacklevel=3)
