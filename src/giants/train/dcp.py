@@ -228,7 +228,7 @@ def export_final(tr: Any) -> Path:
                     full.update(p)
         del sd
     if d.rank == 0:
-        model = giants.build(tr.model_config, device="cpu", seed=tr.cfg.seed)
+        model = giants.build(tr.model_config, device="meta").materialize("cpu")  # (no initialisation to pay for)
         missing, unexpected = model.load_state_dict(full, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"export: gathered state dict does not match the model (missing {missing[:5]}, "
