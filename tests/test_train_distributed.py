@@ -166,3 +166,26 @@ def test_bad_layout_exits_at_once_under_torchrun(tmp_path, byte_data):
     assert proc.stderr.count("tensor parallel size 2 does not divide vocab_size=321") == 2  # each rank, once
     assert time.monotonic() - t0 < 90
     assert not (tmp_path / "bad").exists()  # refused before the run directory, the process group or the weights
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_finetuning_over_data_parallel_ranks_matches_one_process(tmp_path, task):
+    """SFT (micro-batches and ranks holding different numbers of target tokens: the loss is weighted by them) and
+    DPO (by pairs) over 2 FSDP ranks with 2 micro-batches a step give the one-process losses."""
+    data = tmp_path / "data.jsonl"
+    answers = ["7", "The answer is eleven, as anyone who counts on their fingers will find.", "no",
+               "Fifteen: eight and seven make fifteen, and that is the whole of it.", "Yes.",
+               "Two, since one and one make two.", "Four hundred and twenty, give or take.", "ok"]
+    if task == "sft":
+        lines = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]}
+                 for i, a in enumerate(answers)]
+    else:
+        lines = [{"prompt": f"Question {i}?", "chosen": a, "rejected": answers[-1 - i]} for i, a in enumerate(answers)]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = ["--task", task, "--tokenizer", "smollm2-135m", "--set", "vocab_size=49152", "--seq-len", "64",
+            "--grad-accum", "2", "--steps", "2", "--no-final", "--grad-clip", "0", "--lr", "1e-5"]  # (a small
+    # first AdamW update: it is about lr x the sign of each gradient entry, so float rounding of entries near zero
+    # would otherwise show in step 2)
+    _train(tmp_path / "one", data, *args)
+    _train(tmp_path / "dp", data, *args, "--dp-shard", "2", nproc=2)
+    _assert_losses(tmp_path / "dp", tmp_path / "one", [1, 2])
