@@ -43,17 +43,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _children(pid: int) -> list[int]:
+def _workers_of(pid: int) -> list[int]:
+    """The tensor-parallel worker processes whose parent is `pid` (from /proc: psutil may be absent)."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+                if parent == pid and b"giants.inference.tp_worker" in cmd:
+                    out.append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
     return out
+
+
+def _all_gone(pids: list[int], within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
 
 
 def _generate(llm: LLM) -> list[list[int]]:
@@ -157,14 +168,25 @@ def test_serve_tensor_parallel_openai_client_and_sigterm():
                                       temperature=0.0)
         want = ref.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0.0))[0]
         assert r.choices[0].text == want.outputs[0].text
-        workers = _children(srv.proc.pid)
-        assert len(workers) >= 1 and all(_alive(p) for p in workers)
+        workers = _workers_of(srv.proc.pid)
+        assert len(workers) == 1 and all(_alive(p) for p in workers)
         srv.terminate()
         assert srv.wait(30) == 0
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in workers)
+    assert _all_gone(workers)
+
+
+def test_serve_exits_naming_a_killed_worker():
+    from giants.serve.launch import ServerProcess
+
+    with ServerProcess("tiny-llama", "--tensor-parallel-size", "2", "--dtype", "float32", "--device", "cpu") as srv:
+        workers = _workers_of(srv.proc.pid)
+        assert workers
+        t0 = time.monotonic()
+        os.kill(workers[0], signal.SIGKILL)
+        code = srv.wait(10)
+        assert code == 1 and time.monotonic() - t0 < 10
+        assert "tensor-parallel worker rank 1" in srv.log() and "killed by SIGKILL" in srv.log()
+    assert _all_gone(workers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -59,6 +59,8 @@ class CudaModelRunner(ModelRunner):
         dense_moe = cfg.is_moe and any(isinstance(layer.mlp, MoE) for layer in model.layers)
         self.fast = cfg.norm_kind != "layernorm" and not (
             dense_moe and self.device.type == "cuda" and next(model.parameters()).dtype != torch.bfloat16)
+        # and fused Q|K|V and MLP weights in every layer (not so when FP8 and float linears mix in a layer)
+        self.fast = self.fast and all(f is None or (f[0] is not None and f[1][0] != "modules") for f in self.fused)
         self.buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
                         if b < max_num_seqs] + [max_num_seqs]
         self.max_pages = -(-max_model_len // kv.block_size)
@@ -81,8 +83,9 @@ class CudaModelRunner(ModelRunner):
         self.chain: bool | None = None
         self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)  # tickets, reset by the kernel
         self.chain_layers = [layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
-                             for (_, mlp), layer in zip(self.fused, model.layers)]
-        self.chain_possible = any(self.chain_layers)
+                             and isinstance(mlp[1], torch.Tensor) and type(layer.attn.o_proj) is torch.nn.Linear
+                             for (_, mlp), layer in zip(self.fused, model.layers)]  # FP8Weight: no chain
+        self.chain_possible = any(self.chain_layers) and isinstance(model.output_weight, torch.Tensor)
         # Batch-1 and small-batch fusions outside the chain, switchable for same-run measurements:
         # the QKV GEMV with the rotary and KV write in its epilogue (one row), and for MoE layers the norm,
         # router and top-k in one kernel.
@@ -142,8 +145,9 @@ class CudaModelRunner(ModelRunner):
         return x.shape[0] == 1 and self.device.type == "cuda" and self.gemv_tuning
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """F.linear, or for a single row the fastest measured kernel for this weight shape."""
-        if self._one_row(x):
+        """F.linear, or for a single row the fastest measured kernel for this weight shape. An FP8Weight
+        (giants.inference.fp8) picks its own kernel inside F.linear."""
+        if self._one_row(x) and isinstance(w, torch.Tensor):
             name, cfg = self._tuned(w, b)
             if name != "cublas":
                 return tk.gemv(x, w, b, **cfg)
@@ -180,7 +184,7 @@ class CudaModelRunner(ModelRunner):
         """down(act(gate, up)) for the dense MLP; for one row on CUDA, whichever times faster: the GLU kernel
         then the best one-row linear, or one GEMV that applies the activation as it loads its input."""
         cfg = self.cfg
-        if self._one_row(gu):
+        if self._one_row(gu) and isinstance(w, torch.Tensor):
             key = ("dense-down", tuple(w.shape), b is not None)
             if key not in self.gemv_choice:
                 fused, t_fused = tk.pick_gemv_act(w, b, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
@@ -202,7 +206,7 @@ class CudaModelRunner(ModelRunner):
         """linear(norm(x [+ residual])): (y, the new residual or None, whether y is already the GLU of
         gate|up). For one row on CUDA, one kernel (norm_gemv, the GLU in its epilogue when glu) if it times
         faster than the separate kernels and agrees with them."""
-        if self._one_row(x) if not isinstance(x, ExpertRows) else False:
+        if (self._one_row(x) if not isinstance(x, ExpertRows) else False) and isinstance(w, torch.Tensor):
             key = ("norm-gemv", tuple(w.shape), b is not None, glu, residual is not None)
             if key not in self.gemv_choice:
                 self.gemv_choice[key] = self._pick_norm_gemv(key, mod, x, residual, w, b, glu)
@@ -326,7 +330,7 @@ class CudaModelRunner(ModelRunner):
                 return ExpertRows(y, weights.view(-1), K)
             return tk.expert_down_combine(gu, flat, weights.view(-1), mlp.w_down, mlp.b_down, K, cfg.activation,
                                           cfg.swiglu_alpha, cfg.swiglu_limit, **down_cfg)
-        if kind == "mxfp4":
+        if kind in ("mxfp4", "fp8moe"):  # packed experts: their own expert-indexed GEMV
             return mlp._forward_packed(h, weights, idx)
         _, w_gu, b_gu = self.fused[i][1]
         E = cfg.n_experts
@@ -357,7 +361,7 @@ class CudaModelRunner(ModelRunner):
         model, cfg, kv = self.model, self.cfg, self.kv
         H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         ids, pos, lens = self.s_ids[:B], self.s_pos[:B], self.s_lens[:B]
-        x = model.embed(ids)
+        x = self._embed(ids)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         cos = sin = None
@@ -375,7 +379,7 @@ class CudaModelRunner(ModelRunner):
             if pend is not None:  # QKV, rotary and KV write in one GEMV, the norm from the chain
                 self._qkv_rope(pend[1], pend[2], w_qkv, b_qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B])
                 residual, pend = pend[0], None
-            elif self.fuse_qkv_rope and self._one_row(residual):
+            elif self.fuse_qkv_rope and self._one_row(residual) and isinstance(w_qkv, torch.Tensor):
                 # one row: the norm kernel, then the QKV GEMV with the rotary and KV write in its epilogue
                 if delta is None:
                     h = self._norm(layer.attn_norm, residual)
@@ -397,7 +401,7 @@ class CudaModelRunner(ModelRunner):
                 nxt = model.layers[i + 1].attn_norm if i + 1 < len(model.layers) else model.norm
                 pend, delta = self._chain_linear(y, down.weight, down.bias, pend[0], nxt), None
                 continue
-            a = self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias)
+            a = self._reduce(self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias))
             if layer.attn_post_norm is not None:
                 a = self._norm(layer.attn_post_norm, a)
             down = layer.mlp.down_proj if mlp_w[0] == "dense" else None
@@ -415,6 +419,7 @@ class CudaModelRunner(ModelRunner):
             else:
                 h, residual = self._norm(layer.mlp_norm, a, residual)
                 delta = self._moe(i, layer.mlp, h)
+            delta = self._reduce(delta)  # tensor parallelism: the sum over ranks (else the identity)
             if layer.mlp_post_norm is not None:
                 delta = self._norm(layer.mlp_post_norm, delta)
         if pend is not None:
@@ -424,7 +429,7 @@ class CudaModelRunner(ModelRunner):
             logits = self._linear(h, model.output_weight, None)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
-        return logits
+        return self._gather_vocab(logits)
 
     # ---- step --------------------------------------------------------------------------------
     def _splits(self, B: int, long: bool) -> int:

@@ -10,6 +10,7 @@ prefix cache usually gives most of them back). Requests join and leave between s
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from giants.inference.sampling import Sampler, SamplingRow
 from giants.model.transformer import Transformer
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+DEFAULT_MAX_MODEL_LEN = 1 << 20  # the longest default max_model_len, whatever the checkpoint claims
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Sequence:
         self.blocks = SeqBlocks(n_groups)
         self.generator = generator
         p = request.params
-        self.text = IncrementalText(tokenizer, self.prompt_ids, p.stop_strings, p.skip_special_tokens)
+        self.text = IncrementalText(tokenizer, self.prompt_ids, p.stop_matcher or [], p.skip_special_tokens)
         self.logprobs: list[dict[int, float]] | None = [] if p.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -89,6 +91,8 @@ class Request:
     seqs: list[Sequence] | None = None
 
     num_unfinished: int = 0
+    error: str | None = None  # set when this request failed on its own inside a step (its sequences "error")
+    group: str | None = None  # fair admission shares the batch between groups (default: each request its own)
 
     @property
     def finished(self) -> bool:
@@ -131,10 +135,13 @@ class Engine:
             raise ValueError(f"max_num_batched_tokens: must be >= 1 (got {max_num_batched_tokens})")
         self.block_size = block_size
         dtype = p.dtype
+        if max_model_len is None:  # the checkpoint's context length alone never sizes the cache (issue 26)
+            self.max_model_len = self._default_max_model_len(dtype, gpu_memory_utilization)
         if num_blocks is None:
             num_blocks = self._auto_num_blocks(block_size, dtype, gpu_memory_utilization)
         self.kv = KVCacheManager(cfg, block_size=block_size, num_blocks=num_blocks, max_model_len=self.max_model_len,
                                  dtype=dtype, device=self.device, enable_prefix_caching=enable_prefix_caching)
+        self.use_cuda_graphs = use_cuda_graphs
         self.runner = make_runner(self) if make_runner is not None else self._make_runner(use_cuda_graphs)
         # Launch the next decode step before reading this step's tokens back (its input ids stay on the
         # device), so the host's bookkeeping overlaps the GPU's work: on by default where decode replays
@@ -176,16 +183,30 @@ class Engine:
                        min(-(-(w + self.max_num_batched_tokens) // block_size) + 1,
                            -(-self.max_model_len // block_size))) for w in windows}
         per_block = {w: KVCacheManager.bytes_per_block(cfg, block_size, layers[w], dtype) for w in windows}
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * util) - (total - free) - (1 << 30) - 4 * self.max_num_batched_tokens * cfg.vocab_size
-        else:
-            budget = 1 << 30
+        budget = self._kv_budget(util)
         # Enough for every sequence at full length if that fits, else as many as the budget allows.
         full = sum(per_seq[w] * per_block[w] for w in windows) * self.max_num_seqs
         scale = min(1.0, max(budget, 0) / full)
         counts = [max(per_seq[w], int(per_seq[w] * self.max_num_seqs * scale)) for w in windows]
         return counts
+
+    def _kv_budget(self, util: float) -> int:
+        """Bytes the KV cache may take: the GPU's share left after the model and activations, else 1 GiB."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            logits = 4 * self.max_num_batched_tokens * self.cfg.vocab_size
+            return int(total * util) - (total - free) - (1 << 30) - logits
+        return 1 << 30
+
+    def _default_max_model_len(self, dtype: torch.dtype, util: float) -> int:
+        """max_model_len when none is given: the checkpoint's context length (GGUF context_length, HF
+        max_position_embeddings), but at most what one sequence's full-attention KV fits in the cache budget (no
+        less than 2048 tokens) and 2**20 tokens, so a file claiming 4e9 positions cannot size the cache, its block
+        tables or the CUDA graphs' buffers. A larger max_model_len can still be asked for explicitly."""
+        full = sum(1 for w in self.cfg.windows if not w)
+        per_token = KVCacheManager.bytes_per_block(self.cfg, 1, full, dtype)
+        fit = max(self._kv_budget(util), 0) // per_token if per_token else DEFAULT_MAX_MODEL_LEN
+        return max(1, min(self.cfg.max_context, DEFAULT_MAX_MODEL_LEN, max(fit, 2048)))
 
     def _make_runner(self, use_cuda_graphs: bool):
         if self.device.type == "cuda" and use_cuda_graphs:
@@ -197,7 +218,8 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+                    prompt: str | None = None, arrival_time: float | None = None, group: str | None = None) -> None:
+        """group: requests that share one (the prompts of one HTTP request) share one turn of fair admission."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: must be a SamplingParams (got {type(params).__name__})")
@@ -218,7 +240,8 @@ class Engine:
             raise ValueError(f"prompt_token_ids: {len(ids)} tokens do not fit in the KV cache "
                              f"({self.kv.num_blocks_total} blocks of {self.block_size})")
         now = time.perf_counter() if arrival_time is None else arrival_time
-        req = Request(request_id, ids, params, RequestMetrics(now, num_prompt_tokens=len(ids)), prompt)
+        req = Request(request_id, ids, params, RequestMetrics(now, num_prompt_tokens=len(ids)), prompt,
+                      group=request_id if group is None else group)
         req.seqs = []
         req.num_unfinished = params.n
         for i in range(params.n):
@@ -296,8 +319,11 @@ class Engine:
             if seq.status == RUNNING:
                 scheduled.append((seq, n))
                 budget -= n
+        order = None
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+            if order is None:
+                order = self._admission_order()
+            seq = next(order)
             if seq.num_computed == 0:
                 seq.num_computed = self.kv.match_prefix(seq.blocks, seq.token_ids)
                 if not seq.admitted_once:
@@ -313,7 +339,7 @@ class Engine:
                 self.kv.free(seq.blocks)
                 seq.num_computed = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = RUNNING
             self.running.append(seq)
             if not seq.admitted_once:
@@ -324,6 +350,33 @@ class Engine:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _admission_order(self):
+        """Waiting sequences in the order they may join the batch: preempted ones first (they were running),
+        then one sequence of each group in turn, the groups with the fewest running sequences first (ties: by
+        arrival), so a small request is admitted at the next free slot rather than behind every sequence of a
+        large one (n=128, many prompts). With one sequence per request this is arrival order."""
+        running: dict[str, int] = {}
+        for seq in self.running:
+            running[seq.request.group] = running.get(seq.request.group, 0) + 1
+        groups: dict[str, deque[Sequence]] = {}
+        for seq in list(self.waiting):  # a snapshot: the caller removes what it admits
+            if seq.admitted_once:
+                if seq.status == WAITING:
+                    yield seq
+            else:
+                groups.setdefault(seq.request.group, deque()).append(seq)
+        heap = [(running.get(g, 0), i, g) for i, g in enumerate(groups)]
+        heapq.heapify(heap)
+        while heap:
+            count, i, g = heapq.heappop(heap)
+            queue = groups[g]
+            seq = queue.popleft()
+            if seq.status == WAITING:
+                yield seq
+                count += 1
+            if queue:
+                heapq.heappush(heap, (count, i, g))
 
     # ---- the step ----------------------------------------------------------------
     def _launch_ahead(self, scheduled: list[tuple[Sequence, int]], chunks: list[Chunk],
@@ -378,15 +431,25 @@ class Engine:
                 seq.num_computed += n
             if sampling:
                 rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s in sampling]
-                pending = self.sampler.launch(logits, rows)
-                if not pending.wants_logprobs:
-                    pending.copy_async()
-                    self._ahead = self._launch_ahead(scheduled, chunks, pending.tokens)
-                result = pending.result()
+                try:
+                    pending = self.sampler.launch(logits, rows)
+                    if not pending.wants_logprobs:
+                        pending.copy_async()
+                        self._ahead = self._launch_ahead(scheduled, chunks, pending.tokens)
+                    result = pending.result()
+                    picked = list(zip(sampling, result.tokens, result.logprobs))
+                except Exception:  # noqa: BLE001 - some row's sampling failed: find it, fail its request alone
+                    self._ahead = None
+                    picked = self._sample_rows_alone(logits, sampling, rows)
                 now = time.perf_counter()
                 self.timing["sample_and_wait"] += now - t2
-                for seq, tok, lp in zip(sampling, result.tokens, result.logprobs):
-                    self._append_token(seq, tok, lp, now)
+                for seq, tok, lp in picked:
+                    if seq.status != RUNNING:
+                        continue  # its request failed with a sibling's row
+                    try:
+                        self._append_token(seq, tok, lp, now)
+                    except Exception as e:  # noqa: BLE001 - e.g. its stop strings or detokenization
+                        self._fail_request(seq.request, e)
             bs = self.block_size
             for seq, _ in scheduled:
                 if seq.status == RUNNING and seq.num_computed // bs > seq.blocks.registered:
@@ -407,6 +470,29 @@ class Engine:
                 self.requests.pop(req.request_id, None)
         self.timing["outputs"] += time.perf_counter() - t3
         return outputs
+
+    def _sample_rows_alone(self, logits: torch.Tensor, sampling: list[Sequence],
+                           rows: list[SamplingRow]) -> list[tuple[Sequence, int, dict[int, float] | None]]:
+        """The batch's sampling raised: sample each row on its own; a row that fails again fails its request
+        (finish_reason "error", RequestOutput.error set) and the rest of the batch goes on."""
+        picked = []
+        for i, (seq, row) in enumerate(zip(sampling, rows)):
+            if seq.status != RUNNING:
+                continue
+            try:
+                res = self.sampler.launch(logits[i:i + 1], [row]).result()
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request, e)
+                continue
+            picked.append((seq, res.tokens[0], res.logprobs[0]))
+        return picked
+
+    def _fail_request(self, req: Request, e: BaseException) -> None:
+        req.error = req.error or f"{type(e).__name__}: {e}"
+        for seq in req.seqs:
+            if seq.status != FINISHED:
+                self._finish(seq, "error")
+        self._finished_outside.append(req)
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict[int, float] | None, now: float) -> None:
         params = seq.request.params
@@ -447,4 +533,5 @@ class Engine:
                 new_token_ids=new_ids, new_text=new_text, stop_reason=seq.stop_reason))
         if not progressed:
             return None
-        return RequestOutput(req.request_id, req.prompt_token_ids, comps, req.finished, req.metrics, req.prompt)
+        return RequestOutput(req.request_id, req.prompt_token_ids, comps, req.finished, req.metrics, req.prompt,
+                             error=req.error)

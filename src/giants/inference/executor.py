@@ -38,12 +38,19 @@ from typing import Any
 
 import torch
 
-from giants.inference.runner import Chunk
+from giants.inference.runner import Chunk, ModelRunner
 from giants.inference.tp_model import ShardSpec, slice_params
-from giants.inference.tp_runner import Comm, TPModelRunner, encode_chunks, make_group
+from giants.inference.tp_runner import Comm, encode_chunks, make_group, make_runner
 from giants.inference.tp_worker import load_shard, rss_stats
 from giants.model.transformer import Transformer
 from giants.parallel.layout import check_tp
+
+
+def share_gpu() -> bool:
+    """GIANTS_TP_SHARE_GPU=1: every rank on the one GPU given, gloo collectives (NCCL refuses two ranks on a
+    device) and the fused kernels run eagerly (gloo cannot be captured in CUDA graphs). For checking the
+    local-shape kernels on a one-GPU machine; it is no way to run fast."""
+    return os.environ.get("GIANTS_TP_SHARE_GPU", "") == "1"
 
 
 class TPWorkerError(RuntimeError):
@@ -236,9 +243,9 @@ class TPExecutor:
         for r in range(1, self.world):
             mine = spec if spec.states is None else dataclasses.replace(
                 spec, states=[s if i == r else {} for i, s in enumerate(spec.states)])
-            dev = str(device) if device.type == "cpu" else f"cuda:{(device.index or 0) + r}"
+            dev = str(device) if device.type == "cpu" or share_gpu() else f"cuda:{(device.index or 0) + r}"
             w.procs[r], w.conns[r] = _spawn(r, (r, self.world, store.port, mine, os.getpid(), dev, threads,
-                                                timeout_s))
+                                                timeout_s, share_gpu()))
         threading.Thread(target=w.watch, name="giants-tp-watch", daemon=True).start()
         self.stats: dict[int, dict[str, int]] = {}
         try:
@@ -248,12 +255,12 @@ class TPExecutor:
             self.spec = dataclasses.replace(spec, states=None)  # the slices are in the workers now
             for r in range(1, self.world):
                 self.stats[r] = self._expect(r, "loaded", startup_timeout_s)
-            self.pg = make_group(0, self.world, store.port, device, timeout_s, store=store)
+            self.pg = make_group(0, self.world, store.port, device, timeout_s, store=store, gloo=share_gpu())
         except BaseException:
             w.close()
             raise
         self.store = store
-        if device.type == "cuda":
+        if device.type == "cuda" and not share_gpu():
             w.abort = getattr(self.pg, "abort", None)
         self.comm = Comm(self.pg, 0, self.world, device, health=w.check, timeout_s=timeout_s)
 
@@ -318,11 +325,15 @@ class TPExecutor:
         their pools and runners, and returns rank 0's driver."""
         kv = engine.kv
         layout = {"block_size": kv.block_size, "num_blocks": [g.pool.num_blocks for g in kv.groups],
-                  "max_model_len": engine.max_model_len, "dtype": kv.dtype}
+                  "max_model_len": engine.max_model_len, "dtype": kv.dtype, "max_num_seqs": engine.max_num_seqs,
+                  "cuda_graphs": engine.use_cuda_graphs, "share_gpu": share_gpu()}
         self.send(b"I" + pickle.dumps(layout))
+        local = make_runner(engine.model, kv, self.comm, 0, cuda_graphs=layout["cuda_graphs"],
+                            max_num_seqs=layout["max_num_seqs"], max_model_len=layout["max_model_len"],
+                            share_gpu=layout["share_gpu"])
         for r in range(1, self.world):
             self.stats[r].update(self._expect(r, "ready", 600.0))
-        return DriverRunner(self, TPModelRunner(engine.model, kv, self.comm, 0))
+        return DriverRunner(self, local)
 
 
 class DriverRunner:
@@ -332,7 +343,7 @@ class DriverRunner:
     supports_ahead = True
     use_graphs = False
 
-    def __init__(self, executor: TPExecutor, local: TPModelRunner) -> None:
+    def __init__(self, executor: TPExecutor, local: ModelRunner) -> None:
         self.executor, self.local = executor, local
         self.block_size = local.kv.block_size
 
@@ -383,7 +394,7 @@ def start(model: str | Transformer, tp: int, *, dtype: torch.dtype | None, devic
         raise ValueError(f"weights: only 'int8' (weight-only, CPU) is supported (got {weights!r})")
     if device.type == "cuda":
         first = device.index or 0
-        if torch.cuda.device_count() < first + tp:
+        if torch.cuda.device_count() < first + tp and not share_gpu():
             raise ValueError(f"tensor_parallel_size={tp} needs GPUs {first}..{first + tp - 1}; "
                              f"{torch.cuda.device_count()} visible")
     elif device.type != "cpu":

@@ -79,16 +79,13 @@ class Comm:
             delay = min(delay * 2, 1e-3)
 
 
-class TPModelRunner(ModelRunner):
-    """ModelRunner on a rank's shard; `vocab_start` is the first vocabulary row this rank holds."""
+class TPHooks:
+    """The tensor-parallel overrides of the runner hooks (see ModelRunner._embed/_reduce/_gather_vocab)."""
 
-    supports_ahead = True
-
-    def __init__(self, model: Transformer, kv: KVCacheManager, comm: Comm, vocab_start: int) -> None:
-        super().__init__(model, kv)
-        self.comm = comm
-        self.vocab_start = vocab_start
-        self.vocab_rows = model.embed.weight.shape[0]
+    comm: Comm
+    vocab_start: int
+    vocab_rows: int
+    model: Transformer
 
     def compile_decode(self) -> None:
         raise ValueError("cpu_compile: the compiled CPU decode is for one process; not with tensor_parallel_size > 1")
@@ -107,6 +104,39 @@ class TPModelRunner(ModelRunner):
         if logits.shape[0] == 0:  # nothing sampled this step (same on every rank: same chunks)
             return logits.new_empty(0, logits.shape[1] * self.comm.world)
         return self.comm.all_gather(logits, dim=-1)
+
+
+class TPModelRunner(TPHooks, ModelRunner):
+    """ModelRunner on a rank's shard; `vocab_start` is the first vocabulary row this rank holds."""
+
+    supports_ahead = True
+
+    def __init__(self, model: Transformer, kv: KVCacheManager, comm: Comm, vocab_start: int) -> None:
+        super().__init__(model, kv)
+        self.comm, self.vocab_start = comm, vocab_start
+        self.vocab_rows = model.embed.weight.shape[0]
+
+
+def make_runner(model: Transformer, kv: KVCacheManager, comm: Comm, vocab_start: int, *, cuda_graphs: bool,
+                max_num_seqs: int, max_model_len: int, share_gpu: bool = False) -> ModelRunner:
+    """The rank's runner: on CUDA, CudaModelRunner on the local shapes (its decode step, NCCL all-reduces
+    included, captured in CUDA graphs; share_gpu: the same fused kernels run eagerly, gloo cannot be captured);
+    else, or with cuda_graphs off, the generic runner."""
+    if kv.device.type != "cuda" or not cuda_graphs:
+        return TPModelRunner(model, kv, comm, vocab_start)
+    from giants.inference.cuda_runner import CudaModelRunner
+
+    class TPCudaModelRunner(TPHooks, CudaModelRunner):
+        def __init__(self) -> None:
+            self.comm, self.vocab_start = comm, vocab_start
+            self.vocab_rows = model.embed.weight.shape[0]
+            super().__init__(model, kv, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             use_graphs=not share_gpu)
+            # The batch-1 GEMV chain adds o_proj / down_proj into the residual inside its kernels, before any
+            # all-reduce could run, and is picked by timing (ranks could pick differently): off under TP.
+            self.chain_possible, self.chain = False, False
+
+    return TPCudaModelRunner()
 
 
 # ---- a step's chunks as one int64 message ------------------------------------------------------------
@@ -145,16 +175,17 @@ def decode_chunks(buf: bytes) -> list[Chunk]:
     return chunks
 
 
-def make_group(rank: int, world: int, port: int, device: torch.device, timeout_s: float, store=None):
+def make_group(rank: int, world: int, port: int, device: torch.device, timeout_s: float, store=None,
+               gloo: bool = False):
     """This rank's process group over a TCPStore on 127.0.0.1:port (rank 0 passes the store it hosts): gloo
-    over loopback on the CPU, NCCL on GPUs. A private group object, not torch.distributed's global default,
-    so a caller's own process group (or a second LLM) is left alone."""
+    over loopback on the CPU (or when `gloo`), NCCL on GPUs. A private group object, not torch.distributed's
+    global default, so a caller's own process group (or a second LLM) is left alone."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
-    if device.type == "cuda":
+    if device.type == "cuda" and not gloo:
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world, opts)

@@ -83,12 +83,12 @@ def main(fd: int) -> None:
 
     conn = Connection(fd)
     try:
-        rank, world, port, spec, parent_pid, device, threads, timeout_s = pickle.loads(conn.recv_bytes())
+        rank, world, port, spec, parent_pid, device, threads, timeout_s, gloo = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="giants-tp-parent", daemon=True).start()
     try:
-        _run(rank, world, port, spec, conn, torch.device(device), threads, timeout_s)
+        _run(rank, world, port, spec, conn, torch.device(device), threads, timeout_s, gloo)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         os._exit(0)  # rank 0 is gone: nothing left to report to
     except BaseException:  # noqa: BLE001 - reported to rank 0 with this rank's traceback
@@ -103,10 +103,10 @@ def main(fd: int) -> None:
 
 
 def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.device, threads: int,
-         timeout_s: float) -> None:
+         timeout_s: float, gloo: bool) -> None:
     from giants.inference.kv_cache import KVCacheManager
     from giants.inference.tp_model import vocab_start
-    from giants.inference.tp_runner import Comm, TPModelRunner, decode_chunks, make_group
+    from giants.inference.tp_runner import Comm, decode_chunks, make_group, make_runner
 
     torch.set_num_threads(threads)
     if device.type == "cuda":
@@ -114,7 +114,7 @@ def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.d
     stats = load_shard(spec, rank, device)
     model = stats.pop("model")
     conn.send(("loaded", stats))
-    pg = make_group(rank, world, port, device, timeout_s)
+    pg = make_group(rank, world, port, device, timeout_s, gloo=gloo)
     comm = Comm(pg, rank, world, device)
     runner = None
     while True:
@@ -127,7 +127,9 @@ def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.d
             kv = KVCacheManager(model.config, block_size=layout["block_size"], num_blocks=layout["num_blocks"],
                                 max_model_len=layout["max_model_len"], dtype=layout["dtype"], device=device,
                                 enable_prefix_caching=False)
-            runner = TPModelRunner(model, kv, comm, vocab_start(spec.cfg, rank, world))
+            runner = make_runner(model, kv, comm, vocab_start(spec.cfg, rank, world),
+                                 cuda_graphs=layout["cuda_graphs"], max_num_seqs=layout["max_num_seqs"],
+                                 max_model_len=layout["max_model_len"], share_gpu=layout["share_gpu"])
             conn.send(("ready", {**stats, **rss_stats()}))
         elif op == b"P":
             runner.pack_for_onednn()
