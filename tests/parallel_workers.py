@@ -194,6 +194,27 @@ def world_checks(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {"layouts": compare_layouts(rank, world), "vocab_loss": vocab_parallel_loss(rank, world)}
     if world == 4:
         out["mesh"] = mesh_names(rank, world)
+    if world == 2:
+        out["misc"] = misc_checks(rank, world)
+    return out
+
+
+def misc_checks(rank: int, world: int) -> dict[str, Any]:
+    """init_distributed on a running group; a sequence length sequence parallelism cannot split is refused."""
+    import giants
+    from giants.parallel import ParallelDims
+    from giants.parallel.mesh import build_mesh, init_distributed
+    from giants.parallel.plan import parallelize
+
+    info = init_distributed(device_type="cpu")
+    out: dict[str, Any] = {"info": (info.rank, info.world_size, info.local_rank, str(info.device))}
+    dims = ParallelDims.infer(world, tp=world)
+    model = parallelize(giants.build(tiny_config("tiny-llama"), seed=0), dims, build_mesh(dims, "cpu"))
+    try:
+        model(torch.zeros(1, SEQ - 1, dtype=torch.long))
+        out["odd_len"] = None
+    except ValueError as e:
+        out["odd_len"] = str(e)
     return out
 
 

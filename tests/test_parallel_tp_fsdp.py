@@ -76,6 +76,12 @@ def test_vocab_parallel_cross_entropy(world, request):
             assert r[f"{reduction}_type"] == "Tensor"  # a plain tensor, the same on every rank
 
 
+def test_init_distributed_and_sequence_length_check(world2):
+    for rank, r in enumerate(x["misc"] for x in world2):
+        assert r["info"] == (rank, 2, rank, "cpu")
+        assert r["odd_len"] is not None and "divisible by 2, got 15" in r["odd_len"]
+
+
 def test_cross_entropy_plain_matches_trainer_loss():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 7, 33, generator=g)

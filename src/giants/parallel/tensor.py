@@ -337,6 +337,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool =
         if tp_split("embed.weight") != 0:
             raise LayoutError("apply_tp implements a vocab-parallel embedding (tp_split('embed.weight') == 0)")
         parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+        if sequence_parallel:
+            def check_len(mod: nn.Module, args: tuple) -> None:
+                T = args[0].shape[-1]
+                if T % n:
+                    raise ValueError(f"sequence parallel over {n} tensor-parallel ranks needs the sequence length "
+                                     f"divisible by {n}, got {T} (pad the batch, or apply_tp(sequence_parallel=False))")
+
+            embed.register_forward_pre_hook(check_len, prepend=True)
 
     rel_bias = getattr(model, "rel_bias", None)
     if rel_bias is not None:
