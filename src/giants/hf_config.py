@@ -72,11 +72,20 @@ def _windows(hf: dict[str, Any], n_layers: int) -> tuple[int, ...]:
 
 
 def _shortest_pattern(ws: list[int]) -> tuple[int, ...]:
-    """The shortest prefix that repeats to give `ws` (layer_windows cycle)."""
-    for p in range(1, len(ws) + 1):
-        if all(ws[i] == ws[i % p] for i in range(len(ws))):
-            return tuple(ws[:p])
-    return tuple(ws)
+    """The shortest prefix that repeats to give `ws` (layer_windows cycle): its length is the sequence's
+    smallest period, len - the longest proper border (KMP prefix function), found in linear time so a long
+    `layer_types` in an untrusted config.json cannot stall the reader."""
+    if not ws:
+        return ()
+    border = [0] * len(ws)
+    k = 0
+    for i in range(1, len(ws)):
+        while k and ws[i] != ws[k]:
+            k = border[k - 1]
+        if ws[i] == ws[k]:
+            k += 1
+        border[i] = k
+    return tuple(ws[:len(ws) - border[-1]])
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
