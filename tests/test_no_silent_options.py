@@ -25,14 +25,17 @@ def _llm(**kw):
 # --- LLM ------------------------------------------------------------------------------------------
 
 
-def test_quantization_of_a_checkpoint_raises_instead_of_loading_dequantized(tmp_path):
-    """LLM(path, quantization="mxfp4") loaded the checkpoint with dense experts and said nothing."""
+def test_quantization_of_a_checkpoint_is_applied(tmp_path):
+    """LLM(path, quantization="mxfp4") once loaded the checkpoint with dense experts and said nothing; then it was
+    refused; now the experts are packed as they are read (giants.checkpoint.quantized)."""
+    from giants.inference.mxfp4 import MXFP4MoE
+
     giants.save(_model("tiny-mixtral"), tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"quantization: 'mxfp4' is not applied when loading a checkpoint"):
-        LLM(str(tmp_path / "ckpt"), quantization="mxfp4", device="cpu", num_blocks=32)
+    llm = LLM(str(tmp_path / "ckpt"), quantization="mxfp4", device="cpu", num_blocks=32, max_model_len=64)
+    assert all(isinstance(layer.mlp, MXFP4MoE) for layer in llm.model.layers)
     llm = LLM(str(tmp_path / "ckpt"), device="cpu", num_blocks=32, max_model_len=64)  # without it: loads
     assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
-    with pytest.raises(ValueError, match="quantization: only 'mxfp4'"):
+    with pytest.raises(ValueError, match="quantization: one of"):
         LLM(str(tmp_path / "ckpt"), quantization="int4", device="cpu")
 
 

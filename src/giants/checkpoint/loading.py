@@ -54,19 +54,25 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
          device_map: str | dict | None = None, max_memory: dict | None = None,
-         offload_folder: str | os.PathLike | None = None) -> Transformer:
+         offload_folder: str | os.PathLike | None = None, quantization: str | None = None) -> Transformer:
     """Load a checkpoint as a giants Transformer (eval mode).
 
     dtype None keeps the checkpoint's floating dtype (float32 for GGUF, whose weights are dequantized).
     device_map ("auto", "balanced", "sequential" or {module: device}) places whole blocks on GPUs, in host
     memory or on disk (offload_folder) instead of `device`, within max_memory ({0: "70GiB", "cpu": "200GiB"});
-    each weight is read straight to its placement (giants.inference.placement)."""
+    each weight is read straight to its placement (giants.inference.placement).
+    quantization: None (every weight a float tensor), "auto" (as stored: FP8 stays FP8, MXFP4 experts stay
+    packed), "mxfp4" or "fp8" / "fp8-block" (+ "+head"): see giants.checkpoint.quantized."""
     path = resolve(source)
     dtype = _dtype(dtype)
     if device_map is not None:
         device = _Placed(device_map, max_memory, offload_folder)
     if not path.is_dir():
         check_regular(path)  # a FIFO would block the first open() forever
+    from giants.checkpoint import quantized
+
+    if quantized.needs(path, quantization):  # weights kept quantized (or an FP8 checkpoint dequantized)
+        return quantized.load_quantized(path, dtype, device, quantization)
     if path.is_file():
         if path.suffix == ".gguf":
             return _load_gguf(path, dtype, device)

@@ -107,6 +107,12 @@ def save(model, path: str | os.PathLike, tokenizer=None, max_shard_size: int | s
         raise ValueError(f"quantize must be None or 'mxfp4', got {quantize!r}")
     if quantize and (hf_cfg is None or hf_cfg["model_type"] != "gpt_oss"):
         raise ValueError("quantize='mxfp4' applies to gpt-oss experts saved in HF format only")
+    from giants.inference.fp8 import is_quantized as has_fp8
+
+    fp8_model = has_fp8(model)  # FP8 weights (giants.inference.fp8): written as transformers' FP8 formats
+    if fp8_model and (hf_cfg is None or quantize):
+        raise ValueError("save: a model with FP8 weights is written in HF format (quant_method fbgemm_fp8 or fp8), "
+                         "without quantize=")
     check_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_tmp_dir(path)
@@ -114,7 +120,12 @@ def save(model, path: str | os.PathLike, tokenizer=None, max_shard_size: int | s
         param = next(model.parameters())
         out_dtype = dtype or param.dtype
         if hf_cfg is not None:
-            items = hf_tensors(model, cfg, dtype, quantize)
+            if fp8_model:
+                from giants.checkpoint import fp8 as ckfp8
+
+                items, hf_cfg["quantization_config"] = ckfp8.hf_tensors(model, cfg, dtype)
+            else:
+                items = hf_tensors(model, cfg, dtype, quantize)
             hf_cfg["torch_dtype"] = hf_cfg["dtype"] = _dtype_name(out_dtype)
             if quantize == "mxfp4":
                 hf_cfg["quantization_config"] = {

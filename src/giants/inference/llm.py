@@ -58,9 +58,14 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype, seed: int)
 
 def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: torch.device,
                   seed: int, quantization: str | None = None) -> tuple[Transformer, Any]:
-    """(model, tokenizer or None) for a Transformer, a path (HF dir / .gguf), a known name or a preset."""
-    if quantization not in (None, "mxfp4"):
-        raise ValueError(f"quantization: only 'mxfp4' (MoE experts) is supported (got {quantization!r})")
+    """(model, tokenizer or None) for a Transformer, a path (HF dir / .gguf), a known name or a preset.
+    quantization: "mxfp4" (MoE experts packed), "fp8" / "fp8-block" with "+head" (giants.inference.fp8); a
+    checkpoint loads as it is stored when None (FP8 stays FP8, MXFP4 experts stay packed)."""
+    from giants.inference.fp8 import is_fp8
+
+    if quantization not in (None, "mxfp4") and not is_fp8(quantization):
+        raise ValueError(f"quantization: one of 'mxfp4' (MoE experts), 'fp8', 'fp8-block' (+'+head' for the output "
+                         f"head) (got {quantization!r})")
     if isinstance(model, Transformer):
         if quantization == "mxfp4":
             from giants.inference.mxfp4 import pack_experts
@@ -72,19 +77,18 @@ def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: t
             model = pack_experts(model)
         if dtype is not None or next(model.parameters()).device != device:
             model = model.to(device=device, dtype=dtype)
+        if is_fp8(quantization):
+            from giants.inference.fp8 import quantize_model
+
+            model = quantize_model(model, quantization)
         return model.eval(), None
     if not isinstance(model, str):
         raise ValueError(f"model: expected a preset name, path or Transformer (got {type(model).__name__})")
     if os.path.exists(model) or model in _known_names():
-        if quantization is not None:
-            # Never ignored: loading MXFP4 experts from a checkpoint is not there yet (the checkpoint would load
-            # dequantized), so a quantization asked for here is refused rather than silently dropped.
-            raise ValueError(f"quantization: {quantization!r} is not applied when loading a checkpoint ({model}) "
-                             "yet; it applies to presets and built Transformers. Pass quantization=None to load the "
-                             "checkpoint dequantized")
         import giants
 
-        m = giants.load(model, dtype=dtype, device=str(device))
+        # None: as stored (giants.checkpoint.quantized): FP8 weights and MXFP4 experts are never dequantized
+        m = giants.load(model, dtype=dtype, device=str(device), quantization=quantization or "auto")
         tok = None
         try:
             tok = giants.load_tokenizer(model)
@@ -97,6 +101,10 @@ def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: t
             from giants.inference.mxfp4 import build_mxfp4
 
             m = build_mxfp4(PRESETS[model].config, device, dtype, seed)
+        elif is_fp8(quantization):
+            from giants.inference.fp8 import build_fp8
+
+            m = build_fp8(PRESETS[model].config, device, dtype, seed, quantization)
         else:
             m = random_model(model, device, dtype, seed)
         return m, _default_tokenizer(m)
@@ -171,6 +179,8 @@ class LLM:
             m, tok = resolve_model(model, parse_dtype(dtype), device, seed, quantization)
         if weights not in (None, "int8"):
             raise ValueError(f"weights: only 'int8' (weight-only, CPU) is supported (got {weights!r})")
+        if weights == "int8" and isinstance(quantization, str) and quantization.startswith("fp8"):
+            raise ValueError(f"weights: 'int8' is not combined with quantization={quantization!r}")
         if weights == "int8" and self.executor is None:
             from giants.inference.quant import int8_weights
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from giants.inference.fp8 import FP8MoE
+from giants.inference.fp8 import fuse as _fuse_fp8
 from giants.inference.kv_cache import KVCacheManager, SeqBlocks
 from giants.inference.mxfp4 import MXFP4MoE
 from giants.model.attention import attend, attention_mask
@@ -149,13 +151,18 @@ class ModelRunner:
                     self.fused.append(None)  # streamed block: its fused views come with it (placement.fused)
                     continue
                 a = layer.attn
-                qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj]) if _plain(a.q_proj, a.k_proj, a.v_proj) else None
+                qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj]) if _plain(a.q_proj, a.k_proj, a.v_proj) \
+                    else _fuse_fp8([a.q_proj, a.k_proj, a.v_proj])  # FP8 linears: one FP8Weight (inference.fp8)
                 if isinstance(layer.mlp, MoE):
                     mlp = ("moe",) + _fuse_experts(layer.mlp)
                 elif isinstance(layer.mlp, MXFP4MoE):
                     mlp = ("mxfp4",)
+                elif isinstance(layer.mlp, FP8MoE):
+                    mlp = ("fp8moe",)
                 elif _plain(layer.mlp.gate_proj, layer.mlp.up_proj):
                     mlp = ("dense",) + _fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj])
+                elif (gu := _fuse_fp8([layer.mlp.gate_proj, layer.mlp.up_proj])) is not None:
+                    mlp = ("dense",) + gu
                 else:
                     mlp = ("modules",)
                 self.fused.append((qkv, mlp))
@@ -187,7 +194,8 @@ class ModelRunner:
                 ws += [mlp[1], layer.mlp.down_proj.weight]
         with torch.no_grad():
             for w in ws:
-                if w.device.type == "cpu":  # a placed model (device_map) may keep some weights on a GPU
+                # a placed model (device_map) may keep some weights on a GPU; FP8 weights are not tensors
+                if isinstance(w, torch.Tensor) and w.device.type == "cpu":
                     self.packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
 
     def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
