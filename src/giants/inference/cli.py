@@ -14,7 +14,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, seed=args.seed or 0,
-              cpu_compile=args.compile)
+              cpu_compile=args.compile, quantization=args.quantization)
     if args.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}])
     else:
@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", default=None,
+                   help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as the "
+                        "checkpoint stores them; presets: none)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: decode through torch.compile'd layers (~2x faster; the first use compiles for 10-30 s)")
     p.set_defaults(func=_generate)

@@ -31,7 +31,8 @@ def _placement_arg(parser: str):
 def _serve(args: argparse.Namespace) -> int:
     from giants.serve.server import ServeOptions, serve
 
-    opts = ServeOptions(model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+    opts = ServeOptions(model=args.model, quantization=args.quantization,
+                        host=args.host, port=args.port, api_key=args.api_key,
                         max_model_len=args.max_model_len, max_queue=args.max_queue, max_num_seqs=args.max_num_seqs,
                         num_blocks=args.num_blocks, served_model_name=args.served_model_name, dtype=args.dtype,
                         device=args.device, seed=args.seed, max_body=args.max_body_bytes,
@@ -83,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=_positive(float, 0), default=DEFAULT_REQUEST_TIMEOUT,
                    help="seconds a request may take from arrival to its last token; then it is aborted (its KV "
                         f"blocks freed) and answered 408 (default: {DEFAULT_REQUEST_TIMEOUT:g}; 0: no limit)")
+    p.add_argument("--quantization", default=None,
+                   help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as "
+                        "the checkpoint stores them; presets: none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--compile", action="store_true",
                    help="CPU: steps where one sequence decodes run through torch.compile'd layers (the first such "

@@ -42,13 +42,15 @@ class ServeOptions:
     device_map: str | dict | None = None  # layer placement (giants.inference.placement), with max_memory
     max_memory: dict | None = None
     offload_folder: str | None = None
+    quantization: str | None = None  # fp8 / fp8-block (+head) / mxfp4 (LLM(quantization=...))
 
 
 def load_model(opts: ServeOptions) -> Loaded:
     """The engine over `opts.model` (preset, HF directory, GGUF file or known name), built by `giants.LLM`."""
     from giants.inference import LLM
 
-    llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len, seed=opts.seed,
+    llm = LLM(opts.model, quantization=opts.quantization, dtype=opts.dtype, device=opts.device,
+              max_model_len=opts.max_model_len, seed=opts.seed,
               block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
               cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size,
               device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder)
