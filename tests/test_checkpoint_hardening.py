@@ -403,6 +403,41 @@ def test_gguf_mxfp4_nan_scale(tmp_path):
         dequantize_tensor(t, tmp_path / "x.gguf")
 
 
+def test_nan_scale_refused_by_the_tensor_parallel_readers(tmp_path):
+    """One rank's share of an MXFP4 checkpoint (HF packed experts, GGUF MXFP4) is checked the same way."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from giants.checkpoint.loading import read_dir_config
+    from giants.checkpoint.sharded import load_gguf_shard
+    from giants.inference.tp_model import ShardSpec, build_shard, skeleton
+    from test_gguf import write_gguf
+
+    cfg = giants.get_config("tiny-gpt-oss").replace(vocab_size=256)
+    model = giants.build(cfg, seed=0)
+    save(model, tmp_path / "q", quantize="mxfp4")
+    f = tmp_path / "q" / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.0.mlp.experts.gate_up_proj_scales"
+    sd[key][0, 0, 0] = 0xFF
+    save_file(sd, f)
+    c, naming = read_dir_config(tmp_path / "q")
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}': scale 0xFF \(E8M0 NaN\) at block \(0, 0, 0\)"):
+        build_shard(ShardSpec("dir", str(tmp_path / "q"), c, 2, None, naming=naming), 0, torch.device("cpu"))
+
+    mx = {f"blk.{i}.ffn_{g}_exps.weight": gguf.GGMLQuantizationType.MXFP4 for i in range(cfg.n_layers)
+          for g in ("gate", "up", "down")}
+    path = write_gguf(model, tmp_path / "o.gguf", "gpt-oss", overrides=mx)
+    r = gguf.GGUFReader(path)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down_exps.weight")
+    data = bytearray(path.read_bytes())
+    data[int(t.data_offset)] = 0xFF  # the first block's scale byte (data_offset is absolute)
+    path.write_bytes(bytes(data))
+    m = skeleton(cfg, 2, torch.device("cpu"), torch.float32)
+    with pytest.raises(CheckpointError, match=r"o\.gguf: tensor 'blk\.0\.ffn_down_exps\.weight': scale 0xFF"):
+        load_gguf_shard(path, dict(m.named_parameters()), 0, 2)
+
+
 # ---- 15: save / convert replace only what giants wrote ------------------------------------------------------
 def test_save_refuses_a_foreign_directory_holding_config_json(tmp_path):
     d = tmp_path / "mine"

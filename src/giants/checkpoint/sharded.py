@@ -145,6 +145,8 @@ def _read_hf(reader: SliceReader, name: str, index: Index) -> torch.Tensor:
     scales = reader.read(parts[1], (e_sl, n_sl, kb))
     try:
         return mxfp4.dequantize(blocks, scales, torch.float32)
+    except mxfp4.ScaleError as err:  # block index within this rank's slice
+        raise CheckpointError(f"{err} in this rank's slice", file=st.file_of(parts[1]), tensor=parts[1]) from None
     except ValueError as err:
         raise CheckpointError(str(err), tensor=parts[0]) from None
 
@@ -245,7 +247,7 @@ def load_gguf_shard(path: Path, params: dict[str, torch.Tensor], rank: int, tp: 
     """Fill `params` from a GGUF file, each tensor sliced before dequantization; returns the bytes read."""
     from gguf.quants import dequantize
 
-    from giants.checkpoint.gguf_io import GGUFFile, _unpermute
+    from giants.checkpoint.gguf_io import GGUFFile, _unpermute, check_mxfp4_scales
 
     g = GGUFFile(path)
     cfg = g.config
@@ -260,6 +262,7 @@ def load_gguf_shard(path: Path, params: dict[str, torch.Tensor], rank: int, tp: 
                 t = g.tensors[name]
                 raw = _gguf_slice(t, shard, -1 if len(r.gguf) > 1 else 0, path)
                 nbytes += raw.nbytes
+                check_mxfp4_scales(raw, t.tensor_type, name, path)  # an E8M0 NaN scale would decode to inf
                 try:
                     arr = dequantize(raw, t.tensor_type)
                 except NotImplementedError:
