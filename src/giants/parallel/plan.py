@@ -50,7 +50,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *
        expert parallelism the experts over ("dp_replicate", "dp_shard_mod_ep")
 
     The layout is checked against the model first (ParallelDims.check_model: a LayoutError names the field and the
-    numbers). The model's parameters must already be materialized on the target device."""
+    numbers). The model's parameters must already be materialized on the target device. param_dtype /
+    reduce_dtype act through FSDP's MixedPrecisionPolicy: without data parallelism (no FSDP) they do nothing and
+    the caller casts or autocasts itself."""
     cfg = getattr(model, "config", None)
     if cfg is not None:
         check_plan(dims, cfg)
