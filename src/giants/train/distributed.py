@@ -183,9 +183,6 @@ class Distributed:
     def setup_notes(self, cfg: TrainConfig, bf16: bool) -> None:
         notes = self.notes
         self.bf16 = bf16
-        if cfg.master_weights is not False:
-            notes.append("optimizer: torch AdamW instead of MasterAdamW/Triton AdamW (they update whole local tensors)"
-                         + (" (fp32 shards with bf16 compute through FSDP mixed precision)" if bf16 else ""))
         notes.append("loss: plain fp32 cross-entropy" + (" (vocab-parallel)" if self.dims.tp > 1 else "") +
                      " instead of the tied-head / fused head+loss kernels")
         if cfg.compile:
@@ -242,8 +239,9 @@ class Distributed:
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(groups, foreach=True, **kw)
             kind = "foreach"
-        if self.notes and self.notes[0].startswith("optimizer:"):
-            self.notes[0] = self.notes[0].replace("torch AdamW", f"torch AdamW ({kind})", 1)
+        mp = "; fp32 shards, bf16 compute through FSDP mixed precision" if self.bf16 and self.fsdp else ""
+        self.notes.insert(0, f"optimizer: torch AdamW ({kind}{mp}) instead of MasterAdamW and its Triton update "
+                             "(they update whole local tensors, not DTensor shards)")
         return opt
 
     def autocast(self) -> Any:
