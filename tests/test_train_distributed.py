@@ -148,6 +148,10 @@ def test_dead_rank_stops_the_job_naming_it(tmp_path, byte_data):
     (dict(pp=5, overrides={"n_layers": 4}), 5, r"--pp 5 .* needs 5 stages, more than n_layers=4"),
     (dict(tp=2, dp_shard=2), 2, r"multiply to .* = 4, but the world size is 2"),
     (dict(dp_shard=2, batch_size=3), 2, r"--batch-size 3 is not divisible by the data-parallel degree"),
+    # options the scale-out path cannot honour are refused, not dropped
+    (dict(dp_shard=2, residual_dtype="bf16"), 2, r"--residual-dtype bf16 under scale-out"),
+    (dict(dp_shard=2, compile="aot_eager"), 2, r"compile backend 'aot_eager' under scale-out"),
+    (dict(dp_shard=2, compile=True, compile_mode="max-autotune"), 2, r"--compile-mode max-autotune under scale-out"),
 ])
 def test_bad_layouts_are_refused_before_anything_starts(monkeypatch, tmp_path, args, world, message):
     from giants.presets import get_config

@@ -21,8 +21,10 @@ What falls back, and why (each is said in the startup line, never silently):
     - the loss is the plain fp32 cross-entropy, vocab-parallel under tensor parallelism
       (giants.parallel.loss.cross_entropy: the full logits are never gathered).
     - torch.compile compiles each block (giants.parallel.plan) instead of the whole loss function.
-    - --residual-dtype bf16 and --activation-checkpointing: FSDP's param dtype decides the residual dtype; the
-      blocks' checkpointing is the plan's.
+    - --activation-checkpointing: the blocks' checkpointing is the plan's.
+What cannot be honoured is refused by `plan` (never dropped): --residual-dtype bf16 (FSDP's param dtype decides
+the compute dtype), a compile backend other than inductor or a compile mode (the plan compiles each block),
+--lora-rank, --task dpo with --pp.
 
 Data: --batch-size is the job's micro-batch. Every rank reads the whole micro-batch one process would read and
 keeps its data-parallel rank's rows (batch_size / dp of them), so the job computes exactly the one-process loss:
@@ -88,6 +90,16 @@ def plan(cfg: TrainConfig, mc: ModelConfig) -> ParallelDims:
         if cfg.task == "dpo":
             raise LayoutError("--task dpo with --pp: the preference loss pairs rows across pipeline micro-batches; "
                               "use --dp-shard / --tp")
+    # Options the scale-out path cannot honour are refused, never dropped.
+    if cfg.residual_dtype != "fp32":
+        raise LayoutError(f"--residual-dtype {cfg.residual_dtype} under scale-out: the compute dtype is FSDP's param "
+                          "dtype (--precision); leave --residual-dtype at fp32")
+    if isinstance(cfg.compile, str) and cfg.compile != "inductor":
+        raise LayoutError(f"compile backend {cfg.compile!r} under scale-out: the plan compiles each block with "
+                          "inductor; pass --compile without a backend")
+    if cfg.compile_mode not in (None, "default"):
+        raise LayoutError(f"--compile-mode {cfg.compile_mode} under scale-out: the plan compiles each block in the "
+                          "default mode")
     if cfg.lora_rank:
         raise LayoutError("--lora-rank under scale-out: the parallel plans split the base layers by name and do not "
                           "know the adapters; train LoRA on one device")
@@ -187,8 +199,6 @@ class Distributed:
                      " instead of the tied-head / fused head+loss kernels")
         if cfg.compile:
             notes.append("compile: each block (torch.compile of the whole loss is one-device only)")
-        if cfg.residual_dtype == "bf16":
-            notes.append("--residual-dtype bf16 ignored: the compute dtype is FSDP's param dtype")
         if self.dims.pp > 1:
             notes.append("evaluation skipped under --pp (the schedule trains only)")
         notes.append("memory check skipped (the one-device estimate does not know the layout)")
