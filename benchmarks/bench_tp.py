@@ -1,11 +1,13 @@
 """Tensor-parallel inference on GPUs: greedy tokens against one process, decode throughput, and how fast a
 killed worker is reported.
 
-    python benchmarks/bench_tp.py check                    # every tiny twin, tp=2, fp32, CUDA graphs on
+    GIANTS_TP_CUDA_FAST=1 python benchmarks/bench_tp.py check   # every tiny twin, tp=2, fused kernels + graphs
     python benchmarks/bench_tp.py speed --model llama-3.1-8b --tp 1 2 --batch 1 32
     python benchmarks/bench_tp.py kill                     # SIGKILL rank 1 mid-decode: seconds to the error
 
-Each result is one JSON line on stdout.
+Each result is one JSON line on stdout. Without GIANTS_TP_CUDA_FAST=1 the ranks run the generic runner; with
+GIANTS_TP_SHARE_GPU=1 every rank shares GPU 0 (gloo, kernels eager): a check of the local-shape kernels on one
+GPU. Not yet run on a machine of several GPUs.
 """
 
 from __future__ import annotations

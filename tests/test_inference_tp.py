@@ -190,14 +190,18 @@ def test_serve_exits_naming_a_killed_worker():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_tp_cuda_matches_one_process():  # pragma: no cover - GPU machines
-    n = torch.cuda.device_count()
-    if n < 2:
+@pytest.mark.parametrize("fast", [False, True])
+def test_tp_cuda_matches_one_process(fast, monkeypatch):  # pragma: no cover - GPU machines
+    """Generic runner by default; GIANTS_TP_CUDA_FAST=1: CudaModelRunner on local shapes, NCCL in the graphs."""
+    if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
+    if fast:
+        monkeypatch.setenv("GIANTS_TP_CUDA_FAST", "1")
     ref = LLM("tiny-llama", dtype="float32", device="cuda", **ENGINE)
     want = _generate(ref)
     llm = LLM("tiny-llama", dtype="float32", device="cuda", tensor_parallel_size=2, **ENGINE)
     try:
         assert _generate(llm) == want
+        assert (type(llm.engine.runner.local).__name__ == "TPCudaModelRunner") == fast
     finally:
         llm.executor.close()

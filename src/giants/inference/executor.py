@@ -53,6 +53,13 @@ def share_gpu() -> bool:
     return os.environ.get("GIANTS_TP_SHARE_GPU", "") == "1"
 
 
+def cuda_fast() -> bool:
+    """GIANTS_TP_CUDA_FAST=1: CudaModelRunner on each rank's local shapes (fused Triton decode, NCCL inside the
+    CUDA graphs). Opt-in until it has run on a machine of several GPUs; by default a CUDA rank runs the generic
+    runner (eager PyTorch, NCCL all-reduces), which the CPU tests cover but for the backend."""
+    return os.environ.get("GIANTS_TP_CUDA_FAST", "") == "1"
+
+
 class TPWorkerError(RuntimeError):
     """A tensor-parallel worker died or failed; the message names its rank."""
 
@@ -326,7 +333,7 @@ class TPExecutor:
         kv = engine.kv
         layout = {"block_size": kv.block_size, "num_blocks": [g.pool.num_blocks for g in kv.groups],
                   "max_model_len": engine.max_model_len, "dtype": kv.dtype, "max_num_seqs": engine.max_num_seqs,
-                  "cuda_graphs": engine.use_cuda_graphs, "share_gpu": share_gpu()}
+                  "cuda_graphs": engine.use_cuda_graphs and cuda_fast(), "share_gpu": share_gpu()}
         self.send(b"I" + pickle.dumps(layout))
         local = make_runner(engine.model, kv, self.comm, 0, cuda_graphs=layout["cuda_graphs"],
                             max_num_seqs=layout["max_num_seqs"], max_model_len=layout["max_model_len"],
