@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 
+from giants.inference import wire
 from giants.inference.runner import Chunk, ModelRunner
 from giants.inference.tp_model import ShardSpec, slice_params
 from giants.inference.tp_runner import Comm, encode_chunks, make_group, make_runner
@@ -103,7 +103,8 @@ class _Proc:
 def _spawn(rank: int, args: tuple) -> tuple[_Proc, Any]:
     """`python -m giants.inference.tp_worker FD`: a fresh interpreter (what the spawn start method gives,
     without re-running the caller's __main__, so scripts without a main guard, notebooks and the server's
-    loader thread all work), its arguments pickled over a socket pair that then carries the messages."""
+    loader thread all work), its arguments sent as a giants.inference.wire message over a socket pair that then
+    carries the messages."""
     from multiprocessing.connection import Connection
 
     import giants
@@ -116,7 +117,7 @@ def _spawn(rank: int, args: tuple) -> tuple[_Proc, Any]:
                              pass_fds=(theirs.fileno(),), env=env, close_fds=True)
     theirs.close()
     conn = Connection(ours.detach())
-    conn.send_bytes(pickle.dumps(args))
+    conn.send_bytes(wire.dumps(args))
     return _Proc(popen), conn
 
 
@@ -178,11 +179,11 @@ class _Workers:
         conn = self.conns.get(rank)
         try:
             while conn is not None and conn.poll(timeout):
-                msg = conn.recv()
-                if isinstance(msg, tuple) and msg and msg[0] == "error":
+                msg = wire.loads(conn.recv_bytes())
+                if isinstance(msg, (tuple, list)) and msg and msg[0] == "error":
                     self.errors[rank] = msg[1]
                     return
-        except (EOFError, OSError, pickle.UnpicklingError):
+        except (EOFError, OSError, wire.WireError):
             return
 
     def watch(self) -> None:
@@ -280,7 +281,7 @@ class TPExecutor:
             w.check()
             with w.lock:
                 conn = w.conns[rank]
-                msg = conn.recv() if conn.poll(0.1) else None
+                msg = wire.loads(conn.recv_bytes()) if conn.poll(0.1) else None
             if msg is not None:
                 if msg[0] == what:
                     return msg[1]
@@ -334,7 +335,7 @@ class TPExecutor:
         layout = {"block_size": kv.block_size, "num_blocks": [g.pool.num_blocks for g in kv.groups],
                   "max_model_len": engine.max_model_len, "dtype": kv.dtype, "max_num_seqs": engine.max_num_seqs,
                   "cuda_graphs": engine.use_cuda_graphs and cuda_fast(), "share_gpu": share_gpu()}
-        self.send(b"I" + pickle.dumps(layout))
+        self.send(b"I" + wire.dumps(layout))
         local = make_runner(engine.model, kv, self.comm, 0, cuda_graphs=layout["cuda_graphs"],
                             max_num_seqs=layout["max_num_seqs"], max_model_len=layout["max_model_len"],
                             share_gpu=layout["share_gpu"])

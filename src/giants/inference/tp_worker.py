@@ -5,14 +5,14 @@ build its KV pool (its KV heads, the engine's block ids) and runner on the KV la
 every step rank 0 sends until told to stop.
 
 Messages from rank 0 come over a pipe, one `send_bytes` each, the first byte the operation:
-  b"I" + pickle(kv layout)   build the KV cache and runner        -> ("ready", stats)
+  b"I" + wire(kv layout)   build the KV cache and runner        -> ("ready", stats)
   b"S" + encoded chunks      run one step (collectives with every rank)
   b"P"                       pack weights for oneDNN (CPU fp32)
   b"R"                       report stats (peak RSS, bytes read)  -> ("stats", stats)
   b"Q"                       exit
-Replies go back pickled with `send`; a failure sends ("error", traceback) and exits 1.
+Replies go back as giants.inference.wire messages; a failure sends ("error", traceback) and exits 1.
 
-The process is `python -m giants.inference.tp_worker FD` (executor._spawn): its arguments arrive pickled
+The process is `python -m giants.inference.tp_worker FD` (executor._spawn): its arguments arrive (giants.inference.wire)
 as the first message on socket FD. A worker never outlives rank 0: the socket's end-of-file (rank 0 exited)
 ends the loop, and a thread polls the parent pid, which also covers a rank 0 killed while this worker sits
 in a collective.
@@ -21,7 +21,6 @@ in a collective.
 from __future__ import annotations
 
 import os
-import pickle
 import resource
 import sys
 import threading
@@ -30,6 +29,8 @@ import traceback
 from typing import Any
 
 import torch
+
+from giants.inference import wire
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -78,12 +79,12 @@ def load_shard(spec: Any, rank: int, device: torch.device) -> dict[str, Any]:
 
 
 def main(fd: int) -> None:
-    """Entry point (`python -m giants.inference.tp_worker FD`): the arguments arrive pickled on socket FD."""
+    """Entry point (`python -m giants.inference.tp_worker FD`): the arguments arrive on socket FD as a wire message."""
     from multiprocessing.connection import Connection
 
     conn = Connection(fd)
     try:
-        rank, world, port, spec, parent_pid, device, threads, timeout_s, gloo = pickle.loads(conn.recv_bytes())
+        rank, world, port, spec, parent_pid, device, threads, timeout_s, gloo = wire.loads(conn.recv_bytes())
     except (EOFError, OSError):
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="giants-tp-parent", daemon=True).start()
@@ -95,7 +96,7 @@ def main(fd: int) -> None:
         tb = traceback.format_exc()
         print(f"giants tensor-parallel worker rank {rank}: {tb}", file=sys.stderr, flush=True)
         try:
-            conn.send(("error", tb))
+            conn.send_bytes(wire.dumps(("error", tb)))
         except OSError:
             pass
         os._exit(1)
@@ -113,7 +114,7 @@ def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.d
         torch.cuda.set_device(device)
     stats = load_shard(spec, rank, device)
     model = stats.pop("model")
-    conn.send(("loaded", stats))
+    conn.send_bytes(wire.dumps(("loaded", stats)))
     pg = make_group(rank, world, port, device, timeout_s, gloo=gloo)
     comm = Comm(pg, rank, world, device)
     runner = None
@@ -123,18 +124,18 @@ def _run(rank: int, world: int, port: int, spec: Any, conn: Any, device: torch.d
         if op == b"S":
             runner.execute(decode_chunks(buf[1:]))
         elif op == b"I":
-            layout = pickle.loads(buf[1:])
+            layout = wire.loads(buf[1:])
             kv = KVCacheManager(model.config, block_size=layout["block_size"], num_blocks=layout["num_blocks"],
                                 max_model_len=layout["max_model_len"], dtype=layout["dtype"], device=device,
                                 enable_prefix_caching=False)
             runner = make_runner(model, kv, comm, vocab_start(spec.cfg, rank, world),
                                  cuda_graphs=layout["cuda_graphs"], max_num_seqs=layout["max_num_seqs"],
                                  max_model_len=layout["max_model_len"], share_gpu=layout["share_gpu"])
-            conn.send(("ready", {**stats, **rss_stats()}))
+            conn.send_bytes(wire.dumps(("ready", {**stats, **rss_stats()})))
         elif op == b"P":
             runner.pack_for_onednn()
         elif op == b"R":
-            conn.send(("stats", {**stats, **rss_stats()}))
+            conn.send_bytes(wire.dumps(("stats", {**stats, **rss_stats()})))
         elif op == b"Q":
             return
         else:
