@@ -23,7 +23,7 @@ from giants.parallel.layout import tp_local_config, tp_reduced_bias, tp_shard
 
 @dataclass
 class ShardSpec:
-    """What every rank needs to build its shard (pickled to the workers)."""
+    """What every rank needs to build its shard (sent to the workers as a giants.inference.wire message)."""
 
     kind: str  # "preset" | "dir" | "gguf" | "state"
     source: str | None
