@@ -78,7 +78,7 @@ def test_queue_full_answers_429_with_retry_after_and_others_finish():
         assert time.monotonic() - t0 < 0.5  # refused at once, not queued
         assert full.status_code == 429
         assert full.headers["retry-after"] == "1"
-        assert full.json() == {"error": {"message": "server queue is full (2 requests in flight); retry later",
+        assert full.json() == {"error": {"message": "server queue is full (2 sequences in flight); retry later",
                                          "type": "rate_limit_error", "param": None, "code": "queue_full"}}
         assert c.post("/v1/completions", json=_body(2, stream=True)).status_code == 429
         for t, box in (a, b):

@@ -13,9 +13,21 @@ def _is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# Temperatures below this are greedy: dividing the logits by less overflows float32 or underflows to 0 (vLLM's
+# _SAMPLING_EPS); a float32 temperature of 0 would turn every logit into +-inf and every draw into token 0.
+SAMPLING_EPS = 1e-5
+# The ranges the sampler can take: top_k goes to the device as int64 (values >= the vocabulary mean "off"),
+# the seed into torch.Generator.manual_seed, the penalties and temperature into float32 without overflow.
+MAX_TOP_K = 2**31 - 1
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+MAX_TEMPERATURE = 1e6
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+
 @dataclass
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 or -1 = off; top_p 1 = off; min_p 0 = off; penalties 1/0 = off.
+    """temperature 0 (or below SAMPLING_EPS, 1e-5) = greedy; top_k 0 or -1 = off; top_p 1 = off; min_p 0 = off;
+    penalties 1/0 = off.
     `stop` strings are never part of the returned text; `stop_token_ids` end a sequence like EOS does.
     `logprobs=N` returns, per generated token, the log-probabilities (of the model's raw distribution)
     of the sampled token and the N most likely tokens."""
@@ -48,22 +60,24 @@ class SamplingParams:
 
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
-        if not _is_num(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not _is_num(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be a number in [0, {MAX_TEMPERATURE:g}] (below {SAMPLING_EPS:g}: greedy)")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "must be an integer: -1 or 0 (off) or >= 1")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"must be an integer: -1 or 0 (off) or in [1, {MAX_TOP_K}]")
         if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if not _is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
-            raise bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if not _is_num(self.repetition_penalty) or \
+                not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                      "(1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_num(v) or not -2 <= v <= 2:
                 raise bad(name, "must be in [-2, 2]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and (not _is_int(self.seed) or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise bad("seed", f"must be an integer in [{MIN_SEED}, {MAX_SEED}] or None")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1 or None (up to max_model_len)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
@@ -76,8 +90,21 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
 
     @property
+    def stop_matcher(self):
+        """The stop strings' matcher (giants.inference.detokenize.StopMatcher), built on first use and shared by
+        every sequence of the request; None without stop strings."""
+        if not self.stop_strings:
+            return None
+        m = self.__dict__.get("_stop_matcher")
+        if m is None or m.stops != self.stop_strings:
+            from giants.inference.detokenize import StopMatcher
+
+            m = self.__dict__["_stop_matcher"] = StopMatcher(self.stop_strings)
+        return m
+
+    @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def k(self) -> int:

@@ -1,10 +1,10 @@
 """Sampling vectorised over a batch whose rows carry their own parameters.
 
 Order (as transformers' generate applies its processors): penalties -> temperature -> top-k -> top-p
--> min-p -> sample. Greedy rows (temperature 0) take the argmax of the penalised logits. Each step
-skips the stages no row in the batch uses. Sampling is an exponential race (argmax of p / q with
-q ~ Exp(1)), which draws exactly from p; seeded rows draw their q from their own torch.Generator so a
-request's tokens do not depend on what else is in the batch.
+-> min-p -> sample. Greedy rows (temperature below SamplingParams' SAMPLING_EPS, 1e-5) take the argmax of
+the penalised logits. Each step skips the stages no row in the batch uses. Sampling is an exponential race
+(argmax of p / q with q ~ Exp(1)), which draws exactly from p; seeded rows draw their q from their own
+torch.Generator so a request's tokens do not depend on what else is in the batch.
 
 Legend: B rows, V vocabulary.
 """
@@ -148,12 +148,13 @@ class PendingSample:
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lp = torch.log_softmax(raw[want], dim=-1)
-            n_top = max(params[i].logprobs for i in want)
+            V = lp.shape[-1]
+            n_top = min(max(params[i].logprobs for i in want), V)  # more than the vocabulary: all of it
             top_v, top_i = torch.topk(lp, n_top, dim=-1) if n_top else (None, None)
             chosen = lp.gather(1, tokens[want][:, None])[:, 0].tolist()
             for j, i in enumerate(want):
                 d: dict[int, float] = {}
-                n = params[i].logprobs
+                n = min(params[i].logprobs, V)
                 if n:
                     d.update(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()))
                 d[token_list[i]] = chosen[j]
@@ -179,11 +180,12 @@ class Sampler:
         greedy = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)
         if not all(greedy):
-            temp = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
-            top_k = _to_device([p.k for p in params], torch.long, dev)
+            V = logits.shape[-1]
+            temp = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
+            top_k = _to_device([min(p.k, V) for p in params], torch.long, dev)  # k >= V: every token
             top_p = _to_device([p.top_p for p in params], torch.float32, dev)
             min_p = _to_device([p.min_p for p in params], torch.float32, dev)
-            filtered = apply_filters(logits, temp, top_k, top_p, min_p, kmax=max(p.k for p in params),
+            filtered = apply_filters(logits, temp, top_k, top_p, min_p, kmax=min(max(p.k for p in params), V),
                                      any_top_p=any(p.top_p < 1 for p in params),
                                      any_min_p=any(p.min_p > 0 for p in params))
             gen = self.generator

@@ -2,8 +2,9 @@
 
 Everything that can be refused is refused before the request reaches the engine, so the HTTP status is
 right even for streams (whose 200 goes out with the first byte): unsupported fields, sampling values
-(SamplingParams names the field), unknown model, prompt too long for the context, token ids outside the
-vocabulary.
+(SamplingParams names the field, and bounds every number to what the sampler can take), unknown model, prompt
+too long for the context, token ids outside the vocabulary, text that is not Unicode (lone surrogates), too
+many stop strings or sequences (prompts x n) per request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
+from giants.serve import DEFAULT_MAX_SEQS_PER_REQUEST, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
 from giants.serve.bridge import Aborted, AsyncEngine, RequestGroup
 from giants.serve.errors import APIError
 from giants.serve.protocol import (
@@ -38,6 +41,7 @@ from giants.serve.protocol import (
     new_id,
     now,
 )
+from giants.serve.template import TemplateError, TemplateLimit
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -52,6 +56,8 @@ class Served:
     tokenizer: Any
     max_model_len: int
     vocab_size: int
+    max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST
+    renderer: Any = None  # TemplateRenderer: the chat template in worker processes (None: in this thread)
 
 
 # --- validation ---------------------------------------------------------------------------------------
@@ -62,6 +68,40 @@ def check_model(served: Served, model: str | None) -> str:
         return served.name
     raise APIError(404, f"The model `{model}` does not exist; this server serves `{served.name}`", "model",
                    "model_not_found")
+
+
+def check_text(value: Any, param: str) -> None:
+    """Every string of the body (keys too) must be Unicode text: JSON's \\ud800 escapes decode to lone UTF-16
+    surrogates, which no tokenizer or UTF-8 writer takes. 400 naming the field."""
+    if isinstance(value, str):
+        if value.isascii():
+            return
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{param} is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                           f"({value[e.start]!r}) at character {e.start}", param, "invalid_value") from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            check_text(getattr(value, name), f"{param}.{name}" if param else name)
+        for name, v in (value.model_extra or {}).items():
+            check_text(name, f"{param}.{name}" if param else "body")
+            check_text(v, f"{param}.{name}" if param else name)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_text(v, f"{param}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, param)
+            check_text(v, f"{param}.{k}")
+
+
+def _check_fan_out(served: Served, prompts: int, n: int) -> None:
+    k, limit = prompts * n, served.max_seqs_per_request
+    if k > limit:
+        what = f"{prompts} prompts x n={n} = {k} sequences" if prompts > 1 else f"n={n} sequences"
+        raise APIError(400, f"this request asks for {what}; the server allows at most {limit} per request "
+                       "(giants serve --max-seqs-per-request)", "n", "invalid_value")
 
 
 def _reject_unsupported(body: Any, names: dict[str, Any]) -> None:
@@ -81,10 +121,18 @@ def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer:
                        "stop_token_ids", "stop", "unsupported_parameter")
     if isinstance(stop, str):
         stop = [stop]
+    if stop and len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop strings per request (got {len(stop)})", "stop", "invalid_value")
     for i, s in enumerate(stop or []):
+        param = f"stop[{i}]" if isinstance(body.stop, list) else "stop"
         if not s:
-            raise APIError(400, "stop strings must be non-empty", f"stop[{i}]" if isinstance(body.stop, list)
-                           else "stop", "invalid_value")
+            raise APIError(400, "stop strings must be non-empty", param, "invalid_value")
+        if len(s) > MAX_STOP_CHARS:
+            raise APIError(400, f"stop strings are limited to {MAX_STOP_CHARS} characters (got {len(s)})", param,
+                           "invalid_value")
+    if body.stop_token_ids is not None and len(body.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise APIError(400, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids per request (got "
+                       f"{len(body.stop_token_ids)})", "stop_token_ids", "invalid_value")
     kw = dict(n=body.n, max_tokens=max_tokens, logprobs=logprobs, stop=stop or None, seed=body.seed,
               stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos)
     defaults = dict(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
@@ -261,15 +309,24 @@ def _completion_prompts(served: Served, body: CompletionRequest) -> list[list[in
     else:
         raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
                        "of token ids, and not empty", "prompt", "invalid_value")
-    if len(prompts) > 64:
-        raise APIError(400, f"at most 64 prompts per request (got {len(prompts)})", "prompt", "invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request (got {len(prompts)})", "prompt",
+                       "invalid_value")
     for i, ids in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         _check_ids(served, ids, param)
     return prompts
 
 
+async def _params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any) -> Any:
+    params = sampling_params(body, max_tokens, logprobs, tokenizer)
+    if params.stop_strings:  # its matcher, for every sequence of the request, built off the event loop
+        await asyncio.to_thread(lambda: params.stop_matcher)
+    return params
+
+
 async def create_completion(served: Served, body: CompletionRequest, request: Request) -> Any:
+    check_text(body, "")
     model = check_model(served, body.model)
     _reject_unsupported(body, {"suffix": lambda v: v == "", "logit_bias": lambda v: not v,
                                "best_of": lambda v: v == body.n})
@@ -280,7 +337,8 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
     prompts = await asyncio.to_thread(_completion_prompts, served, body)  # big prompts must not stall the loop
     for i, ids in enumerate(prompts):
         _check_length(served, ids, body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-    params = sampling_params(body, body.max_tokens or 16, body.logprobs, served.tokenizer)
+    _check_fan_out(served, len(prompts), body.n)
+    params = await _params(body, body.max_tokens or 16, body.logprobs, served.tokenizer)
     echo = [served.tokenizer.decode(ids) for ids in prompts] if body.echo else None
     group = served.bridge.submit(prompts, params)
     rid, created, n, tok, nlp = new_id("cmpl"), now(), body.n, served.tokenizer, body.logprobs
@@ -394,7 +452,14 @@ def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
     tok = served.tokenizer
     messages = _messages(body)
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+        if served.renderer is not None:
+            text = served.renderer.render(messages, body.add_generation_prompt)
+        else:
+            text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+    except TemplateLimit as e:
+        raise APIError(400, str(e), "messages", "chat_template_limit") from None
+    except TemplateError as e:
+        raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "invalid_value") from None
     except ValueError as e:
         raise APIError(400, f"cannot apply the chat template: {e}", "messages", "invalid_value") from None
     except Exception as e:  # template errors (raise_exception in the template, e.g. role order)
@@ -403,6 +468,7 @@ def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
 
 
 async def create_chat_completion(served: Served, body: ChatCompletionRequest, request: Request) -> Any:
+    check_text(body, "")
     model = check_model(served, body.model)
     _reject_unsupported(body, {"logit_bias": lambda v: not v, "tools": lambda v: not v,
                                "tool_choice": lambda v: v in ("none", "auto") or not v,
@@ -411,6 +477,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
+    _check_fan_out(served, 1, body.n)
     prompt = await asyncio.to_thread(chat_prompt, served, body)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
@@ -421,7 +488,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     if max_tokens is None:
         max_tokens = served.max_model_len - len(prompt)
     nlp = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, nlp, served.tokenizer)
+    params = await _params(body, max_tokens, nlp, served.tokenizer)
     group = served.bridge.submit([prompt], params)
     rid, created, n, tok = new_id("chatcmpl"), now(), body.n, served.tokenizer
 

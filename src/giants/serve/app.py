@@ -3,6 +3,9 @@ server's lifecycle (loading -> ready -> draining).
 
 The model loads in a thread after the socket is open, so a client (or a load balancer) sees a clean 503
 "loading" instead of a refused connection, and `/health` turns 200 the moment the engine is ready.
+
+A request body must arrive within `body_timeout` seconds of its headers (408 `body_timeout`, and the connection
+is closed); the headers' own deadline, the connection cap and keep-alive are the HTTP protocol's (server.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +25,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from giants.serve import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, api
+from giants.serve import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SEQS_PER_REQUEST,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TEMPLATE_TIMEOUT,
+    api,
+)
 from giants.serve.bridge import AsyncEngine
 from giants.serve.errors import (
     APIError,
@@ -58,11 +69,22 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes")
 
 
+class BodyTimeout(StarletteHTTPException):
+    """The body did not arrive in time; the connection is closed (the client is still mid-body)."""
+
+    def __init__(self, limit: float):
+        super().__init__(408, f"the request body did not arrive within {limit:g} s (giants serve --body-timeout)",
+                         headers={"Connection": "close"})
+
+
 class ServerState:
     def __init__(self, name: str, aliases: tuple[str, ...], max_queue: int | None, metrics: Metrics,
-                 request_timeout: float | None = None):
+                 request_timeout: float | None = None, max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
+                 template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT):
         self.name, self.aliases, self.max_queue, self.metrics = name, aliases, max_queue, metrics
         self.request_timeout = request_timeout
+        self.max_seqs_per_request, self.template_timeout = max_seqs_per_request, template_timeout
+        self.renderer: Any = None
         self.status = "loading"
         self.error: str | None = None
         self.served: api.Served | None = None
@@ -77,8 +99,9 @@ class ServerState:
         self.bridge = AsyncEngine(loaded.engine, self.metrics, max_running=loaded.max_running,
                                   max_queue=self.max_queue, request_timeout=self.request_timeout)
         self.bridge.start(loop)
+        self.renderer = _renderer(loaded.tokenizer, self.template_timeout)
         self.served = api.Served(self.name, self.aliases, self.bridge, loaded.tokenizer, loaded.max_model_len,
-                                 loaded.vocab_size)
+                                 loaded.vocab_size, self.max_seqs_per_request, self.renderer)
         if self.status == "loading":
             self.set_status("ready")
         else:  # a drain began while loading: never admit anything
@@ -109,15 +132,34 @@ class ServerState:
     def close(self) -> None:
         if self.bridge is not None:
             self.bridge.shutdown()
+        if self.renderer is not None:
+            self.renderer.close()
+
+
+def _renderer(tokenizer: Any, timeout: float) -> Any:
+    """The chat template in worker processes, for giants' own tokenizers with a template (others, in tests,
+    render in the request's thread)."""
+    from giants.serve.template import TemplateRenderer
+    from giants.tokenizer import Tokenizer
+
+    if not isinstance(tokenizer, Tokenizer) or tokenizer.chat_template is None:
+        return None
+    try:
+        renderer = TemplateRenderer(tokenizer, timeout=timeout)
+    except ValueError:  # no default template among named ones: every chat request gets the 400 that says so
+        return None
+    threading.Thread(target=renderer.start, name="giants-template-start", daemon=True).start()
+    return renderer
 
 
 class Gate:
     """Pure ASGI middleware (streams pass straight through): per-endpoint status counts, and for /v1/*:
     API key (constant-time), availability (503), and the body-size limit (413), in that order."""
 
-    def __init__(self, app: Any, state: ServerState, api_key: str | None, max_body: int):
-        self.app, self.state, self.max_body = app, state, max_body
-        self.key = api_key.encode() if api_key else None
+    def __init__(self, app: Any, state: ServerState, api_key: str | None, max_body: int,
+                 body_timeout: float | None = DEFAULT_BODY_TIMEOUT):
+        self.app, self.state, self.max_body, self.body_timeout = app, state, max_body, body_timeout
+        self.key = api_key.encode() if api_key is not None else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -166,16 +208,29 @@ class Gate:
         return None
 
     def _limited(self, receive: Any) -> Any:
+        """receive with the body's size limit and deadline (until the body is complete; after that, receive
+        only reports a disconnect, which may come whenever)."""
         seen = 0
-        limit = self.max_body
+        limit, timeout = self.max_body, self.body_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = False
 
         async def wrapped() -> Any:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    raise BodyTimeout(timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:  # chunked upload without Content-Length
                     raise BodyTooLarge(limit)
+                done = done or not message.get("more_body", False)
+            else:
+                done = True
             return message
 
         return wrapped
@@ -198,15 +253,30 @@ async def _send_error(send: Any, err: APIError) -> None:
 def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, ...] = (), api_key: str | None = None,
                max_queue: int | None = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+               max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
+               body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+               chat_template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT,
                on_load_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """max_queue: engine requests (one per prompt) allowed to wait beyond the running batch, None for no limit;
-    request_timeout: seconds from arrival before a request is ended with 408 and aborted, None for no limit."""
+    """max_queue: sequences (prompts x n) allowed to wait beyond the running batch, None for no limit;
+    request_timeout: seconds from arrival before a request is ended with 408 and aborted, None for no limit;
+    max_seqs_per_request: prompts x n of one request; body_timeout: seconds for a body to arrive after its
+    headers, None for no limit; chat_template_timeout: seconds a chat template may take to render.
+    api_key: None for no authentication; an empty key is refused (it would turn authentication off unseen)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key: empty; pass None for no authentication")
     if max_queue is not None and max_queue < 0:
         raise ValueError(f"max_queue: must be >= 0 or None (got {max_queue})")
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"request_timeout: must be > 0 or None (got {request_timeout})")
+    if body_timeout is not None and not body_timeout > 0:
+        raise ValueError(f"body_timeout: must be > 0 or None (got {body_timeout})")
+    if not chat_template_timeout > 0:
+        raise ValueError(f"chat_template_timeout: must be > 0 (got {chat_template_timeout})")
+    if max_seqs_per_request < 1:
+        raise ValueError(f"max_seqs_per_request: must be >= 1 (got {max_seqs_per_request})")
     metrics = Metrics(name)
-    state = ServerState(name, tuple(a for a in aliases if a != name), max_queue, metrics, request_timeout)
+    state = ServerState(name, tuple(a for a in aliases if a != name), max_queue, metrics, request_timeout,
+                        max_seqs_per_request, chat_template_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -239,7 +309,7 @@ def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, .
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unhandled_handler)
-    app.add_middleware(Gate, state=state, api_key=api_key, max_body=max_body)
+    app.add_middleware(Gate, state=state, api_key=api_key, max_body=max_body, body_timeout=body_timeout)
 
     def served() -> api.Served:
         err = state.unavailable()

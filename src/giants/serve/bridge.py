@@ -6,12 +6,14 @@ between steps, which is exactly where continuous batching lets requests join and
 with one `loop.call_soon_threadsafe` per step that fans them out to per-request asyncio queues, so a
 64-stream batch costs one loop wake-up per step, not 64.
 
-Limits: at most `max_running + max_queue` engine requests are in flight; more are refused at once with 429
-(and a Retry-After header). A request still unfinished `request_timeout` seconds after it arrived is aborted
-by the engine thread (its KV blocks are freed in that turn, whether or not its HTTP handler is reading) and
-its handler gets a 408.
+Limits: at most `max_running + max_queue` sequences (prompts x n) are in flight; more are refused at once with
+429 (and a Retry-After header). The prompts of one HTTP request join the engine as one admission group, so the
+engine's fair admission shares the batch between HTTP requests, not between their prompts. A request still
+unfinished `request_timeout` seconds after it arrived is aborted by the engine thread (its KV blocks are freed
+in that turn, whether or not its HTTP handler is reading) and its handler gets a 408.
 
-Failure isolation: a request the engine refuses (too long, bad parameters) fails alone. If a whole
+Failure isolation: a request the engine refuses (too long, bad parameters) fails alone, and so does one whose
+sampling fails inside a step (the engine finishes it with an error; the batch goes on). If a whole
 engine step raises, the requests of that batch are failed with a 500 and aborted, and the loop carries on
 serving new ones; it never dies with requests left hanging.
 """
@@ -52,9 +54,10 @@ class RequestGroup:
     Iterating yields `(prompt_index, RequestOutput)` until every request has finished; an engine-side
     error raises (APIError or Aborted). `cancel()` aborts whatever has not finished."""
 
-    def __init__(self, bridge: AsyncEngine, request_ids: list[str], queue: asyncio.Queue):
+    def __init__(self, bridge: AsyncEngine, request_ids: list[str], queue: asyncio.Queue, num_seqs: int = 0):
         self.bridge = bridge
         self.request_ids = request_ids
+        self.num_seqs = num_seqs or len(request_ids)
         self._index = {rid: i for i, rid in enumerate(request_ids)}
         self._queue = queue
         self._open = set(request_ids)
@@ -92,7 +95,7 @@ class RequestGroup:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.bridge._release(len(self.request_ids))
+            self.bridge._release(len(self.request_ids), self.num_seqs)
 
 
 RETRY_AFTER_S = 1  # the 429's Retry-After: a running batch frees slots within about a second of steps
@@ -110,7 +113,8 @@ class AsyncEngine:
         self._cmds: list[tuple[str, Any]] = []
         self._stop = False
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
-        self._in_flight = 0  # event-loop thread only
+        self._in_flight = 0  # engine requests (one per prompt); event-loop thread only
+        self._seqs_in_flight = 0  # their sequences (prompts x n): what the queue limit counts
         self._idle: asyncio.Event | None = None
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -133,20 +137,26 @@ class AsyncEngine:
         """Queue one engine request per prompt; APIError 503 while draining, 429 when the queue is full."""
         if self.draining:
             raise APIError(503, "server is shutting down; not accepting new requests", None, "draining")
-        if self.capacity is not None and self._in_flight + len(prompts) > self.capacity:
-            raise APIError(429, f"server queue is full ({self.capacity} requests in flight); retry later", None,
+        seqs = len(prompts) * params.n
+        if self.capacity is not None and seqs > self.capacity:  # would never fit: no use retrying
+            raise APIError(400, f"this request asks for {seqs} sequences (prompts x n); the server holds at most "
+                           f"{self.capacity} (--max-num-seqs + --max-queue)", "n", "invalid_value")
+        if self.capacity is not None and self._seqs_in_flight + seqs > self.capacity:
+            raise APIError(429, f"server queue is full ({self.capacity} sequences in flight); retry later", None,
                            "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         queue: asyncio.Queue = asyncio.Queue()
         ids = [f"req-{next(self._ids)}" for _ in prompts]
+        group = ids[0]
         self._in_flight += len(prompts)
+        self._seqs_in_flight += seqs
         self.metrics.in_flight.set(self._in_flight)
         self._idle.clear()
         arrival = time.monotonic()
         with self._cv:
             for rid, prompt in zip(ids, prompts):
-                self._cmds.append(("add", (rid, list(prompt), params, queue, arrival)))
+                self._cmds.append(("add", (rid, list(prompt), params, queue, arrival, group)))
             self._cv.notify()
-        return RequestGroup(self, ids, queue)
+        return RequestGroup(self, ids, queue, seqs)
 
     def abort(self, request_id: str, notify: bool = False) -> None:
         self._post(("abort", (request_id, notify)))
@@ -162,8 +172,9 @@ class AsyncEngine:
         except TimeoutError:
             return False
 
-    def _release(self, k: int) -> None:
+    def _release(self, k: int, seqs: int) -> None:
         self._in_flight -= k
+        self._seqs_in_flight -= seqs
         self.metrics.in_flight.set(self._in_flight)
         if self._in_flight == 0:
             self._idle.set()
@@ -223,9 +234,9 @@ class AsyncEngine:
 
     def _apply(self, kind: str, arg: Any, out: list) -> None:
         if kind == "add":
-            request_id, prompt, params, queue, arrival = arg
+            request_id, prompt, params, queue, arrival, group = arg
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, group=group)
             except ValueError as e:
                 out.append((queue, (request_id, APIError(400, str(e), _param_of(str(e)), "invalid_request"))))
                 return

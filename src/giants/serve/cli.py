@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from giants.serve import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT
+from giants.serve import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SEQS_PER_REQUEST,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TEMPLATE_TIMEOUT,
+)
 
 
 def _positive(kind: type, minimum: float = 1e-300):
@@ -15,6 +24,23 @@ def _positive(kind: type, minimum: float = 1e-300):
             raise argparse.ArgumentTypeError(f"must be {'>= 0' if minimum == 0 else '> 0'} (got {v})")
         return x
     return parse
+
+
+def _api_key(v: str) -> str:
+    if not v.strip():
+        raise argparse.ArgumentTypeError("empty (an empty key would turn authentication off); leave --api-key out "
+                                         "to serve without one")
+    return v
+
+
+def _env_api_key() -> str | None:
+    """$GIANTS_API_KEY; set but empty is an error rather than no authentication."""
+    v = os.environ.get("GIANTS_API_KEY")
+    if v is not None and not v.strip():
+        print("giants serve: error: GIANTS_API_KEY is set but empty (an empty key would turn authentication off); "
+              "unset it to serve without a key", file=sys.stderr)
+        raise SystemExit(2)
+    return v
 
 
 def _placement_arg(parser: str):
@@ -31,6 +57,8 @@ def _placement_arg(parser: str):
 def _serve(args: argparse.Namespace) -> int:
     from giants.serve.server import ServeOptions, serve
 
+    if args.api_key is None:
+        args.api_key = _env_api_key()
     opts = ServeOptions(model=args.model, quantization=args.quantization,
                         host=args.host, port=args.port, api_key=args.api_key,
                         max_model_len=args.max_model_len, max_queue=args.max_queue, max_num_seqs=args.max_num_seqs,
@@ -39,7 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
                         drain_timeout=args.drain_timeout, log_level=args.log_level, compile=args.compile,
                         request_timeout=args.request_timeout or None,
                         tensor_parallel_size=args.tensor_parallel_size, device_map=args.device_map,
-                        max_memory=args.max_memory, offload_folder=args.offload_folder)
+                        max_memory=args.max_memory, offload_folder=args.offload_folder,
+                        max_seqs_per_request=args.max_seqs_per_request, header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout or None, max_connections=args.max_connections,
+                        chat_template_timeout=args.chat_template_timeout)
     return serve(opts)
 
 
@@ -57,13 +88,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="preset (tiny-llama), known model (smollm2-135m), HF directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("GIANTS_API_KEY") or None,
+    p.add_argument("--api-key", type=_api_key, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $GIANTS_API_KEY, which keeps the key "
-                        "out of process listings)")
+                        "out of process listings); an empty key is an error, and listening beyond loopback without "
+                        "a key prints a warning")
     p.add_argument("--max-model-len", type=_positive(int), default=None, help="context length (default: model's)")
     p.add_argument("--max-queue", type=_positive(int, 0), default=DEFAULT_MAX_QUEUE,
-                   help="requests (one per prompt) allowed to wait beyond the running batch (--max-num-seqs); more "
+                   help="sequences (prompts x n) allowed to wait beyond the running batch (--max-num-seqs); more "
                         f"get 429 with Retry-After (default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-seqs-per-request", type=_positive(int), default=DEFAULT_MAX_SEQS_PER_REQUEST,
+                   help=f"prompts x n of one request; more get 400 (default: {DEFAULT_MAX_SEQS_PER_REQUEST})")
     p.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=_positive(int), default=None, help="KV cache blocks (default: auto)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients ask for (default: MODEL)")
@@ -84,6 +118,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=_positive(float, 0), default=DEFAULT_REQUEST_TIMEOUT,
                    help="seconds a request may take from arrival to its last token; then it is aborted (its KV "
                         f"blocks freed) and answered 408 (default: {DEFAULT_REQUEST_TIMEOUT:g}; 0: no limit)")
+    p.add_argument("--header-timeout", type=_positive(float), default=DEFAULT_HEADER_TIMEOUT,
+                   help="seconds a connection has to send a request's line and headers; then it is closed "
+                        f"(default: {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--body-timeout", type=_positive(float, 0), default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds a request's body has to arrive after its headers; then 408 and the connection is "
+                        f"closed (default: {DEFAULT_BODY_TIMEOUT:g}; 0: no limit)")
+    p.add_argument("--max-connections", type=_positive(int), default=None,
+                   help="open connections; one more is answered 503 and closed (default: "
+                        f"{DEFAULT_MAX_CONNECTIONS}, or the descriptor limit less 128 if lower)")
+    p.add_argument("--chat-template-timeout", type=_positive(float), default=DEFAULT_TEMPLATE_TIMEOUT,
+                   help="seconds the model's chat template may take to render a request (in a worker process); "
+                        f"then 400 (default: {DEFAULT_TEMPLATE_TIMEOUT:g})")
     p.add_argument("--quantization", default=None,
                    help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as "
                         "the checkpoint stores them; presets: none)")

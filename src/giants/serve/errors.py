@@ -38,9 +38,16 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def _text(s: str | None) -> str | None:
+    """Error text is written as UTF-8: a lone surrogate echoed from a request becomes its escape."""
+    if s is None or s.isascii():
+        return s
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code}}
+    return {"error": {"message": _text(message), "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": _text(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -92,8 +99,9 @@ async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-    return error_response(exc.status_code, str(exc.detail), None, code)
+    code = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
+            413: "request_too_large"}.get(exc.status_code)
+    return error_response(exc.status_code, str(exc.detail), None, code, getattr(exc, "headers", None))
 
 
 async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -1,18 +1,38 @@
-"""`giants serve`: build the loader, run uvicorn, drain on SIGTERM/SIGINT, exit 0."""
+"""`giants serve`: build the loader, run uvicorn, drain on SIGTERM/SIGINT, exit 0.
+
+The HTTP side is bounded: a connection must send its request line and headers within `header_timeout` seconds
+(of connecting, or of its first byte after an idle keep-alive), at most `max_connections` are open (one more is
+answered 503 and closed at once, so descriptors never run out), idle keep-alive connections are closed after
+`keep_alive` seconds, headers are at most MAX_HEADER_BYTES, and a log line repeated within a minute is written
+once with a count of the ones suppressed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
-from giants.serve import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT
+from giants.serve import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SEQS_PER_REQUEST,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TEMPLATE_TIMEOUT,
+    MAX_HEADER_BYTES,
+)
 from giants.serve.app import DEFAULT_MAX_BODY, Loaded, ServerState, create_app
 
 log = logging.getLogger("giants.serve")
@@ -43,6 +63,12 @@ class ServeOptions:
     max_memory: dict | None = None
     offload_folder: str | None = None
     quantization: str | None = None  # fp8 / fp8-block (+head) / mxfp4 (LLM(quantization=...))
+    max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST  # prompts x n of one request
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT  # None: no limit
+    max_connections: int | None = None  # None: DEFAULT_MAX_CONNECTIONS, or fewer where descriptors are fewer
+    keep_alive: int = DEFAULT_KEEP_ALIVE
+    chat_template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT
 
 
 def load_model(opts: ServeOptions) -> Loaded:
@@ -117,6 +143,136 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None) -> str | None:
+    """The warning to print when the server listens beyond loopback with no API key, else None."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key: empty (an empty key would turn authentication off); leave it out to serve "
+                         "without one")
+    if api_key is None and not is_loopback(host):
+        return (f"giants serve: warning: listening on {host} without an API key: anyone who can reach this port "
+                "can use the model (set GIANTS_API_KEY or --api-key)")
+    return None
+
+
+def fd_limit(reserve: int = 128) -> int:
+    """Raise the soft descriptor limit to the hard one; the descriptors left for connections after `reserve`."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):
+                pass
+        return max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - reserve)
+    except ImportError:
+        return DEFAULT_MAX_CONNECTIONS
+
+
+def guarded_h11(header_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers and a cap on open connections."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = (b'{"error": {"message": "too many open connections; retry later", "type": "service_unavailable", '
+            b'"param": null, "code": "too_many_connections"}}')
+    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+               b"retry-after: 1\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    timeout_reply = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _partial = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(refusal)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(header_timeout, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                if self._partial:
+                    self.transport.write(timeout_reply)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            idle = self.conn.their_state is h11.IDLE
+            if idle and self._header_timer is None:
+                self._arm()  # the first byte of the next request on a kept-alive connection
+            self._partial = idle
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # the request line and headers are in
+                self._partial = False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first of a kind of warning or error through and drops its repeats for `window` seconds; the
+    first one after that says how many were dropped. A kind: the logger, level, message template and exception
+    type (an accept() failing with EMFILE, a flood of malformed requests)."""
+
+    def __init__(self, window: float = 60.0, max_kinds: int = 1024):
+        super().__init__()
+        self.window, self.max_kinds = window, max_kinds
+        self.seen: dict[tuple, list] = {}  # kind -> [time let through, dropped since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        kind = (record.name, record.levelno, str(record.msg), exc)
+        now = time.monotonic()
+        entry = self.seen.get(kind)
+        if entry is not None and now - entry[0] < self.window:
+            entry[1] += 1
+            return False
+        if entry is not None and entry[1]:
+            record.msg = f"{record.msg} [{entry[1]} more like this in the last {self.window:g} s not logged]"
+        if len(self.seen) >= self.max_kinds:
+            self.seen.clear()
+        self.seen[kind] = [now, 0]
+        return True
+
+
+def install_repeat_filter(window: float = 60.0) -> None:
+    """On every handler of the root and uvicorn loggers (a filter per handler: a record that reaches two
+    handlers is not a repeat at the second)."""
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio"):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RepeatFilter) for f in h.filters):
+                h.addFilter(RepeatFilter(window))
+
+
 def check_source(model: str) -> None:
     """Fail fast (exit 2, one line) on a model that cannot exist, before a port is opened."""
     from giants.checkpoint.hub import KNOWN_MODELS
@@ -131,19 +287,28 @@ def check_source(model: str) -> None:
 
 def serve(opts: ServeOptions) -> int:
     check_source(opts.model)
+    warning = check_exposure(opts.host, opts.api_key)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
     name = opts.served_model_name or opts.model
     holder: dict[str, DrainingServer] = {}
     app = create_app(lambda: load_model(opts), name, aliases=(opts.model,), api_key=opts.api_key,
                      max_queue=opts.max_queue, max_body=opts.max_body, request_timeout=opts.request_timeout,
+                     max_seqs_per_request=opts.max_seqs_per_request, body_timeout=opts.body_timeout,
+                     chat_template_timeout=opts.chat_template_timeout,
                      on_load_failed=lambda e: holder["server"].fail_load(e))
+    fds = fd_limit()
+    max_connections = min(opts.max_connections or DEFAULT_MAX_CONNECTIONS, fds)
     # Idle keep-alive connections are held 65 s, longer than clients pool them (httpx, under the openai
     # client, expires them after 5 s, uvicorn's own default): at equal timeouts the server could close a
     # connection just as a client reuses it, and that request fails with a connection error.
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, access_log=False,
                             timeout_graceful_shutdown=max(5, int(opts.drain_timeout)), lifespan="on",
-                            timeout_keep_alive=65)
+                            timeout_keep_alive=opts.keep_alive, http=guarded_h11(opts.header_timeout, max_connections),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    install_repeat_filter()
     server = holder["server"] = DrainingServer(config, app.state.giants, opts.drain_timeout)
     server.run()
     if server.load_failed is not None:
