@@ -111,3 +111,16 @@ def test_dpo_grad_accum_equals_one_batch(tmp_path, pref_file):
     assert g1.keys() == gn.keys() and g1
     for n in g1:
         torch.testing.assert_close(gn[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dpo_progress_shows_margin_and_accuracy(tmp_path, pref_file, capsys):
+    """Beside the loss, the progress (here the plain lines of a stdout that is not a terminal) shows the reward
+    margin and accuracy."""
+    tr = Trainer(TrainConfig(out=str(tmp_path / "run"), task="dpo", preset="tiny-llama", data=str(pref_file), steps=2,
+                             batch_size=2, seq_len=64, lr=1e-3, dpo_beta=0.5, progress=True, log_seconds=0,
+                             eval_every=0, checkpoint_at_end=False, save_final=False, overrides={"n_layers": 2}))
+    tr.run()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("train step")]
+    assert [ln.split()[2] for ln in lines] == ["1/2", "2/2"]
+    m = tr.history[-1]
+    assert f"margin {m['margin']:.4f}  acc {100 * m['accuracy']:.0f}%" in lines[-1]

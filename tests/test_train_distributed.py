@@ -246,3 +246,22 @@ def test_job_killed_mid_save_leaves_the_previous_checkpoint(tmp_path, byte_data)
     _train(run, byte_data, "--steps", "6", "--no-final", "--resume")
     _assert_losses(run, tmp_path / "ref", [1, 2, 3, 4, 5, 6])
     assert not partial.exists()  # the next save cleared the leftover
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(runs, tmp_path, byte_data):
+    """SIGTERM reaches rank 1 only, during step 2 of 4: the ranks agree at the step boundary, all stop after step 2
+    with one collective sharded checkpoint, and the resume (here in one process) gives the uninterrupted losses."""
+    from giants.train.checkpoint import list_checkpoints, verify
+
+    root, _ = runs
+    run = tmp_path / "run"
+    proc = _train(run, byte_data, "--steps", "4", "--dp-shard", "2", "--no-final", nproc=2, check=False,
+                  env=_env(GIANTS_TEST_SIGNAL_RANK="1", GIANTS_TEST_SIGNAL_STEP="2"))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "stopped by SIGTERM at step 2 of 4" in proc.stdout, text[-4000:]
+    assert proc.stdout.count("stopped by SIGTERM") == 1  # rank 0 says it
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert verify(run / "checkpoints" / "step_00000002")["sharded"]["dp_shard"] == 2
+    assert [r["step"] for r in _rows(run)] == [1, 2]
+    _train(run, byte_data, "--steps", "4", "--no-final", "--resume")
+    _assert_losses(run, root / "one", [1, 2, 3, 4])

@@ -168,11 +168,10 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, byte_data):
     (step4 / "manifest.json").unlink()
     with pytest.raises(TrainCheckpointError, match="incomplete checkpoint"):
         Trainer(_cfg(run, byte_data, resume=True))
-    # nothing to resume from is an error, not a fresh start
-    with pytest.raises(TrainCheckpointError, match="no checkpoint to resume from"):
-        Trainer(_cfg(tmp_path / "empty", byte_data, resume=True))
+    # nothing to resume from starts the run, saying so (tests/test_train_stop.py); a named checkpoint must exist
+    assert Trainer(_cfg(tmp_path / "empty", byte_data, resume=True)).step == 0
     assert main(["train", "--out", str(tmp_path / "empty2"), "--data", str(byte_data), "--tokenizer", "bytes",
-                 "--resume", "--quiet"]) == 2
+                 "--resume", str(tmp_path / "empty2" / "checkpoints" / "step_00000001"), "--quiet"]) == 2
 
 
 def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, byte_data):

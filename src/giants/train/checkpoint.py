@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 FORMAT = "giants-train-checkpoint-v1"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Test hook: "STEP:PATH" (or just "PATH" for every step). The checkpoint write of that step stops after its
 # big files are written (before the manifest and the rename), writes PATH and sleeps, so a test can
 # SIGKILL the process in the middle of writing a checkpoint.
@@ -62,7 +62,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -86,18 +86,46 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+_RNG_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError)
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: Path | None = None) -> None:
+    """Restore the generators saved by rng_state. Everything is checked before any generator changes: a wrong-size
+    tensor (rng.safetensors) or garbage metadata (state.json's "rng") raises TrainCheckpointError naming the file of
+    checkpoint directory `where`."""
+    where = Path(where) if where is not None else Path("<checkpoint>")
+    live_cuda = (torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+                 else [])
+    try:
+        expected = {"torch_cpu": torch.get_rng_state(), "numpy_key": torch.zeros(624, dtype=torch.int64),
+                    "python_state": torch.zeros(625, dtype=torch.int64)}
+        cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
+        cuda_states = [tensors[k] for k in cuda] if cuda and len(cuda) == len(live_cuda) else []
+        if cuda_states:
+            expected.update({f"torch_cuda_{i}": t for i, t in enumerate(live_cuda)})
+        for k, want in expected.items():
+            t = tensors[k]
+            if not isinstance(t, torch.Tensor) or t.dtype != want.dtype or t.shape != want.shape:
+                raise ValueError(f"{k} is {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}, "
+                                 f"expected {want.dtype} {tuple(want.shape)}")
+    except _RNG_ERRORS as e:
+        raise TrainCheckpointError(f"{where / 'rng.safetensors'}: unusable generator state ({type(e).__name__}: "
+                                   f"{e})") from None
+    try:
+        n = meta["numpy"]
+        np_state = (n["kind"], tensors["numpy_key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        np.random.RandomState().set_state(np_state)  # (a throw-away generator: a bad state fails here)
+        p = meta["python"]
+        py_state = (p["version"], tuple(int(x) for x in tensors["python_state"].tolist()), p["gauss_next"])
+        random.Random().setstate(py_state)
+    except _RNG_ERRORS as e:
+        raise TrainCheckpointError(f"{where / 'state.json'}: unusable generator state under 'rng' "
+                                   f"({type(e).__name__}: {e})") from None
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
-    if cuda and torch.cuda.is_available():
-        states = [tensors[k] for k in cuda]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["numpy_key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    p = meta["python"]
-    random.setstate((p["version"], tuple(int(x) for x in tensors["python_state"].tolist()), p["gauss_next"]))
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
 
 
 # ---- optimizer ---------------------------------------------------------------------------------------
@@ -264,11 +292,9 @@ def verify(ckpt: str | os.PathLike) -> dict[str, Any]:
         raise TrainCheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST}); refusing to load it")
     try:
         manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TrainCheckpointError(f"{mf}: corrupt manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise TrainCheckpointError(f"{mf}: unknown checkpoint format {manifest.get('format')!r}")
+    files = _check_manifest(manifest, mf)
     present = {str(p.relative_to(ckpt)) for p in _files(ckpt)}
     for name in sorted(set(files) - present):
         raise TrainCheckpointError(f"{ckpt / name}: file listed in the manifest is missing")
@@ -283,11 +309,42 @@ def verify(ckpt: str | os.PathLike) -> dict[str, Any]:
             raise TrainCheckpointError(f"{p}: sha256 does not match the manifest (corrupt)")
     try:
         state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TrainCheckpointError(f"{ckpt / 'state.json'}: unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise TrainCheckpointError(f"{ckpt / 'state.json'}: not a JSON object (got {type(state).__name__})")
     if state.get("step") != manifest.get("step"):
         raise TrainCheckpointError(f"{ckpt}: state.json step {state.get('step')} != manifest step")
     return state
+
+
+def _check_manifest(manifest: Any, mf: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's files ({relative path: {"bytes": int, "sha256": str}}), its structure checked."""
+    def bad(why: str) -> TrainCheckpointError:
+        return TrainCheckpointError(f"{mf}: corrupt manifest ({why})")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != FORMAT:
+        raise TrainCheckpointError(f"{mf}: unknown checkpoint format {manifest.get('format')!r}")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"step {step!r} is not a non-negative integer")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad(f"'files' is {type(files).__name__}, not an object of file entries")
+    for name, info in files.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise bad(f"file name {name!r} is not a path inside the checkpoint")
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is {type(info).__name__}, not {{'bytes': ..., 'sha256': ...}}")
+        size, digest = info.get("bytes"), info.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"entry {name!r}: bytes {size!r} is not a non-negative integer")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise bad(f"entry {name!r}: sha256 {digest!r} is not 64 hex digits")
+    return files
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -301,6 +358,8 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], where: Pat
     """Refuse a checkpoint whose model or run settings differ from this run's (naming the fields)."""
     for section in ("model_config", "run"):
         saved, live = state.get(section, {}), expected.get(section, {})
+        if not isinstance(saved, dict):
+            raise TrainCheckpointError(f"{where / 'state.json'}: {section!r} is {type(saved).__name__}, not an object")
         diffs = [f"{k}: checkpoint {saved.get(k)!r} != this run {live.get(k)!r}"
                  for k in sorted(set(saved) | set(live)) if saved.get(k) != live.get(k)]
         if diffs:

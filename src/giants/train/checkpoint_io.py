@@ -14,16 +14,23 @@ import copy
 import json
 import os
 import platform
+import shutil
+import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from giants.checkpoint.saving import MARKER
 from giants.train import checkpoint as ckpt
 from giants.train.data import load_tokenizer
 from giants.train.metrics import json_default, trim_metrics
 from giants.train.optim import MasterAdamW
+
+# what garbage in a checkpoint's state.json raises when read: turned into TrainCheckpointError naming the file
+BAD_STATE = (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -75,7 +82,7 @@ class CheckpointMixin:
         if self.dist is not None:
             from giants.train import dcp
 
-            self.last_checkpoint = dcp.save(self)
+            self.checkpoint_written(dcp.save(self))
             return self.last_checkpoint
         import giants
         from giants.train.lora import lora_parameters
@@ -90,8 +97,13 @@ class CheckpointMixin:
 
         path = ckpt.save(self.out, self.step, optimizer=self.optimizer, param_names=self.param_names, state=state,
                          write_model=write_model, adapter=adapter, keep_last=self.cfg.keep_last)
-        self.last_checkpoint = path
+        self.checkpoint_written(path)
         return path
+
+    def checkpoint_written(self, path: Path) -> None:
+        self.last_checkpoint = path
+        self.saved_step = self.step
+        self.ckpt_clock = time.monotonic()  # the --ckpt-minutes interval counts from here
 
     def _checkpoint_tokenizer(self) -> Any:
         if self.tokenizer is None and self._tokenizer_source:
@@ -101,20 +113,28 @@ class CheckpointMixin:
                 self._tokenizer_source = None  # save the weights without one rather than fail the run
         return self.tokenizer
 
-    def _resume_path(self) -> Path:
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from: the one named, else the newest in the run directory, else None (nothing
+        written yet: the run starts from step 0)."""
         cfg = self.cfg
         if isinstance(cfg.resume, (str, os.PathLike)) and not isinstance(cfg.resume, bool):
             return Path(cfg.resume)
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
-            raise ckpt.TrainCheckpointError(f"{self.out}: no checkpoint to resume from (checkpoints/step_* "
-                                            "with a manifest); refusing to start from scratch")
-        return path
+        return ckpt.latest_checkpoint(self.out)
 
     def _resume(self) -> None:
         from giants.train import dcp
 
         path = self._resume_path()
+        mpath = self.out / "metrics.jsonl"
+        if path is None:
+            # killed (or stopped) before its first checkpoint: nothing to continue, so the run starts over, saying so
+            # (a restart loop that always passes --resume must not fail forever)
+            if self.is_main:
+                print(f"giants train: {self.out}: no checkpoint to resume from (none written yet); starting the run "
+                      "from step 0", file=sys.stderr, flush=True)
+                if mpath.exists():
+                    atomic_write(mpath, "")
+            return
         state = ckpt.verify(path)
         ckpt.check_compatible(state, {"model_config": self.model_config.to_dict(), "run": self.run_signature()},
                               path)
@@ -128,22 +148,81 @@ class CheckpointMixin:
                 ckpt.load_optimizer_state(self.optimizer, self.param_names,
                                           ckpt.read_tensors(path / "optimizer.safetensors"), state["optimizer"],
                                           path)
-            except (KeyError, ValueError) as e:
-                raise ckpt.TrainCheckpointError(f"{path}: {e}") from None
+            except BAD_STATE as e:
+                raise ckpt.TrainCheckpointError(f"{path / 'state.json'}: unusable optimizer state "
+                                                f"({type(e).__name__}: {e})") from None
         try:
             self.reader.load_state_dict(state["data"])
-        except (KeyError, ValueError) as e:
-            raise ckpt.TrainCheckpointError(f"{path}: {e}") from None
+            tokens = int(state["tokens_seen"])
+            last_val = state.get("last_val")
+            if last_val is not None:
+                last_val = float(last_val)
+        except BAD_STATE as e:
+            raise ckpt.TrainCheckpointError(f"{path / 'state.json'}: unusable data position or counters "
+                                            f"({type(e).__name__}: {e})") from None
         if (path / "rng.safetensors").exists():
-            ckpt.set_rng_state(ckpt.read_tensors(path / "rng.safetensors"), state["rng"])
+            ckpt.set_rng_state(ckpt.read_tensors(path / "rng.safetensors"), state.get("rng"), path)
         self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.last_val = state.get("last_val")
+        self.tokens_seen = tokens
+        self.last_val = last_val
         self.last_checkpoint = path
+        self.saved_step = self.step
         # Keep metrics up to the checkpoint; later lines belong to the lost part of the interrupted run.
-        mpath = self.out / "metrics.jsonl"
         if mpath.exists() and self.is_main:
-            atomic_write(mpath, "".join(f"{ln}\n" for ln in trim_metrics(mpath, self.step)))
+            kept = trim_metrics(mpath, self.step)
+            atomic_write(mpath, "".join(f"{ln}\n" for ln in kept))
+            if kept:
+                try:
+                    self.resumed_metrics = json.loads(kept[-1])
+                except json.JSONDecodeError:
+                    pass
+
+    # ---- a run directory's leftovers ------------------------------------------------------------
+    def clear_previous_run(self) -> None:
+        """--overwrite: remove what an earlier `giants train` wrote in the run directory (checkpoints, metrics,
+        run.json, summary.json, TensorBoard events, the final model when giants wrote it); nothing else."""
+        from giants.checkpoint.saving import check_destination
+
+        final = self.out / "final"
+        if final.exists():
+            try:
+                check_destination(final)
+            except FileExistsError as e:
+                raise ValueError(f"--overwrite: {e}") from None
+        root = ckpt.checkpoints_dir(self.out)
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.is_dir() and (ckpt.STEP_DIR.match(p.name) or p.name.startswith(".tmp-")):
+                    shutil.rmtree(p)
+            with contextlib.suppress(OSError):
+                root.rmdir()  # (only when empty)
+        for name in ("metrics.jsonl", "summary.json", "run.json", "curves.png"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.out / name).unlink()
+        for p in (self.out / "tensorboard").glob("events.out.tfevents.*"):
+            p.unlink()
+        if final.exists():
+            shutil.rmtree(final)
+        self.clean_stale_exports()
+
+    def clean_stale_exports(self) -> None:
+        """Temporary directories of a final export that was killed (giants.save assembles RUN_DIR/.final.tmp-*)."""
+        for p in self.out.glob(".final.tmp-*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def final_pending(self) -> bool:
+        """Whether the run has trained every step but its final model was never completely written (killed or
+        stopped during the export): resuming finishes it. The export is complete once summary.json says so."""
+        if not self.cfg.save_final or self.step < self.cfg.steps:
+            return False
+        try:
+            done = json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            done = None
+        complete = (isinstance(done, dict) and done.get("step") == self.step and bool(done.get("final"))
+                    and (self.out / "final" / MARKER).is_file())
+        return not complete
 
     def _load_weights(self, path: Path) -> None:
         """The model (or LoRA adapter) tensors of a one-device checkpoint, into the fp32 masters."""

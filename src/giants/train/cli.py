@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
+import sys
 from typing import Any
+
+_TRAIN_PARSER: argparse.ArgumentParser  # set by register(): resume_command reads its flags
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _value(text: str) -> Any:
@@ -36,9 +47,36 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The `giants train` command line that continues this run: the flags it was given, then --resume."""
+    parts = ["giants", "train"]
+    for a in _TRAIN_PARSER._actions:
+        if not a.option_strings or a.dest in ("help", "resume", "overwrite"):
+            continue
+        v = getattr(args, a.dest, None)
+        if v is None or v == a.default or v is False:
+            continue
+        flag = a.option_strings[-1] if a.option_strings[-1].startswith("--") else a.option_strings[0]
+        if v is True:
+            parts.append(flag)
+        elif isinstance(a, argparse._AppendAction):
+            for item in v:
+                parts += [flag, str(item)]
+        elif isinstance(v, (list, tuple)):
+            parts += [flag, *map(str, v)]
+        else:
+            parts += [flag, str(v)]
+    return shlex.join([*parts, "--resume"])
+
+
 def _train(args: argparse.Namespace) -> int:
+    from giants.train import distributed
     from giants.train.trainer import TrainConfig, Trainer
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be >= 1")
+        torch_threads(args.threads)
     if args.preset is None and args.config is None and args.init is None:
         args.preset = "tiny-llama"
     resume: bool | str = False
@@ -56,21 +94,32 @@ def _train(args: argparse.Namespace) -> int:
         master_weights={"auto": None, "on": True, "off": False}[args.master_weights],
         residual_dtype=args.residual_dtype,
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every,
-        keep_last=args.keep_last, resume=resume, save_final=not args.no_final, tensorboard=args.tensorboard,
+        eval_batches=args.eval_batches, log_every=args.log_every, log_seconds=args.log_seconds,
+        ckpt_every=args.ckpt_every, ckpt_minutes=args.ckpt_minutes, keep_last=args.keep_last, resume=resume,
+        overwrite=args.overwrite, save_final=not args.no_final, tensorboard=args.tensorboard,
         progress=not args.quiet, peak_tflops=args.peak_tflops, memory_limit_gb=args.memory_limit_gb,
         dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, tp=args.tp, pp=args.pp, ep=args.ep,
         pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches, dist_timeout_s=args.dist_timeout)
     trainer = Trainer(tc)
     try:
-        if trainer.step >= tc.steps:
+        if trainer.step >= tc.steps and not trainer.final_pending():
             if trainer.is_main:
                 print(f"{args.out}: already at step {trainer.step} of {tc.steps}; raise --steps to train further")
             return 0
+        if trainer.step >= tc.steps and trainer.is_main:  # killed or stopped while writing final/
+            print(f"giants train: {args.out}: all {tc.steps} steps trained; writing the final model", file=sys.stderr,
+                  flush=True)
         s = trainer.run()
     finally:
         if trainer.dist is not None:
             trainer.dist.close()
+    if s.get("stopped"):
+        if trainer.is_main:
+            how = ("the same torchrun launch with these arguments" if distributed.world_size() > 1 else "")
+            print(f"{args.out}: stopped by {s['stopped']} at step {s['step']} of {tc.steps}; checkpoint "
+                  f"{s['last_checkpoint']}. Resume with{' ' + how if how else ''}:\n  {resume_command(args)}",
+                  flush=True)
+        return 128 + getattr(signal.Signals, s["stopped"], signal.SIGINT).value
     if not trainer.is_main:
         return 0
     val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
@@ -118,6 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="pretrain or finetune (SFT, DPO, LoRA) with resumable checkpoints")
+    global _TRAIN_PARSER
+    _TRAIN_PARSER = p
     g = p.add_argument_group("model")
     g.add_argument("--preset", help="a preset name (default tiny-llama)")
     g.add_argument("--config", help="model config JSON (giants or HF config.json)")
@@ -164,20 +215,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "transformers compute; bf16: as Megatron-LM's default, half the norm traffic)")
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch's intra-op work (torch.set_num_threads; default: torch's choice)")
     g.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU on devices giants does not know")
     g.add_argument("--memory-limit-gb", type=float, help="refuse configs estimated above this")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in --out (or the one given)")
+                   help="continue from the latest checkpoint in --out (or the one given); with none written yet the "
+                        "run starts from step 0")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run in --out (its checkpoints, metrics, final model) and start over")
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--eval-batches", type=int, default=8)
-    g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--ckpt-every", type=int, default=0, help="0: only at the end")
+    g.add_argument("--log-every", type=int, default=1, metavar="STEPS",
+                   help="a metrics.jsonl line (and progress) every STEPS steps (default 1)")
+    g.add_argument("--log-seconds", type=float, default=30.0, metavar="SECONDS",
+                   help="when stdout is not a terminal (nohup, CI, Slurm): a plain progress line at most every "
+                        "SECONDS (default 30; 0: every logged step)")
+    g.add_argument("--ckpt-every", type=int, default=0, metavar="STEPS",
+                   help="a checkpoint every STEPS steps (default 0: none by step count)")
+    g.add_argument("--ckpt-minutes", type=float, default=10.0, metavar="MINUTES",
+                   help="a checkpoint when MINUTES have passed since the last one (default 10; 0: off). Ctrl-C or "
+                        "SIGTERM also finish the step and write one; the last step always does")
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--no-final", action="store_true", help="skip writing RUN_DIR/final")
     g.add_argument("--tensorboard", action="store_true")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     g = p.add_argument_group("scale-out (under torchrun; see docs/training.md)")
     g.add_argument("--dp-shard", type=int, help="FSDP degree (default: what the other degrees leave of the world)")
     g.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")

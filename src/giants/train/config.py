@@ -75,11 +75,15 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 8
-    log_every: int = 1
-    ckpt_every: int = 0  # 0 = only at the end
+    log_every: int = 1  # metrics.jsonl (and the progress) every this many steps
+    log_seconds: float = 30.0  # stdout not a terminal: a plain progress line at most this often (0: every logged step)
+    ckpt_every: int = 0  # a checkpoint every this many steps (0: none by step count)
+    ckpt_minutes: float = 10.0  # and at the first step this long after the previous checkpoint (0: none by time)
     checkpoint_at_end: bool = True
     keep_last: int = 3
-    resume: bool | str = False  # True: latest checkpoint in out; a path: that checkpoint
+    # True: the latest checkpoint in out (none there yet: the run starts from step 0, saying so); a path: that one
+    resume: bool | str = False
+    overwrite: bool = False  # discard a previous run in out (what giants train wrote there) and start over
     save_final: bool = True
     tensorboard: bool = False
     progress: bool = True
@@ -114,6 +118,11 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every", "keep_last", "lora_rank"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        for name in ("ckpt_minutes", "log_seconds"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be >= 0")
+        if self.overwrite and self.resume:
+            raise bad("overwrite", "cannot go with resume (one continues the run in out, the other discards it)")
         if not self.lr > 0:
             raise bad("lr", "must be > 0")
         if self.grad_clip < 0:

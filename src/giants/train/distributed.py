@@ -54,6 +54,9 @@ from giants.train.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 # Test hook: the rank GIANTS_TEST_KILL_RANK exits (os._exit(1)) during step GIANTS_TEST_KILL_STEP, after its first
 # micro-batch's backward, as a crashed process would: the job must stop with that rank named and nothing hanging.
 KILL_RANK_ENV, KILL_STEP_ENV = "GIANTS_TEST_KILL_RANK", "GIANTS_TEST_KILL_STEP"
+# Test hook: the rank GIANTS_TEST_SIGNAL_RANK sends itself SIGTERM during step GIANTS_TEST_SIGNAL_STEP (at the same
+# point): one rank signalled, and every rank must stop after that step with one sharded checkpoint.
+SIGNAL_RANK_ENV, SIGNAL_STEP_ENV = "GIANTS_TEST_SIGNAL_RANK", "GIANTS_TEST_SIGNAL_STEP"
 
 
 def world_size() -> int:
@@ -271,6 +274,10 @@ class Distributed:
             print(f"giants train: rank {self.rank} exits during step {step} ({KILL_RANK_ENV} test hook)",
                   file=sys.stderr, flush=True)
             os._exit(1)
+        if os.environ.get(SIGNAL_RANK_ENV) == str(self.rank) and os.environ.get(SIGNAL_STEP_ENV) == str(step):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _lm_loss(self, tr: Any, micro: Any, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(loss to backward, this rank's share of the step's CE, router terms as reported, info)."""
@@ -446,6 +453,12 @@ class Distributed:
     # ---- collectives for the rest of the trainer -------------------------------------------------
     def barrier(self) -> None:
         dist.barrier()
+
+    def agree(self, *values: float) -> list[float]:
+        """The maximum of each value over every rank (the step boundary's stop signal and checkpoint-time flags)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,15 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step) and the optional TensorBoard writer; inert off rank 0."""
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool, writer: Any = None) -> None:
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
+        self.file = None
         self.tb = writer
-        if enabled and tensorboard and self.tb is None:
+        if enabled and tensorboard and self.tb is None:  # (before metrics.jsonl: a failed start writes nothing)
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.close()
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
             self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.file = open(out / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
 
     def write(self, m: dict[str, Any]) -> None:
         if self.file is None:
@@ -134,12 +135,57 @@ def trim_metrics(path: Path, step: int) -> list[str]:
     return kept
 
 
-class ProgressBar:
-    """A rich progress bar showing loss, tokens/s and MFU; silent when disabled."""
+def step_info(m: dict[str, Any]) -> str:
+    """The metrics of a logged step as the progress bar and the plain log lines show them."""
+    info = f"loss {m['train_loss']:.4f}"
+    if "margin" in m:  # DPO: the reward margin (chosen - rejected) and how often it is positive
+        info += f"  margin {m['margin']:.4f}  acc {100 * m['accuracy']:.0f}%"
+    info += f"  {m.get('tokens_per_s', 0):,.0f} tok/s"
+    if "tokens_per_s_per_gpu" in m:
+        info += f" ({m['tokens_per_s_per_gpu']:,.0f}/GPU)"
+    if "mfu" in m:
+        info += f"  MFU {100 * m['mfu']:.1f}%"
+    if "val_loss" in m:
+        info += f"  val {m['val_loss']:.4f}"
+    if "val_margin" in m:
+        info += f"  val margin {m['val_margin']:.4f}"
+    if "router" in m:
+        info += f"  balance {min(m['router']['balance']):.2f}"
+    return info
 
-    def __init__(self, enabled: bool, start: int, total: int) -> None:
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def is_terminal() -> bool:
+    """Whether stdout shows a live progress bar (a terminal or a notebook), rather than a file or a pipe."""
+    try:
+        from rich.console import Console
+
+        console = Console()
+        return bool(console.is_terminal or console.is_jupyter)
+    except ImportError:
+        return sys.stdout.isatty()
+
+
+class ProgressBar:
+    """Progress on stdout: a rich bar showing loss, tokens/s and MFU on a terminal; where stdout is a file or a pipe
+    (nohup, CI, Slurm), where a bar would only show at the end, a plain line at the first logged step, then at the
+    first logged step `log_seconds` after the previous line, and at the last one. Silent when disabled."""
+
+    def __init__(self, enabled: bool, start: int, total: int, log_seconds: float = 30.0,
+                 terminal: bool | None = None) -> None:
         self.progress = None
+        self.plain = False
         if not enabled:
+            return
+        if not (is_terminal() if terminal is None else terminal):
+            self.plain, self.start, self.total, self.log_seconds = True, start, total, log_seconds
+            self.t0 = time.monotonic()
+            self.last_print: float | None = None
+            self.unprinted: tuple[int, str] | None = None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -149,20 +195,28 @@ class ProgressBar:
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
 
     def update(self, step: int, m: dict[str, Any]) -> None:
+        if self.plain:
+            now = time.monotonic()
+            due = self.last_print is None or now - self.last_print >= self.log_seconds or step >= self.total
+            self.unprinted = (step, step_info(m))
+            if due:
+                self._print(now)
+            return
         if self.progress is None:
             return
-        info = f"loss {m['train_loss']:.4f}  {m.get('tokens_per_s', 0):,.0f} tok/s"
-        if "tokens_per_s_per_gpu" in m:
-            info += f" ({m['tokens_per_s_per_gpu']:,.0f}/GPU)"
-        if "mfu" in m:
-            info += f"  MFU {100 * m['mfu']:.1f}%"
-        if "val_loss" in m:
-            info += f"  val {m['val_loss']:.4f}"
-        if "router" in m:
-            info += f"  balance {min(m['router']['balance']):.2f}"
-        self.progress.update(self.task, completed=step, info=info)
+        self.progress.update(self.task, completed=step, info=step_info(m))
+
+    def _print(self, now: float) -> None:
+        step, info = self.unprinted
+        self.unprinted, self.last_print = None, now
+        elapsed = now - self.t0
+        done = step - self.start
+        eta = f"  eta {_duration(elapsed / done * (self.total - step))}" if 0 < done and step < self.total else ""
+        print(f"train step {step}/{self.total}  {info}  elapsed {_duration(elapsed)}{eta}", flush=True)
 
     def close(self) -> None:
+        if self.plain and self.unprinted is not None:  # the last logged step (a stop between lines) is said too
+            self._print(time.monotonic())
         if self.progress is not None:
             self.progress.stop()
 

@@ -10,7 +10,12 @@ checkpoints/step_*/ (see giants.train.checkpoint) and final/ (an HF-format model
 The Trainer is assembled here (config -> layout check -> data -> model -> parallel plan -> optimizer -> resume)
 and runs the loop; the rest lives one concern a module: giants.train.config (TrainConfig), .step (one
 optimizer step, StepMixin), .checkpoint_io (checkpoints and the final model, CheckpointMixin), .metrics
-(metrics.jsonl, the progress bar, throughput and MFU), .distributed (the scale-out path).
+(metrics.jsonl, the progress bar or plain progress lines, throughput and MFU), .stopping (Ctrl-C / SIGTERM: finish
+the step, checkpoint, return), .distributed (the scale-out path).
+
+Checkpoints are written every cfg.ckpt_every steps, at the first step cfg.ckpt_minutes after the previous one, at
+the end, and when a signal stops the run; at each step boundary one check (one all-reduce under scale-out) decides
+the last two for every rank alike.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from giants.config import ModelConfig
 from giants.train import checkpoint as ckpt
-from giants.train import distributed
+from giants.train import distributed, stopping
 from giants.train.checkpoint_io import CheckpointMixin, atomic_write, cached_tokenizer
 from giants.train.config import PRECISIONS, TASKS, TrainConfig, TrainingDiverged
 from giants.train.data import BatchReader, TokenStream, load_meta
@@ -43,6 +48,7 @@ from giants.train.metrics import (
 from giants.train.metrics import peak_memory as device_peak_memory
 from giants.train.optim import MasterAdamW, matmul_weights
 from giants.train.step import Launched, StepMixin
+from giants.train.stopping import StopSignal
 
 __all__ = ["PRECISIONS", "TASKS", "TrainConfig", "Trainer", "TrainingDiverged", "estimate_memory", "flops_per_token",
            "peak_flops", "resolve_device", "train"]
@@ -183,10 +189,18 @@ class Trainer(StepMixin, CheckpointMixin):
         self.step = 0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+        self.ckpt_clock = time.monotonic()  # --ckpt-minutes counts from the start, then from each checkpoint
+        self.resumed_metrics: dict[str, Any] | None = None  # the last metrics line before the resumed step
         self.last_val: float | None = None
         self.history: list[dict[str, Any]] = []
         self._tb = None
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite:
+                self.clear_previous_run()
+        if self.dist is not None:
+            self.dist.barrier()
         if cfg.resume:
             self._resume()
         if self.is_main:
@@ -210,9 +224,18 @@ class Trainer(StepMixin, CheckpointMixin):
             raise ValueError(f"{self.out}: exists and is not a directory (--out names the run directory)")
         if cfg.resume:
             return
-        if ckpt.list_checkpoints(self.out) or (self.out / "metrics.jsonl").exists():
+        if cfg.tensorboard:  # refused before anything is written (a failed start would leave a half-made run)
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        if cfg.overwrite:
+            return
+        metrics = self.out / "metrics.jsonl"
+        if ckpt.list_checkpoints(self.out) or (metrics.exists() and metrics.stat().st_size > 0):
             raise ValueError(f"{self.out}: holds a previous run (checkpoints or metrics.jsonl); pass --resume to "
-                             "continue it or choose a new --out")
+                             "continue it (from its newest checkpoint, or from step 0 if it has none), --overwrite "
+                             "to discard it, or choose a new --out")
 
     def _model_config(self) -> ModelConfig:
         cfg = self.cfg
@@ -341,21 +364,57 @@ class Trainer(StepMixin, CheckpointMixin):
         return self.dist is None or self.dist.rank == 0
 
     def run(self, until: int | None = None) -> dict[str, Any]:
-        """Train to `until` (default: cfg.steps) optimizer steps. Returns a summary."""
+        """Train to `until` (default: cfg.steps) optimizer steps. Returns a summary. SIGINT / SIGTERM stop the run
+        cleanly (giants.train.stopping): the step finishes, a checkpoint is written, summary["stopped"] names the
+        signal and no final model is written (resuming writes it)."""
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
+        stopped = 0
+        if self.step < end:
+            with StopSignal(force_on_repeat=self.dist is None, announce=self.is_main) as stop:
+                stopped = self._loop(end, stop)
+                if not stopped:  # a signal during the last step's evaluation or checkpoint: agreed once more
+                    stopped, _ = self._agree(stop)
+                    if stopped and self.saved_step != self.step:
+                        self.save_checkpoint()
+        summary = self.summary()
+        if stopped:
+            summary["stopped"] = stopping.name(stopped)
+        elif self.step >= cfg.steps and cfg.save_final:
+            if self.is_main:
+                self.clean_stale_exports()
+            summary["final"] = str(self.save_final())
+        if self.is_main:
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=1, default=json_default))
+        return summary
+
+    def _agree(self, stop: StopSignal) -> tuple[int, bool]:
+        """At a step boundary: the signal that stops the run (0: none) and whether the --ckpt-minutes interval has
+        passed; under scale-out one all-reduce makes every rank's answer the same (any rank's signal stops all)."""
+        minutes = self.cfg.ckpt_minutes
+        timed = bool(minutes) and time.monotonic() - self.ckpt_clock >= minutes * 60
+        signum = stop.signum or 0
+        if self.dist is not None:
+            signum, timed = self.dist.agree(signum, timed)
+        return int(signum), bool(timed)
+
+    def _loop(self, end: int, stop: StopSignal) -> int:
+        """The steps up to `end`; returns the signal that stopped them (0: none), after its checkpoint."""
+        cfg = self.cfg
         log = MetricsLog(self.out, self.is_main, cfg.tensorboard, self._tb)
         self._tb = log.tb
-        bar = ProgressBar(cfg.progress and self.is_main, self.step, cfg.steps)
+        bar = ProgressBar(cfg.progress and self.is_main, self.step, cfg.steps, cfg.log_seconds)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         clock = Throughput(self.flops_per_token, self.peak, 1 if self.dist is None else self.dist.world)
+        timed: set[int] = set()  # steps that checkpoint because --ckpt-minutes passed
 
         def evaluates(k: int) -> bool:
             return bool(cfg.eval_every and k % cfg.eval_every == 0) or k == cfg.steps
 
         def checkpoints(k: int) -> bool:
-            return bool(cfg.ckpt_every and k % cfg.ckpt_every == 0) or (k == cfg.steps and cfg.checkpoint_at_end)
+            return (bool(cfg.ckpt_every and k % cfg.ckpt_every == 0) or (k == cfg.steps and cfg.checkpoint_at_end)
+                    or k in timed)
 
         def complete(rec: Launched, drained: bool) -> None:
             m = self._finish_step(rec)
@@ -385,24 +444,27 @@ class Trainer(StepMixin, CheckpointMixin):
                 if pending is not None:
                     complete(pending, drained=False)
                 pending = rec
-                if not rec.deferred or evaluates(rec.step) or checkpoints(rec.step) or rec.step == end:
+                signum, due = self._agree(stop)
+                if due:
+                    timed.add(rec.step)
+                if signum or not rec.deferred or evaluates(rec.step) or checkpoints(rec.step) or rec.step == end:
                     pending = None
                     complete(rec, drained=True)
+                if signum:
+                    if self.saved_step != self.step:
+                        self.save_checkpoint()
+                    return signum
         finally:
             log.close()
             bar.close()
-        summary = self.summary()
-        if self.step >= cfg.steps and cfg.save_final:
-            summary["final"] = str(self.save_final())
-        if self.is_main:
-            atomic_write(self.out / "summary.json", json.dumps(summary, indent=1, default=json_default))
-        return summary
+        return 0
 
     def peak_memory(self) -> dict[str, Any]:
         return device_peak_memory(self.device)
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.history, step=self.step, tokens=self.tokens_seen, last_val=self.last_val,
+        history = self.history or ([self.resumed_metrics] if self.resumed_metrics else [])
+        return summarize(history, step=self.step, tokens=self.tokens_seen, last_val=self.last_val,
                          flops_per_token=self.flops_per_token, memory=self.peak_memory(),
                          last_checkpoint=self.last_checkpoint)
 
