@@ -433,26 +433,73 @@ def test_body_too_large_413(server, client):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
-def test_a_failing_request_does_not_affect_others(client):
+def test_a_failing_request_does_not_affect_others(ref):
+    """Requests that fail, before the engine (bad ids, bad temperature: 400) and INSIDE an engine step (a
+    sampler that raises on one request's row: that request alone ends with a 500 engine_error), beside
+    well-formed requests and a stream in the same batch, which finish with the text they have alone. In
+    process (TestClient, the app, the bridge and an engine over the same weights), where a sampling failure
+    can be made to happen: the server refuses every request it knows would fail the sampler."""
     import concurrent.futures as cf
 
-    kw = dict(model="tiny-llama", prompt="Steady", max_tokens=10, temperature=0)
-    alone = client.completions.create(**kw).choices[0].text
+    from fastapi.testclient import TestClient
 
-    def good():
-        return client.completions.create(**kw).choices[0].text
+    from giants.inference.engine import Engine
+    from giants.serve.app import Loaded, create_app
 
-    def bad(i):
-        with pytest.raises(openai.BadRequestError):
-            client.completions.create(model="tiny-llama", prompt=[0, 10 ** 7] if i % 2 else "x", max_tokens=2,
-                                      temperature=0 if i % 2 else -1)
-        return "failed"
+    engine = Engine(ref.engine.model, ref.tok, max_model_len=MAX_LEN, seed=0)
+    launch, step = engine.sampler.launch, engine.step
 
-    with cf.ThreadPoolExecutor(8) as ex:
-        goods = [ex.submit(good) for _ in range(6)]
-        bads = [ex.submit(bad, i) for i in range(6)]
-        assert [f.result() for f in goods] == [alone] * 6
-        assert [f.result() for f in bads] == ["failed"] * 6
+    def failing_launch(logits, rows):
+        if any(r.params.seed == 666 for r in rows):
+            raise RuntimeError("sampler exploded")
+        return launch(logits, rows)
+
+    def slow_step():  # the requests below overlap for certain
+        time.sleep(0.01)
+        return step()
+
+    engine.sampler.launch, engine.step = failing_launch, slow_step
+    app = create_app(lambda: Loaded(engine, ref.tok, MAX_LEN, engine.max_num_seqs, engine.cfg.vocab_size),
+                     "tiny-llama")
+    kw = dict(model="tiny-llama", prompt="Steady", max_tokens=24, temperature=0, ignore_eos=True)
+    with TestClient(app) as c:
+        while c.get("/health").status_code != 200:
+            time.sleep(0.01)
+        alone = c.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+
+        def good():
+            return c.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+
+        def stream():
+            r = c.post("/v1/completions", json={**kw, "stream": True})
+            events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+            assert not [e for e in events if "error" in e], events
+            return "".join(ch["text"] for e in events for ch in e["choices"])
+
+        def in_engine(i):  # fails inside the step: 500 alone (a stream: its error event, then [DONE])
+            r = c.post("/v1/completions", json={**kw, "seed": 666, "temperature": 1.0, "stream": bool(i % 2)})
+            if i % 2:
+                assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+                err = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")][-1]["error"]
+            else:
+                assert r.status_code == 500
+                err = r.json()["error"]
+            assert err["code"] == "engine_error" and "sampler exploded" in err["message"], err
+            return "failed"
+
+        def refused(i):  # refused before the engine
+            r = c.post("/v1/completions", json={**kw, "prompt": [0, 10 ** 7]} if i % 2 else {**kw, "temperature": -1})
+            assert r.status_code == 400
+            return "failed"
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            goods = [ex.submit(good) for _ in range(3)] + [ex.submit(stream) for _ in range(2)]
+            time.sleep(0.1)
+            bads = [ex.submit(in_engine, i) for i in range(4)] + [ex.submit(refused, i) for i in range(2)]
+            assert [f.result() for f in goods] == [alone] * 5
+            assert [f.result() for f in bads] == ["failed"] * 6
+        assert c.get("/health").json()["in_flight"] == 0
+    assert engine.stats()["kv_blocks_used"] == 0
 
 
 def test_metrics_exposed(server, client):
