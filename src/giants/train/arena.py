@@ -114,6 +114,8 @@ def _train_one(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     tr = Trainer(tc)
     summary = tr.run()
+    if summary.get("stopped"):  # Ctrl-C: the arena stops too (a twin cut short is no result)
+        raise KeyboardInterrupt
     summary["wall_s"] = time.perf_counter() - t0
     summary["history"] = tr.history
     summary["device"] = str(tr.device)
@@ -148,7 +150,8 @@ def run_arena(ac: ArenaConfig) -> dict[str, Any]:
                     tokenizer=ac.tokenizer, steps=ac.steps, batch_size=ac.batch_size, seq_len=ac.seq_len, lr=ac.lr,
                     device=ac.device, eval_every=ac.eval_every, eval_batches=ac.eval_batches, seed=ac.seed,
                     progress=ac.progress, save_final=False, aux_loss_coef=ac.aux_loss_coef,
-                    z_loss_coef=ac.z_loss_coef, checkpoint_at_end=False, threads=torch.get_num_threads(),
+                    z_loss_coef=ac.z_loss_coef, checkpoint_at_end=False, ckpt_minutes=0,
+                    threads=torch.get_num_threads(),
                     **ac.train_overrides)
         cfg_file = out / "runs" / f"{name}.config.json"
         cfg_file.parent.mkdir(parents=True, exist_ok=True)
