@@ -1,0 +1,182 @@
+"""FP8 weights on a CUDA GPU (run on the lent GPU: `pytest tests/test_cuda_fp8.py`): the Triton GEMV (decode), its
+expert-indexed form, the weight-only Triton GEMM and the torch._scaled_mm path (prefill, row-wise scales) against
+dequantize-then-matmul references, FP8Weight.linear's choice of path for every batch size, and the engine's fused
+CUDA-graph decode of FP8 models against its generic path. The CPU suite (tests/test_fp8.py) checks the same kernels
+under the Triton interpreter and the model quality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import cuda
+
+TOL = 2e-2  # ||out - ref|| / ||ref||
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _weight(N: int, K: int, layout: str, E: int = 0, seed: int = 0):
+    from giants.inference.fp8 import FP8Weight, quantize
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(*((E,) if E else ()), N, K, device="cuda", generator=g) * 0.02
+    if layout == "fused":  # per-row (1, 128) scales: Q|K|V of block-scaled parts that end off a block boundary
+        a = N // 3 - 8
+        out = FP8Weight.cat([FP8Weight(*quantize(part, (128, 128)), (128, 128)) for part in (w[:a], w[a:])])
+        assert out.block == (1, 128)
+        return out
+    block = None if layout == "channel" else (128, 128)
+    return FP8Weight(*quantize(w, block), block)
+
+
+SHAPES = [(4096, 4096), (6144, 4096), (4096, 14336), (1024, 4096), (576, 576), (200, 328)]
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["channel", "block", "fused"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_gemv_equals_dequantized_matmul(shape, layout):
+    from giants.inference.kernels import fp8 as k8
+
+    N, K = shape
+    w = _weight(N, K, layout)
+    deq = w.dequantize(torch.float32)
+    b = torch.randn(N, device="cuda").to(torch.bfloat16)
+    for M in (1, 2, 8):
+        x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        ref = x.float() @ deq.t() + b.float()
+        for c in k8.FP8_GEMV_CONFIGS:
+            y = k8.fp8_gemv(x, w, b, config=c)
+            assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+            assert _rel(y, ref) < TOL, (M, c)
+        assert _rel(k8.fp8_gemv(x, w, None), ref - b.float()) < TOL  # the timed pick
+    x = torch.randn(3, K, device="cuda")  # fp32 activations
+    assert _rel(k8.fp8_gemv(x, w, None), x @ deq.t()) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["channel", "block"])
+@pytest.mark.parametrize("shape", [(8, 5760, 2880), (32, 2880, 2880), (8, 448, 64)])
+def test_fp8_expert_gemv_equals_per_pair_matmul(shape, layout):
+    from giants.inference.kernels import fp8 as k8
+
+    E, N, K = shape
+    w = _weight(N, K, layout, E=E)
+    deq = w.dequantize(torch.float32)
+    b = torch.randn(E, N, device="cuda").to(torch.bfloat16)
+    x = torch.randn(3, K, device="cuda").to(torch.bfloat16)
+    rows = torch.tensor([0, 0, 1, 2, 2, 1], device="cuda")
+    experts = torch.tensor([E - 1, 1, 0, 3 % E, E - 1, 2], device="cuda")
+    ref = torch.stack([deq[e] @ x[r].float() + b[e].float() for r, e in zip(rows.tolist(), experts.tolist())])
+    assert _rel(k8.fp8_expert_gemv(x, rows, experts, w, b), ref) < TOL
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["channel", "block", "fused"])
+@pytest.mark.parametrize("M", [9, 33, 200, 600])
+def test_fp8_gemm_equals_dequantized_matmul(M, layout):
+    from giants.inference.kernels import fp8 as k8
+
+    N, K = 6144, 4096
+    w = _weight(N, K, layout)
+    deq = w.dequantize(torch.float32)
+    b = torch.randn(N, device="cuda")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(M, K, device="cuda").to(dtype)
+        y = k8.fp8_gemm(x, w, b.to(dtype))
+        assert y.dtype == dtype
+        assert _rel(y, x.float() @ deq.t() + b) < TOL, dtype
+
+
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="torch._scaled_mm with row-wise scales needs CUDA compute capability 9.0 (Hopper)")
+@pytest.mark.parametrize("M", [65, 256, 2048])
+def test_scaled_mm_path_equals_dequantized_matmul(M):
+    """W8A8: activations quantized per token (scale_a (M, 1)), weights per channel (scale_b (1, N)). Against the
+    matmul of the two dequantized operands (the same maths in fp32), and against the weight-only reference (the
+    activation rounding: E4M3 keeps 3 mantissa bits, ~2.5% per element on Gaussian inputs)."""
+    from giants.inference.fp8 import quantize_rows_fp8
+
+    N, K = 4096, 4096
+    w = _weight(N, K, "channel")
+    deq = w.dequantize(torch.float32)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    b = torch.randn(N, device="cuda").to(torch.bfloat16)
+    y = w.linear(x, b, path="scaled_mm")
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    xq, xs = quantize_rows_fp8(x)
+    assert _rel(y, (xq.float() * xs) @ deq.t() + b.float()) < TOL
+    assert _rel(y, x.float() @ deq.t() + b.float()) < 0.05
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["channel", "block"])
+def test_fp8_weight_linear_picks_a_path_for_every_batch(layout):
+    from giants.inference import fp8
+
+    N, K = 4096, 4096
+    w = _weight(N, K, layout)
+    deq = w.dequantize(torch.float32)
+    for M in (1, fp8.GEMV_ROWS, fp8.GEMV_ROWS + 1, fp8.SCALED_MM_ROWS, fp8.SCALED_MM_ROWS + 1, 700):
+        x = torch.randn(2, M, K, device="cuda").to(torch.bfloat16)  # leading dims kept
+        y = torch.nn.functional.linear(x, w)
+        assert y.shape == (2, M, N)
+        w8a8 = layout == "channel" and M > fp8.SCALED_MM_ROWS and torch.cuda.get_device_capability() >= (9, 0)
+        assert _rel(y, x.float() @ deq.t()) < (0.05 if w8a8 else TOL), M
+    # a CUDA graph captures the decode GEMV
+    x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
+    w.linear(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w.linear(x)
+    x.copy_(torch.randn(1, K, device="cuda"))
+    graph.replay()
+    assert _rel(y, x.float() @ deq.t()) < TOL
+
+
+def _greedy_agrees(a: list[list[int]], b: list[list[int]], first: int) -> bool:
+    return all(x[:first] == y[:first] for x, y in zip(a, b))
+
+
+@cuda
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2", "tiny-mixtral", "tiny-gpt-oss"])
+@pytest.mark.parametrize("q", ["fp8", "fp8-block+head"])
+def test_fused_decode_of_fp8_models_equals_the_generic_path(name, q):
+    """The CUDA-graph decode (FP8 GEMVs in the fused forward, expert-indexed FP8 GEMVs for MoE) against the generic
+    path (the model's modules, one step at a time) on the same FP8 weights, fp32 activations: the same tokens."""
+    from giants.inference import LLM, SamplingParams
+    from giants.inference.fp8 import FP8Weight
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (3, 17, 40, 5)]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = []
+    for graphs in (True, False):
+        llm = LLM(name, device="cuda", dtype="float32", seed=0, num_blocks=256, max_model_len=128, max_num_seqs=8,
+                  use_cuda_graphs=graphs, quantization=q)
+        assert isinstance(llm.engine.runner.fused[0][0][0], FP8Weight)
+        assert getattr(llm.engine.runner, "fast", not graphs)  # the fused decode runs (graphs) / generic runner
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
+        outs.append([llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts])  # batch-1 steps
+    assert _greedy_agrees(outs[0], outs[2], 6) and _greedy_agrees(outs[1], outs[3], 6), outs
+
+
+@cuda
+def test_fp8_bf16_decode_close_to_the_bf16_model():
+    """Llama-shaped twin in bf16: FP8 decode (graphs) keeps the bf16 model's greedy tokens for a while."""
+    import giants
+    from giants.inference import LLM, SamplingParams
+
+    cfg = giants.get_config("tiny-llama").replace(d_model=512, ffn_dim=1536, n_heads=8, n_kv_heads=2, head_dim=64)
+    prompts = [[5, 17, 99, 2000, 31], [7, 7, 7, 8]]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = LLM(giants.build(cfg, seed=0), device="cuda", dtype="bfloat16", num_blocks=64, max_model_len=64)
+    fp8 = LLM(giants.build(cfg, seed=0), device="cuda", dtype="bfloat16", num_blocks=64, max_model_len=64,
+              quantization="fp8")
+    a = [o.outputs[0].token_ids for o in ref.generate(prompts, sp)]
+    b = [o.outputs[0].token_ids for o in fp8.generate(prompts, sp)]
+    assert _greedy_agrees(a, b, 2), (a, b)
