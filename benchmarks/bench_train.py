@@ -97,7 +97,8 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
     warmup = -(-warmup // block) * block
     steps = -(-steps // block) * block
     with tempfile.TemporaryDirectory() as run:
-        tc = TrainConfig(ckpt_minutes=0, out=run, preset=None, model_config=None, data=str(data), tokenizer="bytes", seq_len=seq,
+        tc = TrainConfig(out=run, preset=None, model_config=None, data=str(data), tokenizer="bytes", seq_len=seq,
+                         ckpt_minutes=0,
                          batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
                          device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
                          progress=False, log_every=block, aux_loss_coef=aux, z_loss_coef=0.0,

@@ -118,7 +118,8 @@ def main() -> int:
         (Path(tmp) / "m.json").write_text(json.dumps(cfg.to_dict()))
         trainers: dict[str, Trainer] = {}
         for n in names:
-            tc = TrainConfig(ckpt_minutes=0, out=f"{tmp}/run_{n}", preset=None, model_config=f"{tmp}/m.json", data=str(data),
+            tc = TrainConfig(out=f"{tmp}/run_{n}", preset=None, model_config=f"{tmp}/m.json", data=str(data),
+                             ckpt_minutes=0,
                              tokenizer="bytes", seq_len=seq, batch_size=batch, steps=total, lr=1e-4,
                              warmup_steps=0, schedule="constant", compile="eager" if args.smoke else True,
                              eval_every=0, ckpt_every=0, checkpoint_at_end=False, save_final=False, progress=False,

@@ -56,7 +56,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), cfg.vocab_size, (args.steps + 8) * 4 * (seq + 1) * 2)
         (Path(tmp) / "m.json").write_text(json.dumps(cfg.to_dict()))
-        tc = TrainConfig(ckpt_minutes=0, out=f"{tmp}/run", preset=None, model_config=f"{tmp}/m.json", data=str(data),
+        tc = TrainConfig(out=f"{tmp}/run", preset=None, model_config=f"{tmp}/m.json", data=str(data),
+                         ckpt_minutes=0,
                          tokenizer="bytes", seq_len=seq, batch_size=4, steps=args.steps, lr=1e-4, warmup_steps=0,
                          schedule="constant", compile="eager" if args.smoke else True,
                          compile_mode=args.compile_mode, eval_every=0, checkpoint_at_end=False, save_final=False,

@@ -105,7 +105,8 @@ def run(args, data: Path, cfg, *, stack: bool) -> dict[str, Any]:
     smoke = args.smoke
     with tempfile.TemporaryDirectory() as run_dir:
         (Path(run_dir) / "m.json").write_text(json.dumps(cfg.to_dict()))
-        tc = TrainConfig(ckpt_minutes=0, out=run_dir, preset=None, model_config=str(Path(run_dir) / "m.json"), data=str(data),
+        tc = TrainConfig(out=run_dir, preset=None, model_config=str(Path(run_dir) / "m.json"), data=str(data),
+                         ckpt_minutes=0,
                          tokenizer="bytes", seq_len=32 if smoke else 2048, batch_size=4,
                          steps=args.warmup + args.steps + 2, lr=1e-4, warmup_steps=0, schedule="constant",
                          compile="eager" if smoke else True, eval_every=0, checkpoint_at_end=False,
