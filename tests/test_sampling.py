@@ -137,10 +137,35 @@ def test_logprobs_are_raw_log_softmax():
     ("top_k", -2), ("top_k", 1.5), ("min_p", 1.1), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
     ("frequency_penalty", -3), ("seed", "x"), ("max_tokens", 0), ("logprobs", -1), ("stop", [""]),
     ("stop_token_ids", [-1]), ("ignore_eos", "yes"),
+    # beyond what the sampler takes: int64 top_k, torch.Generator seeds, float32 penalties and temperatures
+    ("top_k", 2**63), ("top_k", 2**31), ("seed", 2**64), ("seed", -(2**63) - 1), ("repetition_penalty", 1e-45),
+    ("repetition_penalty", 1e300), ("temperature", 1e7), ("temperature", 10**400), ("temperature", float("inf")),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_values_at_the_bounds_sample():
+    """The largest top_k, seeds at both ends, logprobs beyond the vocabulary (all of it), temperatures below
+    SAMPLING_EPS (greedy: a float32 temperature of 0 made every draw token 0)."""
+    from giants.inference.params import SAMPLING_EPS
+
+    logits = fixed_logits(2, 9)
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    for kw in (dict(top_k=2**31 - 1, temperature=0.7), dict(seed=2**64 - 1), dict(seed=-(2**63)),
+               dict(repetition_penalty=0.01), dict(repetition_penalty=100.0), dict(logprobs=10**6, temperature=0.5)):
+        sp = SamplingParams(**kw)
+        gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+        res = sampler(logits, [SamplingRow(sp, [1], [2], gen), SamplingRow(SamplingParams(), [1], [])])
+        assert all(0 <= t < V for t in res.tokens), kw
+        if sp.logprobs:
+            assert len(res.logprobs[0]) == V
+    for t in (1e-45, 1e-30, SAMPLING_EPS / 2):
+        assert SamplingParams(temperature=t).greedy
+        rows = [SamplingRow(SamplingParams(temperature=t), [1], []) for _ in range(2)]
+        assert sampler(logits, rows).tokens == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=SAMPLING_EPS).greedy
 
 
 def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[list[int]]]:
