@@ -700,7 +700,7 @@ SLOW_TEMPLATE = ("{% for m in messages %}{% if m.content == 'boom' %}{% for i in
     ("{{ 'x' * 10**10 }}", "hi"),  # a 10 GB string
     ("{{ 'y'|center(10**9) }}", "hi"),
     ("{% set r = range(100000)|list %}{% for i in r %}{% for j in r %}{{ '' }}{% endfor %}{% endfor %}", "hi"),
-])
+], ids=["nested-range-loops", "huge-string", "huge-center", "nested-list-loops"])
 def test_a_runaway_chat_template_is_stopped(model, tok, template, content):
     bad_tok = copy.copy(tok)
     bad_tok.chat_template = template
