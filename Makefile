@@ -54,9 +54,12 @@ test-gpu:
 	  rc=$$?; rm -f $$pins; exit $$rc
 	$(PY) -m pytest -q -rs -m cuda $(GPU_TEST_FILES)
 
-# The request fuzzers (tests/test_serve_hardening.py, test_fuzz_*) with fresh inputs for FUZZ_SECONDS each, under
+# The request fuzzers (tests/test_serve_hardening.py, test_fuzz_*) with fresh inputs for FUZZ_SECONDS each, and the
+# checkpoint-parser fuzzers with 1,000-2,000 fresh inputs each, under
 # the hypothesis profile giants-fuzz (CI replays the fixed examples of giants-ci); failures land in .hypothesis/.
 FUZZ_SECONDS ?= 300
 .PHONY: fuzz
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -x -k fuzz --timeout=0 tests/test_serve_hardening.py
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -x -k "fuzz or hypothesis" --timeout=0 \
+	  tests/test_checkpoint_bad_input.py tests/test_checkpoint_hardening.py

@@ -228,7 +228,9 @@ def _check_bounded(fn) -> None:
     assert time.monotonic() - t0 < 10, "took too long: a loop ran away"
 
 
-_ST_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+# CI replays a fixed set; `make fuzz` (FUZZ_SECONDS > 0) draws fresh, more numerous inputs.
+_FUZZ = float(os.environ.get("FUZZ_SECONDS", "0") or 0) > 0
+_ST_SETTINGS = settings(max_examples=2000 if _FUZZ else 150, deadline=None, derandomize=not _FUZZ, database=None,
                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

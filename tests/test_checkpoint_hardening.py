@@ -491,7 +491,9 @@ def test_convert_into_a_foreign_folder_fails_before_loading(hf_dir, tmp_path, ca
 # ---- hypothesis: every size field huge ------------------------------------------------------------------
 HUGE = st.sampled_from([2**31, 2**32 - 1, 4 * 10**9, 10**9, 2**40, 2**62, 2**63 - 1, 2**64 - 1]) \
     | st.integers(2**20, 2**64 - 1)
-_SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
+# CI replays a fixed set; `make fuzz` (FUZZ_SECONDS > 0) draws fresh, more numerous inputs.
+_FUZZ = float(os.environ.get("FUZZ_SECONDS", "0") or 0) > 0
+_SETTINGS = settings(max_examples=1000 if _FUZZ else 50, deadline=None, derandomize=not _FUZZ, database=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 # context lengths are not backed by any tensor: a huge one loads (and never sizes anything by itself)
 _CONTEXT = {"max_position_embeddings", "max_context", "context_length", "rope_original_max_context",
