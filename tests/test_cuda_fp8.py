@@ -59,6 +59,32 @@ def test_fp8_gemv_equals_dequantized_matmul(shape, layout):
 
 @cuda
 @pytest.mark.parametrize("layout", ["channel", "block"])
+@pytest.mark.parametrize("glu", [None, "silu_glu", "clamped_swiglu"])
+def test_fp8_norm_gemv_equals_norm_then_matmul(glu, layout):
+    """The decode's fused kernel: residual add + RMSNorm + FP8 GEMV (+ the GLU of [gate; up])."""
+    import giants
+    from giants.inference.kernels import fp8 as k8
+    from giants.model.mlp import gated_activation
+
+    K, N2 = 4096, 28672 if glu else 6144
+    w = _weight(N2, K, layout)
+    deq = w.dequantize(torch.float32)
+    for M in (1, 4):
+        x, r = (torch.randn(M, K, device="cuda").to(torch.bfloat16) for _ in range(2))
+        nw = torch.rand(K, device="cuda").to(torch.bfloat16)
+        y, res = k8.fp8_norm_gemv(x, r, nw, 1e-5, False, w, None, glu=glu)
+        s = (x.float() + r.float()).to(torch.bfloat16)
+        assert torch.equal(res, s)
+        h = (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()).to(torch.bfloat16)
+        ref = h.float() @ deq.t()
+        if glu:
+            cfg = giants.get_config("tiny-gpt-oss" if glu == "clamped_swiglu" else "tiny-llama")
+            ref = gated_activation(ref[:, :N2 // 2], ref[:, N2 // 2:], cfg)
+        assert _rel(y, ref) < TOL, M
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["channel", "block"])
 @pytest.mark.parametrize("shape", [(8, 5760, 2880), (32, 2880, 2880), (8, 448, 64)])
 def test_fp8_expert_gemv_equals_per_pair_matmul(shape, layout):
     from giants.inference.kernels import fp8 as k8

@@ -138,7 +138,15 @@ def test_quantized_model_through_the_engine(name, q):
 
 
 def test_fp8_presets_build_without_a_float_copy():
+    """A preset's FP8 weights are drawn matrix by matrix, yet equal the quantized float preset of the same seed."""
+    from giants.inference.llm import random_model
+
     llm = LLM("tiny-mixtral", quantization="fp8-block", device="cpu", num_blocks=32, max_model_len=64)
+    want = quantize_model(random_model("tiny-mixtral", torch.device("cpu"), torch.float32, 0), "fp8-block")
+    got = llm.model.state_dict()
+    for k, v in want.state_dict().items():
+        assert torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+                           got[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else got[k]), k
     assert isinstance(llm.model.layers[0].mlp, FP8MoE)
     assert fp8_bytes(llm.model) > 0 and not any(type(m) is torch.nn.Linear and n.endswith("proj")
                                                 for n, m in llm.model.named_modules())
@@ -305,6 +313,23 @@ _KERNELS = textwrap.dedent("""
         x = torch.randn(37, K)
         y = k8.fp8_gemm(x, w8, b)
         worst = max(worst, float((y - (x @ deq.t() + b)).norm() / (x @ deq.t() + b).norm()))
+    from giants.model.mlp import gated_activation
+    import giants
+
+    for block in (None, (128, 128)):  # norm (+ residual) and GLU in the GEMV
+        for glu in (None, "silu_glu", "clamped_swiglu"):
+            N2, K = (192 if glu else 96), 256
+            w8 = FP8Weight(*quantize(torch.randn(N2, K), block), block)
+            deq, b = w8.dequantize(), torch.randn(N2)
+            x, r, nw = torch.randn(3, K), torch.randn(3, K), torch.randn(K)
+            y, res = k8.fp8_norm_gemv(x, r, nw, 1e-5, True, w8, b, glu=glu, config=k8.FP8_GEMV_CONFIGS[2])
+            s = x + r
+            ref = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * (nw + 1)) @ deq.t() + b
+            if glu:
+                cfg = giants.get_config("tiny-gpt-oss" if glu == "clamped_swiglu" else "tiny-llama")
+                ref = gated_activation(ref[:, :N2 // 2], ref[:, N2 // 2:], cfg)
+            assert torch.equal(res, s)
+            worst = max(worst, float((y - ref).norm() / ref.norm()))
     E, N, K = 3, 40, 256
     for block in (None, (128, 128)):
         q, s = quantize(torch.randn(E, N, K), block)
@@ -319,8 +344,9 @@ _KERNELS = textwrap.dedent("""
 
 
 def test_triton_kernels_under_the_interpreter():
-    """The GEMV (row-wise, 128x128 blocks with partial edges, fused per-row scales; fp32 and bf16 activations), the
-    expert-indexed GEMV and the weight-only GEMM against dequantize-then-matmul; a fresh process, since the
+    """The GEMV (row-wise, 128x128 blocks with partial edges, fused per-row scales; fp32 and bf16 activations), with
+    the norm and GLU fused in, the expert-indexed GEMV and the weight-only GEMM against dequantize-then-matmul; a
+    fresh process, since the
     interpreter is chosen when the kernels are first imported. tests/test_cuda_fp8.py runs them on a GPU."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _KERNELS], capture_output=True, text=True, timeout=900, env=env)
@@ -337,13 +363,17 @@ _RUNNER = textwrap.dedent("""
     from giants.inference.fp8 import quantize_model
     from giants.inference.params import SamplingParams
 
-    for name, q in (("tiny-llama", "fp8-block+head"), ("tiny-gpt-oss", "fp8")):
+    def cuda_runner(e):
+        r = CudaModelRunner(e.model, e.kv, max_num_seqs=4, max_model_len=64, use_graphs=False)
+        r.fuse_fp8_norm = True  # on by default on CUDA only: the norm + GLU FP8 GEMV
+        return r
+
+    for name, q in (("tiny-llama", "fp8-block+head"), ("tiny-gpt-oss", "fp8"), ("tiny-gemma2", "fp8")):
         cfg = giants.get_config(name).replace(vocab_size=320)
         outs = []
         for fused in (False, True):
             model = quantize_model(giants.build(cfg, seed=0).eval(), q)
-            make = (lambda e: CudaModelRunner(e.model, e.kv, max_num_seqs=4, max_model_len=64, use_graphs=False)
-                    ) if fused else None
+            make = cuda_runner if fused else None
             eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
                          make_runner=make, cpu_onednn=False)
             for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7, 8]]):

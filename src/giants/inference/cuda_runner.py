@@ -91,6 +91,8 @@ class CudaModelRunner(ModelRunner):
         # router and top-k in one kernel.
         self.fuse_qkv_rope = True
         self.fuse_route = True
+        # FP8 weights (giants.inference.fp8): norm (+ residual) and GLU fused into the FP8 GEMV for up to GEMV_ROWS rows
+        self.fuse_fp8_norm = self.device.type == "cuda"
         self.short_splits = 4  # key splits per sequence at short context when few (sequence, kv head) programs
         self.route_counter = torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device)
         self.gemv_choice: dict[tuple, str] = {}
@@ -216,6 +218,16 @@ class CudaModelRunner(ModelRunner):
                 y, res = tk.norm_gemv(x, residual, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one", w, b,
                                       glu=cfg.activation if glu else None, alpha=cfg.swiglu_alpha,
                                       limit=cfg.swiglu_limit, **c)
+                return y, res, glu
+        if not isinstance(w, torch.Tensor) and self.fuse_fp8_norm and not isinstance(x, ExpertRows):
+            from giants.inference import fp8
+            from giants.inference.kernels import fp8 as k8
+
+            if x.shape[0] <= fp8.GEMV_ROWS and k8.supports(w):
+                cfg = self.cfg
+                y, res = k8.fp8_norm_gemv(x.contiguous(), residual, mod.weight, mod.eps, mod.kind == "rmsnorm_plus_one",
+                                          w, b, glu=cfg.activation if glu else None, alpha=cfg.swiglu_alpha,
+                                          limit=cfg.swiglu_limit)
                 return y, res, glu
         out = self._norm(mod, x, residual)
         h, res = out if residual is not None else (out, None)

@@ -484,24 +484,39 @@ def meta_fp8(cfg: ModelConfig, opts: FP8Options, experts: bool = True) -> nn.Mod
 @torch.no_grad()
 def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
               options: FP8Options | str = FP8Options()) -> nn.Module:
-    """A random model (a preset) whose linears and experts are FP8 from the start: normal(0, init_std) weights
-    generated and quantized one matrix at a time, so Llama-3-70B (~70 GB in FP8) builds on one 80 GB GPU."""
+    """A random model (a preset) whose linears and experts are FP8 from the start, never the whole float model:
+    each weight is drawn as Transformer.init_weights draws it for the float preset (same generator, order, dtype
+    and device), then quantized, so the result is quantize_model(LLM's float preset of the same seed) while
+    Llama-3-70B (~70 GB in FP8) builds on one 80 GB GPU."""
+    from giants.checkpoint.loading import meta_model
+    from giants.model.norm import Norm
+
     opts = parse_fp8(options) if isinstance(options, str) else options
     model = meta_fp8(cfg, opts).to(dtype).materialize(device, dtype)
+    mods, params = dict(model.named_modules()), dict(model.named_parameters())
     gen = torch.Generator(device=device).manual_seed(seed)
-    model.init_weights(generator=gen)  # embeddings, norms, routers, biases (FP8 buffers are not parameters)
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-    def rand(shape, s):
-        return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(s)
-
-    for name, m in model.named_modules():
-        if isinstance(m, FP8Linear):
-            m.set_float(rand((m.out_features, m.in_features), out_std if name.endswith(("o_proj", "down_proj"))
-                             else std))
-        elif isinstance(m, FP8MoE):
-            for w in FP8MoE.NAMES:
-                q = getattr(m, w + "_q")
-                for e in range(q.shape[0]):
-                    m.set_expert(w, e, rand(q.shape[1:], out_std if w == "w_down" else std))
+    for name, p in meta_model(cfg).named_parameters():  # Transformer.init_weights, on the float model's names
+        parts = name.split(".")
+        owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
+        if "norm" in owner:
+            continue
+        if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
+            params[name].zero_()
+            continue
+        t = torch.empty(p.shape, dtype=dtype, device=device).normal_(
+            0.0, out_std if leaf == "w_down" or owner in ("o_proj", "down_proj") else std, generator=gen)
+        mod = mods.get(name.rsplit(".", 1)[0])
+        if isinstance(mod, FP8Linear):
+            mod.set_float(t)
+        elif isinstance(mod, FP8MoE):
+            for e in range(t.shape[0]):
+                mod.set_expert(leaf, e, t[e])
+        else:
+            params[name].copy_(t)
+    for m in model.modules():
+        if isinstance(m, Norm):
+            m.reset_parameters()
+    if opts.head and cfg.tie_embeddings:
+        model.lm_head.set_float(model.embed.weight)
     return model.eval()

@@ -16,17 +16,59 @@ import torch
 import triton
 import triton.language as tl
 
-from giants.inference.kernels.common import _grid_dep, _pdl, cold_copies, pick_config_timed
+from giants.inference.kernels.common import ACTS, _act, _grid_dep, _pdl, cold_copies, pick_config_timed
 
 
 @triton.jit
-def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, N, K, KB, SROWS, stride_x, HAS_BIAS: tl.constexpr,
-                     INDEXED: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+def _x_tile(xp, rp, NW, k0, rk, K, rstd, XDT: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+            PLUS_ONE: tl.constexpr):
+    """One K tile of the input row in fp32: x, or with NORM rmsnorm(x [+ r]) * weight, rounded to the activation
+    dtype where the unfused kernels store it."""
+    km = k0 + rk < K
+    x = tl.load(xp + k0 + rk, mask=km, other=0.0)
+    if NORM:
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(rp + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(XDT)
+        nw = tl.load(NW + k0 + rk, mask=km, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            nw = nw + 1.0
+        x = ((x.to(tl.float32) * rstd) * nw).to(XDT)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """This K tile's share of the rows' dot products: the (BLOCK_N, BLOCK_K) products when ROWWISE (the row scale
+    is applied to the finished sum), else (BLOCK_N, BLOCK_K / SBK) slice sums already times their block scales."""
+    if EVEN_K:
+        w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None], other=0.0)
+    else:
+        w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None] & (k0 + rk < K)[None, :], other=0.0)
+    prod = w.to(tl.float32) * x[None, :]
+    if ROWWISE:
+        return prod
+    else:
+        NBK: tl.constexpr = BLOCK_K // SBK
+        part = tl.sum(tl.reshape(prod, (BLOCK_N, NBK, SBK)), axis=2)
+        kb = k0 // SBK + tl.arange(0, NBK)
+        sc = tl.load(s_rows[:, None] + kb[None, :], mask=nm[:, None] & (kb < KB)[None, :], other=0.0)
+        return part * sc
+
+
+@triton.jit
+def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, R, NW, RES_OUT, N, K, KB, SROWS, stride_x, eps, alpha, limit,
+                     HAS_BIAS: tl.constexpr, INDEXED: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
+                     SBK: tl.constexpr, ACC_W: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                     PLUS_ONE: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
     """Y[p, n] = sum_k x_p[k] * q[e_p, n, k] * scale (+ B[e_p, n]); x_p = X[X_ROW[p]], e_p = EXPERT[p] when
     INDEXED, else x_p = X[p] and e_p = 0. Program (n tile, p) streams BLOCK_N weight rows once. ROWWISE: one
     scale per row, applied to the finished sum; else the sums of each SBK-wide slice are scaled by
-    S[e_p, n // SBN, k // SBK] (BLOCK_K is a multiple of SBK)."""
+    S[e_p, n // SBN, k // SBK] (BLOCK_K is a multiple of SBK).
+    NORM (dense rows): x_p is rmsnorm(X[p] [+ R[p]]) * NW, the norm computed by every program from the row (a few
+    KB, from L2), and the programs of n tile 0 store X[p] + R[p], the new residual stream, in RES_OUT.
+    GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate . x, up . x)."""
     _grid_dep(PDL)
     p = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,41 +79,47 @@ def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, N, K, KB, SROWS, stride_x, HA
     else:
         e = (p * 0).to(tl.int64)
         xr = p.to(tl.int64)
-    w_rows = W + e * N * K + rn.to(tl.int64)[:, None] * K
+    XDT: tl.constexpr = X.dtype.element_ty
+    ROWS: tl.constexpr = 2 if GLU >= 0 else 1
+    w_rows = W + e * ROWS * N * K + rn.to(tl.int64)[:, None] * K
     s_rows = S + e * SROWS * KB + (rn // SBN).to(tl.int64) * KB
+    u_rows = W + e * ROWS * N * K + (rn + N).to(tl.int64)[:, None] * K
+    u_srows = S + e * SROWS * KB + ((rn + N) // SBN).to(tl.int64) * KB
     xp = X + xr * stride_x
+    rp = R + xr * K
     rk = tl.arange(0, BLOCK_K)
-    if ROWWISE:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    if NORM:
+        ss = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(xp + k0 + rk).to(tl.float32)
-                w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None], other=0.0)
-            else:
-                km = k0 + rk < K
-                x = tl.load(xp + k0 + rk, mask=km, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_rows, mask=nm, other=0.0)
+            km = k0 + rk < K
+            x = tl.load(xp + k0 + rk, mask=km, other=0.0)
+            if HAS_RES:
+                x = (x.to(tl.float32) + tl.load(rp + k0 + rk, mask=km, other=0.0).to(tl.float32)).to(XDT)
+                if tl.program_id(0) == 0:
+                    tl.store(RES_OUT + xr * K + k0 + rk, x, mask=km)
+            ss += x.to(tl.float32) * x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     else:
-        NBK: tl.constexpr = BLOCK_K // SBK
-        sb = tl.arange(0, NBK)
-        acc = tl.zeros((BLOCK_N, NBK), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(xp + k0 + rk).to(tl.float32)
-                w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None], other=0.0)
-            else:
-                km = k0 + rk < K
-                x = tl.load(xp + k0 + rk, mask=km, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            part = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], (BLOCK_N, NBK, SBK)), axis=2)
-            kb = k0 // SBK + sb
-            sc = tl.load(s_rows[:, None] + kb[None, :], mask=nm[:, None] & (kb < KB)[None, :], other=0.0)
-            acc += part * sc
-        y = tl.sum(acc, axis=1)
+        rstd = tl.full((), 1.0, tl.float32)
+    acc = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _x_tile(xp, rp, NW, k0, rk, K, rstd, XDT, NORM, HAS_RES, PLUS_ONE)
+        acc += _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K, EVEN_K)
+        if GLU >= 0:
+            acc_u += _w_tile(u_rows, u_srows, x, k0, rk, nm, K, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K, EVEN_K)
+    y = tl.sum(acc, axis=1)
+    if ROWWISE:
+        y = y * tl.load(s_rows, mask=nm, other=0.0)
     if HAS_BIAS:
-        y += tl.load(B + e * N + rn, mask=nm, other=0.0).to(tl.float32)
+        y += tl.load(B + e * ROWS * N + rn, mask=nm, other=0.0).to(tl.float32)
+    if GLU >= 0:
+        u = tl.sum(acc_u, axis=1)
+        if ROWWISE:
+            u = u * tl.load(u_srows, mask=nm, other=0.0)
+        if HAS_BIAS:
+            u += tl.load(B + e * ROWS * N + N + rn, mask=nm, other=0.0).to(tl.float32)
+        y = _act(y.to(XDT).to(tl.float32), u.to(XDT).to(tl.float32), alpha, limit, GLU)
     tl.store(Y + p.to(tl.int64) * N + rn, y.to(Y.dtype.element_ty), mask=nm)
 
 
@@ -103,18 +151,25 @@ def supports(w) -> bool:
     return True
 
 
-def _launch_gemv(x: torch.Tensor, rows, experts, w, bias, out: torch.Tensor, cfg: dict, indexed: bool) -> None:
-    N, K = w.q.shape[-2:]
+def _launch_gemv(x: torch.Tensor, rows, experts, w, bias, out: torch.Tensor, cfg: dict, indexed: bool,
+                 norm: tuple | None = None, glu: str | None = None, alpha: float = 1.702, limit: float = 7.0) -> None:
+    """norm: (residual or None, norm weight, eps, plus_one, residual out or None) for a norm in front."""
+    N2, K = w.q.shape[-2:]
+    N = N2 // 2 if glu is not None else N2
     rowwise, sbn, sbk, srows = _layout(w, indexed)
     block_k = cfg["block_k"] if rowwise else max(cfg["block_k"], sbk)
     P = out.shape[0]
     if P == 0:
         return
+    r, nw, eps, plus_one, res_out = norm if norm is not None else (None, None, 0.0, False, None)
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), P)](
         x, rows if indexed else x, experts if indexed else x, w.q, w.scale, bias if bias is not None else x, out,
-        N, K, w.scale.shape[-1], srows, x.stride(0), HAS_BIAS=bias is not None, INDEXED=indexed, ROWWISE=rowwise,
-        SBN=sbn, SBK=sbk if not rowwise else 1, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
-        EVEN_K=K % block_k == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl())
+        r if r is not None else x, nw if nw is not None else x, res_out if res_out is not None else x,
+        N, K, w.scale.shape[-1], srows, x.stride(0), eps, alpha, limit, HAS_BIAS=bias is not None, INDEXED=indexed,
+        ROWWISE=rowwise, SBN=sbn, SBK=sbk if not rowwise else 1, ACC_W=block_k if rowwise else block_k // sbk,
+        NORM=norm is not None, HAS_RES=r is not None, PLUS_ONE=plus_one, GLU=ACTS[glu] if glu is not None else -1,
+        BLOCK_N=cfg["block_n"], BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **_pdl())
 
 
 def _config(w, bias, x: torch.Tensor, indexed: bool, config: dict | None) -> dict:
@@ -147,6 +202,22 @@ def fp8_expert_gemv(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, 
     _launch_gemv(x, rows, experts, w, bias, out, config or dict(block_n=16, block_k=512, num_warps=4, num_stages=3),
                  True)
     return out
+
+
+def fp8_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  plus_one: bool, w, bias: torch.Tensor | None, *, glu: str | None = None, alpha: float = 1.702,
+                  limit: float = 7.0, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """linear(rmsnorm(x [+ residual]) * norm_weight) (then the GLU of [gate; up] with `glu`) for a few rows in one
+    kernel -> (y (M, N or N/2), x + residual or None). x, residual: (M, K) contiguous; w an FP8Weight."""
+    if x.dim() != 2 or not x.is_contiguous() or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"fp8_norm_gemv: contiguous x (M, K) and residual of its shape, got {tuple(x.shape)}")
+    N2 = w.q.shape[0]
+    out = torch.empty(x.shape[0], N2 // 2 if glu is not None else N2, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    _launch_gemv(x, None, None, w, bias, out, _config(w, bias, x, False, config), False,
+                 norm=(residual.contiguous() if residual is not None else None, norm_weight, eps, plus_one, res_out),
+                 glu=glu, alpha=alpha, limit=limit)
+    return out, res_out
 
 
 def pick_fp8_gemv(w, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
