@@ -64,8 +64,10 @@ def _peak_tracker() -> Callable[[], float]:
         return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
 
 
-def _bounded(fn: Callable[[], Any], cpu_s: float = 1.0, mb: float = 200.0) -> BaseException | None:
+def _bounded(fn: Callable[[], Any], cpu_s: float = 5.0, mb: float = 200.0) -> BaseException | None:
     """Run fn under the address-space cap; it must take < cpu_s of CPU time and grow the peak RSS by < mb.
+    A refusal takes well under a second of CPU; the runaway builds this guards against took 17 s to forever, so
+    the bound leaves room for a loaded CI box (1.09 s was seen at load 10) without letting a regression through.
     Returns the CheckpointError it raised (None when it returned); any other exception propagates."""
     growth = _peak_tracker()
     t0 = time.process_time()
