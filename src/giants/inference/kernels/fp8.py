@@ -279,17 +279,20 @@ def _fp8_gemm_kernel(X, W, S, B, Y, M, N, K, KB, stride_x, HAS_BIAS: tl.constexp
     tl.store(Y + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
 
-def fp8_gemm(x: torch.Tensor, w, bias: torch.Tensor | None = None, block_m: int | None = None, block_n: int = 64,
-             num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """x (M, K) (bf16 / fp16 / fp32), w an FP8Weight (N, K) -> (M, N): weight-only FP8 matmul."""
+def fp8_gemm(x: torch.Tensor, w, bias: torch.Tensor | None = None, block_m: int | None = None,
+             block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x (M, K) (bf16 / fp16 / fp32), w an FP8Weight (N, K) -> (M, N): weight-only FP8 matmul. Tiles: 16 x 32 rows
+    for a few rows (more programs over N), up to 64 x 64; K tiles of 128 (or the scale block, if narrower)."""
     M, K = x.shape
     N = w.q.shape[0]
     rowwise, sbn, sbk, _ = _layout(w, False)
-    block_k = 64 if rowwise or sbk % 64 == 0 else sbk
+    block_k = 128 if rowwise or sbk % 128 == 0 else sbk
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     dot_f32 = interp or x.dtype == torch.float32
     if block_m is None:
         block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    if block_n is None:
+        block_n = 32 if M <= 16 else 64
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
