@@ -9,14 +9,23 @@ torch.compile'd batch-1 decode (`LLM(cpu_compile=True)`, compiled before timing 
 threads, in the same rounds.
 
     python benchmarks/bench_cpu.py --source smollm2-135m --new 128 --out cpu.json
+
+`--contention N` runs N busy processes (`while True: pass`, each ending by itself after `--contention-seconds`)
+beside the timed rounds, as a machine shared with other jobs: giants at its default threads (all cores, fewer
+while they are busy: giants.inference.cpu_threads) against transformers at the same torch default.
+
+    python benchmarks/bench_cpu.py --modes fp32 --contention 2 --new 64 --rounds 3 --no-llama-cpp
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -92,6 +101,24 @@ def llamacpp_runner(path: str, threads: int):
     return greedy
 
 
+@contextlib.contextmanager
+def busy_processes(n: int, seconds: float):
+    """n processes spinning on a core each, for at most `seconds` (they end by themselves if this one dies); ended
+    by their own ids on the way out."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="smollm2-135m", help="'smollm2-135m' (real GGUF) or 'preset' (random)")
@@ -101,10 +128,15 @@ def main() -> None:
     ap.add_argument("--modes", default="fp32,fp32_compile,bf16,bf16_compile,int8",
                     help="giants weight modes; *_compile decode through torch.compile'd layers (LLM(cpu_compile=True))")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even if installed")
+    ap.add_argument("--contention", type=int, default=0, metavar="N",
+                    help="N busy processes beside the timed rounds (a machine other jobs share)")
+    ap.add_argument("--contention-seconds", type=float, default=1800.0,
+                    help="the busy processes end by themselves after this long")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = {"env": env(torch.device("cpu")), "threads": args.threads, "new_tokens": args.new, "source": args.source}
+    res = {"env": env(torch.device("cpu")), "threads": args.threads, "new_tokens": args.new, "source": args.source,
+           "contention": args.contention, "cpus": os.cpu_count()}
     if args.source == "preset":
         model = giants.build(giants.get_config("smollm2-135m"), seed=0).eval()
         hf = hf_from_giants(model)
@@ -146,16 +178,24 @@ def main() -> None:
             res["llama_cpp_python"] = llama_cpp.__version__
         except ImportError:
             res["llama_cpp_python"] = "not installed"
-    for _ in range(args.rounds):
-        r, toks["transformers_fp32"] = hf_greedy(hf, prompt, args.new, 1)
-        rates["transformers_fp32"].append(r)
-        for mode, llm in llms.items():
-            r, toks[mode] = giants_greedy(llm, prompt, args.new, 1)
-            rates[mode].append(r)
-        if lcpp is not None:
-            r, toks["llama_cpp_q4_1"] = lcpp(prompt, args.new)
-            rates["llama_cpp_q4_1"].append(r)
-        print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
+    res["load_average_before"] = os.getloadavg()
+    with busy_processes(args.contention, args.contention_seconds) as busy:
+        if busy:
+            print(f"{len(busy)} busy processes: {busy}", flush=True)
+            time.sleep(2)  # let them take their cores
+        for _ in range(args.rounds):
+            r, toks["transformers_fp32"] = hf_greedy(hf, prompt, args.new, 1)
+            rates["transformers_fp32"].append(r)
+            for mode, llm in llms.items():
+                r, toks[mode] = giants_greedy(llm, prompt, args.new, 1)
+                rates[mode].append(r)
+            if lcpp is not None:
+                r, toks["llama_cpp_q4_1"] = lcpp(prompt, args.new)
+                rates["llama_cpp_q4_1"].append(r)
+            print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
+        res["load_average_after"] = os.getloadavg()
+    res["giants_threads"] = {m: (llm.thread_governor.history if llm.thread_governor is not None else None)
+                             for m, llm in llms.items()}
     hf_toks = toks["transformers_fp32"]
     hf_med, hf_best = statistics.median(rates["transformers_fp32"]), max(rates["transformers_fp32"])
     res["transformers_fp32"] = {"tok_s_median": hf_med, "tok_s_best": hf_best, "runs": rates["transformers_fp32"]}

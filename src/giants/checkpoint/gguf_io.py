@@ -166,6 +166,24 @@ def _check_overlaps(infos: list[tuple[str, int, int]], path: Path) -> None:
 # ---- reading -------------------------------------------------------------------------------------
 def _reader_class():
     from gguf import GGUFReader
+    from gguf.gguf_reader import ReaderField
+
+    class ArrayField:
+        """An array read in one piece, in place of the reader's ReaderField: numbers as one numpy view, strings as
+        (start, end) byte spans decoded when asked for; contents() returns what the ReaderField's would."""
+
+        def __init__(self, offset, name, parts, types, values=None, spans=None, raw=None) -> None:
+            self.offset, self.name, self.parts, self.types = offset, name, parts, types
+            self.data = [len(parts) - 1]
+            self.values, self.spans, self.raw = values, spans, raw
+
+        def contents(self, index_or_slice=slice(None)):
+            if self.spans is not None:
+                pick = self.spans[index_or_slice]
+                if isinstance(index_or_slice, int):
+                    return str(self.raw[pick[0]:pick[1]], encoding="utf-8")
+                return [str(self.raw[a:b], encoding="utf-8") for a, b in pick]
+            return self.values[index_or_slice].tolist()
 
     class Reader(GGUFReader):
         # GGUFReader slices its np.memmap hundreds of thousands of times while reading metadata, and every
@@ -178,6 +196,54 @@ def _reader_class():
         @data.setter
         def data(self, value):
             self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+        # Arrays of scalars or strings (a vocabulary: 49,152 tokens and 48,900 merges for SmolLM2) read in one
+        # pass instead of one field part per element: 7 s -> a fraction of a second. validate_gguf has already
+        # checked every length against the file.
+        def _build_fields(self, offs: int, count: int) -> int:
+            for _ in range(count):
+                orig = offs
+                klen, kdata = self._get_str(offs)
+                offs += int(klen.nbytes + kdata.nbytes)
+                raw_type = self._get(offs, np.uint32)
+                offs += int(raw_type.nbytes)
+                parts = [klen, kdata, raw_type]
+                name = str(bytes(kdata), encoding="utf-8")
+                if int(raw_type[0]) == 9:
+                    size, field = self._array_field(orig, name, parts, offs)
+                    if field is not None:
+                        self._push_field(field, skip_sum=True)
+                        offs += size
+                        continue
+                size, fparts, fidx, ftypes = self._get_field_parts(offs, raw_type[0])
+                base = len(parts)
+                self._push_field(ReaderField(orig, name, parts + fparts, [i + base for i in fidx], ftypes),
+                                 skip_sum=True)
+                offs += size
+            return offs
+
+        def _array_field(self, orig: int, name: str, parts: list, offs: int):
+            from gguf.constants import GGUFValueType
+
+            itype = self._get(offs, np.uint32)
+            alen = self._get(offs + 4, np.uint64)
+            sub, n, start = int(itype[0]), int(alen[0]), offs + 12
+            types = [GGUFValueType.ARRAY, GGUFValueType(sub)] if sub in GGUFValueType._value2member_map_ else None
+            if types is None or sub == 9:
+                return 0, None  # nested arrays: the reader's own walk
+            if sub != 8:
+                values = self._get(start, self.gguf_scalar_to_np[GGUFValueType(sub)], n)
+                return 12 + int(values.nbytes), ArrayField(orig, name, parts + [itype, alen, values], types,
+                                                           values=values)
+            mv = memoryview(self._data)
+            spans = []
+            pos = start
+            for _ in range(n):
+                ln = int.from_bytes(mv[pos:pos + 8], "little")
+                spans.append((pos + 8, pos + 8 + ln))
+                pos += 8 + ln
+            raw = self._data[start:pos]
+            return pos - offs, ArrayField(orig, name, parts + [itype, alen, raw], types, spans=spans, raw=mv)
 
     return Reader
 
@@ -444,13 +510,41 @@ def gguf_rules(cfg: ModelConfig, arch: str, names: set[str]) -> list[GGUFRule]:
     return rules
 
 
+def _fast_dequantize(data: np.ndarray, qtype) -> np.ndarray | None:
+    """Q4_0, Q4_1 and Q8_0 (the common llama.cpp types) with torch's vectorised, multi-threaded kernels, the same
+    float32 operations in the same order as gguf.quants (bit-identical results), ~10x faster; None for others."""
+    import warnings
+
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGMLQuantizationType as T
+
+    if qtype not in (T.Q4_0, T.Q4_1, T.Q8_0):
+        return None
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    with warnings.catch_warnings():  # a read-only view of the file mapping: only ever read here
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(np.ascontiguousarray(data).reshape(-1)).view(-1, type_size)
+    halves = blocks.view(torch.float16)  # every block starts with its float16 scale d (Q4_1: then its min m)
+    d = halves[:, :1].float()
+    if qtype == T.Q8_0:
+        return blocks[:, 2:].view(torch.int8).float().mul_(d).numpy()
+    qs = blocks[:, 4:] if qtype == T.Q4_1 else blocks[:, 2:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # low nibbles are elements 0-15, high 16-31
+    if qtype == T.Q4_0:
+        return q.sub_(8).mul_(d).numpy()
+    return q.mul_(d).add_(halves[:, 1:2].float()).numpy()
+
+
 def dequantize_tensor(t, path: str | Path) -> torch.Tensor:
-    """One `ReaderTensor` as float32, in numpy (PyTorch) dimension order, via gguf.quants.dequantize."""
+    """One `ReaderTensor` as float32, in numpy (PyTorch) dimension order, via gguf.quants.dequantize (Q4_0,
+    Q4_1, Q8_0 through `_fast_dequantize`)."""
     from gguf.quants import dequantize
 
     check_mxfp4_scales(t.data, t.tensor_type, t.name, path)
     try:
-        arr = dequantize(t.data, t.tensor_type)
+        arr = _fast_dequantize(t.data, t.tensor_type)
+        if arr is None:
+            arr = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise CheckpointError(f"GGML type {t.tensor_type.name} cannot be dequantized", file=path,
                               tensor=t.name) from None

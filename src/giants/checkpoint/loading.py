@@ -397,7 +397,9 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device) -> Transformer:
         raise CheckpointError(f"no tensor of this {g.arch} file fills the model's {unfilled[0]!r}", file=path)
     model = _allocate(cfg, device, dtype or torch.float32)
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    from giants.cpu import bulk_threads
+
+    with torch.no_grad(), bulk_threads():  # no spinning OpenMP barriers while other processes hold the cores
         for name, t in g.items():
             params[name].copy_(t)
     return model.eval()

@@ -76,9 +76,12 @@ class CompiledDecode:
             self.layers.append(_Layer(nb(layer.attn_norm), qkv, lin(layer.attn.o_proj), nb(layer.attn_post_norm),
                                       nb(layer.mlp_norm), (mlp[1], mlp[2]), lin(layer.mlp.down_proj),
                                       nb(layer.mlp_post_norm), layer.attn.sinks))
-        self._qkv_fn = torch.compile(self._qkv, dynamic=False)
-        self._rest_fn = torch.compile(self._rest)
-        self._head_fn = torch.compile(self._head, dynamic=False)
+        # the kernels read the thread count at run time (inductor bakes it in otherwise), so the count
+        # giants.inference.cpu_threads sets for each step applies here too
+        opts = {"cpp.dynamic_threads": True}
+        self._qkv_fn = torch.compile(self._qkv, dynamic=False, options=opts)
+        self._rest_fn = torch.compile(self._rest, options=opts)
+        self._head_fn = torch.compile(self._head, dynamic=False, options=opts)
 
     # ---- the compiled pieces (pure functions of tensors; config values are constants) ----------------
     def _qkv(self, x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor | None, w: torch.Tensor,
