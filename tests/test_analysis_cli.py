@@ -123,8 +123,9 @@ def test_fit_train(capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["fits"] and r["memory_per_gpu_bytes"] <= 80e9 and r["gpu_days"] > 0 and r["gpus"] == r["dp"]
-    code, out, _ = run(capsys, "fit", "llama-3.1-8b", "--train", "--dp", "1", "--zero", "0", "--format", "json")
+    code, out, err = run(capsys, "fit", "llama-3.1-8b", "--train", "--dp", "1", "--zero", "0", "--format", "json")
     assert not json.loads(out)["fits"]  # 16 bytes x 8B params alone exceed 80 GB
+    assert code == 2 and "does not fit" in err  # as serving a model that does not fit
 
 
 # ---- bad input -----------------------------------------------------------------------------------

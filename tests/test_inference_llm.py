@@ -118,7 +118,8 @@ def test_generate_cli_json(capsys, monkeypatch):
     assert cli.main(["generate", "tiny-llama", "hello", "--max-tokens", "5", "--temperature", "0", "--json",
                      "--ignore-eos"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert set(got) == {"text", "token_ids", "finish_reason"} and len(got["token_ids"]) == 5
+    assert set(got) == {"text", "token_ids", "finish_reason", "random_weights"} and len(got["token_ids"]) == 5
+    assert got["random_weights"] is True  # a preset: said in the JSON too
     assert got["finish_reason"] == "length"
     model = llm_mod.random_model("tiny-llama", torch.device("cpu"), torch.float32, 0)
     engine = Engine(model, num_blocks=64)

@@ -36,8 +36,14 @@ def _compare(args: argparse.Namespace) -> int:
     records = compare_records(args.models or None, args.context, args.dtype, kv_dtype)
     notes = [f"active = parameters one token uses, input embedding excluded (gpt-oss model card); "
              f"active+emb adds it back (Mixtral's convention). FLOPs: one token decoded at context {args.context}. "
-             f"Weights: see docs/analysis.md for what each format quantises."]
+             "Weights: fp8 / int8 / int4 quantise attention and MLP matrices; mxfp4 (4.25 bits) only the MLP "
+             "(the experts of an MoE, as gpt-oss ships), attention stays bf16, so a dense model's mxfp4 exceeds its "
+             "int4. Embeddings and head stay bf16 in every format (docs/analysis.md)."]
     notes += [f"{r['preset']}: {r['note']}" for r in records if "note" in r]
+    if any(r["preset"] == "gpt-oss-120b-described" for r in records):
+        from giants.analysis.report import DESCRIBED_NOTE
+
+        notes.append(DESCRIBED_NOTE)
     _out(render(records, compare_columns(args.context, kv_dtype, args.dtype), args.format,
                 title=f"giants compare (context {args.context}, {args.dtype} weights, {kv_dtype} KV cache)",
                 notes=notes, transpose=len(records) <= 8))
@@ -84,6 +90,9 @@ def _fit_one(args: argparse.Namespace) -> int:
              f"sequence, {db.tokens_per_s:,.0f} tok/s aggregate at batch {args.batch} ({db.bound}-bound, upper bound)",
              f"prefill of {args.context} tokens: {pre * 1e3:,.1f} ms (roofline)"]
     payload["serve"] = plan.as_dict()
+    payload["dtype_default"] = args.dtype_note is not None
+    if args.dtype_note:
+        notes.insert(0, args.dtype_note)
     notes += _serve_notes(args, plan)
     _out(render(rows, cols, args.format, title=title, notes=notes, json_payload=payload))
     return 0
@@ -215,6 +224,13 @@ def _fit_train(args: argparse.Namespace) -> int:
              f"({days / (dp * args.tp):,.1f} days on {dp * args.tp} GPUs)"]
     _out(render(rows, [Column("per GPU", "part"), Column("bytes", "bytes", human_bytes)], args.format, title=title,
                 notes=notes, json_payload=payload))
+    if not payload["fits"]:  # as serving a model that does not fit: exit 2, after the breakdown
+        import sys
+
+        print(f"giants fit: error: training {label} does not fit {gpu.label}: {human_bytes(m.total)} per GPU at "
+              f"ZeRO-{args.zero} over {dp}; raise --dp / --tp, lower --micro-batch / --seq-len or leave --dp out",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -222,6 +238,15 @@ def _fit(args: argparse.Namespace) -> int:
     from giants.analysis.memory import WEIGHT_FORMATS
 
     args.dtype_given = args.dtype is not None
+    args.dtype_note = None
+    if not args.dtype_given and args.model and not args.budget and not args.train:
+        from giants.analysis.compare import published_format, resolve_model
+
+        label = resolve_model(args.model)[0]
+        args.dtype = published_format(label)  # as the model ships: gpt-oss's MXFP4 experts, else bf16
+        args.dtype_note = (f"weights: {args.dtype}, the format {label} is published in"
+                           + (" (MXFP4 experts, bf16 attention and embeddings: model card)" if args.dtype == "mxfp4"
+                              else "") + "; --dtype bf16 / fp8 / int4 / mxfp4 plans another")
     args.dtype = args.dtype or "bf16"
     if args.dtype not in WEIGHT_FORMATS:
         raise ValueError(f"--dtype {args.dtype!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -240,7 +265,8 @@ def _report(args: argparse.Namespace) -> int:
     paths = write_report(args.out, context=args.context)
     cols = [Column("claim", "claim"), Column("verdict", "verdict", align="left"),
             Column("computed evidence", "evidence", align="left")]
-    _out(render(paths["claims"], cols, args.format, title="the article's claims, checked"))
+    _out(render(paths["claims"], cols, args.format, title="the claims of a popular comparison article (GPT-OSS-120B, "
+                "Llama 3 70B, Gemma 2 27B, Mixtral 8x22B), checked"))
     if args.format in ("rich", "md"):
         print(f"report written: {paths['html']} and {paths['md']} ({len(paths['plots'])} plots)")
     return 0
@@ -251,8 +277,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from giants.analysis.memory import DTYPE_BYTES, WEIGHT_FORMATS
 
     p = sub.add_parser("compare", help="parameters, FLOPs, KV cache and weight bytes side by side",
-                       description="Compare presets or config.json files (default: the article's four models and "
-                                   "gpt-oss-120b as the article describes it).")
+                       description="Compare presets or config.json files (default: the four models a popular "
+                                   "comparison article compares, and gpt-oss-120b as that article describes it, "
+                                   "with dimensions chosen by giants).")
     p.add_argument("models", nargs="*", metavar="PRESET|config.json")
     p.add_argument("--context", type=_positive_int, default=8192, help="tokens in context (default 8192)")
     p.add_argument("--dtype", choices=WEIGHT_FORMATS, default="bf16", help="weight format for serving memory")
@@ -289,7 +316,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _format_arg(p)
     p.set_defaults(func=_fit)
 
-    p = sub.add_parser("report", help="HTML + Markdown deep-dive with plots and the article's claims checked")
+    p = sub.add_parser("report", help="HTML + Markdown deep-dive with plots and a popular comparison article's "
+                                      "claims checked")
     p.add_argument("--out", default="report", help="output folder (default report/)")
     p.add_argument("--context", type=_positive_int, default=8192)
     _format_arg(p)

@@ -94,6 +94,6 @@ def compare_columns(context: int, kv_dtype: str, dtype: str) -> list[Column]:
         Column("fp8", "weights_bytes.fp8", human_bytes),
         Column("int8", "weights_bytes.int8", human_bytes),
         Column("int4", "weights_bytes.int4", human_bytes),
-        Column("mxfp4", "weights_bytes.mxfp4", human_bytes),
+        Column("mxfp4 (MLP only)", "weights_bytes.mxfp4", human_bytes),
         Column(f"serve 1 seq ({dtype})", "serving_bytes", human_bytes),
     ]

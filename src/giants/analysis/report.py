@@ -14,7 +14,7 @@ from pathlib import Path
 from giants.analysis.claims import check_claims
 from giants.analysis.compare import REAL_PRESETS, compare_columns, compare_record, published_format
 from giants.analysis.hardware import GPUS, NODE_SIZE, get_gpu
-from giants.analysis.memory import kv_cache_bytes, serving_memory, training_memory
+from giants.analysis.memory import kv_cache_bytes, serving_memory, training_memory, weight_bytes
 from giants.analysis.params import count_params
 from giants.analysis.perf import FitError, decode, fit, prefill_seconds, training_gpu_days
 from giants.analysis.tables import Column, get_path, human_bytes, human_count, markdown_table
@@ -67,31 +67,52 @@ def _log_axes(ax, x: str = "tokens") -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(_tokens if x == "tokens" else lambda v, _p: f"{v:g}"))
 
 
+DESCRIBED = "gpt-oss-120b-described"
+ARTICLE = "a popular comparison article"  # of GPT-OSS-120B, Llama 3 70B, Gemma 2 27B and Mixtral 8x22B
+DESCRIBED_NOTE = ("gpt-oss-120b-described builds GPT-OSS-120B as a popular comparison article describes it (dense, "
+                  "multi-head attention, T5 relative bias, SwiGLU 4x); the article gives no dimensions, so d_model "
+                  "10240, 70 layers and 80 heads are giants' choice (~121.6B parameters)")
+
+
+def _billions(b: float) -> str:
+    return f"{b:.2f}B" if b < 1 else f"{b:.1f}B"
+
+
+def _label(name: str) -> str:
+    return f"{name}*" if name == DESCRIBED else name
+
+
 def plot_params(path: Path) -> None:
+    """Bars on linear axes (a log axis made gpt-oss-120b's 5.1B active look like 70% of its 116.8B): one panel
+    for the models above 10B and one for those below, each from zero."""
     plt = _plt()
     names = sorted(REAL_PRESETS, key=lambda n: count_params(get_config(n)).total)
-    tot = [count_params(get_config(n)).total / 1e9 for n in names]
-    act = [count_params(get_config(n)).active / 1e9 for n in names]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    y = range(len(names))
-    ax.barh([i + 0.2 for i in y], tot, height=0.4, label="total", color="#7f7f7f")
-    ax.barh([i - 0.2 for i in y], act, height=0.4, label="active per token (no input embedding)", color="#1f77b4")
-    for i, (t, a) in enumerate(zip(tot, act)):
-        ax.text(t * 1.08, i + 0.2, f"{t:.1f}B", va="center", fontsize=8)
-        if a < t * 0.98:
-            ax.text(a * 1.08, i - 0.2, f"{a:.1f}B", va="center", fontsize=8, color="#1f77b4")
-    ax.set_yticks(list(y), names)
-    ax.set_xscale("log")
-    ax.set_xlim(0.05, 600)
-    from matplotlib.ticker import FuncFormatter
-
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
-    ax.set_xlabel("parameters (billions, log scale)")
-    ax.set_ylabel("model (preset)")
-    ax.set_title("Total vs active parameters per token")
-    ax.legend(loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    big = [n for n in names if count_params(get_config(n)).total >= 10e9]
+    small = [n for n in names if n not in big]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 8.2), gridspec_kw={"height_ratios": [len(big), len(small)]})
+    for ax, group, title in ((axes[0], big, "models above 10B parameters"),
+                             (axes[1], small, "models below 10B parameters (their own scale)")):
+        tot = [count_params(get_config(n)).total / 1e9 for n in group]
+        act = [count_params(get_config(n)).active / 1e9 for n in group]
+        y = range(len(group))
+        ax.barh([i + 0.2 for i in y], tot, height=0.4, label="total", color="#7f7f7f")
+        ax.barh([i - 0.2 for i in y], act, height=0.4, label="active per token (no input embedding)",
+                color="#1f77b4")
+        top = max(tot)
+        for i, (t, a) in enumerate(zip(tot, act)):
+            ax.text(t + top * 0.01, i + 0.2, _billions(t), va="center", fontsize=8)
+            share = f" ({a / t:.0%} of total)" if a < t * 0.98 else ""
+            ax.text(a + top * 0.01, i - 0.2, _billions(a) + share, va="center", fontsize=8, color="#1f77b4")
+        ax.set_yticks(list(y), [_label(n) for n in group])
+        ax.set_xlim(0, top * 1.22)
+        ax.set_xlabel("parameters (billions, linear scale)")
+        ax.set_ylabel("model (preset)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Total vs active parameters per token")
+    fig.text(0.01, 0.005, "* " + DESCRIBED_NOTE, fontsize=7, color="#555", wrap=True)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -147,10 +168,11 @@ def plot_serving(path: Path, names: Sequence[str]) -> None:
         ctx = _contexts(min(cfg.max_context, 131072))
         for dt, style in (("bf16", "-"), ("int4", "--"), ("mxfp4", ":")):
             ys = [serving_memory(cfg, t, 1, dt).total / GB for t in ctx]
-            ax.plot(ctx, ys, style, marker="o", ms=3, label=dt, color=COLORS.get(name, "k"))
+            label = {"int4": "int4 (attention + MLP)", "mxfp4": "mxfp4 (MLP only)"}.get(dt, dt)
+            ax.plot(ctx, ys, style, marker="o", ms=3, label=label, color=COLORS.get(name, "k"))
             if dt != "int4":
                 last.plot(ctx, ys, style, color=COLORS.get(name, "k"), label=name if dt == "bf16" else None)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(_label(name), fontsize=10)
         ax.legend(fontsize=8, title="weights", title_fontsize=8, loc="upper left")
     last.set_title("all: bf16 solid, MXFP4 dotted", fontsize=10)
     last.legend(fontsize=7.5, loc="lower right", title="model (colour)", title_fontsize=8)
@@ -166,8 +188,11 @@ def plot_serving(path: Path, names: Sequence[str]) -> None:
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("serving memory, batch 1 (GB)")
         ax.grid(alpha=0.3)
-    fig.suptitle("Serving memory vs context (weights + KV cache + workspace, one sequence); grey lines: GPU sizes")
-    fig.tight_layout()
+    fig.suptitle("Serving memory vs context (weights + KV cache + workspace, one sequence); grey lines: GPU sizes\n"
+                 "mxfp4 quantises only the MLP (experts), as gpt-oss ships; int4 also attention, so a dense model's "
+                 "mxfp4 sits above its int4")
+    fig.text(0.01, 0.005, "* " + DESCRIBED_NOTE, fontsize=7, color="#555")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -242,7 +267,7 @@ def plot_fit(path: Path, names: Sequence[str], context: int) -> None:
         ax.set_xticks(range(len(GPUS)), [g.label.replace(" SXM", "") for g in GPUS.values()], rotation=45,
                       ha="right", fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
-        ax.set_title(f"{dt} weights", fontsize=10)
+        ax.set_title(f"{dt} weights" + (" (MLP/experts only)" if dt == "mxfp4" else ""), fontsize=10)
         ax.set_xlabel("GPU", fontsize=9)
     axes[0].set_ylabel("model", fontsize=9)
     fig.suptitle(f"Fewest GPUs to serve one sequence at context {context} (✗: more than one {NODE_SIZE}-GPU node)")
@@ -352,14 +377,20 @@ def write_report(out: str | Path = "report", context: int = 8192, tokens: float 
 
     tf = lambda v: f"{v / 1e12:,.2f}"  # noqa: E731
     sections: list[tuple[str, str, list[dict] | None, list[Column] | None, str]] = [
-        ("The article's claims, checked", "Each verdict is computed from the presets' configs (see evidence).",
+        ("The article's claims, checked", "Each verdict is computed from the presets' configs (see evidence). "
+         + DESCRIBED_NOTE + ".",
          claims, [Column("model", "model"), Column("claim", "claim"), Column("computed evidence", "evidence"),
                   Column("verdict", "verdict")], "claims"),
         (f"Models side by side (context up to {context}, bf16)",
          "active excludes the input embedding table (gpt-oss model card convention); active+emb includes it. "
-         "KV cache and FLOPs at min(context, max_context) tokens.",
+         "KV cache and FLOPs at min(context, max_context) tokens. Weight formats: fp8, int8 and int4 quantise the "
+         "attention and MLP matrices; mxfp4 only the MLP (the experts of an MoE, as gpt-oss ships) while attention "
+         "stays bf16, which is why a dense model's mxfp4 column is above its int4 (llama-3-70b: "
+         f"{human_bytes(weight_bytes(get_config('llama-3-70b'), 'mxfp4'))} vs "
+         f"{human_bytes(weight_bytes(get_config('llama-3-70b'), 'int4'))}). Embeddings and head stay bf16. "
+         + DESCRIBED_NOTE + ".",
          compare, compare_columns(context, "bf16", "bf16"), ""),
-        (f"Serving the article's models on H100 80GB (context {context}, as published: gpt-oss MXFP4, others bf16)",
+        (f"Serving the compared models on H100 80GB (context {context}, as published: gpt-oss MXFP4, others bf16)",
          "Roofline upper bounds: decode = max(bytes read / bandwidth, FLOPs / peak); MoE reads only the experts "
          "a batch routes to (uniform routing).",
          serving, [Column("model", "model"), Column("weights", "dtype"), Column("GPUs", "gpus"),
@@ -380,9 +411,12 @@ def write_report(out: str | Path = "report", context: int = 8192, tokens: float 
           Column("bf16 TFLOP/s", "bf16", tf), Column("fp8 TFLOP/s", "fp8", tf), Column("source", "source")], ""),
     ]
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = "giants report: the comparison article, computed"
-    intro = ("Parameter counts, FLOPs, KV cache, weight and serving memory, GPU fits and roofline speeds, computed "
-             "from each model's architecture (giants presets; nothing downloaded). Generated " + stamp + ".")
+    title = "giants report: a popular comparison article's claims, computed"
+    intro = ("A popular comparison article sets GPT-OSS-120B beside Llama 3 70B, Gemma 2 27B and Mixtral 8x22B, and "
+             "describes GPT-OSS-120B as a dense model with multi-head attention and T5-style relative position "
+             "bias, which the published model is not. This report checks its claims with parameter counts, FLOPs, "
+             "KV cache, weight and serving memory, GPU fits and roofline speeds, computed from each model's "
+             "architecture (giants presets; nothing downloaded). Generated " + stamp + ".")
 
     md = [f"# {title}", "", intro, ""]
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]

@@ -47,6 +47,8 @@ from giants.serve.metrics import Metrics
 from giants.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 
 log = logging.getLogger("giants.serve")
+access_log = logging.getLogger("giants.serve.access")  # one line a request: client, method, path, status, seconds
+DEFAULT_STATS_INTERVAL = 10.0
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -59,6 +61,8 @@ class Loaded:
     max_model_len: int
     max_running: int
     vocab_size: int
+    random_weights: bool = False  # a preset's random weights: the completions are noise (logged at ready)
+    description: str = ""  # how the model runs, for the ready log line (dtype, device, threads)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -95,7 +99,15 @@ class ServerState:
         self.status = status
         self.metrics.set_state(status)
 
-    def ready(self, loaded: Loaded, loop: asyncio.AbstractEventLoop) -> None:
+    def ready(self, loaded: Loaded, loop: asyncio.AbstractEventLoop, seconds: float | None = None) -> None:
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
+        log.info("model %s loaded%s%s: ready for requests (max_model_len %d, up to %d sequences at once)",
+                 self.name, took, f" ({loaded.description})" if loaded.description else "", loaded.max_model_len,
+                 loaded.max_running)
+        if loaded.random_weights:
+            log.warning("%s is a preset with RANDOM weights: every completion is noise (for sizes and speed only); "
+                        "serve a known name (smollm2-135m), a .gguf file or a Hugging Face folder for real text",
+                        self.name)
         self.bridge = AsyncEngine(loaded.engine, self.metrics, max_running=loaded.max_running,
                                   max_queue=self.max_queue, request_timeout=self.request_timeout)
         self.bridge.start(loop)
@@ -136,6 +148,27 @@ class ServerState:
             self.renderer.close()
 
 
+async def _log_throughput(state: ServerState, interval: float) -> None:
+    """Every `interval` seconds in which the engine did something: prompt and generated tokens a second,
+    requests running and waiting. Quiet while idle."""
+    last: tuple[int, int] | None = None
+    while True:
+        await asyncio.sleep(interval)
+        bridge = state.bridge
+        engine = getattr(bridge, "engine", None)
+        if engine is None:
+            continue
+        now_counts = (int(getattr(engine, "prompt_tokens_total", 0)),
+                      int(getattr(engine, "generation_tokens_total", 0)))
+        if last is not None and now_counts != last:
+            gov = getattr(engine, "thread_governor", None)
+            threads = f", {gov.threads} CPU thread(s)" if gov is not None else ""
+            log.info("throughput: %.1f prompt tok/s, %.1f generated tok/s over %g s; %d running, %d waiting%s",
+                     (now_counts[0] - last[0]) / interval, (now_counts[1] - last[1]) / interval, interval,
+                     len(getattr(engine, "running", ())), len(getattr(engine, "waiting", ())), threads)
+        last = now_counts
+
+
 def _renderer(tokenizer: Any, timeout: float) -> Any:
     """The chat template in worker processes, for giants' own tokenizers with a template (others, in tests,
     render in the request's thread)."""
@@ -166,6 +199,7 @@ class Gate:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         status = [500]
+        started = time.monotonic()
 
         async def send_status(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -183,6 +217,10 @@ class Gate:
         finally:
             endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
             self.state.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+            if path not in ("/health", "/metrics"):  # probes would drown the log
+                client = scope.get("client") or ("-", 0)
+                access_log.info("%s %s %s %d %.3f s", client[0], scope.get("method", "-"), path, status[0],
+                                time.monotonic() - started)
 
     def _check(self, scope: Any) -> APIError | None:
         headers = dict(scope.get("headers") or [])
@@ -256,7 +294,8 @@ def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, .
                max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
                body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
                chat_template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT,
-               on_load_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_failed: Callable[[BaseException], None] | None = None,
+               stats_interval: float | None = DEFAULT_STATS_INTERVAL) -> FastAPI:
     """max_queue: sequences (prompts x n) allowed to wait beyond the running batch, None for no limit;
     request_timeout: seconds from arrival before a request is ended with 408 and aborted, None for no limit;
     max_seqs_per_request: prompts x n of one request; body_timeout: seconds for a body to arrive after its
@@ -283,13 +322,15 @@ def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, .
         loop = asyncio.get_running_loop()
 
         def load() -> None:
+            t0 = time.monotonic()
+            log.info("loading %s ...", name)
             try:
                 loaded = loader()
             except BaseException as e:  # noqa: BLE001 - reported to the client as 503 "failed" and to the CLI
                 log.error("loading %s failed: %s", name, e)
                 loop.call_soon_threadsafe(_failed, e)
                 return
-            loop.call_soon_threadsafe(state.ready, loaded, loop)
+            loop.call_soon_threadsafe(state.ready, loaded, loop, time.monotonic() - t0)
 
         def _failed(e: BaseException) -> None:
             state.error = f"{type(e).__name__}: {e}"
@@ -298,9 +339,12 @@ def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, .
                 on_load_failed(e)
 
         threading.Thread(target=load, name="giants-load", daemon=True).start()
+        stats = asyncio.ensure_future(_log_throughput(state, stats_interval)) if stats_interval else None
         try:
             yield
         finally:
+            if stats is not None:
+                stats.cancel()
             state.close()
 
     app = FastAPI(title="giants", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -30,6 +30,7 @@ class ChatOptions:
     dtype: str | None = None
     device: str | None = None
     compile: bool = False  # CPU: the compiled batch-1 decode (LLM(cpu_compile=True))
+    threads: int | None = None  # CPU threads (None: giants.inference.cpu_threads decides)
 
 
 class Conversation:
@@ -113,7 +114,8 @@ def chat(opts: ChatOptions, out: TextIO = sys.stdout) -> int:
         pass
     print(f"loading {opts.model} ...", file=out, flush=True)
     llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len,
-              seed=opts.seed if opts.seed is not None else 0, max_num_seqs=1, cpu_compile=opts.compile)
+              seed=opts.seed if opts.seed is not None else 0, max_num_seqs=1, cpu_compile=opts.compile,
+              cpu_threads=opts.threads)
     tok = llm.tokenizer
     if tok is None or getattr(tok, "chat_template", None) is None:
         raise ValueError(f"{opts.model}: chat needs a tokenizer with a chat template (found "
@@ -122,7 +124,12 @@ def chat(opts: ChatOptions, out: TextIO = sys.stdout) -> int:
     params = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
                             seed=opts.seed)
     conv = Conversation(tok, opts.system, engine.max_model_len, opts.max_tokens)
-    print(f"giants chat with {opts.model}. {HELP}", file=out, flush=True)
+    if getattr(llm, "random_weights", False):
+        from giants.inference.preflight import random_weights_note
+
+        print(f"note: {random_weights_note(opts.model)}", file=out, flush=True)
+    print(f"giants chat with {opts.model}{' (RANDOM weights)' if getattr(llm, 'random_weights', False) else ''}. "
+          f"{HELP}", file=out, flush=True)
     interrupt = _Interrupt()
     turn = 0
     while True:

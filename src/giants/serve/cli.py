@@ -70,7 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
                         max_memory=args.max_memory, offload_folder=args.offload_folder,
                         max_seqs_per_request=args.max_seqs_per_request, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout or None, max_connections=args.max_connections,
-                        chat_template_timeout=args.chat_template_timeout)
+                        chat_template_timeout=args.chat_template_timeout, threads=args.threads,
+                        stats_interval=args.log_interval)
     return serve(opts)
 
 
@@ -80,10 +81,12 @@ def _chat(args: argparse.Namespace) -> int:
     return chat(ChatOptions(model=args.model, system=args.system, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
-                            compile=args.compile))
+                            compile=args.compile, threads=args.threads))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from giants.inference.cli import add_threads_arg
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the continuous-batching engine")
     p.add_argument("model", help="preset (tiny-llama), known model (smollm2-135m), HF directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1")
@@ -134,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as "
                         "the checkpoint stores them; presets: none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-interval", type=_positive(float, 0), default=10.0, metavar="S",
+                   help="seconds between throughput log lines while requests run (0: none)")
+    add_threads_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="CPU: steps where one sequence decodes run through torch.compile'd layers (the first such "
                         "step compiles, 10-30 s)")
@@ -151,4 +157,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default=None)
     c.add_argument("--compile", action="store_true",
                    help="CPU: decode through torch.compile'd layers (~2x faster; the first reply compiles, 10-30 s)")
+    add_threads_arg(c)
     c.set_defaults(func=_chat)

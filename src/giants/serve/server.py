@@ -69,6 +69,8 @@ class ServeOptions:
     max_connections: int | None = None  # None: DEFAULT_MAX_CONNECTIONS, or fewer where descriptors are fewer
     keep_alive: int = DEFAULT_KEEP_ALIVE
     chat_template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT
+    threads: int | None = None  # CPU: intra-op threads (None: giants.inference.cpu_threads decides)
+    stats_interval: float = 10.0  # seconds between throughput log lines while busy; 0: none
 
 
 def load_model(opts: ServeOptions) -> Loaded:
@@ -79,7 +81,8 @@ def load_model(opts: ServeOptions) -> Loaded:
               max_model_len=opts.max_model_len, seed=opts.seed,
               block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
               cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size,
-              device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder)
+              device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder,
+              cpu_threads=opts.threads)
     if llm.executor is not None:
         from giants.inference.executor import exit_on_failure
 
@@ -87,8 +90,13 @@ def load_model(opts: ServeOptions) -> Loaded:
     if llm.tokenizer is None:
         raise ValueError(f"{opts.model}: no tokenizer found; the OpenAI API needs one to read and write text")
     engine = llm.engine
+    gov = getattr(llm, "thread_governor", None)
+    where = f"{next(llm.model.parameters()).dtype}".replace("torch.", "") + f" on {engine.device}"
+    if gov is not None:
+        where += f", {gov.threads} CPU thread(s)" + ("" if gov.fixed else " (fewer while the cores are busy)")
     return Loaded(engine=engine, tokenizer=llm.tokenizer, max_model_len=engine.max_model_len,
-                  max_running=engine.max_num_seqs, vocab_size=llm.model.config.vocab_size)
+                  max_running=engine.max_num_seqs, vocab_size=llm.model.config.vocab_size,
+                  random_weights=getattr(llm, "random_weights", False), description=where)
 
 
 class DrainingServer(uvicorn.Server):
@@ -298,7 +306,8 @@ def serve(opts: ServeOptions) -> int:
                      max_queue=opts.max_queue, max_body=opts.max_body, request_timeout=opts.request_timeout,
                      max_seqs_per_request=opts.max_seqs_per_request, body_timeout=opts.body_timeout,
                      chat_template_timeout=opts.chat_template_timeout,
-                     on_load_failed=lambda e: holder["server"].fail_load(e))
+                     on_load_failed=lambda e: holder["server"].fail_load(e),
+                     stats_interval=opts.stats_interval or None)
     fds = fd_limit()
     max_connections = min(opts.max_connections or DEFAULT_MAX_CONNECTIONS, fds)
     # Idle keep-alive connections are held 65 s, longer than clients pool them (httpx, under the openai
