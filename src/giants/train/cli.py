@@ -101,6 +101,7 @@ def _train(args: argparse.Namespace) -> int:
         dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, tp=args.tp, pp=args.pp, ep=args.ep,
         pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches, dist_timeout_s=args.dist_timeout)
     trainer = Trainer(tc)
+    ended = False
     try:
         if trainer.step >= tc.steps and not trainer.final_pending():
             if trainer.is_main:
@@ -110,9 +111,10 @@ def _train(args: argparse.Namespace) -> int:
             print(f"giants train: {args.out}: all {tc.steps} steps trained; writing the final model", file=sys.stderr,
                   flush=True)
         s = trainer.run()
+        ended = True
     finally:
         if trainer.dist is not None:
-            trainer.dist.close()
+            trainer.dist.close(orderly=ended)
     if s.get("stopped"):
         if trainer.is_main:
             how = ("the same torchrun launch with these arguments" if distributed.world_size() > 1 else "")
