@@ -2,7 +2,7 @@
 
 Start here:
   giants presets                                 every model shape giants knows, with its size
-  giants compare                                 the article's models side by side (params, KV cache, memory)
+  giants compare                                 the compared models side by side (params, KV cache, memory)
   giants fit gpt-oss-120b                        how many GPUs serving a model needs, and why
   giants download smollm2-135m                   a small real model (98 MB GGUF) into ~/.cache/giants
   giants generate smollm2-135m "Hello" --chat    text from it on the CPU (~10 s)

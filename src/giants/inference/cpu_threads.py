@@ -10,9 +10,9 @@ splits each projection across all threads and fell hardest. Measured on the 2-co
 1.5-2.2; 1 thread 6-10 tok/s for all three; `OMP_WAIT_POLICY=PASSIVE` brings 2 threads to the 1-thread rate.
 
 `ThreadGovernor` picks the count by measuring, so a quiet machine keeps every core: it times decode-only engine
-steps at the current count and every `interval` seconds of decoding (at once when steps turn 1.5x slower than at
-the last decision) runs `probe` steps at half (or, below the maximum, double) the count, keeping whichever
-stepped faster by 10%. A probe that loses doubles the interval (1 s -> 30 s), so probing costs well under 1% of
+steps at the current count and, once its first `window` steps are timed and then every `interval` seconds of
+decoding (at once when steps turn 1.5x slower than at the last decision), runs `probe` steps at half (or, below
+the maximum, double) the count, keeping whichever stepped faster by 10%. A probe that loses doubles the interval (1 s -> 30 s), so probing costs well under 1% of
 the steps once the count has settled, and a probe step slower than 2x the current median ends its probe at once.
 
 The count applies only while the engine steps: each step sets it and puts the caller's count back afterwards, so
@@ -46,7 +46,7 @@ def parse_threads(threads: int | str | None) -> int | None:
 class ThreadGovernor:
     """Chooses torch's intra-op thread count for engine steps from measured decode step times."""
 
-    def __init__(self, max_threads: int | None = None, *, fixed: bool = False, window: int = 6, probe: int = 4,
+    def __init__(self, max_threads: int | None = None, *, fixed: bool = False, window: int = 4, probe: int = 3,
                  first_interval: float = 1.0, max_interval: float = 30.0,
                  clock: Callable[[], float] = time.perf_counter,
                  set_threads: Callable[[int], None] = torch.set_num_threads,
@@ -104,8 +104,8 @@ class ThreadGovernor:
             return
         if self.probe_to is None:
             self.samples = (self.samples + [dt])[-self.window:]
-            if self.next_probe is None:
-                self.next_probe = now + self.interval
+            if self.next_probe is None:  # the first probe as soon as the window is full: a short run benefits too
+                self.next_probe = now
             if len(self.samples) < self.window or self.max == 1:
                 return
             med = statistics.median(self.samples)
