@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from giants.config import ModelConfig
+from giants.inference.preflight import available_memory
 from giants.train import checkpoint as ckpt
 from giants.train import distributed, stopping
 from giants.train.checkpoint_io import CheckpointMixin, atomic_write, cached_tokenizer
@@ -71,18 +71,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine")
     return dev
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def estimate_memory(cfg: ModelConfig, tc: TrainConfig, bf16: bool, master: bool = False) -> int:
