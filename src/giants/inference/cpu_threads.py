@@ -12,8 +12,9 @@ splits each projection across all threads and fell hardest. Measured on the 2-co
 `ThreadGovernor` picks the count by measuring, so a quiet machine keeps every core: it times decode-only engine
 steps at the current count and, once its first `window` steps are timed and then every `interval` seconds of
 decoding (at once when steps turn 1.5x slower than at the last decision), runs `probe` steps at half (or, below
-the maximum, double) the count, keeping whichever stepped faster by 10%. A probe that loses doubles the interval (1 s -> 30 s), so probing costs well under 1% of
-the steps once the count has settled, and a probe step slower than 2x the current median ends its probe at once.
+the maximum, double) the count, keeping whichever stepped faster by 10%. A probe that loses doubles the interval
+(1 s -> 30 s), so probing costs well under 1% of the steps once the count has settled, and a probe step slower
+than 2x the current median ends its probe at once.
 
 The count applies only while the engine steps: each step sets it and puts the caller's count back afterwards, so
 other torch work in the process (transformers in the same benchmark, say) keeps its own.
