@@ -31,7 +31,7 @@ lock:
 	  $(if $(UPGRADE),--upgrade) --output-file requirements/lock.txt pyproject.toml
 
 demo: install
-	giants report --out report
+	$(PY) -m giants report --out report
 	@echo "report written to report/index.html and report/report.md"
 
 lint:
