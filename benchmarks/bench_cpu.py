@@ -194,8 +194,10 @@ def main() -> None:
                 rates["llama_cpp_q4_1"].append(r)
             print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
         res["load_average_after"] = os.getloadavg()
-    res["giants_threads"] = {m: (llm.thread_governor.history if llm.thread_governor is not None else None)
-                             for m, llm in llms.items()}
+    # (seconds since the LLM was built, threads) at each change of giants' thread count (cpu_threads)
+    res["giants_threads"] = {m: [(round(t - h[0][0], 1), n) for t, n in h] if h else None
+                             for m, h in ((m, getattr(llm.thread_governor, "history", None))
+                                          for m, llm in llms.items())}
     hf_toks = toks["transformers_fp32"]
     hf_med, hf_best = statistics.median(rates["transformers_fp32"]), max(rates["transformers_fp32"])
     res["transformers_fp32"] = {"tok_s_median": hf_med, "tok_s_best": hf_best, "runs": rates["transformers_fp32"]}
