@@ -139,6 +139,44 @@ def test_bulk_threads_follow_the_load(monkeypatch):
     assert torch.get_num_threads() == 2
 
 
+def test_engine_built_inside_bulk_threads_governs_all_cores(monkeypatch):
+    from giants import cpu
+    from giants.inference import LLM
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # busy: the load and the first steps use 1
+    torch.set_num_threads(2)
+    with cpu.bulk_threads():
+        assert torch.get_num_threads() == 1
+        llm = LLM("tiny-llama", device="cpu", max_model_len=64, num_blocks=16)
+    gov = llm.thread_governor
+    assert gov is not None and gov.max == 2 and gov.cur == 1 and torch.get_num_threads() == 2
+
+
+def test_gguf_validated_once_per_unchanged_file(tmp_path, monkeypatch):
+    import gguf
+
+    from giants.checkpoint import gguf_io
+
+    path = tmp_path / "v.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("x", np.arange(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    calls = []
+    real = gguf_io.validate_gguf
+    monkeypatch.setattr(gguf_io, "validate_gguf", lambda p: (calls.append(p), real(p)))
+    gguf_io.open_gguf(path)
+    gguf_io.open_gguf(path)
+    assert len(calls) == 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # changed: walked again
+    gguf_io.open_gguf(path)
+    assert len(calls) == 2
+
+
 def test_fast_dequantize_is_bit_identical():
     from gguf.constants import GGML_QUANT_SIZES
     from gguf.constants import GGMLQuantizationType as T
@@ -441,6 +479,7 @@ def test_serve_logs_ready_requests_and_throughput(caplog):
         _wait_status(c, 200)
         r = c.post("/v1/completions", json={"model": "tiny-llama", "prompt": [1, 2], "max_tokens": 2})
         assert r.status_code == 200
+        assert c.get("/v1/models").json()["data"][0]["random_weights"] is True
     log = caplog.text
     assert "ready for requests" in log and "float32 on cpu" in log and "RANDOM weights" in log
     assert "POST /v1/completions 200" in log and "GET /health" not in log

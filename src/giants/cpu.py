@@ -28,6 +28,16 @@ def idle_cores() -> int:
     return max(1, min(cpus, int(cpus - max(0.0, load - 1.0) + 0.5)))
 
 
+_outer: list[int] = []  # the thread counts bulk_threads blocks lowered, outermost first
+
+
+def outer_threads() -> int:
+    """torch's thread count outside any bulk_threads block (what an engine built inside one should govern)."""
+    import torch
+
+    return _outer[0] if _outer else torch.get_num_threads()
+
+
 @contextlib.contextmanager
 def bulk_threads() -> Iterator[int]:
     """torch's thread count lowered to the idle cores for the block (never raised; OMP_NUM_THREADS respected)."""
@@ -35,10 +45,12 @@ def bulk_threads() -> Iterator[int]:
 
     before = torch.get_num_threads()
     n = before if os.environ.get("OMP_NUM_THREADS") else min(before, idle_cores())
+    _outer.append(before)
     if n != before:
         torch.set_num_threads(n)
     try:
         yield n
     finally:
+        _outer.pop()
         if n != before:
             torch.set_num_threads(before)

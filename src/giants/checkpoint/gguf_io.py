@@ -248,9 +248,30 @@ def _reader_class():
     return Reader
 
 
+_VALIDATED: dict[tuple[int, int, int, int], None] = {}  # identities of the regular files validate_gguf passed
+
+
+def _identity(path: str | Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    import stat
+
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
 def open_gguf(path: str | Path):
-    """A validated `gguf.GGUFReader`; any defect raises CheckpointError naming the file."""
-    validate_gguf(path)
+    """A validated `gguf.GGUFReader`; any defect raises CheckpointError naming the file. A file validated before in
+    this process, unchanged since (device, inode, size and modification time equal), is not walked again: one
+    `giants generate` opens the same GGUF four times (its config, the weights, the tokenizer)."""
+    key = _identity(path)
+    if key is None or key not in _VALIDATED:
+        validate_gguf(path)
+        if key is not None:
+            if len(_VALIDATED) >= 64:
+                _VALIDATED.clear()
+            _VALIDATED[key] = None
     try:
         return _reader_class()(path)
     except CheckpointError:

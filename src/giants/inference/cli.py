@@ -105,9 +105,12 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                             stop=args.stop or None)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=_max_model_len(args, text),
-              seed=args.seed or 0, cpu_compile=args.compile, max_num_seqs=args.n, cpu_threads=args.threads,
-              quantization=args.quantization)
+    from giants.cpu import bulk_threads
+
+    with bulk_threads():  # loading, fusing and packing: no spinning barriers while other jobs hold the cores
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=_max_model_len(args, text),
+                  seed=args.seed or 0, cpu_compile=args.compile, max_num_seqs=args.n, cpu_threads=args.threads,
+                  quantization=args.quantization)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": text}]

@@ -160,9 +160,15 @@ def configure(engine, threads: int | None) -> ThreadGovernor | None:
     elif os.environ.get("OMP_NUM_THREADS"):
         return None
     else:
-        gov = ThreadGovernor()
+        from giants.cpu import idle_cores, outer_threads
+
+        gov = ThreadGovernor(outer_threads())  # built inside bulk_threads (giants generate): the count outside it
         if gov.max == 1:
             return None
+        # the first steps (the prompt's prefill among them) start from the cores the load average leaves idle;
+        # the probes correct it from there
+        gov.cur = min(gov.max, idle_cores())
+        gov.history = [(gov.history[0][0], gov.cur)]
     step = engine.step
 
     def governed_step():

@@ -92,6 +92,7 @@ class ServerState:
         self.status = "loading"
         self.error: str | None = None
         self.served: api.Served | None = None
+        self.random_weights = False
         self.bridge: AsyncEngine | None = None
         self.created = now()
 
@@ -101,6 +102,7 @@ class ServerState:
 
     def ready(self, loaded: Loaded, loop: asyncio.AbstractEventLoop, seconds: float | None = None) -> None:
         took = f" in {seconds:.1f} s" if seconds is not None else ""
+        self.random_weights = loaded.random_weights
         log.info("model %s loaded%s%s: ready for requests (max_model_len %d, up to %d sequences at once)",
                  self.name, took, f" ({loaded.description})" if loaded.description else "", loaded.max_model_len,
                  loaded.max_running)
@@ -373,7 +375,8 @@ def create_app(loader: Callable[[], Loaded], name: str, *, aliases: tuple[str, .
         return Response(metrics.render(), media_type=metrics.content_type)
 
     def card() -> ModelCard:
-        return ModelCard(id=name, created=state.created, max_model_len=state.served.max_model_len)
+        return ModelCard(id=name, created=state.created, max_model_len=state.served.max_model_len,
+                         random_weights=state.random_weights)
 
     @app.get("/v1/models")
     async def list_models() -> Response:

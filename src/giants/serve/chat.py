@@ -113,9 +113,12 @@ def chat(opts: ChatOptions, out: TextIO = sys.stdout) -> int:
     except ImportError:
         pass
     print(f"loading {opts.model} ...", file=out, flush=True)
-    llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len,
-              seed=opts.seed if opts.seed is not None else 0, max_num_seqs=1, cpu_compile=opts.compile,
-              cpu_threads=opts.threads)
+    from giants.cpu import bulk_threads
+
+    with bulk_threads():  # loading, fusing and packing: no spinning barriers while other jobs hold the cores
+        llm = LLM(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len,
+                  seed=opts.seed if opts.seed is not None else 0, max_num_seqs=1, cpu_compile=opts.compile,
+                  cpu_threads=opts.threads)
     tok = llm.tokenizer
     if tok is None or getattr(tok, "chat_template", None) is None:
         raise ValueError(f"{opts.model}: chat needs a tokenizer with a chat template (found "

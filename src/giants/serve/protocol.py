@@ -197,6 +197,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "giants"
     max_model_len: int | None = None
+    random_weights: bool = False  # giants' own: a preset built with random weights (its completions are noise)
 
 
 class ModelList(BaseModel):

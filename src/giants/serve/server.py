@@ -75,14 +75,16 @@ class ServeOptions:
 
 def load_model(opts: ServeOptions) -> Loaded:
     """The engine over `opts.model` (preset, HF directory, GGUF file or known name), built by `giants.LLM`."""
+    from giants.cpu import bulk_threads
     from giants.inference import LLM
 
-    llm = LLM(opts.model, quantization=opts.quantization, dtype=opts.dtype, device=opts.device,
-              max_model_len=opts.max_model_len, seed=opts.seed,
-              block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
-              cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size,
-              device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder,
-              cpu_threads=opts.threads)
+    with bulk_threads():  # loading, fusing and packing: no spinning barriers while other jobs hold the cores
+        llm = LLM(opts.model, quantization=opts.quantization, dtype=opts.dtype, device=opts.device,
+                  max_model_len=opts.max_model_len, seed=opts.seed,
+                  block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
+                  cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size,
+                  device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder,
+                  cpu_threads=opts.threads)
     if llm.executor is not None:
         from giants.inference.executor import exit_on_failure
 
