@@ -242,6 +242,17 @@ def test_preset_without_tokenizer_fails_at_once(capsys):
     assert "RANDOM weights" in err and "hf download meta-llama/Llama-3.2-1B" in err and "smollm2-135m" in err
 
 
+def test_serve_and_chat_refuse_a_preset_without_tokenizer_before_building(capsys):
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "serve", "llama-3.2-1b", "--port", "0")
+    assert code == 2 and "no tokenizer" in err and "hf download meta-llama/Llama-3.2-1B" in err
+    code, _, err = run(capsys, "chat", "llama-3.2-1b")
+    assert code == 2 and "no tokenizer" in err
+    code, _, err = run(capsys, "serve", "meta-llama/Llama-3.2-1B")
+    assert code == 2 and "Hugging Face Hub id" in err
+    assert time.perf_counter() - t0 < 10
+
+
 def test_hub_id_says_how_to_get_it(capsys):
     code, _, err = run(capsys, "generate", "meta-llama/Llama-3.2-1B", "hello")
     assert code == 2 and "Hugging Face Hub id" in err and "hf download meta-llama/Llama-3.2-1B" in err

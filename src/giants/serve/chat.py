@@ -112,6 +112,10 @@ def chat(opts: ChatOptions, out: TextIO = sys.stdout) -> int:
         import readline  # noqa: F401
     except ImportError:
         pass
+    from giants.inference.cli import _check_preset_tokenizer, _is_preset
+
+    if _is_preset(opts.model):  # random weights and maybe no tokenizer: say so before building anything
+        _check_preset_tokenizer(opts.model)
     print(f"loading {opts.model} ...", file=out, flush=True)
     from giants.cpu import bulk_threads
 

@@ -288,8 +288,18 @@ def check_source(model: str) -> None:
     from giants.checkpoint.hub import KNOWN_MODELS
     from giants.presets import PRESETS, get_preset
 
-    if os.path.exists(model) or model in KNOWN_MODELS or model in PRESETS:
+    if os.path.exists(model) or model in KNOWN_MODELS:
         return
+    if model in PRESETS:  # random weights: the API needs a tokenizer, known before a byte is built
+        from giants.inference.cli import _check_preset_tokenizer
+
+        _check_preset_tokenizer(model)
+        return
+    from giants.inference.preflight import hub_id, real_weights_hint
+
+    if hub_id(model) and not model.endswith(".gguf"):
+        raise FileNotFoundError(f"{model}: not a local file or folder; it looks like a Hugging Face Hub id, and giants "
+                                f"does not download from the Hub itself. {real_weights_hint(model)}")
     if model.endswith(".gguf") or os.sep in model:
         raise FileNotFoundError(f"{model}: no such file or directory")
     get_preset(model)  # ValueError naming close presets
