@@ -93,7 +93,7 @@ def clear(device: torch.device) -> None:
 
 def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: int, steps: int, device: str,
                  compile: bool, aux: float | None, master_weights: bool | None = None, block: int = 1,
-                 compile_mode: str | None = None, accum: int = 1) -> dict[str, Any]:
+                 compile_mode: str | None = None, accum: int = 1, fsdp: bool = False) -> dict[str, Any]:
     warmup = -(-warmup // block) * block
     steps = -(-steps // block) * block
     with tempfile.TemporaryDirectory() as run:
@@ -102,7 +102,8 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
                          batch_size=batch, steps=warmup + steps, lr=1e-4, warmup_steps=0, schedule="constant",
                          device=device, compile=compile, eval_every=0, checkpoint_at_end=False, save_final=False,
                          progress=False, log_every=block, aux_loss_coef=aux, z_loss_coef=0.0,
-                         master_weights=master_weights, compile_mode=compile_mode, grad_accum=accum)
+                         master_weights=master_weights, compile_mode=compile_mode, grad_accum=accum,
+                         fsdp_always=fsdp)
         cfg_file = Path(run) / "model.json"
         cfg_file.write_text(json.dumps(cfg.to_dict()))
         tc.model_config = str(cfg_file)
@@ -121,7 +122,7 @@ def bench_giants(cfg: ModelConfig, data: Path, *, seq: int, batch: int, warmup: 
                "rates": rates, "block": block,
                "first_steps_s": [accum * batch * seq / h["tokens_per_s"] for h in tr.history[:warmup // block]],
                "loss_first_last": [tr.history[0]["train_loss"], tr.history[-1]["train_loss"]], "wall_s": wall,
-               "optimizer": type(tr.optimizer).__name__}
+               "optimizer": type(tr.optimizer).__name__, "fsdp": fsdp}
         if tr.device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(tr.device) / 2**30
         del tr
@@ -232,11 +233,14 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
                "both": [(False, " fp32w"), (True, " master")]}[args.master_weights]
     modes = [(None, "")] if not args.compile_modes else [
         (None if m == "default" else m, f" {m}") for m in args.compile_modes.split(",")]
-    variants = [(label + suffix + (msuffix if comp else ""), comp, mw, mode) for label, comp in variants
+    variants = [(label + suffix + (msuffix if comp else ""), comp, mw, mode, False) for label, comp in variants
                 for mw, suffix in masters for mode, msuffix in (modes if comp else [(None, "")])]
+    if args.fsdp1 and not cfg.is_moe:  # FSDP2 over one rank (a one-process group): what the wrapping costs
+        variants.append(("giants+compile fsdp1" if not args.no_compile else "giants fsdp1", not args.no_compile,
+                         None, None, True))
     for accum in accums:
         asuffix = accum_suffix(accum)
-        for label, comp, mw, mode in variants:
+        for label, comp, mw, mode, fsdp in variants:
             label += asuffix
             clear(device)
             print(f"[{name}] {label} ...", flush=True)
@@ -244,7 +248,7 @@ def run_case(name: str, cfg: ModelConfig, args, device: torch.device, root: Path
                 case[label] = bench_giants(cfg, data, seq=seq, batch=batch,
                                            warmup=args.warmup + (2 if comp else 0), steps=args.steps,
                                            device=str(device), compile=comp, aux=aux, master_weights=mw,
-                                           block=args.block, compile_mode=mode, accum=accum)
+                                           block=args.block, compile_mode=mode, accum=accum, fsdp=fsdp)
             except Exception as e:  # keep going: one failure must not lose the other numbers
                 case[label] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
                 print(case[label]["trace"], flush=True)
@@ -326,6 +330,8 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=1,
                     help="time blocks of N steps: giants logs (and syncs for its clock) every N steps, transformers "
                          "reads its losses back once a block (giants still reads loss and grad norm every step)")
+    ap.add_argument("--fsdp1", action="store_true",
+                    help="also the giants Trainer under FSDP2 over one rank (--fsdp-always in a 1-process group)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, no timings")
     ap.add_argument("--out")
     args = ap.parse_args()

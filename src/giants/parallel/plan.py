@@ -38,7 +38,8 @@ def check_plan(dims: ParallelDims, cfg: ModelConfig) -> None:
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *,
                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = torch.float32,
                 compile: bool = False, activation_checkpointing: bool = False, sequence_parallel: bool = True,
-                loss_parallel: bool = True, reshard_after_forward: bool = True) -> nn.Module:
+                loss_parallel: bool = True, reshard_after_forward: bool = True,
+                fsdp_always: bool = False) -> nn.Module:
     """Apply `dims` to `model` over `mesh` (giants.parallel.mesh.build_mesh(dims, ...)), in place; returns it.
 
     1. tensor parallel over "tp" (apply_tp: sequence_parallel, loss_parallel)
@@ -52,7 +53,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *
     The layout is checked against the model first (ParallelDims.check_model: a LayoutError names the field and the
     numbers). The model's parameters must already be materialized on the target device. param_dtype /
     reduce_dtype act through FSDP's MixedPrecisionPolicy: without data parallelism (no FSDP) they do nothing and
-    the caller casts or autocasts itself."""
+    the caller casts or autocasts itself; fsdp_always wraps with FSDP over the size-1 "dp_shard" dim then too."""
     cfg = getattr(model, "config", None)
     if cfg is not None:
         check_plan(dims, cfg)
@@ -70,6 +71,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *
         for block in ([] if layers is None else layers.children()):
             block.compile()
     dp_mesh = fsdp_mesh(mesh)
+    if dp_mesh is None and fsdp_always and mesh is not None:
+        dp_mesh = _get(mesh, ("dp_shard",) if dims.ep == 1 else ("dp_shard_mod_ep",))
     if dp_mesh is not None or dims.ep > 1:
         assert mesh is not None
         if dp_mesh is None:  # ep > 1 borrows dp_shard ranks, so there is a dp_shard dim

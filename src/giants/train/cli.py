@@ -99,7 +99,8 @@ def _train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, save_final=not args.no_final, tensorboard=args.tensorboard,
         progress=not args.quiet, peak_tflops=args.peak_tflops, memory_limit_gb=args.memory_limit_gb,
         dp_shard=args.dp_shard, dp_replicate=args.dp_replicate, tp=args.tp, pp=args.pp, ep=args.ep,
-        pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches, dist_timeout_s=args.dist_timeout)
+        pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches, dist_timeout_s=args.dist_timeout,
+        fsdp_always=args.fsdp_always)
     trainer = Trainer(tc)
     ended = False
     try:
@@ -254,6 +255,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pp-microbatches", type=int, help="pipeline micro-batches per micro-batch (default: --pp)")
     g.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="collectives waiting longer fail (a dead rank stops the job)")
+    g.add_argument("--fsdp-always", action="store_true",
+                   help="wrap with FSDP2 even where the data-parallel degree is 1 (e.g. one process: measures what "
+                        "FSDP costs at a shape)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plot", help="draw a run's training curves to PNG")

@@ -101,6 +101,9 @@ class TrainConfig:
     pp_schedule: str = "1f1b"
     pp_microbatches: int | None = None  # None: the pipeline degree (pp micro-batches in each micro-batch)
     dist_timeout_s: float = 600.0  # collectives that wait longer fail (a dead rank stops the job instead of a hang)
+    # FSDP2 even where the data-parallel degree is 1 (one process: what FSDP's wrapping costs at a shape; the
+    # parameters live as DTensors and the optimizer steps torch's AdamW on them, as on a sharded run)
+    fsdp_always: bool = False
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -158,4 +161,5 @@ class TrainConfig:
 
     def parallel_requested(self) -> bool:
         """Whether any scale-out degree was given (a launch under torchrun is the other way in)."""
-        return self.dp_shard is not None or any(getattr(self, n) != 1 for n in PARALLEL_FIELDS[1:])
+        return (self.dp_shard is not None or self.fsdp_always
+                or any(getattr(self, n) != 1 for n in PARALLEL_FIELDS[1:]))

@@ -204,6 +204,8 @@ class Distributed:
             notes.append("compile: each block (torch.compile of the whole loss is one-device only)")
         if self.dims.pp > 1:
             notes.append("evaluation skipped under --pp (the schedule trains only)")
+        if cfg.fsdp_always and self.dims.dp == 1:
+            notes.append("FSDP2 over one data-parallel rank (--fsdp-always)")
         notes.append("memory check skipped (the one-device estimate does not know the layout)")
 
     def parallelize(self, tr: Any, model: nn.Module, *, frozen: bool = False) -> nn.Module:
@@ -213,13 +215,14 @@ class Distributed:
         from giants.parallel.plan import parallelize
 
         cfg = tr.cfg
-        self.fsdp = fsdp_mesh(self.mesh) is not None or self.dims.ep > 1
+        self.fsdp = fsdp_mesh(self.mesh) is not None or self.dims.ep > 1 or cfg.fsdp_always
         param_dtype = torch.bfloat16 if self.bf16 and self.fsdp else None
         compile_ = bool(cfg.compile) and not frozen
 
         def apply(part: nn.Module) -> nn.Module:
             return parallelize(part, self.dims, self.mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
-                               compile=compile_, activation_checkpointing=cfg.activation_checkpointing)
+                               compile=compile_, activation_checkpointing=cfg.activation_checkpointing,
+                               fsdp_always=cfg.fsdp_always)
 
         if self.dims.pp == 1:
             return apply(model)
