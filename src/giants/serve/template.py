@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -195,6 +196,9 @@ def _limit_memory(extra: int) -> None:
 
 
 def _worker() -> int:
+    # Ctrl-C in a terminal signals the whole process group: the server drains and then closes its workers,
+    # so a worker must not die on it first (mid-render, with a KeyboardInterrupt traceback on the console).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from types import SimpleNamespace
 
     import jinja2
