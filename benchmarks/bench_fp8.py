@@ -34,13 +34,13 @@ LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 40
 
 
 def decode(preset: str, quantization: str | None, device: torch.device, bw: float, new: int, util: float,
-           check_tokens: int = 0) -> tuple[dict, list[int]]:
+           check_tokens: int = 0, concurrent: int = 0) -> tuple[dict, list[int]]:
     cfg = giants.get_config(preset)
     prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kw = {"gpu_memory_utilization": util} if device.type == "cuda" else {}
     t0 = time.perf_counter()
-    llm = LLM(preset, device=device, dtype=dtype, seed=0, max_model_len=1024, max_num_seqs=4,
+    llm = LLM(preset, device=device, dtype=dtype, seed=0, max_model_len=1024, max_num_seqs=max(4, concurrent),
               quantization=quantization, **kw)
     build_s = time.perf_counter() - t0
     b = bd.bytes_per_token(llm.model, 16 + new / 2)
@@ -62,6 +62,20 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
             runner.fast = True
         r["fused_vs_generic_tokens_agree"] = f"{bd.agree(fused, generic)}/{check_tokens}"
     check_tokens = check_tokens if "fused_vs_generic_tokens_agree" in r else 0
+    if concurrent:  # `concurrent` requests decoding together (continuous batching), each its own prompt
+        sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+        prompts = [[(t + 7 * i) % 32000 + 3 for t in prompt] for i in range(concurrent)]
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        r[f"tok_s_{concurrent}_concurrent"] = n / (time.perf_counter() - t0)
+        print(f"{preset} {r['quantization']}: {concurrent} concurrent requests x {new} tokens: "
+              f"{r[f'tok_s_{concurrent}_concurrent']:.1f} tok/s in all (prefill included)", flush=True)
     print(f"{preset} {r['quantization']}: {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f} "
           f"({b['per_token'] / 1e9:.2f} GB/token); replay {r['graph_replay_ms'] or 0:.3f} ms"
           + (f"; fused vs generic {r['fused_vs_generic_tokens_agree']}" if check_tokens else ""), flush=True)
@@ -191,7 +205,8 @@ def main() -> None:
             free()
     if args.big:
         try:
-            res["llama-3-70b"], _ = decode("llama-3-70b", args.big_mode, device, bw, args.new, 0.95, check_tokens=16)
+            res["llama-3-70b"], _ = decode("llama-3-70b", args.big_mode, device, bw, args.new, 0.95, check_tokens=16,
+                                        concurrent=32)
         except Exception as e:  # noqa: BLE001
             import traceback
 

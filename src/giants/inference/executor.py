@@ -251,7 +251,9 @@ class TPExecutor:
         for r in range(1, self.world):
             mine = spec if spec.states is None else dataclasses.replace(
                 spec, states=[s if i == r else {} for i, s in enumerate(spec.states)])
-            dev = str(device) if device.type == "cpu" or share_gpu() else f"cuda:{(device.index or 0) + r}"
+            # always an indexed cuda device: a worker's torch.cuda.set_device refuses a bare "cuda"
+            dev = ("cpu" if device.type == "cpu" else
+                   f"cuda:{device.index or 0}" if share_gpu() else f"cuda:{(device.index or 0) + r}")
             w.procs[r], w.conns[r] = _spawn(r, (r, self.world, store.port, mine, os.getpid(), dev, threads,
                                                 timeout_s, share_gpu()))
         threading.Thread(target=w.watch, name="giants-tp-watch", daemon=True).start()
