@@ -198,6 +198,17 @@ class KVCacheManager:
                 table.append(g.pool.allocate())
         return True
 
+    def truncate(self, blocks: SeqBlocks, length: int) -> None:
+        """Release the blocks past the first `length` positions (the slots of rejected speculative tokens). Blocks
+        offered to the prefix cache hold computed tokens only, so they always lie within `length`."""
+        keep = -(-length // self.block_size)
+        for gi, g in enumerate(self.groups):
+            table = blocks.tables[gi]
+            while len(table) > keep:
+                b = table.pop()
+                if b >= 0:
+                    g.pool.release(b)
+
     def free(self, blocks: SeqBlocks) -> None:
         for gi, g in enumerate(self.groups):
             for b in blocks.tables[gi]:

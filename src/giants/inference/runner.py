@@ -34,6 +34,9 @@ class Chunk:
     start: int
     token_ids: list[int]
     sample: bool  # the chunk ends at the sequence's last known token: its logits are needed
+    # logits of the chunk's last n_logits tokens when sampled (speculative verification: the last accepted
+    # token + the drafts, giants.inference.spec_decode); 1 otherwise
+    n_logits: int = 1
 
 
 @dataclass
@@ -79,7 +82,9 @@ class StepInputs:
                 self.visible.append(slots.flatten()[allowed])
         self.attn_prefill = [[self._rows(kv, gi, [i], device) for gi in range(len(kv.groups))]
                              for i in self.prefill]
-        self.sample_rows = torch.tensor([starts[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.sample],
+        self.sample_rows = torch.tensor([r for i, c in enumerate(chunks) if c.sample
+                                         for r in range(starts[i] + len(c.token_ids) - c.n_logits,
+                                                        starts[i] + len(c.token_ids))],
                                         dtype=torch.long, device=device)
 
     def _rows(self, kv: KVCacheManager, gi: int, which: list[int], device: torch.device) -> AttnRows | None:
@@ -259,7 +264,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk], ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Runs the chunks; returns logits (n_sampled, vocab) in chunk order for chunks with sample=True.
+        """Runs the chunks; returns logits (n_sampled, vocab) in chunk order for chunks with sample=True (n_logits
+        rows each).
         ids: (len(chunks),) the decode chunks' input tokens on the device, in place of their token_ids."""
         if ids is not None:
             chunks = [Chunk(c.blocks, c.start, [t], c.sample) for c, t in zip(chunks, ids.tolist())]
