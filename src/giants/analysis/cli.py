@@ -91,11 +91,23 @@ def _fit_one(args: argparse.Namespace) -> int:
              f"prefill of {args.context} tokens: {pre * 1e3:,.1f} ms (roofline)"]
     payload["serve"] = plan.as_dict()
     payload["dtype_default"] = args.dtype_note is not None
+    notes = _measured_notes(label, gpu, f"fits {f.gpus} x {gpu.label.split()[0]} ({human_bytes(m.total)} per GPU, "
+                                        f"{args.dtype})", payload) + notes
     if args.dtype_note:
         notes.insert(0, args.dtype_note)
     notes += _serve_notes(args, plan)
     _out(render(rows, cols, args.format, title=title, notes=notes, json_payload=payload))
     return 0
+
+
+def _measured_notes(label: str, gpu, computed: str, payload: dict) -> list[str]:
+    """The runs a benchmark script measured for this preset (giants/analysis/measured_runs.json) beside the
+    computed fit; payload gets them as "measured" (every GPU)."""
+    from giants.analysis.measured_runs import fit_lines, load_runs, runs_for
+
+    runs = load_runs()
+    payload["measured"] = [r.as_dict() for r in runs_for(label, runs=runs)]
+    return fit_lines(label, gpu.name, computed, runs)
 
 
 def _serve_plan(args: argparse.Namespace, cfg, gpu):
@@ -130,6 +142,8 @@ def _fit_placement(args: argparse.Namespace, label: str, gpu, plan) -> int:
              "every streamed block each step; upper bound)"] + _serve_notes(args, plan)
     payload = {"model": label, "gpu": gpu.name, "num_gpus": n, "fits_tensor_parallel": False,
                "serve": plan.as_dict()}
+    notes = _measured_notes(label, gpu, f"does not fit {n} x {gpu.label.split()[0]} with tensor parallelism; "
+                                        f"{plan.blocks_streamed} blocks streamed", payload) + notes
     _out(render(rows, cols, args.format, title=title, notes=notes, json_payload=payload))
     return 0
 
