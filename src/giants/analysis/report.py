@@ -14,6 +14,7 @@ from pathlib import Path
 from giants.analysis.claims import check_claims
 from giants.analysis.compare import REAL_PRESETS, compare_columns, compare_record, published_format
 from giants.analysis.hardware import GPUS, NODE_SIZE, get_gpu
+from giants.analysis.measured_runs import as_records, fit_lines, load_runs
 from giants.analysis.memory import kv_cache_bytes, serving_memory, training_memory, weight_bytes
 from giants.analysis.params import count_params
 from giants.analysis.perf import FitError, decode, fit, prefill_seconds, training_gpu_days
@@ -150,8 +151,8 @@ def plot_kv(path: Path, names: Sequence[str]) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         _log_axes(ax)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("KV cache, bf16, batch 1 (GB)")
+        ax.set_xlabel("context (tokens, log scale)")
+        ax.set_ylabel("KV cache, bf16, batch 1 (GB, log scale)")
         ax.grid(alpha=0.3)
     fig.suptitle("KV cache vs context: what GQA and sliding windows save (curves end at each max_context)")
     fig.tight_layout()
@@ -173,7 +174,6 @@ def plot_serving(path: Path, names: Sequence[str]) -> None:
             if dt != "int4":
                 last.plot(ctx, ys, style, color=COLORS.get(name, "k"), label=name if dt == "bf16" else None)
         ax.set_title(_label(name), fontsize=10)
-        ax.legend(fontsize=8, title="weights", title_fontsize=8, loc="upper left")
     last.set_title("all: bf16 solid, MXFP4 dotted", fontsize=10)
     last.legend(fontsize=7.5, loc="lower right", title="model (colour)", title_fontsize=8)
     for ax in axes[:len(names) + 1]:
@@ -185,14 +185,20 @@ def plot_serving(path: Path, names: Sequence[str]) -> None:
         ax.set_yscale("log")
         ax.set_ylim(5, 1000)
         _log_axes(ax)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("serving memory, batch 1 (GB)")
+        ax.set_xlabel("context (tokens, log scale)")
+        ax.set_ylabel("serving memory, batch 1 (GB, log scale)")
         ax.grid(alpha=0.3)
     fig.suptitle("Serving memory vs context (weights + KV cache + workspace, one sequence); grey lines: GPU sizes\n"
                  "mxfp4 quantises only the MLP (experts), as gpt-oss ships; int4 also attention, so a dense model's "
                  "mxfp4 sits above its int4")
+    # One legend for the line styles, below the panels: inside each panel it covered the bf16 curve.
+    from matplotlib.lines import Line2D
+
+    styles = [Line2D([], [], color="k", ls=ls, marker="o", ms=3, label=lab) for ls, lab in
+              (("-", "bf16 weights"), ("--", "int4 weights (attention + MLP)"), (":", "mxfp4 weights (MLP only)"))]
+    fig.legend(handles=styles, loc="lower center", bbox_to_anchor=(0.5, 0.02), ncol=3, fontsize=9, frameon=False)
     fig.text(0.01, 0.005, "* " + DESCRIBED_NOTE, fontsize=7, color="#555")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -225,13 +231,15 @@ def plot_decode(path: Path, names: Sequence[str], context: int) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         _log_axes(ax, x="int")
-        ax.set_xlabel("batch (sequences decoding together)")
-        ax.set_ylabel(f"tokens/s (roofline upper bound, context {context})")
+        ax.set_xlabel("batch (sequences decoding together, log scale)")
+        ax.set_ylabel(f"tokens/s, log scale (roofline bound, context {context})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    a2.legend(fontsize=8)
+    # Below both panels: inside one, the legend sat on the fastest model's line.
+    handles, labels = a2.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Roofline decode on H100 80GB (lines stop where the batch's KV cache no longer fits)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -297,8 +305,17 @@ def _serving_rows(names: Sequence[str], context: int) -> list[dict]:
         db = decode(cfg, gpu, f.gpus, ctx, b, dt)
         rows.append({"model": name, "dtype": dt, "context": ctx, "gpus": f.gpus, "layout": f.layout(cfg),
                      "memory": f.memory.total, "tps1": d1.tokens_per_s, "batch": b, "tpsb": db.tokens_per_s,
-                     "prefill_ms": prefill_seconds(cfg, gpu, f.gpus, ctx, 1, dt) * 1e3})
+                     "prefill_ms": prefill_seconds(cfg, gpu, f.gpus, ctx, 1, dt) * 1e3,
+                     "measured": fit_lines(name, gpu.name, None)[0].removeprefix("measured: ")})
     return rows
+
+
+def measured_note(runs: Sequence) -> str:
+    n_random = sum(r.random_weights for r in runs)
+    return ("What the benchmarks/ scripts measured on real GPUs (giants/analysis/measured_runs.json, written by their "
+            f"--record; nothing here is computed). {n_random} of {len(runs)} runs used random weights: a random-weight "
+            "run is a speed and memory run (the real model's shapes, bytes and kernels), not a quality run. Memory is "
+            "what the run reports (max allocated or weights resident), not the computed fit.")
 
 
 def _training_rows(names: Sequence[str], tokens: float, mfu: float, seq_len: int) -> list[dict]:
@@ -372,6 +389,7 @@ def write_report(out: str | Path = "report", context: int = 8192, tokens: float 
     serving = _serving_rows(article, context)
     training = _training_rows(article, tokens, mfu, seq_len)
     fits = _fit_rows(article, context)
+    runs = load_runs()
     gpus = [{"gpu": g.label, "memory": g.memory_bytes, "bw": g.bandwidth, "bf16": g.bf16_flops, "fp8": g.fp8_flops,
              "source": g.source} for g in GPUS.values()]
 
@@ -398,7 +416,14 @@ def write_report(out: str | Path = "report", context: int = 8192, tokens: float 
                    Column("tok/s batch 1", "tps1", lambda v: f"{v:,.0f}"), Column("batch", "batch"),
                    Column("tok/s aggregate", "tpsb", lambda v: f"{v:,.0f}"),
                    Column(f"prefill {context} tok (ms)", "prefill_ms", lambda v: f"{v:,.1f}"),
-                   Column("note", "note")], ""),
+                   Column("measured on H100 (newest run)", "measured"), Column("note", "note")], ""),
+        ("Measured runs", measured_note(runs), as_records(sorted(runs, key=lambda r: (r.model, r.date))),
+         [Column("model", "model"), Column("GPU", "gpu"), Column("weights", "weights"), Column("memory", "memory"),
+          Column("tok/s batch 1", "tps1", lambda v: f"{v:,.2f}" if v < 10 else f"{v:,.1f}"),
+          Column("tok/s 64 concurrent", "tps64", lambda v: f"{v:,.0f}"),
+          Column("other concurrency (tok/s @requests)", "other"), Column("offload", "offload"),
+          Column("weights kind", "weights_kind"), Column("date (UTC)", "date"), Column("commit", "commit"),
+          Column("script", "script")], ""),
         ("Fewest GPUs to serve one sequence", "✗ = more than one 8-GPU node.", fits,
          [Column("model", "model"), Column("weights", "dtype")] + [Column(g.label, k) for k, g in GPUS.items()], ""),
         (f"Training: {human_count(tokens)} tokens at {mfu:.0%} MFU on H100 80GB (seq {seq_len}, FSDP, bf16 + fp32 "

@@ -195,6 +195,16 @@ def _memory(summary: dict[str, Any]) -> tuple[float, str]:
     return summary["memory_estimate"] / 2**20, "estimate (giants.analysis.memory)"
 
 
+def _short(name: str) -> str:
+    """A twin's bar label: without the shared 'tiny-', on two lines where long (horizontal labels never
+    run into each other or off the panel)."""
+    short = name.replace("tiny-", "")
+    if len(short) > 10 and "-" in short:
+        head, _, tail = short.rpartition("-")
+        return f"{head}-\n{tail}"
+    return short
+
+
 def plot_arena(report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -204,14 +214,14 @@ def plot_arena(report: dict[str, Any], out: Path) -> list[str]:
     res = report["results"]
     names = list(res)
     colors = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     ax = axes[0]
     for n, s in res.items():
         pts = [(h["tokens"] * s["flops_per_token"], h["val_loss"]) for h in s["history"] if "val_loss" in h]
         if pts:
             ax.plot(*zip(*pts), "o-", ms=3, color=colors[n], label=n)
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation loss", title="validation loss vs compute")
-    ax.legend(fontsize=8)
+    ax.set(xscale="log", xlabel="training FLOPs (log scale)", ylabel="validation loss (nats/token)",
+           title="validation loss vs compute")
     ax.grid(alpha=0.3, which="both")
     ax = axes[1]
     for n, s in res.items():
@@ -220,17 +230,27 @@ def plot_arena(report: dict[str, Any], out: Path) -> list[str]:
         xs = [h[i]["step"] for i in range(0, len(h), k)]
         ys = [sum(r["train_loss"] for r in h[i:i + k]) / len(h[i:i + k]) for i in range(0, len(h), k)]
         ax.plot(xs, ys, color=colors[n], lw=1.2, label=n)
-    ax.set(xlabel="step", ylabel="train loss", title="training loss (mean over windows)")
+    ax.set(xlabel="step", ylabel="train loss (nats/token)", title="training loss (mean over windows)")
     ax.grid(alpha=0.3)
     ax = axes[2]
     tps = [res[n]["tokens_per_s"] or 0 for n in names]
     ax.bar(range(len(names)), tps, color=[colors[n] for n in names])
-    ax.set_xticks(range(len(names)), [n.replace("tiny-", "") for n in names], rotation=20, fontsize=8)
-    ax.set(ylabel="tokens / s", title=f"throughput ({res[names[0]]['device']})")
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], fontsize=8)
+    kinds = set()
     for i, (n, v) in enumerate(zip(names, tps)):
-        mem, _ = _memory(res[n])
+        mem, kind = _memory(res[n])
+        kinds.add(kind)
         ax.text(i, v, f"{mem:,.0f} MiB", ha="center", va="bottom", fontsize=7)
-    fig.tight_layout()
+    # Headroom above the tallest bar for its memory label (it ran into the frame and the title).
+    ax.set_ylim(0, max(tps + [1]) * 1.15)
+    kind = "" if len(kinds) > 1 else f", {kinds.pop()}"
+    ax.set(ylabel="tokens / s (training)")
+    ax.set_title(f"throughput on {res[names[0]]['device']}\nlabels: peak memory{kind}", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    # One legend for all three panels, below them: inside a loss panel it sat on the curves.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     main = out / "arena.png"
     fig.savefig(main, dpi=110)
     plt.close(fig)
@@ -238,17 +258,23 @@ def plot_arena(report: dict[str, Any], out: Path) -> list[str]:
 
     moe = [n for n in names if _final_balance(res[n])[1] is not None]
     if moe:
-        fig, axes = plt.subplots(1, len(moe), figsize=(5 * len(moe), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(moe), figsize=(5 * len(moe), 3.8), squeeze=False)
         for ax, n in zip(axes[0], moe):
             util = _final_balance(res[n])[1]
             E = len(util[0])
             width = 0.8 / len(util)
             for layer, row in enumerate(util):
-                ax.bar([e + layer * width for e in range(E)], row, width=width, label=f"layer {layer}")
-            ax.axhline(1 / E, color="k", lw=0.8, ls="--", label="even")
+                # each expert's group of per-layer bars centred on its tick
+                ax.bar([e + (layer - (len(util) - 1) / 2) * width for e in range(E)], row, width=width,
+                       label=f"layer {layer}")
+            ax.axhline(1 / E, color="k", lw=0.8, ls="--", label=f"even (1/{E})")
+            ax.set_xticks(range(E))
+            ax.set_ylim(0, max(max(r) for r in util) * 1.1)
             ax.set(xlabel="expert", ylabel="share of routed tokens", title=f"{n}: final expert utilisation")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        # Below the panels: inside one, the legend hid the bars under it.
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         p = out / "experts.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
