@@ -23,6 +23,7 @@ import time
 import torch
 
 import giants
+import record
 from giants.inference import LLM, SamplingParams
 from giants.inference.mxfp4 import MXFP4MoE
 from giants.model.mlp import MoE
@@ -303,6 +304,7 @@ def main() -> None:
     ap.add_argument("--no-hf-20b", action="store_true", help="skip transformers on the gpt-oss-20b shape")
     ap.add_argument("--pdl-modes", default="0",
                     help="also decode with programmatic dependent launch set so: comma list of 0 (off) / 1 (on)")
+    record.add_argument(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -334,6 +336,12 @@ def main() -> None:
             traceback.print_exc()
             results[key] = {"error": repr(e)}
         free()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    record.record(args.record, [record.entry(r["preset"], device, dtype, quantization=r["quantization"],
+                                             tok_s_batch1=r["giants"]["tok_s"],
+                                             note=f"{r['giants']['fraction_of_roofline']:.1%} of its "
+                                                  f"{r['roofline_tok_s']:.1f} tok/s roofline")
+                                for r in results.values() if isinstance(r, dict) and "giants" in r])
     text = json.dumps(results, indent=1, default=str)
     if args.out:
         with open(args.out, "w") as f:

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode as bd  # noqa: E402
 import giants  # noqa: E402
+import record  # noqa: E402
 from giants.inference import LLM, SamplingParams  # noqa: E402
 
 LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -155,6 +156,23 @@ def prefill_table(device: torch.device, M: int = 2048) -> dict:
     return out
 
 
+def _record(path: str | None, device: torch.device, runs: dict[tuple[str, str], dict]) -> None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    entries = []
+    for (preset, mode), r in runs.items():
+        if "tok_s" not in r:
+            continue
+        conc = {int(k.split("_")[2]): v for k, v in r.items() if k.startswith("tok_s_") and k.endswith("_concurrent")}
+        mem = r.get("max_memory_allocated_GiB")
+        entries.append(record.entry(preset, device, dtype, quantization=None if mode == "bf16" else mode,
+                                    tok_s_batch1=r["tok_s"], concurrent=conc, memory_gib=mem,
+                                    memory_what="max allocated (torch.cuda.max_memory_allocated)",
+                                    note=f"{r['fraction_of_roofline']:.1%} of its {r['roofline_tok_s']:.1f} tok/s "
+                                         "roofline" + (f"; {r['speedup_vs_bf16']:.2f}x bf16 of the same run"
+                                                       if "speedup_vs_bf16" in r else "")))
+    record.record(path, entries)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,6 +184,7 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true", help="skip the GEMV and prefill tables")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, few tokens: a smoke test of the script")
     ap.add_argument("--out", default=None)
+    record.add_argument(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -212,6 +231,8 @@ def main() -> None:
 
             traceback.print_exc()
             res["llama-3-70b"] = {"error": repr(e)}
+    _record(args.record, device, {(preset, m): r for m, r in runs.items()} |
+            ({("llama-3-70b", args.big_mode): res["llama-3-70b"]} if args.big else {}))
     text = json.dumps(res, indent=1, default=str)
     if args.out:
         with open(args.out, "w") as f:

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+import record
 from giants.inference import LLM, SamplingParams
 from giants.inference.placement import parse_size
 
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens timed (default 4 offloaded, 32 else)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    record.add_argument(ap)
     args = ap.parse_args()
 
     if args.smoke:
@@ -182,10 +184,31 @@ def main() -> None:
     log("\nmodel                 placement                                     decode tok/s")
     for r in results["runs"]:
         log(f"{r['model']:<21} {r['label']:<45} {r['decode_tok_s']:10.3f}")
+    _record(args.record, device, getattr(torch, args.dtype), results["runs"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
         log(f"wrote {args.out}")
+
+
+def _record(path: str | None, device: torch.device, dtype: torch.dtype, runs: list[dict]) -> None:
+    """The offloaded model and the in-memory one with the default engine (the generic-runner run goes in the
+    latter's note: one entry per model and format)."""
+    generic = {r["model"]: r["decode_tok_s"] for r in runs if r["label"] == "in memory, generic runner"}
+    entries = []
+    for r in runs:
+        if r["label"] == "in memory, generic runner":
+            continue
+        streamed = r.get("streamed_blocks")
+        offload = (f"{streamed} of {r['blocks']} blocks streamed ({r['streamed_gb_per_step']:.1f} GB a step)"
+                   if streamed else None)
+        note = (f"bound {r['bound_tok_s']:.2f} tok/s by the host link, {r['achieved_h2d_gb_s']:.1f} GB/s achieved"
+                if "bound_tok_s" in r else
+                f"{generic[r['model']]:.1f} tok/s on the generic runner" if r["model"] in generic else None)
+        entries.append(record.entry(r["model"], device, dtype, tok_s_batch1=r["decode_tok_s"], offload=offload,
+                                    memory_gib=r["gpu_peak_gb"] * GB / record.GIB if "gpu_peak_gb" in r else None,
+                                    memory_what="max allocated (torch.cuda.max_memory_allocated)", note=note))
+    record.record(path, entries)
 
 
 if __name__ == "__main__":

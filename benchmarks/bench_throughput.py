@@ -3,7 +3,7 @@ ignore_eos), Llama-3.1-8B shape, bf16, random weights. Reports output tok/s, tim
 inter-token latency p50/p99 per concurrency, and transformers' batched generate on the same shapes
 (static cache, fewer new tokens to bound its run time) in the same run.
 
-    python benchmarks/bench_throughput.py --concurrency 32,128,256 --out throughput.json
+    python benchmarks/bench_throughput.py --concurrency 32,64,128,256 --out throughput.json --record
     python benchmarks/bench_throughput.py --preset tiny-llama --device cpu --concurrency 4 --new 16
 """
 
@@ -17,6 +17,7 @@ import time
 import torch
 
 import giants
+import record
 from bench_decode import env, hf_model  # noqa: I001 - sibling script
 from giants.inference import LLM, SamplingParams
 
@@ -85,12 +86,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--concurrency", default="32,128,256")
+    ap.add_argument("--concurrency", default="32,64,128,256")  # 64: the measured-runs record's column
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=1024)
     ap.add_argument("--hf-new", type=int, default=128)
     ap.add_argument("--hf-batch", type=int, default=128)
     ap.add_argument("--out", default=None)
+    record.add_argument(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -109,6 +111,12 @@ def main() -> None:
         print(f"giants c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms "
               f"p99 {r['ttft_p99_s'] * 1e3:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} ms p99 {r['itl_p99_ms']:.1f} ms",
               flush=True)
+    mem = torch.cuda.max_memory_allocated(device) / record.GIB if device.type == "cuda" else None
+    record.record(args.record, [record.entry(
+        args.preset, device, dtype, concurrent={c: res[f"giants_c{c}"]["output_tok_s"] for c in conc},
+        memory_gib=mem, memory_what="max allocated (KV cache pool included)",
+        note=f"{args.prompt} prompt + {args.new} new tokens a request, temperature 1; TTFT p50 "
+             + ", ".join(f"{res[f'giants_c{c}']['ttft_p50_s'] * 1e3:,.0f} ms @{c}" for c in conc))])
     del llm
     gc.collect()
     if device.type == "cuda":

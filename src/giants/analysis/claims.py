@@ -50,6 +50,14 @@ def _fewest(cfg, gpu_name: str, context: int, dtype: str) -> int | None:
         return None
 
 
+def _measured(model: str, gpu: str) -> str:
+    """The newest measured run of `model` on `gpu` (giants/analysis/measured_runs.json), or that there is none.
+    Evidence only: the verdicts stay computed, and a random-weight run says so."""
+    from giants.analysis.measured_runs import fit_lines
+
+    return "; " + fit_lines(model, gpu, None)[0]
+
+
 def check_claims(context: int = 8192) -> list[Claim]:
     claims: list[Claim] = []
     oss = get_config("gpt-oss-120b")
@@ -136,7 +144,8 @@ def check_claims(context: int = 8192) -> list[Claim]:
         f"as shipped (MXFP4 experts, bf16 rest: {_gb(weight_bytes(oss, 'mxfp4'))}) with a bf16 KV cache for the "
         f"full {full}-token context: {n_mx or 'more than 8'} x H100 80GB"
         + (f" ({_gb(mx_fit.memory.total)} used)" if mx_fit else "")
-        + f"; all-bf16 ({_gb(weight_bytes(oss, 'bf16'))}): {n_bf or 'more than 8'} x H100",
+        + f"; all-bf16 ({_gb(weight_bytes(oss, 'bf16'))}): {n_bf or 'more than 8'} x H100"
+        + _measured("gpt-oss-120b", "h100-80gb"),
         _tf(n_mx is None or n_mx >= 8)))
 
     # 10. Gemma 2 27B runs on a single 80GB A100.
@@ -144,6 +153,7 @@ def check_claims(context: int = 8192) -> list[Claim]:
     claims.append(Claim(
         "gemma-1xa100", "gemma-2-27b", "Gemma 2 27B runs on a single 80GB A100",
         f"bf16 weights {_gb(weight_bytes(gemma, 'bf16'))} + KV cache {_gb(kv_cache_bytes(gemma, gemma.max_context))} "
-        f"at its full {gemma.max_context}-token context: fewest A100 80GB = {g_fit}",
+        f"at its full {gemma.max_context}-token context: fewest A100 80GB = {g_fit}"
+        + _measured("gemma-2-27b", "a100-80gb"),
         _tf(g_fit == 1)))
     return claims
