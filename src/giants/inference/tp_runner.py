@@ -97,7 +97,11 @@ class TPHooks:
         x = x * inside[:, None].to(x.dtype)  # other ranks' ids: exact zeros, so the sum is the one row
         return self.comm.all_reduce(x)
 
-    def _reduce(self, h: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, h: torch.Tensor | tuple) -> torch.Tensor:
+        if not isinstance(h, torch.Tensor):  # CudaModelRunner's ExpertRows (a MoE layer's rows before the combine,
+            # which the next norm kernel would do): combine here, as the all-reduce sums finished outputs
+            y = h.y.view(-1, h.k, h.y.shape[-1]).float()
+            h = (y * h.weights.view(-1, h.k, 1).float()).sum(1).to(h.y.dtype)
         return self.comm.all_reduce(h.contiguous())
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
