@@ -204,8 +204,6 @@ class Distributed:
             notes.append("compile: each block (torch.compile of the whole loss is one-device only)")
         if self.dims.pp > 1:
             notes.append("evaluation skipped under --pp (the schedule trains only)")
-        if cfg.fsdp_always and self.dims.dp == 1:
-            notes.append("FSDP2 over one data-parallel rank (--fsdp-always)")
         notes.append("memory check skipped (the one-device estimate does not know the layout)")
 
     def parallelize(self, tr: Any, model: nn.Module, *, frozen: bool = False) -> nn.Module:
@@ -225,7 +223,13 @@ class Distributed:
                                fsdp_always=cfg.fsdp_always)
 
         if self.dims.pp == 1:
-            return apply(model)
+            model = apply(model)
+            if cfg.fsdp_always and self.dims.dp == 1 and not frozen:
+                from torch.distributed.tensor import DTensor
+
+                n = sum(isinstance(p, DTensor) for p in model.parameters())  # what the wrap did, not what was asked
+                self.notes.append(f"FSDP2 over one data-parallel rank (--fsdp-always): {n} DTensor parameters")
+            return model
         from giants.parallel.pipeline import moe_router_loss_fn, pipeline_model
 
         mc = tr.model_config
