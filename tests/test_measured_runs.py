@@ -41,11 +41,13 @@ def test_the_shipped_record_loads_and_validates():
     # the runs copied from benchmarks/HISTORY.md and the bench_fp8 run of 2026-12-06, as written there
     oss = [r for r in runs if (r.model, r.gpu, r.date) == ("gpt-oss-120b", "h100-80gb", "2026-11-23 20:01")]
     assert len(oss) == 1 and oss[0].tok_s_batch1 == 147.1 and oss[0].precision == "mxfp4" and oss[0].commit == "2ede16e"
-    fp8 = {r.quantization: r for r in runs if r.script == "benchmarks/bench_fp8.py" and r.date == "2026-12-06"}
+    fp8 = {r.quantization: r for r in runs if r.script == "benchmarks/bench_fp8.py" and r.model == "llama-3.1-8b"}
     assert {q: (r.tok_s_batch1, r.memory_gib) for q, r in fp8.items()} == {
         None: (181.6, 15.96), "fp8": (252.0, 15.52), "fp8+head": (262.1, 10.57), "fp8-block": (281.0, 9.61)}
-    offload = [r for r in runs if r.model == "llama-3-70b"]
-    assert offload[0].tok_s_batch1 == 0.63 and "streamed" in offload[0].offload
+    assert {r.commit for r in fp8.values()} == {"9114e6f"}
+    big = {r.quantization: r for r in runs if r.model == "llama-3-70b"}
+    assert big[None].tok_s_batch1 == 0.63 and "streamed" in big[None].offload
+    assert (big["fp8+head"].tok_s_batch1, big["fp8+head"].tok_s_concurrent) == (30.9, {"32": 35.3})
     assert all(r.random_weights for r in runs)  # every GPU run so far: random weights
 
 
@@ -106,6 +108,9 @@ def test_fit_prints_the_measured_runs_beside_the_computed_fit(capsys):
     # layer placement (no tensor-parallel fit on one GPU): the offloaded run
     out = " ".join(_fit(capsys, "llama-3-70b", "--gpu", "h100-80gb", "--num-gpus", "1").split())
     assert "computed: does not fit 1 x H100" in out and "0.63 tok/s batch 1" in out
+    out = " ".join(_fit(capsys, "llama-3-70b", "--gpu", "h100-80gb", "--dtype", "fp8").split())
+    assert "fp8); measured: 1 x H100, 71.01 GiB allocated, 30.9 tok/s batch 1, 35.3 output tok/s at 32 concurrent, " \
+           "fp8+head, random weights, 2026-12-06" in out  # the planned format's runs first
 
 
 def test_fit_says_not_measured(capsys):

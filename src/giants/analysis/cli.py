@@ -92,7 +92,7 @@ def _fit_one(args: argparse.Namespace) -> int:
     payload["serve"] = plan.as_dict()
     payload["dtype_default"] = args.dtype_note is not None
     notes = _measured_notes(label, gpu, f"fits {f.gpus} x {gpu.label.split()[0]} ({human_bytes(m.total)} per GPU, "
-                                        f"{args.dtype})", payload) + notes
+                                        f"{args.dtype})", payload, args.dtype) + notes
     if args.dtype_note:
         notes.insert(0, args.dtype_note)
     notes += _serve_notes(args, plan)
@@ -100,14 +100,14 @@ def _fit_one(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measured_notes(label: str, gpu, computed: str, payload: dict) -> list[str]:
+def _measured_notes(label: str, gpu, computed: str, payload: dict, precision: str = "bf16") -> list[str]:
     """The runs a benchmark script measured for this preset (giants/analysis/measured_runs.json) beside the
     computed fit; payload gets them as "measured" (every GPU)."""
     from giants.analysis.measured_runs import fit_lines, load_runs, runs_for
 
     runs = load_runs()
     payload["measured"] = [r.as_dict() for r in runs_for(label, runs=runs)]
-    return fit_lines(label, gpu.name, computed, runs)
+    return fit_lines(label, gpu.name, computed, runs, precision)
 
 
 def _serve_plan(args: argparse.Namespace, cfg, gpu):

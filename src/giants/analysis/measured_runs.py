@@ -214,13 +214,14 @@ def gpu_key(device_name: str, memory_bytes: int | None = None) -> str:
     raise ValueError(f"GPU {device_name!r} is not one giants knows (giants.analysis.hardware.GPUS)")
 
 
-def fit_lines(model: str, gpu: str, computed: str | None, runs: Iterable[MeasuredRun] | None = None) -> list[str]:
+def fit_lines(model: str, gpu: str, computed: str | None, runs: Iterable[MeasuredRun] | None = None,
+              precision: str | None = None) -> list[str]:
     """`giants fit`'s lines: the computed fit, then each measured run on that GPU (or 'not measured'), with a word
-    on what random-weight runs show."""
+    on what random-weight runs show. Runs in `precision` (the format the fit planned) come first, newest first."""
     from giants.analysis.hardware import GPUS
 
     all_runs = runs_for(model, runs=runs)
-    here = [r for r in all_runs if r.gpu == gpu]
+    here = sorted((r for r in all_runs if r.gpu == gpu), key=lambda r: r.precision != precision)  # stable
     label = GPUS[gpu].label.split()[0] if gpu in GPUS else gpu
     head = f"computed: {computed}; " if computed else ""
     if not here:
