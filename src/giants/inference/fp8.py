@@ -35,8 +35,11 @@ from giants.model.mlp import MoE, gated_activation
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = (128, 128)
-GEMV_ROWS = int(os.environ.get("GIANTS_FP8_GEMV_ROWS", "8"))  # up to this many rows: the Triton GEMV
-SCALED_MM_ROWS = int(os.environ.get("GIANTS_FP8_SCALED_MM_ROWS", "64"))  # above: _scaled_mm (row-wise, bf16)
+# Measured on an H100 at the Llama-3-70B shapes (benchmarks/investigations/fp8_small_batch.py, 2026-12-06): the
+# GEMV's time grows with every row (2 rows: 2x, 8 rows: 7-8x one row's), while the Triton GEMM stays flat from 2 to
+# 16 rows (qkv 42 us vs the GEMV's 59-221 us) and _scaled_mm wins from 64 rows on (gate_up 198 vs 294 us).
+GEMV_ROWS = int(os.environ.get("GIANTS_FP8_GEMV_ROWS", "1"))  # up to this many rows: the Triton GEMV
+SCALED_MM_ROWS = int(os.environ.get("GIANTS_FP8_SCALED_MM_ROWS", "48"))  # above: _scaled_mm (row-wise, bf16)
 DEQUANT_ROWS = 512  # block-scaled above this many rows: dequantize + cuBLAS (the dequant is then cheap)
 _QUANT_CHUNK = 1 << 26  # elements quantized at a time (bounds the float32 temporaries)
 
