@@ -123,7 +123,7 @@ def server():
 
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/completions", {"prompt": [1, 2], "max_token": 5}, "max_token"),  # a misspelt max_tokens
-    ("/v1/completions", {"prompt": [1, 2], "min_tokens": 3}, "min_tokens"),
+    ("/v1/completions", {"prompt": [1, 2], "min_token": 3}, "min_token"),  # a misspelt min_tokens
     ("/v1/completions", {"prompt": [1, 2], "stream": True, "stream_options": {"include_usage": True, "x": 1}},
      "stream_options.x"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "topk": 3}, "topk"),

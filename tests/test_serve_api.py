@@ -349,7 +349,7 @@ def test_invalid_field_400_names_it(client, field, value):
 
 @pytest.mark.parametrize("extra,param", [({"top_k": -5}, "top_k"), ({"min_p": 2.0}, "min_p"),
                                          ({"repetition_penalty": -1.0}, "repetition_penalty"),
-                                         ({"suffix": "tail"}, "suffix"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+                                         ({"suffix": "tail"}, "suffix"), ({"logit_bias": {"5": 101}}, "logit_bias"),
                                          ({"stop": ""}, "stop")])
 def test_invalid_extension_fields(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:

@@ -21,6 +21,7 @@ _LAZY = {
     "Tokenizer": "giants.tokenizer",
     "LLM": "giants.inference",
     "SamplingParams": "giants.inference",
+    "BeamSearchParams": "giants.inference",
 }
 
 

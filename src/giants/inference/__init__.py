@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from giants.inference.llm import LLM
 
         return LLM
+    if name == "BeamSearchParams":
+        from giants.inference.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name == "Engine":
         from giants.inference.engine import Engine
 
@@ -18,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'giants.inference' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "Engine", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]

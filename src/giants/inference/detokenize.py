@@ -90,8 +90,9 @@ class IncrementalText:
         self.text = ""
         self.emitted = 0  # characters of self.text handed out so far
 
-    def add(self, token_id: int) -> str | None:
-        """Append a token; returns the stop string if the text now contains one (text cut before it)."""
+    def add(self, token_id: int, match: bool = True) -> str | None:
+        """Append a token; returns the stop string if the text now contains one (text cut before it).
+        match=False: a stop string found now is let through (min_tokens: vLLM ignores them until then)."""
         self.ids.append(token_id)
         if self.tokenizer is None:
             return None
@@ -104,7 +105,7 @@ class IncrementalText:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             if self.matcher is not None:
                 self.state, best = self.matcher.feed(self.state, new, offset)
-                if best is not None:
+                if best is not None and match:
                     self.text = self.text[:best[0]]
                     return best[1]
         return None

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from giants.inference import logits_process as knobs
 from giants.inference.detokenize import IncrementalText
 from giants.inference.kv_cache import KVCacheManager, SeqBlocks
 from giants.inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -60,6 +61,7 @@ class Sequence:
         p = request.params
         self.text = IncrementalText(tokenizer, self.prompt_ids, p.stop_matcher or [], p.skip_special_tokens)
         self.logprobs: list[dict[int, float]] | None = [] if p.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if p.logprobs is not None or knobs.wants_cumulative(p) else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.reported_tokens = 0
@@ -93,6 +95,7 @@ class Request:
     num_unfinished: int = 0
     error: str | None = None  # set when this request failed on its own inside a step (its sequences "error")
     group: str | None = None  # fair admission shares the batch between groups (default: each request its own)
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs
 
     @property
     def finished(self) -> bool:
@@ -162,6 +165,7 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(self.generator)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.sampler.eos_ids = frozenset(self.eos_ids)  # min_tokens holds them back
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -239,12 +243,16 @@ class Engine:
         if not self.kv.fits_at_all(len(ids) + 1, self.max_num_batched_tokens):
             raise ValueError(f"prompt_token_ids: {len(ids)} tokens do not fit in the KV cache "
                              f"({self.kv.num_blocks_total} blocks of {self.block_size})")
+        knobs.prepare(params, self.cfg.vocab_size, self.tokenizer)
+        plp = knobs.engine_prompt_logprobs(self, ids, params.prompt_logprobs) \
+            if params.prompt_logprobs is not None else None
         now = time.perf_counter() if arrival_time is None else arrival_time
         req = Request(request_id, ids, params, RequestMetrics(now, num_prompt_tokens=len(ids)), prompt,
-                      group=request_id if group is None else group)
+                      group=request_id if group is None else group, prompt_logprobs=plp)
         req.seqs = []
-        req.num_unfinished = params.n
-        for i in range(params.n):
+        n_seqs = params.best_of or params.n  # best_of > n: the n best are returned when all have finished
+        req.num_unfinished = n_seqs
+        for i in range(n_seqs):
             gen = None
             if params.seed is not None:
                 s = params.seed if i == 0 else hash((params.seed, i)) & ((1 << 63) - 1)
@@ -505,10 +513,12 @@ class Engine:
         m.last_token_time = now
         if seq.logprobs is not None:
             seq.logprobs.append(lp)
+        if seq.cumulative_logprob is not None and lp is not None:
+            seq.cumulative_logprob += lp[tok]
         if tok in params.stop_token_ids or (tok in self.eos_ids and not params.ignore_eos):
             self._finish(seq, "stop", tok)
             return
-        stop = seq.text.add(tok)
+        stop = seq.text.add(tok, match=len(seq.output_ids) > params.min_tokens)
         if stop is not None:
             self._finish(seq, "stop", stop)
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
@@ -519,7 +529,12 @@ class Engine:
     def _output(self, req: Request) -> RequestOutput | None:
         comps = []
         progressed = False
-        for seq in req.seqs:
+        seqs = req.seqs
+        if knobs.wants_cumulative(req.params):  # best_of > n: nothing until every candidate is done
+            if not req.finished:
+                return None
+            seqs = knobs.best_of_order(seqs, req.params.n)
+        for k, seq in enumerate(seqs):
             new_ids = seq.output_ids[seq.reported_tokens:]
             done = seq.status == FINISHED
             new_text = seq.text.take_new(done)
@@ -528,10 +543,12 @@ class Engine:
             seq.reported_tokens = len(seq.output_ids)
             seq.finish_reported = done
             comps.append(CompletionOutput(
-                index=seq.index, text=seq.text.text[:seq.text.emitted], token_ids=list(seq.output_ids),
+                index=k if seqs is not req.seqs else seq.index, text=seq.text.text[:seq.text.emitted],
+                token_ids=list(seq.output_ids),
                 finish_reason=seq.finish_reason, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                new_token_ids=new_ids, new_text=new_text, stop_reason=seq.stop_reason))
+                new_token_ids=new_ids, new_text=new_text, stop_reason=seq.stop_reason,
+                cumulative_logprob=seq.cumulative_logprob))
         if not progressed:
             return None
         return RequestOutput(req.request_id, req.prompt_token_ids, comps, req.finished, req.metrics, req.prompt,
-                             error=req.error)
+                             error=req.error, prompt_logprobs=req.prompt_logprobs)

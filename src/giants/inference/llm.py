@@ -378,6 +378,12 @@ class LLM:
         finally:
             self.engine.abort_request(rid)
 
+    def beam_search(self, prompts: Any, params: Any, use_tqdm: bool = False) -> list[Any]:
+        """vLLM's LLM.beam_search: a BeamSearchOutput per prompt (giants.inference.beam_search)."""
+        from giants.inference.beam_search import beam_search
+
+        return beam_search(self, prompts, params, use_tqdm=use_tqdm)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                             chat_template: str | None = None, chat_template_kwargs: dict | None = None,
                             tools: list[dict] | None = None) -> str | list[int]:

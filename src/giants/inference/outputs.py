@@ -15,6 +15,7 @@ class CompletionOutput:
     new_token_ids: list[int] = field(default_factory=list)  # since the previous output of this request
     new_text: str = ""  # since the previous output; a stop string is never part of it
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (with logprobs or best_of)
 
     @property
     def finished(self) -> bool:
@@ -51,3 +52,5 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt: str | None = None
     error: str | None = None  # set when the request failed on its own (it is then finished)
+    # SamplingParams.prompt_logprobs: per prompt token {token id: logprob} (itself and the top N); the first None
+    prompt_logprobs: list[dict[int, float] | None] | None = None

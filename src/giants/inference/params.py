@@ -30,7 +30,12 @@ class SamplingParams:
     penalties 1/0 = off.
     `stop` strings are never part of the returned text; `stop_token_ids` end a sequence like EOS does.
     `logprobs=N` returns, per generated token, the log-probabilities (of the model's raw distribution)
-    of the sampled token and the N most likely tokens."""
+    of the sampled token and the N most likely tokens.
+    vLLM's logits knobs (giants.inference.logits_process): `logit_bias` {token id: bias} added to the logits,
+    `min_tokens` (EOS, stop_token_ids and stop strings cannot end a sequence before it has that many tokens),
+    `bad_words` (strings whose token sequences are never completed), `allowed_token_ids` (only these are
+    sampled), `prompt_logprobs=N` (per prompt token: its logprob and the N most likely; the first None),
+    `best_of` (> n: sample best_of sequences, return the n with the highest cumulative logprob)."""
 
     n: int = 1
     temperature: float = 1.0
@@ -47,6 +52,12 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    best_of: int | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +99,9 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of non-negative integers")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a bool")
+        from giants.inference.logits_process import validate_knobs
+
+        validate_knobs(self, bad)
 
     @property
     def stop_matcher(self):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from giants.inference.logits_process import apply_logits_processors, wants_cumulative
 from giants.inference.params import SamplingParams
 
 
@@ -128,7 +129,7 @@ class PendingSample:
 
     @property
     def wants_logprobs(self) -> bool:
-        return any(p.logprobs is not None for p in self.params)
+        return any(p.logprobs is not None or wants_cumulative(p) for p in self.params)
 
     def copy_async(self) -> None:
         if self.tokens.is_cuda:
@@ -145,16 +146,16 @@ class PendingSample:
             token_list = self.tokens.tolist()
         params, tokens, raw = self.params, self.tokens, self.raw
         logprobs: list[dict[int, float] | None] = [None] * len(params)
-        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        want = [i for i, p in enumerate(params) if p.logprobs is not None or wants_cumulative(p)]
         if want:
             lp = torch.log_softmax(raw[want], dim=-1)
             V = lp.shape[-1]
-            n_top = min(max(params[i].logprobs for i in want), V)  # more than the vocabulary: all of it
+            n_top = min(max(params[i].logprobs or 0 for i in want), V)  # more than the vocabulary: all of it
             top_v, top_i = torch.topk(lp, n_top, dim=-1) if n_top else (None, None)
             chosen = lp.gather(1, tokens[want][:, None])[:, 0].tolist()
             for j, i in enumerate(want):
                 d: dict[int, float] = {}
-                n = min(params[i].logprobs, V)
+                n = min(params[i].logprobs or 0, V)
                 if n:
                     d.update(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()))
                 d[token_list[i]] = chosen[j]
@@ -163,6 +164,8 @@ class PendingSample:
 
 
 class Sampler:
+    eos_ids: frozenset[int] = frozenset()  # what min_tokens holds back besides stop_token_ids (the engine's EOS)
+
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
@@ -175,6 +178,7 @@ class Sampler:
         logits = logits.float()
         raw = logits
         dev = logits.device
+        logits = apply_logits_processors(logits, rows, self.eos_ids)  # logit_bias, min_tokens, bad/allowed words
         logits = apply_penalties(logits, rows)
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]

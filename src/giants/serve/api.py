@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from giants.serve import DEFAULT_MAX_SEQS_PER_REQUEST, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
+from giants.serve import DEFAULT_MAX_SEQS_PER_REQUEST, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, knobs
 from giants.serve.bridge import Aborted, AsyncEngine, RequestGroup
 from giants.serve.errors import APIError
 from giants.serve.protocol import (
@@ -111,8 +111,10 @@ def _reject_unsupported(body: Any, names: dict[str, Any]) -> None:
             raise APIError(400, f"{name} is not supported by this server (got {v!r})", name, "unsupported_parameter")
 
 
-def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any) -> Any:
-    """tokenizer: the served one (None: token ids only, where stop strings could never match)."""
+def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any,
+                    extra: dict[str, Any] | None = None) -> Any:
+    """tokenizer: the served one (None: token ids only, where stop strings could never match); extra: more
+    SamplingParams fields (giants.serve.knobs.sampling_kwargs)."""
     from giants.inference import SamplingParams
 
     stop = body.stop
@@ -142,6 +144,7 @@ def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer:
         kw[name] = default if v is None else v
     if kw["top_k"] == 0:
         kw["top_k"] = -1
+    kw.update(extra or {})
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as e:
@@ -318,8 +321,9 @@ def _completion_prompts(served: Served, body: CompletionRequest) -> list[list[in
     return prompts
 
 
-async def _params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any) -> Any:
-    params = sampling_params(body, max_tokens, logprobs, tokenizer)
+async def _params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any,
+                  extra: dict[str, Any] | None = None) -> Any:
+    params = sampling_params(body, max_tokens, logprobs, tokenizer, extra)
     if params.stop_strings:  # its matcher, for every sequence of the request, built off the event loop
         await asyncio.to_thread(lambda: params.stop_matcher)
     return params
@@ -328,17 +332,16 @@ async def _params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: A
 async def create_completion(served: Served, body: CompletionRequest, request: Request) -> Any:
     check_text(body, "")
     model = check_model(served, body.model)
-    _reject_unsupported(body, {"suffix": lambda v: v == "", "logit_bias": lambda v: not v,
-                               "best_of": lambda v: v == body.n})
+    _reject_unsupported(body, {"suffix": lambda v: v == ""})
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_parameter")
     prompts = await asyncio.to_thread(_completion_prompts, served, body)  # big prompts must not stall the loop
     for i, ids in enumerate(prompts):
         _check_length(served, ids, body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-    _check_fan_out(served, len(prompts), body.n)
-    params = await _params(body, body.max_tokens or 16, body.logprobs, served.tokenizer)
+    _check_fan_out(served, len(prompts), knobs.num_seqs(body))
+    echo_lp = body.logprobs if body.echo else None  # echo with logprobs: the prompt's logprobs too
+    params = await _params(body, body.max_tokens or 16, body.logprobs, served.tokenizer,
+                           knobs.sampling_kwargs(body, served.vocab_size, served.tokenizer, echo_lp))
     echo = [served.tokenizer.decode(ids) for ids in prompts] if body.echo else None
     group = served.bridge.submit(prompts, params)
     rid, created, n, tok, nlp = new_id("cmpl"), now(), body.n, served.tokenizer, body.logprobs
@@ -350,15 +353,22 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
             for c in finals[i].outputs:
                 completion_tokens += len(c.token_ids)
                 prefix = echo[i] if echo else ""
-                lp = completion_logprobs(tok, list(c.token_ids), c.logprobs, nlp, 0) if nlp is not None else None
+                head = knobs.echo_logprobs(tok, prompts[i], finals[i].prompt_logprobs, nlp) \
+                    if echo and nlp is not None else None
+                lp = completion_logprobs(tok, list(c.token_ids), c.logprobs, nlp, knobs.text_len(head) if head else 0) \
+                    if nlp is not None else None
+                lp = knobs.join_logprobs(head, lp) if head is not None else lp
                 choices.append(CompletionChoice(index=i * n + c.index, text=prefix + c.text, logprobs=lp,
                                                 finish_reason=c.finish_reason))
         choices.sort(key=lambda ch: ch.index)
         prompt_tokens = sum(len(p) for p in prompts)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens)
-        resp = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
-        return JSONResponse(resp.model_dump())
+        resp = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage).model_dump()
+        if body.prompt_logprobs is not None:  # vLLM's extension, per choice
+            for ch in resp["choices"]:
+                ch["prompt_logprobs"] = knobs.prompt_logprobs_json(tok, finals[ch["index"] // n].prompt_logprobs)
+        return JSONResponse(resp)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     counts: dict[int, int] = {}
@@ -396,8 +406,12 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
             new, lps = _new_slice(c)
             counts[idx] = len(c.token_ids)
             text = c.new_text or ""
+            head = None
             if echo and idx not in started:
                 text = echo[i] + text
+                if nlp is not None:
+                    head = knobs.echo_logprobs(tok, prompts[i], out.prompt_logprobs, nlp)
+                    offsets[idx] = knobs.text_len(head)
             started.add(idx)
             finish = c.finish_reason
             if not text and not new and finish is None:
@@ -406,6 +420,7 @@ async def create_completion(served: Served, body: CompletionRequest, request: Re
             if nlp is not None:
                 lp = completion_logprobs(tok, new, lps, nlp, offsets.get(idx, 0))
                 offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp.tokens)
+                lp = knobs.join_logprobs(head, lp) if head is not None else lp
             if finish is not None:
                 done.add(idx)
             choices.append(CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=finish))
@@ -470,14 +485,14 @@ def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
 async def create_chat_completion(served: Served, body: ChatCompletionRequest, request: Request) -> Any:
     check_text(body, "")
     model = check_model(served, body.model)
-    _reject_unsupported(body, {"logit_bias": lambda v: not v, "tools": lambda v: not v,
+    _reject_unsupported(body, {"tools": lambda v: not v,
                                "tool_choice": lambda v: v in ("none", "auto") or not v,
                                "response_format": lambda v: v.get("type", "text") == "text"})
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
-    _check_fan_out(served, 1, body.n)
+    _check_fan_out(served, 1, knobs.num_seqs(body))
     prompt = await asyncio.to_thread(chat_prompt, served, body)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
@@ -488,7 +503,8 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     if max_tokens is None:
         max_tokens = served.max_model_len - len(prompt)
     nlp = (body.top_logprobs or 0) if body.logprobs else None
-    params = await _params(body, max_tokens, nlp, served.tokenizer)
+    params = await _params(body, max_tokens, nlp, served.tokenizer,
+                           knobs.sampling_kwargs(body, served.vocab_size, served.tokenizer))
     group = served.bridge.submit([prompt], params)
     rid, created, n, tok = new_id("chatcmpl"), now(), body.n, served.tokenizer
 
@@ -503,8 +519,10 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
         choices.sort(key=lambda ch: ch.index)
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                       total_tokens=len(prompt) + completion_tokens)
-        resp = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
-        return JSONResponse(resp.model_dump())
+        resp = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage).model_dump()
+        if body.prompt_logprobs is not None:  # vLLM's extension, beside the choices
+            resp["prompt_logprobs"] = knobs.prompt_logprobs_json(tok, finals[0].prompt_logprobs)
+        return JSONResponse(resp)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     counts: dict[int, int] = {}

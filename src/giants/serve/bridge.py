@@ -137,7 +137,7 @@ class AsyncEngine:
         """Queue one engine request per prompt; APIError 503 while draining, 429 when the queue is full."""
         if self.draining:
             raise APIError(503, "server is shutting down; not accepting new requests", None, "draining")
-        seqs = len(prompts) * params.n
+        seqs = len(prompts) * max(params.n, params.best_of or 0)  # best_of > n runs best_of sequences
         if self.capacity is not None and seqs > self.capacity:  # would never fit: no use retrying
             raise APIError(400, f"this request asks for {seqs} sequences (prompts x n); the server holds at most "
                            f"{self.capacity} (--max-num-seqs + --max-queue)", "n", "invalid_value")

@@ -4,8 +4,7 @@ Field names, defaults and ranges follow OpenAI's API reference; extensions that 
 (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos) ride along in the same body, which is
 how the official client sends them (`extra_body=`). Nothing is silently ignored: an unknown field is refused
 with 400 "Unrecognized request argument supplied" as OpenAI does (a misspelt `max_token` would otherwise run
-with the default), and known fields we cannot honour (suffix, logit_bias, tools, ...) are rejected by name in
-the handlers.
+with the default), and known fields we cannot honour (suffix, ...) are rejected by name in the handlers.
 """
 
 from __future__ import annotations
@@ -48,6 +47,12 @@ class _SamplingFields(_Body):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # vLLM's sampling knobs (giants.serve.knobs.sampling_kwargs)
+    min_tokens: int | None = Field(default=None, ge=0)
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    best_of: int | None = Field(default=None, ge=1, le=128)
 
 
 class CompletionRequest(_SamplingFields):
@@ -55,7 +60,6 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
 
