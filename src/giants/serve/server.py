@@ -115,15 +115,18 @@ class DrainingServer(uvicorn.Server):
         self.draining = False
         self.load_failed: BaseException | None = None
         self._drain_task: asyncio.Future | None = None
+        self.stop_signal: str | None = None  # the first SIGTERM/SIGINT, for the closing log line
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stop_signal = self.stop_signal or signal.Signals(sig).name
         if self.draining or self.loop is None or not self.started:
             # not serving yet, or a second signal: stop now, ending whatever is still running
             if self.draining:
+                log.info("second %s: ending the requests still running", signal.Signals(sig).name)
                 self.force_exit = sig == signal.SIGINT
                 self.loop.call_soon_threadsafe(self._abort_all)
             self.should_exit = True
@@ -147,6 +150,18 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.05)  # let the last SSE frames reach their sockets
         finally:
             self.should_exit = True
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown on a forced exit (a second Ctrl-C), and the lifespan task it
+            # leaves is cancelled when the loop closes and logged as a CancelledError traceback. The requests
+            # were already ended, so the shutdown is quick: run it, bounded.
+            try:
+                async with asyncio.timeout(5):
+                    await self.lifespan.shutdown()
+            except TimeoutError:
+                log.warning("application shutdown took over 5 s; exiting without it")
 
     def fail_load(self, e: BaseException) -> None:
         self.load_failed = e
@@ -310,8 +325,10 @@ def serve(opts: ServeOptions) -> int:
     warning = check_exposure(opts.host, opts.api_key)
     if warning is not None:
         print(warning, file=sys.stderr)
-    logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, opts.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # torch's own INFO lines (FakeTensor cache statistics at exit) are not the server's news
+    logging.getLogger("torch").setLevel(max(level, logging.WARNING))
     name = opts.served_model_name or opts.model
     holder: dict[str, DrainingServer] = {}
     app = create_app(lambda: load_model(opts), name, aliases=(opts.model,), api_key=opts.api_key,
@@ -335,4 +352,5 @@ def serve(opts: ServeOptions) -> int:
     if server.load_failed is not None:
         print(f"giants serve: error: cannot load {opts.model}: {server.load_failed}", file=sys.stderr)
         return 1
+    log.info("stopped%s", f" on {server.stop_signal}" if server.stop_signal else "")
     return 0
