@@ -151,10 +151,11 @@ def test_chat_message_fields(server):
     r = c.post("/v1/chat/completions", json={**base, "messages": [{"role": "tool", "content": "42",
                                                                    "tool_call_id": "call_1"}]})
     assert r.status_code == 200 and tok.seen[-1][0]["tool_call_id"] == "call_1"
-    for key, value in (("tool_calls", [{"id": "c", "type": "function"}]), ("refusal", "no")):
+    for key, value, param in (("tool_calls", [{"id": "c", "type": "function"}], "tool_calls[0]"),
+                              ("refusal", "no", "refusal")):
         r = c.post("/v1/chat/completions", json={**base, "messages": [{"role": "assistant", "content": "",
                                                                        key: value}]})
-        assert r.status_code == 400 and r.json()["error"]["param"] == f"messages[0].{key}", r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"messages[0].{param}", r.text
     r = c.post("/v1/chat/completions", json={**base, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].cache_control"

@@ -22,6 +22,7 @@ import torch
 
 from giants.inference import logits_process as knobs
 from giants.inference.detokenize import IncrementalText
+from giants.inference.guided import Guide, new_guide
 from giants.inference.kv_cache import KVCacheManager, SeqBlocks
 from giants.inference.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from giants.inference.params import SamplingParams
@@ -67,6 +68,7 @@ class Sequence:
         self.reported_tokens = 0
         self.finish_reported = False
         self.admitted_once = False
+        self.guide: Guide | None = None  # structured output's grammar state; kept through preemption
 
     @property
     def token_ids(self) -> list[int]:
@@ -258,6 +260,7 @@ class Engine:
                 s = params.seed if i == 0 else hash((params.seed, i)) & ((1 << 63) - 1)
                 gen = torch.Generator(device=self.device).manual_seed(s)
             seq = Sequence(next(self._seq_ids), req, i, len(self.kv.groups), gen, self.tokenizer)
+            seq.guide = new_guide(params, self.tokenizer, self.cfg.vocab_size, self.eos_ids)
             req.seqs.append(seq)
             self.waiting.append(seq)
         self.requests[request_id] = req
@@ -438,7 +441,8 @@ class Engine:
             for seq, n in scheduled:
                 seq.num_computed += n
             if sampling:
-                rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s in sampling]
+                rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator, s.guide)
+                        for s in sampling]
                 try:
                     pending = self.sampler.launch(logits, rows)
                     if not pending.wants_logprobs:
@@ -504,6 +508,8 @@ class Engine:
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict[int, float] | None, now: float) -> None:
         params = seq.request.params
+        if seq.guide is not None:
+            seq.guide.accept(tok)
         seq.output_ids.append(tok)
         self.generation_tokens_total += 1
         m = seq.request.metrics
@@ -521,6 +527,8 @@ class Engine:
         stop = seq.text.add(tok, match=len(seq.output_ids) > params.min_tokens)
         if stop is not None:
             self._finish(seq, "stop", stop)
+        elif seq.guide is not None and seq.guide.done:  # the grammar is complete and allows nothing more
+            self._finish(seq, "stop")
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
             self._finish(seq, "length")
         elif len(seq) >= self.max_model_len:

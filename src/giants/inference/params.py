@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 
 def _is_int(v: object) -> bool:
@@ -58,9 +59,21 @@ class SamplingParams:
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     best_of: int | None = None
+    # structured output (giants.inference.guided; at most one): a JSON schema, a regex, one of the strings, a Lark
+    # or GBNF grammar, or vLLM's GuidedDecodingParams (`structured_outputs` is its newer name)
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding: Any = None
+    structured_outputs: InitVar[Any] = None
     stop_strings: list[str] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, structured_outputs: Any = None) -> None:
+        if structured_outputs is not None:
+            if self.guided_decoding is not None:
+                raise ValueError("SamplingParams.structured_outputs: give it or guided_decoding, not both")
+            self.guided_decoding = structured_outputs
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
@@ -102,6 +115,24 @@ class SamplingParams:
         from giants.inference.logits_process import validate_knobs
 
         validate_knobs(self, bad)
+
+        from giants.inference.guided import grammar_for
+
+        try:
+            self.__dict__["_grammar"] = grammar_for(self)
+        except ValueError as e:
+            raise ValueError(f"SamplingParams.{e}") from None
+
+    @property
+    def grammar(self) -> str | None:
+        """The structured-output constraint as llguidance grammar text (None: unconstrained)."""
+        return self.__dict__.get("_grammar")
+
+    @property
+    def guided_field(self) -> str | None:
+        from giants.inference.guided import GUIDED_FIELDS
+
+        return next((f for f in GUIDED_FIELDS if getattr(self, f) is not None), None)
 
     @property
     def stop_matcher(self):

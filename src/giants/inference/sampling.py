@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from giants.inference.guided import Guide, apply_guides
 from giants.inference.logits_process import apply_logits_processors, wants_cumulative
 from giants.inference.params import SamplingParams
 
@@ -27,6 +28,7 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None
+    guide: Guide | None = None  # structured output: the sequence's grammar state (giants.inference.guided)
 
 
 def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
@@ -180,6 +182,7 @@ class Sampler:
         dev = logits.device
         logits = apply_logits_processors(logits, rows, self.eos_ids)  # logit_bias, min_tokens, bad/allowed words
         logits = apply_penalties(logits, rows)
+        logits = apply_guides(logits, [r.guide for r in rows])  # before the filters: they keep allowed tokens
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)

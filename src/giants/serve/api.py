@@ -23,7 +23,6 @@ from giants.serve import DEFAULT_MAX_SEQS_PER_REQUEST, MAX_PROMPTS, MAX_STOP, MA
 from giants.serve.bridge import Aborted, AsyncEngine, RequestGroup
 from giants.serve.errors import APIError
 from giants.serve.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -42,6 +41,15 @@ from giants.serve.protocol import (
     now,
 )
 from giants.serve.template import TemplateError, TemplateLimit
+from giants.serve.tools import (
+    ChoiceStream,
+    ToolPlan,
+    check_tool_calls,
+    finish_reason,
+    reply_message,
+    structured_kwargs,
+    tool_plan,
+)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -114,7 +122,7 @@ def _reject_unsupported(body: Any, names: dict[str, Any]) -> None:
 def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer: Any,
                     extra: dict[str, Any] | None = None) -> Any:
     """tokenizer: the served one (None: token ids only, where stop strings could never match); extra: more
-    SamplingParams fields (giants.serve.knobs.sampling_kwargs)."""
+    SamplingParams fields (giants.serve.knobs.sampling_kwargs, a tool plan's grammar)."""
     from giants.inference import SamplingParams
 
     stop = body.stop
@@ -144,6 +152,10 @@ def sampling_params(body: Any, max_tokens: int, logprobs: int | None, tokenizer:
         kw[name] = default if v is None else v
     if kw["top_k"] == 0:
         kw["top_k"] = -1
+    kw.update(structured_kwargs(body))
+    if any(k.startswith("guided_") for k in kw) and tokenizer is None:
+        raise APIError(400, "structured output needs the server's tokenizer", "response_format",
+                       "unsupported_parameter")
     kw.update(extra or {})
     try:
         return SamplingParams(**kw)
@@ -449,7 +461,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
                                    f"messages[{i}].content[{j}].{extra}", "unsupported_parameter")
                 parts.append(part.text)
             content = "".join(parts)
-        for key in ("tool_calls", "function_call", "refusal", "audio", "annotations"):
+        for key in ("function_call", "refusal", "audio", "annotations"):
             if getattr(m, key):
                 raise APIError(400, f"{key} in messages is not supported by this server",
                                f"messages[{i}].{key}", "unsupported_parameter")
@@ -459,18 +471,26 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
             msg["name"] = m.name
         if m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            msg["tool_calls"] = check_tool_calls(m.tool_calls, f"messages[{i}].tool_calls")
+        if m.reasoning_content:
+            msg["reasoning_content"] = m.reasoning_content
         out.append(msg)
     return out
 
 
-def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(served: Served, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
     tok = served.tokenizer
     messages = _messages(body)
+    tools = None
+    if plan is not None:
+        messages, tools = plan.messages(messages), plan.template_tools()
     try:
         if served.renderer is not None:
-            text = served.renderer.render(messages, body.add_generation_prompt)
+            text = served.renderer.render(messages, body.add_generation_prompt, tools)
         else:
-            text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+            kw = {"tools": tools} if tools else {}
+            text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt, **kw)
     except TemplateLimit as e:
         raise APIError(400, str(e), "messages", "chat_template_limit") from None
     except TemplateError as e:
@@ -485,15 +505,13 @@ def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
 async def create_chat_completion(served: Served, body: ChatCompletionRequest, request: Request) -> Any:
     check_text(body, "")
     model = check_model(served, body.model)
-    _reject_unsupported(body, {"tools": lambda v: not v,
-                               "tool_choice": lambda v: v in ("none", "auto") or not v,
-                               "response_format": lambda v: v.get("type", "text") == "text"})
+    plan = tool_plan(served, body)
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
     _check_fan_out(served, 1, knobs.num_seqs(body))
-    prompt = await asyncio.to_thread(chat_prompt, served, body)
+    prompt = await asyncio.to_thread(chat_prompt, served, body, plan)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
@@ -503,8 +521,8 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     if max_tokens is None:
         max_tokens = served.max_model_len - len(prompt)
     nlp = (body.top_logprobs or 0) if body.logprobs else None
-    params = await _params(body, max_tokens, nlp, served.tokenizer,
-                           knobs.sampling_kwargs(body, served.vocab_size, served.tokenizer))
+    extra = knobs.sampling_kwargs(body, served.vocab_size, served.tokenizer)
+    params = await _params(body, max_tokens, nlp, served.tokenizer, {**plan.sampling_kwargs(), **extra})
     group = served.bridge.submit([prompt], params)
     rid, created, n, tok = new_id("chatcmpl"), now(), body.n, served.tokenizer
 
@@ -514,8 +532,8 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
         for c in finals[0].outputs:
             completion_tokens += len(c.token_ids)
             lp = chat_logprobs(tok, list(c.token_ids), c.logprobs, nlp) if nlp is not None else None
-            choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=lp,
-                                      finish_reason=c.finish_reason))
+            message, finish = reply_message(plan, c.text, c.finish_reason)
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=finish))
         choices.sort(key=lambda ch: ch.index)
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                       total_tokens=len(prompt) + completion_tokens)
@@ -527,6 +545,7 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     counts: dict[int, int] = {}
     done: set[int] = set()
+    streams = {k: ChoiceStream(plan) for k in range(n)} if plan.active else None
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
         d = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices).model_dump(exclude_none=False)
@@ -560,12 +579,18 @@ async def create_chat_completion(served: Served, body: ChatCompletionRequest, re
             new, lps = _new_slice(c)
             counts[c.index] = len(c.token_ids)
             text = c.new_text or ""
-            if text or new:
+            if streams is not None:  # tool calls / harmony: the reply re-read, its new fields sent
+                lp = chat_logprobs(tok, new, lps, nlp) if nlp is not None and new else None
+                d = streams[c.index].feed(text, c.finish_reason is not None)
+                if d or lp is not None:
+                    content.append(ChatChunkChoice(index=c.index, delta=Delta(**d), logprobs=lp))
+            elif text or new:
                 lp = chat_logprobs(tok, new, lps, nlp) if nlp is not None else None
                 content.append(ChatChunkChoice(index=c.index, delta=Delta(content=text), logprobs=lp))
             if c.finish_reason is not None:
                 done.add(c.index)
-                finished.append(ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=c.finish_reason))
+                reason = finish_reason(c.finish_reason, streams is not None and streams[c.index].called)
+                finished.append(ChatChunkChoice(index=c.index, delta=Delta(), finish_reason=reason))
         # one entry per choice per chunk; the finish comes in its own chunk with an empty delta, as OpenAI's does
         if content:
             yield chunk(content)

@@ -53,6 +53,14 @@ class _SamplingFields(_Body):
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = Field(default=None, ge=1, le=128)
+    # structured output (giants.serve.tools.structured_kwargs): OpenAI's response_format, vLLM's guided_* fields
+    # and its newer structured_outputs object; at most one
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -76,8 +84,10 @@ class ChatMessage(_Body):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None  # a "tool" message's: passed to the chat template
-    # what a client copies back from an earlier response's message; accepted empty, refused by name otherwise
-    tool_calls: list[dict[str, Any]] | None = None
+    # what a client copies back from an earlier response's message; tool_calls and reasoning_content reach the
+    # template, the rest is accepted empty and refused by name otherwise
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, rendered by the template
+    reasoning_content: str | None = None  # an earlier reply's reasoning (gpt-oss's template renders it)
     function_call: dict[str, Any] | None = None
     refusal: str | None = None
     audio: dict[str, Any] | None = None
@@ -92,7 +102,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
 
@@ -154,6 +164,8 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # gpt-oss's analysis channel (vLLM's field name)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -176,6 +188,8 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -11,7 +11,7 @@ parallel; completions never render a template).
 
 Protocol: one JSON line per message over the worker's stdin/stdout. First the parent sends
 {"template", "special", "max_chars"} and the worker answers {"ready": true} once it has imported what it needs
-(the time limit counts from there); then per render {"messages", "add_generation_prompt"} -> {"text"} or
+(the time limit counts from there); then per render {"messages", "add_generation_prompt", "tools"} -> {"text"} or
 {"error", "kind"}.
 """
 
@@ -139,8 +139,9 @@ class TemplateRenderer:
         with self._lock:
             self._count -= 1
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        line = _line({"messages": messages, "add_generation_prompt": add_generation_prompt})
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        line = _line({"messages": messages, "add_generation_prompt": add_generation_prompt, "tools": tools})
         w = self._take()
         try:
             reply = w.call(line, self.timeout)
@@ -216,7 +217,7 @@ def _worker() -> int:
         req = json.loads(line)
         try:
             text = Tokenizer.apply_chat_template(shim, req["messages"], req["add_generation_prompt"],
-                                                 chat_template=template)
+                                                 tools=req.get("tools"), chat_template=template)
             if len(text) > max_chars:
                 reply = {"error": f"the model's chat template produced {len(text)} characters, more than the limit "
                                   f"of {max_chars}", "kind": "limit"}

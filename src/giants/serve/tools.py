@@ -1,0 +1,489 @@
+"""What the model must write and how its text is read back: response_format and vLLM's guided_* fields
+(structured output), tools / tool_choice (the call parsed into OpenAI's `tool_calls`), and gpt-oss's harmony
+channels (analysis -> `reasoning_content`, final -> `content`, commentary `to=functions.NAME` -> a tool call).
+
+Tool calls are written as each family's chat template teaches the model:
+- Hermes / Qwen style: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (one block per call);
+- Llama 3.1 style: the whole reply a JSON object `{"name": ..., "parameters": {...}}` (or `<|python_tag|>` first);
+- Mistral style: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`;
+- harmony (gpt-oss): `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}`.
+"auto" reads any of the first three (or harmony for a harmony template). "required" and a named function are
+enforced with the grammar engine as vLLM does: a named function's reply is its arguments (a JSON schema), a
+required call a JSON list of {"name", "parameters"}; for harmony, a grammar of the commentary header and the
+arguments. A template that does not render `tools` gets them in a system message in the Hermes format
+(giants' own choice: vLLM would pass them to a template that drops them, and the model would never see them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from giants.serve.errors import APIError
+
+# ---- structured output -------------------------------------------------------------------------------
+
+
+def _check_grammar(kind: str, spec: Any, param: str) -> None:
+    from giants.inference.guided import _compile
+
+    try:
+        _compile(kind, spec, param)
+    except ValueError as e:
+        msg = str(e)
+        raise APIError(400, msg if msg.startswith(param) else f"{param}: {msg}", param, "invalid_value") from None
+
+
+def structured_kwargs(body: Any) -> dict[str, Any]:
+    """SamplingParams keyword arguments for response_format, guided_json/regex/choice/grammar and
+    structured_outputs (at most one of them); 400 naming the field for a shape the grammar engine rejects."""
+    given = {name: getattr(body, name, None) for name in ("response_format", "guided_json", "guided_regex",
+                                                          "guided_choice", "guided_grammar", "structured_outputs")}
+    rf = given["response_format"]
+    if rf is not None and rf.get("type", "text") == "text" and set(rf) <= {"type"}:
+        given["response_format"] = None
+    set_ = [k for k, v in given.items() if v is not None]
+    if not set_:
+        return {}
+    if len(set_) > 1:
+        raise APIError(400, f"only one structured-output constraint per request (got {', '.join(set_)})", set_[1],
+                       "invalid_value")
+    name = set_[0]
+    value = given[name]
+    if name == "response_format":
+        kind = value.get("type")
+        if kind == "json_object":
+            if set(value) - {"type"}:
+                raise APIError(400, f"response_format: unexpected keys {sorted(set(value) - {'type'})}",
+                               "response_format", "invalid_value")
+            _check_grammar("json_object", True, "response_format")
+            return {"guided_decoding": {"json_object": True}}
+        if kind == "json_schema":
+            js = value.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("name"), str):
+                raise APIError(400, "response_format.json_schema must be an object with a name (and a schema)",
+                               "response_format.json_schema", "invalid_value")
+            unknown = set(js) - {"name", "schema", "strict", "description"}
+            if unknown or set(value) - {"type", "json_schema"}:
+                bad = sorted(unknown) or sorted(set(value) - {"type", "json_schema"})
+                raise APIError(400, f"response_format: unsupported keys {bad}", "response_format", "invalid_value")
+            schema = js.get("schema", {"type": "object"})  # OpenAI: no schema means any JSON object
+            _check_grammar("json", schema, "response_format.json_schema.schema")
+            return {"guided_json": schema}
+        raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object or json_schema)",
+                       "response_format.type", "unsupported_parameter")
+    if name == "structured_outputs":
+        if not isinstance(value, dict):
+            raise APIError(400, "structured_outputs must be an object", name, "invalid_value")
+        from giants.inference.guided import GuidedDecodingParams
+
+        try:
+            GuidedDecodingParams(**value)
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"structured_outputs: {e}", name, "invalid_value") from None
+        kind, spec = next((k, v) for k, v in value.items() if v not in (None, False))
+        _check_grammar(kind, spec, f"structured_outputs.{kind}")
+        return {"guided_decoding": value}
+    _check_grammar(name.removeprefix("guided_"), value, name)
+    return {name: value}
+
+
+# ---- tools -------------------------------------------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+HERMES_SYSTEM = (
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class Parsed:
+    content: str | None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def template_style(template: str | None) -> str:
+    """How the template asks the model to call tools: harmony, hermes, llama, mistral, or none (it does not
+    render tools)."""
+    t = template or ""
+    if "<|channel|>" in t:
+        return "harmony"
+    if "tools" not in t:
+        return "none"
+    if "<tool_call>" in t:
+        return "hermes"
+    if "[TOOL_CALLS]" in t or "[AVAILABLE_TOOLS]" in t:
+        return "mistral"
+    return "llama"  # Llama 3.1 and templates like it: a JSON object with name and parameters
+
+
+def _params_schema(fn: dict[str, Any]) -> dict[str, Any]:
+    p = fn.get("parameters")
+    return p if isinstance(p, dict) and p else {"type": "object", "properties": {}}
+
+
+class ToolPlan:
+    """One chat request's tools, tool_choice and template style: what goes into the template, the grammar for
+    "required" / a named function, and the parser for the reply."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None, tool_choice: Any, template: str | None,
+                 parallel_tool_calls: bool | None = None) -> None:
+        self.style = template_style(template)
+        self.tools = list(tools or [])
+        self.parallel = parallel_tool_calls is not False
+        self.functions: dict[str, dict[str, Any]] = {}
+        for i, t in enumerate(self.tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+                raise APIError(400, "each tool must be {\"type\": \"function\", \"function\": {...}}", f"tools[{i}]",
+                               "invalid_value")
+            name = fn.get("name")
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise APIError(400, "a function name must be 1-64 letters, digits, _ . or -",
+                               f"tools[{i}].function.name", "invalid_value")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise APIError(400, "parameters must be a JSON schema object", f"tools[{i}].function.parameters",
+                               "invalid_value")
+            _check_grammar("json", _params_schema(fn), f"tools[{i}].function.parameters")
+            self.functions[name] = fn
+        choice = tool_choice
+        if choice is None:
+            choice = "auto" if self.tools else "none"
+        self.named: str | None = None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(400, "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                               "\"function\": {\"name\": ...}}", "tool_choice", "invalid_value")
+            if fn["name"] not in self.functions:
+                raise APIError(400, f"tool_choice names function {fn['name']!r}, which is not in tools",
+                               "tool_choice", "invalid_value")
+            self.named, choice = fn["name"], "named"
+        elif choice not in ("none", "auto", "required"):
+            raise APIError(400, "tool_choice must be \"none\", \"auto\", \"required\" or a named function",
+                           "tool_choice", "invalid_value")
+        elif choice != "none" and not self.tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice", "invalid_value")
+        self.mode = choice
+
+    @property
+    def active(self) -> bool:
+        """The reply needs reading back (tool calls, or harmony's channels)."""
+        return self.mode != "none" or self.style == "harmony"
+
+    # -- the prompt --
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template renders (none with tool_choice "none", or when giants renders them itself)."""
+        if self.mode == "none" or self.style == "none":
+            return None
+        return self.tools
+
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation for the template: assistant tool calls with their arguments as objects (what
+        templates index into, as vLLM passes them); for a template without tools, the tools in a system message
+        and earlier calls written out as the model is told to write them."""
+        out = []
+        for m in messages:
+            m = dict(m)
+            if m.get("tool_calls"):
+                calls = []
+                for c in m["tool_calls"]:
+                    fn = dict(c["function"])
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) \
+                            else fn["arguments"]
+                    except json.JSONDecodeError:
+                        pass  # the template gets the string as the client sent it
+                    calls.append({**c, "function": fn})
+                m["tool_calls"] = calls
+                if self.style == "none":
+                    text = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                                   "arguments": c["function"]["arguments"]})
+                                     + "\n</tool_call>" for c in calls)
+                    m["content"] = ((m.get("content") or "") + "\n" + text).strip()
+                    del m["tool_calls"]
+            out.append(m)
+        if self.style == "none" and self.mode != "none":
+            block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in self.tools))
+            if out and out[0]["role"] == "system":
+                out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{block}"}
+            else:
+                out.insert(0, {"role": "system", "content": block})
+        return out
+
+    # -- the grammar --
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.style == "harmony":
+            kw["skip_special_tokens"] = False  # the channel markers are special tokens: the parser needs them
+        if self.mode == "named":
+            if self.style == "harmony":
+                kw["guided_grammar"] = _harmony_call_grammar({self.named: self.functions[self.named]})
+            else:
+                kw["guided_json"] = _params_schema(self.functions[self.named])
+        elif self.mode == "required":
+            if self.style == "harmony":
+                kw["guided_grammar"] = _harmony_call_grammar(self.functions)
+            else:
+                items = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
+                                                                     "parameters": _params_schema(fn)},
+                                    "required": ["name", "parameters"], "additionalProperties": False}
+                                   for name, fn in self.functions.items()]}
+                schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items}
+                if not self.parallel:
+                    schema["maxItems"] = 1
+                kw["guided_json"] = schema
+        return kw
+
+    # -- the reply --
+    def parse(self, text: str, final: bool = True) -> Parsed:
+        """final=False: a streamed reply so far; content stops short of anything that may still become a call,
+        and only calls already complete (or, for harmony and a named function, their arguments so far) appear."""
+        if self.style == "harmony":
+            p = parse_harmony(text, final)
+        elif self.mode == "none":
+            p = Parsed(text)
+        elif self.mode == "named":
+            p = Parsed(None, tool_calls=[ToolCall(self.named, text)] if text or final else [])
+        elif self.mode == "required":
+            p = Parsed(None, tool_calls=_calls_from_json(text) if final else [])
+            if final and not p.tool_calls:
+                p.content = text  # cut off by max_tokens before the list closed: the raw text, as vLLM returns it
+        else:
+            p = parse_auto(text, final)
+        if self.mode == "none" and p.tool_calls:  # harmony: the model called a tool it was told not to
+            p.tool_calls = []
+        if not self.parallel:
+            p.tool_calls = p.tool_calls[:1]
+        return p
+
+
+def _harmony_call_grammar(functions: dict[str, dict[str, Any]]) -> str:
+    """gpt-oss: a commentary-channel call to one of `functions`, its arguments matching the schema (Lark with
+    llguidance's %json and special-token syntax)."""
+    rules, alts = [], []
+    for i, (name, fn) in enumerate(functions.items()):
+        rules.append(f"args{i}: %json {json.dumps(_params_schema(fn))}")
+        alts.append(f'"commentary to=functions.{name} " <|constrain|> "json" <|message|> args{i}')
+    return "start: <|channel|> (" + " | ".join(alts) + ")\n" + "\n".join(rules)
+
+
+def _call_from_obj(obj: Any) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters"))
+    if args is None or set(obj) - {"name", "arguments", "parameters", "type", "id"}:
+        return None
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+def _calls_from_json(text: str) -> list[ToolCall]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    objs = obj if isinstance(obj, list) else [obj]
+    calls = [_call_from_obj(o) for o in objs]
+    return calls if calls and all(calls) else []  # type: ignore[return-value]
+
+
+_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+
+
+def parse_auto(text: str, final: bool = True) -> Parsed:
+    """A reply that may hold tool calls in any of the Hermes, Llama 3.1 or Mistral shapes; text that only looks
+    like a call but does not parse stays content (as vLLM's parsers leave it)."""
+    if "<tool_call>" in text:
+        calls, pieces, pos = [], [], 0
+        for m in _TAG.finditer(text):
+            closed = m.group(0).rstrip().endswith("</tool_call>")
+            if not closed and not final:
+                break
+            call = _calls_from_json(m.group(1))
+            if not call:
+                continue  # left in the content
+            pieces.append(text[pos:m.start()])
+            pos = m.end()
+            calls.extend(call)
+        pieces.append(text[pos:] if final or "<tool_call>" not in text[pos:] else text[pos:text.index("<tool_call>",
+                                                                                                      pos)])
+        content = "".join(pieces).strip() if calls else "".join(pieces)
+        return Parsed(content or None, tool_calls=calls)
+    for marker in ("[TOOL_CALLS]", "<|python_tag|>"):
+        if marker in text:
+            before, _, rest = text.partition(marker)
+            if not final:
+                return Parsed(before)
+            calls = _calls_from_json(rest.strip()) or [c for part in rest.split(";")
+                                                       for c in _calls_from_json(part.strip())]
+            return Parsed((before.strip() or None) if calls else text, tool_calls=calls)
+    stripped = text.strip()
+    if stripped.startswith(("{", "[")):
+        if not final:
+            return Parsed("")  # may be a Llama-style call: held back until the reply ends
+        calls = _calls_from_json(stripped)
+        return Parsed(None if calls else text, tool_calls=calls)
+    if not final:  # hold back a tail that may be the start of a marker
+        for k in range(min(len(text), max(map(len, _MARKERS))), 0, -1):
+            if any(mk.startswith(text[-k:]) for mk in _MARKERS):
+                return Parsed(text[:-k])
+    return Parsed(text)
+
+
+# ---- harmony -------------------------------------------------------------------------------------------
+
+_SPECIAL = re.compile(r"<\|(start|channel|message|end|call|return|constrain)\|>")
+
+
+def parse_harmony(text: str, final: bool = True) -> Parsed:
+    """gpt-oss's reply after the prompt's `<|start|>assistant`: messages of a header (`<|channel|>NAME`, an
+    optional ` to=RECIPIENT`, an optional `<|constrain|>json`) and a body after `<|message|>`, ended by `<|end|>`
+    (then `<|start|>assistant` and the next) or by the stop token (`<|call|>`, `<|return|>`, not in the text).
+    analysis -> reasoning; final (and commentary without a recipient, the model's preambles) -> content;
+    `to=functions.NAME` -> a tool call whose arguments are the body."""
+    reasoning, content, calls = [], [], []
+    pos, n = 0, len(text)
+    while pos < n:
+        if text.startswith("<|start|>", pos):
+            pos += len("<|start|>")  # the role ("assistant", maybe " to=...") is part of the header
+        mi = text.find("<|message|>", pos)
+        if mi < 0:
+            break  # a header still arriving
+        header = text[pos:mi]
+        body_start = mi + len("<|message|>")
+        ends = [i for i in (text.find(t, body_start) for t in ("<|end|>", "<|call|>", "<|return|>")) if i >= 0]
+        end = min(ends) if ends else n
+        closed = bool(ends)
+        body = text[body_start:end]
+        channel_m = re.search(r"<\|channel\|>\s*([A-Za-z_]+)", header)
+        channel = channel_m.group(1) if channel_m else "final"
+        to_m = re.search(r"to=([^\s<]+)", header)
+        recipient = to_m.group(1) if to_m else None
+        if recipient is not None:
+            name = recipient.removeprefix("functions.")
+            calls.append(ToolCall(name, body))  # while streaming: the arguments so far
+        elif channel == "analysis":
+            reasoning.append(body)
+        else:
+            content.append(body)
+        if not closed:
+            break
+        pos = _SPECIAL.match(text, end).end()
+    return Parsed("".join(content) if content else None, "".join(reasoning) if reasoning else None, calls)
+
+
+# ---- streaming -----------------------------------------------------------------------------------------
+
+
+class ChoiceStream:
+    """One streamed choice: the reply so far re-read at each step; yields OpenAI delta fields for what is new."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan, self.text = plan, ""
+        self.sent_content = self.sent_reasoning = 0
+        self.sent_args: list[int] = []
+        self.ids: list[str] = []
+
+    def feed(self, new_text: str, final: bool) -> dict[str, Any]:
+        """The delta (OpenAI's chunk fields) for `new_text`; {} when nothing can be sent yet."""
+        self.text += new_text
+        p = self.plan.parse(self.text, final)
+        out: dict[str, Any] = {}
+        r = p.reasoning or ""
+        if len(r) > self.sent_reasoning:
+            out["reasoning_content"] = r[self.sent_reasoning:]
+            self.sent_reasoning = len(r)
+        c = p.content or ""
+        if len(c) > self.sent_content:
+            out["content"] = c[self.sent_content:]
+            self.sent_content = len(c)
+        calls = []
+        for k, call in enumerate(p.tool_calls):
+            if k == len(self.ids):
+                self.ids.append(call.id)
+                self.sent_args.append(len(call.arguments))
+                calls.append({"index": k, "id": call.id, "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}})
+            elif len(call.arguments) > self.sent_args[k]:
+                calls.append({"index": k, "function": {"arguments": call.arguments[self.sent_args[k]:]}})
+                self.sent_args[k] = len(call.arguments)
+        if calls:
+            out["tool_calls"] = calls
+        return out
+
+    @property
+    def called(self) -> bool:
+        return bool(self.ids)
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's: a reply that ended on its own with tool calls finishes with "tool_calls"."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+# ---- the endpoint's helpers ------------------------------------------------------------------------------
+
+
+def check_tool_calls(calls: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as a client sends them back: OpenAI's shape or 400 naming the field."""
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", "{}"), str | dict) or c.get("type", "function") != "function":
+            raise APIError(400, "a tool call must be {\"id\", \"type\": \"function\", \"function\": {\"name\", "
+                           "\"arguments\"}}", f"{param}[{j}]", "invalid_value")
+        extra = set(c) - {"id", "type", "function", "index"}
+        if extra:
+            raise APIError(400, f"unknown tool call field {sorted(extra)[0]!r}", f"{param}[{j}].{sorted(extra)[0]}",
+                           "unsupported_parameter")
+        out.append({"id": c.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments", "{}")}})
+    return out
+
+
+def tool_plan(served: Any, body: Any) -> ToolPlan:
+    """The request's ToolPlan, from its tools, tool_choice and the served chat template."""
+    template = getattr(served.renderer, "template", None)
+    get = getattr(served.tokenizer, "get_chat_template", None)
+    if template is None and get is not None:
+        try:
+            template = get(tools=body.tools)
+        except ValueError:  # no chat template: the request fails when it renders
+            template = None
+    plan = ToolPlan(body.tools, body.tool_choice, template, body.parallel_tool_calls)
+    if plan.mode in ("required", "named") and structured_kwargs(body):
+        raise APIError(400, "response_format (or a guided_* field) cannot be combined with a required or named "
+                       "tool_choice: the call's own schema constrains the reply", "response_format", "invalid_value")
+    if body.parallel_tool_calls is not None and not plan.tools:
+        raise APIError(400, "parallel_tool_calls needs tools", "parallel_tool_calls", "invalid_value")
+    return plan
+
+
+def reply_message(plan: ToolPlan, text: str, reason: str | None) -> tuple[Any, str | None]:
+    """A finished choice's AssistantMessage and finish_reason."""
+    from giants.serve.protocol import AssistantMessage
+
+    if not plan.active:
+        return AssistantMessage(content=text), reason
+    p = plan.parse(text, True)
+    calls = [c.to_openai() for c in p.tool_calls]
+    return (AssistantMessage(content=p.content, reasoning_content=p.reasoning, tool_calls=calls or None),
+            finish_reason(reason, bool(calls)))
