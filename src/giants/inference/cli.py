@@ -28,6 +28,25 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
                         "$OMP_NUM_THREADS when set")
 
 
+def _speculative_arg(v: str) -> dict:
+    from giants.inference.spec_decode import SpeculativeConfig
+
+    try:
+        raw = json.loads(v)
+        SpeculativeConfig.parse(raw)  # unknown keys and bad values now, before the model loads
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return raw
+
+
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    """--speculative-config JSON (generate, serve), as vLLM spells it."""
+    p.add_argument("--speculative-config", type=_speculative_arg, default=None, metavar="JSON",
+                   help='speculative decoding: \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
+                        '4}\' (prompt lookup) or \'{"model": DRAFT, "num_speculative_tokens": 4}\' (a smaller model '
+                        'with the same tokenizer)')
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is not None and args.prompt is not None:
         raise ValueError("give the prompt as an argument or with --prompt-file, not both")
@@ -110,7 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
     with bulk_threads():  # loading, fusing and packing: no spinning barriers while other jobs hold the cores
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=_max_model_len(args, text),
                   seed=args.seed or 0, cpu_compile=args.compile, max_num_seqs=args.n, cpu_threads=args.threads,
-                  quantization=args.quantization)
+                  quantization=args.quantization, speculative_config=args.speculative_config)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": text}]
@@ -172,4 +191,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as the "
                         "checkpoint stores them; presets: none)")
     add_threads_arg(p)
+    add_speculative_arg(p)
     p.set_defaults(func=_generate)

@@ -28,6 +28,7 @@ from giants.inference.outputs import CompletionOutput, RequestMetrics, RequestOu
 from giants.inference.params import SamplingParams
 from giants.inference.runner import Chunk, ModelRunner
 from giants.inference.sampling import Sampler, SamplingRow
+from giants.inference.spec_decode import SpecDecoder
 from giants.model.transformer import Transformer
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -120,9 +121,10 @@ class Engine:
                  device: torch.device | str | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
                  use_cuda_graphs: bool = True, cpu_onednn: bool | None = None,
                  async_decode: bool | None = None, cpu_compile: bool = False,
-                 make_runner: Callable[[Engine], Any] | None = None) -> None:
+                 make_runner: Callable[[Engine], Any] | None = None, speculative_config: Any = None) -> None:
         """make_runner(engine): builds the runner once the KV cache exists, in place of the one-process
-        runners (tensor parallelism: the executor's driver; `model` is then rank 0's shard)."""
+        runners (tensor parallelism: the executor's driver; `model` is then rank 0's shard).
+        speculative_config: vLLM's dict ({"method": "ngram", ...} or {"model": DRAFT, ...}; spec_decode)."""
         cfg = model.config
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -140,6 +142,10 @@ class Engine:
             raise ValueError(f"max_num_batched_tokens: must be >= 1 (got {max_num_batched_tokens})")
         self.block_size = block_size
         dtype = p.dtype
+        # speculative decoding: the draft model is resolved before the KV cache, whose budget it shares
+        self.spec = SpecDecoder(speculative_config, model, seed) if speculative_config is not None else None
+        if self.spec is not None and make_runner is not None:
+            raise ValueError("speculative_config: not supported with tensor parallelism")
         if max_model_len is None:  # the checkpoint's context length alone never sizes the cache (issue 26)
             self.max_model_len = self._default_max_model_len(dtype, gpu_memory_utilization)
         if num_blocks is None:
@@ -148,6 +154,8 @@ class Engine:
                                  dtype=dtype, device=self.device, enable_prefix_caching=enable_prefix_caching)
         self.use_cuda_graphs = use_cuda_graphs
         self.runner = make_runner(self) if make_runner is not None else self._make_runner(use_cuda_graphs)
+        if self.spec is not None:
+            self.spec.attach(self)
         # Launch the next decode step before reading this step's tokens back (its input ids stay on the
         # device), so the host's bookkeeping overlaps the GPU's work: on by default where decode replays
         # CUDA graphs; elsewhere it only costs a read-back, but the CPU tests force it to check the logic.
@@ -201,8 +209,13 @@ class Engine:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             logits = 4 * self.max_num_batched_tokens * self.cfg.vocab_size
-            return int(total * util) - (total - free) - (1 << 30) - logits
-        return 1 << 30
+            return int((int(total * util) - (total - free) - (1 << 30) - logits) * self._kv_share())
+        return int((1 << 30) * self._kv_share())
+
+    def _kv_share(self) -> float:
+        """The target's share of the KV budget (a draft model's cache takes the rest: spec_decode)."""
+        spec = getattr(self, "spec", None)
+        return spec.kv_share(self.model) if spec is not None else 1.0
 
     def _default_max_model_len(self, dtype: torch.dtype, util: float) -> int:
         """max_model_len when none is given: the checkpoint's context length (GGUF context_length, HF
@@ -286,6 +299,7 @@ class Engine:
             "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions": self.num_preemptions, "num_steps": self.num_steps,
             "prefix_cache_queries": self.kv.prefix_queries, "prefix_cache_hits": self.kv.prefix_hits,
+            **(self.spec.stats() if self.spec is not None else {}),
         }
 
     # ---- scheduling --------------------------------------------------------------
@@ -395,7 +409,8 @@ class Engine:
         """Queues the next decode step of these sequences, fed by the tokens still on the device, if the
         next schedule will surely be the same batch again: every sequence decoding one token, nothing
         waiting to join, no length limit reached, and the next token's KV slot allocated now."""
-        if not (self.async_decode and getattr(self.runner, "supports_ahead", False)) or self.waiting:
+        if not (self.async_decode and getattr(self.runner, "supports_ahead", False)) or self.waiting \
+                or self.spec is not None:  # the next step's chunks may carry drafts
             return None
         if len(scheduled) != len(self.running) or any(n != 1 or not c.sample for (_, n), c in zip(scheduled, chunks)):
             return None
@@ -423,6 +438,8 @@ class Engine:
         if scheduled:
             chunks = [Chunk(seq.blocks, seq.num_computed, seq.tokens(seq.num_computed, seq.num_computed + n),
                             seq.num_computed + n == len(seq)) for seq, n in scheduled]
+            if self.spec is not None:  # drafts join the decode chunks, verified by this step's forward
+                self.spec.plan(scheduled, chunks)
             t1 = time.perf_counter()
             ahead, self._ahead = self._ahead, None
             if ahead is not None and ahead.matches(scheduled):
@@ -443,16 +460,19 @@ class Engine:
             if sampling:
                 rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator, s.guide)
                         for s in sampling]
-                try:
-                    pending = self.sampler.launch(logits, rows)
-                    if not pending.wants_logprobs:
-                        pending.copy_async()
-                        self._ahead = self._launch_ahead(scheduled, chunks, pending.tokens)
-                    result = pending.result()
-                    picked = list(zip(sampling, result.tokens, result.logprobs))
-                except Exception:  # noqa: BLE001 - some row's sampling failed: find it, fail its request alone
-                    self._ahead = None
-                    picked = self._sample_rows_alone(logits, sampling, rows)
+                if self.spec is not None and self.spec.drafted:  # several tokens per sequence (spec_decode)
+                    picked = self.spec.sample(logits, sampling, rows)
+                else:
+                    try:
+                        pending = self.sampler.launch(logits, rows)
+                        if not pending.wants_logprobs:
+                            pending.copy_async()
+                            self._ahead = self._launch_ahead(scheduled, chunks, pending.tokens)
+                        result = pending.result()
+                        picked = list(zip(sampling, result.tokens, result.logprobs))
+                    except Exception:  # noqa: BLE001 - some row's sampling failed: find it, fail its request alone
+                        self._ahead = None
+                        picked = self._sample_rows_alone(logits, sampling, rows)
                 now = time.perf_counter()
                 self.timing["sample_and_wait"] += now - t2
                 for seq, tok, lp in picked:

@@ -187,10 +187,14 @@ class LLM:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  use_cuda_graphs: bool | None = None, quantization: str | None = None, weights: str | None = None,
                  cpu_compile: bool = False, device_map: str | dict | None = None, max_memory: dict | None = None,
-                 offload_folder: str | None = None, cpu_threads: int | str | None = None) -> None:
+                 offload_folder: str | None = None, cpu_threads: int | str | None = None,
+                 speculative_config: dict | None = None) -> None:
         """cpu_threads (giants' own, CPU): torch's intra-op thread count for the engine's steps; None/"auto" lets
         giants.inference.cpu_threads pick it by measuring (fewer threads when other processes hold the cores),
-        unless OMP_NUM_THREADS is set."""
+        unless OMP_NUM_THREADS is set.
+        speculative_config: vLLM's dict, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+        "prompt_lookup_min": 1} or {"model": DRAFT, "num_speculative_tokens": 4} (DRAFT: anything `model` takes;
+        giants.inference.spec_decode)."""
         # None: the default (0.9; CUDA graphs where the device has them); a value given must take effect
         util_given, graphs_given = gpu_memory_utilization is not None, use_cuda_graphs is not None
         gpu_memory_utilization = 0.9 if gpu_memory_utilization is None else gpu_memory_utilization
@@ -211,6 +215,9 @@ class LLM:
             raise ValueError(f"use_cuda_graphs: CUDA graphs need a CUDA device (got True with device {device.type!r})")
         torch.manual_seed(seed)
         self.executor = None  # tensor parallelism: the workers (giants.inference.executor); m is rank 0's shard
+        if speculative_config is not None and tensor_parallel_size != 1:
+            raise ValueError("speculative_config: not combined with tensor_parallel_size > 1 "
+                             f"(got tensor_parallel_size={tensor_parallel_size})")
         if device_map is not None and tensor_parallel_size != 1:
             raise ValueError("device_map: not combined with tensor_parallel_size (place whole blocks or split them)")
         if tensor_parallel_size != 1:
@@ -247,7 +254,7 @@ class LLM:
                              max_num_batched_tokens=max_num_batched_tokens,
                              enable_prefix_caching=enable_prefix_caching, device=device, seed=seed,
                              gpu_memory_utilization=gpu_memory_utilization, use_cuda_graphs=use_cuda_graphs,
-                             cpu_compile=cpu_compile,
+                             cpu_compile=cpu_compile, speculative_config=speculative_config,
                              make_runner=self.executor.make_runner if self.executor is not None else None)
         from giants.inference.cpu_threads import configure, parse_threads
 
@@ -262,6 +269,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         """The tokenizer (vLLM's LLM.get_tokenizer); None when the model has none."""
         return self.tokenizer
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters (Engine.stats): KV blocks, tokens, preemptions, prefix-cache hits and, with
+        speculative_config, spec_acceptance_rate / spec_accepted_tokens_per_step / spec_tokens_per_step."""
+        return self.engine.stats()
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:

@@ -33,6 +33,10 @@ class RequestMetrics:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    # speculative decoding (giants.inference.spec_decode): verify steps with drafts, tokens drafted, drafts accepted
+    num_spec_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -22,9 +22,11 @@ normalize(max(0, p - q)) = p without d, gives the same law as drawing x ~ p and 
 target's, and greedy output is the target's argmax chain, token for token. The KV slots of rejected drafts are
 released (`KVCacheManager.truncate`).
 
-Not speculated (decoded one token at a time, in the same step as the others): sequences under structured output
-(their grammar state would have to advance through the drafts), sequences still prefilling, and steps where the
-token budget, `max_tokens` or `max_model_len` leave no room. Drafts never preempt anyone: a sequence whose
+A prompt's last prefill chunk carries drafts too (prompt lookup finds them in the prompt; a draft model catches
+up with the prompt first), so the first tokens can come out of the prefill's own forward. Not speculated (decoded
+one token at a time, in the same step as the others): sequences under structured output (their grammar state
+would have to advance through the drafts), and steps where the token budget, `max_tokens` or `max_model_len` leave
+no room. Drafts never preempt anyone: a sequence whose
 draft slots do not fit this step decodes plainly.
 """
 
@@ -317,11 +319,11 @@ class SpecDecoder:
             return
         budget = e.max_num_batched_tokens - sum(n for _, n in scheduled)
         cands = []
-        for i, ((seq, n), c) in enumerate(zip(scheduled, chunks)):
+        for i, ((seq, _), c) in enumerate(zip(scheduled, chunks)):
             if budget <= 0:
                 break
-            if n != 1 or not c.sample or getattr(seq, "guide", None) is not None:
-                continue
+            if not c.sample or getattr(seq, "guide", None) is not None:
+                continue  # a prompt's last chunk drafts too: its first tokens can come in the prefill's forward
             mt = seq.request.params.max_tokens
             k = min(self.cfg.num_speculative_tokens, budget, e.max_model_len - len(seq) - 1,
                     mt - len(seq.output_ids) - 1 if mt is not None else budget)
@@ -334,7 +336,7 @@ class SpecDecoder:
         for (i, seq, k), d in zip(cands, proposals):
             d = d[:k]
             c = chunks[i]
-            if d and e.kv.allocate(seq.blocks, c.start, c.start + 1 + len(d)):
+            if d and e.kv.allocate(seq.blocks, c.start, c.start + len(c.token_ids) + len(d)):
                 c.token_ids = list(c.token_ids) + d
                 c.n_logits = 1 + len(d)
                 self.drafts[seq.seq_id] = d

@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
                         max_seqs_per_request=args.max_seqs_per_request, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout or None, max_connections=args.max_connections,
                         chat_template_timeout=args.chat_template_timeout, threads=args.threads,
-                        stats_interval=args.log_interval)
+                        stats_interval=args.log_interval, speculative_config=args.speculative_config)
     return serve(opts)
 
 
@@ -85,7 +85,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from giants.inference.cli import add_threads_arg
+    from giants.inference.cli import add_speculative_arg, add_threads_arg
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the continuous-batching engine")
     p.add_argument("model", help="preset (tiny-llama), known model (smollm2-135m), HF directory or .gguf file")
@@ -140,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-interval", type=_positive(float, 0), default=10.0, metavar="S",
                    help="seconds between throughput log lines while requests run (0: none)")
     add_threads_arg(p)
+    add_speculative_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="CPU: steps where one sequence decodes run through torch.compile'd layers (the first such "
                         "step compiles, 10-30 s)")

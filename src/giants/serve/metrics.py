@@ -51,6 +51,11 @@ class Metrics:
                                "requests cancelled (client gone, drain timeout, request timeout)", registry=r)
         self.timeouts = Counter("giants_request_timeouts", "requests ended by the request timeout (408)",
                                 registry=r)
+        # speculative decoding (zero without --speculative-config); acceptance rate = accepted / draft tokens
+        self.spec_drafts = Gauge("giants_spec_decode_num_drafts", "verify steps of a sequence with drafts",
+                                 registry=r)
+        self.spec_draft_tokens = Gauge("giants_spec_decode_num_draft_tokens", "tokens drafted", registry=r)
+        self.spec_accepted = Gauge("giants_spec_decode_num_accepted_tokens", "drafted tokens accepted", registry=r)
         self.state = Gauge("giants_server_state", "1 for the current state", ["state"], registry=r)
         self.info = Gauge("giants_model_info", "the served model", ["model"], registry=r)
         self.info.labels(model=model_name).set(1)
@@ -67,6 +72,9 @@ class Metrics:
         self.kv_free.set(stats.get("kv_blocks_free", 0))
         self.kv_total.set(stats.get("kv_blocks_total", 0))
         self.preemptions.set(stats.get("num_preemptions", 0))
+        self.spec_drafts.set(stats.get("spec_num_drafts", 0))
+        self.spec_draft_tokens.set(stats.get("spec_num_draft_tokens", 0))
+        self.spec_accepted.set(stats.get("spec_num_accepted_tokens", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -71,6 +71,7 @@ class ServeOptions:
     chat_template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT
     threads: int | None = None  # CPU: intra-op threads (None: giants.inference.cpu_threads decides)
     stats_interval: float = 10.0  # seconds between throughput log lines while busy; 0: none
+    speculative_config: dict | None = None  # LLM(speculative_config=...): prompt lookup or a draft model
 
 
 def load_model(opts: ServeOptions) -> Loaded:
@@ -84,7 +85,7 @@ def load_model(opts: ServeOptions) -> Loaded:
                   block_size=opts.block_size, num_blocks=opts.num_blocks, max_num_seqs=opts.max_num_seqs,
                   cpu_compile=opts.compile, tensor_parallel_size=opts.tensor_parallel_size,
                   device_map=opts.device_map, max_memory=opts.max_memory, offload_folder=opts.offload_folder,
-                  cpu_threads=opts.threads)
+                  cpu_threads=opts.threads, speculative_config=opts.speculative_config)
     if llm.executor is not None:
         from giants.inference.executor import exit_on_failure
 
