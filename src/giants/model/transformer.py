@@ -60,23 +60,12 @@ class Transformer(nn.Module):
     # ---- weights ------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, init_std) matrices, zero biases and sinks, identity norms. Output projections are
-        scaled by 1/sqrt(2 * n_layers) (GPT-2) so deep residual streams start at unit scale."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
+        """Normal(0, init_std) matrices, zero biases and sinks, identity norms (init_parameter, in
+        named_parameters order: one random stream, so the order is part of the result)."""
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            parts = name.split(".")
-            owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
-            if "norm" in owner:
-                continue  # Norm.reset_parameters below
-            if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
-                p.zero_()
-            elif leaf == "w_down" or owner in ("o_proj", "down_proj"):
-                p.normal_(0.0, out_std, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            if p.is_meta or "norm" in _owner_leaf(name)[0]:
+                continue  # norms: Norm.reset_parameters below (each knows its own kind)
+            init_parameter(name, p, self.config, generator)
         for m in self.modules():
             if isinstance(m, Norm):
                 m.reset_parameters()
@@ -180,6 +169,37 @@ class Transformer(nn.Module):
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+
+def _owner_leaf(name: str) -> tuple[str, str]:
+    parts = name.split(".")
+    return (parts[-2] if len(parts) > 1 else ""), parts[-1]
+
+
+@torch.no_grad()
+def init_parameter(name: str, p: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None,
+                   norm_kind: str | None = None) -> None:
+    """Transformer.init_weights' rule for the parameter `name`, filling `p` (its full shape) in place.
+    Output projections get std / sqrt(2 * n_layers) (GPT-2) so deep residual streams start at unit scale.
+    Norm parameters take Norm.reset_parameters' values for `norm_kind` (default cfg.norm_kind).
+    Random draws come from `generator` (the device's default one when None): called over a model's
+    named_parameters in order on one stream, the values are init_weights' bit for bit, which is how
+    giants.parallel.init gives each rank its slice of the one-device weights."""
+    owner, leaf = _owner_leaf(name)
+    if "norm" in owner:
+        kind = cfg.norm_kind if norm_kind is None else norm_kind
+        if leaf == "bias" or kind == "rmsnorm_plus_one":
+            p.zero_()
+        else:
+            p.fill_(1.0)
+        return
+    std = cfg.init_std
+    if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
+        p.zero_()
+    elif leaf == "w_down" or owner in ("o_proj", "down_proj"):
+        p.normal_(0.0, std / math.sqrt(2 * cfg.n_layers), generator=generator)
+    else:
+        p.normal_(0.0, std, generator=generator)
 
 
 def build(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

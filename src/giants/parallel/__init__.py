@@ -10,6 +10,7 @@ _LAZY = {
                     "giants.parallel.mesh"),
     **dict.fromkeys(("apply_tp", "check_tp_placements"), "giants.parallel.tensor"),
     "apply_fsdp": "giants.parallel.fsdp",
+    "materialize_sharded": "giants.parallel.init",
     **dict.fromkeys(("parallelize", "check_plan"), "giants.parallel.plan"),
     **dict.fromkeys(("cross_entropy", "token_count", "data_parallel_loss"), "giants.parallel.loss"),
 }

@@ -19,10 +19,11 @@ Shared tensors across stages:
   table is its layers' share plus everything after it, and stage 0 accumulates the total into the one parameter.
   No extra collective, no duplicate parameter for data-parallel reduction or gradient clipping.
 - Tied embeddings (Gemma 2): the head's weight is the embedding table, needed on the first and the last stage.
-  Both hold the `embed` module (equal at the start: every rank builds the same model from the same seed, or
-  loads the same checkpoint); after the schedule's backward, `PipelineParts.step` exchanges the two gradients
-  between the first and the last pipeline rank and both set first + last (Megatron-LM's embedding group), so the
-  two copies take identical optimizer steps. A gradient-norm over the pipeline ranks counts this table twice.
+  Both hold the `embed` module (equal at the start: every rank draws the same seeded weights, see
+  giants.parallel.init, or loads the same checkpoint); after the schedule's backward, `PipelineParts.step`
+  exchanges the two gradients between the first and the last pipeline rank and both set first + last
+  (Megatron-LM's embedding group), so the two copies take identical optimizer steps. A gradient-norm over the
+  pipeline ranks counts this table twice.
 
 Loss. The schedule calls `loss_fn(logits, labels)` on the last stage once per micro-batch; the wrapper multiplies
 it by `loss_scale` (default 1 / n_microbatches) and the schedule's own gradient scaling is off, so with a
@@ -128,9 +129,10 @@ class StagePart(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Transformer.init_weights over this part's parameters (same rules, by name). The random stream is the
-        part's own, so the values differ from a whole model's init: to start equal to one process, load a
-        checkpoint instead. A tied embedding held by the first and last stage must get the same generator state
-        on both (or be broadcast), or its two copies start apart."""
+        part's own, so the values differ from a whole model's init: to start equal to one process, use
+        giants.parallel.init.materialize_sharded (or load a checkpoint) instead. A tied embedding held by the first
+        and last stage must get the same generator state on both (or be broadcast), or its two copies start
+        apart."""
         Transformer.init_weights(self, generator)  # type: ignore[arg-type]
 
     @property
@@ -314,14 +316,19 @@ def pipeline_model(model: Transformer, dims: ParallelDims, pp_mesh: DeviceMesh,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_microbatches: int, *,
                    parallelize_fn: Callable[[StagePart], nn.Module | None] | None = None,
                    aux_loss_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-                   loss_scale: float | None = None) -> PipelineParts:
+                   loss_scale: float | None = None,
+                   materialize_fn: Callable[[list[StagePart]], object] | None = None) -> PipelineParts:
     """split_model -> parallelize_fn(part) on each (in place, e.g. lambda p: parallelize(p, dims, mesh)) ->
-    build_schedule. The model's layers outside this rank's stages are left to the garbage collector once the
-    caller drops `model`."""
+    materialize_fn(parts) -> build_schedule. The model's layers outside this rank's stages are left to the garbage
+    collector once the caller drops `model`. A meta-built model is split and parallelized on the meta device;
+    materialize_fn (e.g. giants.parallel.init.materialize_sharded over the parts) then allocates this rank's
+    shards, before the stages read the parameters' device."""
     parts = split_model(model, dims, pp_mesh.get_local_rank(), aux_loss_fn)
     if parallelize_fn is not None:
         for part in parts:
             parallelize_fn(part)
+    if materialize_fn is not None:
+        materialize_fn(parts)
     return build_schedule(parts, dims, pp_mesh, loss_fn, n_microbatches, loss_scale=loss_scale)
 
 

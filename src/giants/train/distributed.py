@@ -8,9 +8,13 @@ Order (giants.train.trainer.Trainer.__init__):
        the batch before any process group or weight exists: a bad layout exits at once, naming field and numbers.
     2. `start(cfg, dims)`: the process group (its timeout bounds every collective, so a dead rank becomes an error
        instead of a hang) and the device mesh (giants.parallel.mesh).
-    3. every rank builds the whole model from the same seed (the weights one process would train), then
-       `Distributed.parallelize` applies the plan, in ONE place: the pipeline split (pp > 1,
-       giants.parallel.pipeline), then tensor / expert parallel and FSDP (giants.parallel.plan.parallelize).
+    3. every rank builds the model on the meta device (nothing allocated), then `Distributed.parallelize` applies
+       the plan, in ONE place: the pipeline split (pp > 1, giants.parallel.pipeline), then tensor / expert
+       parallel and FSDP (giants.parallel.plan.parallelize), all on meta; then each rank allocates only its
+       shards and fills them with its slice of the weights one process would build from the same seed
+       (giants.parallel.init.materialize_sharded: peak memory its shards plus one full parameter). With --init
+       every rank loads the whole checkpoint first (host and device memory for the full model) and the plan
+       shards it.
     4. `Distributed.optimizer`: torch's AdamW over the DTensor parameters.
 
 What falls back, and why (each is said in the startup line, never silently):
@@ -153,6 +157,7 @@ class Distributed:
     world: int
     device: torch.device
     notes: list[str] = field(default_factory=list)
+    materialized: Any = None  # giants.parallel.init.Materialized of the trained model (meta-built runs)
     pipeline: Any = None  # giants.parallel.pipeline.PipelineParts when pp > 1
     fsdp: bool = False
     bf16: bool = False
@@ -205,6 +210,10 @@ class Distributed:
         if self.dims.pp > 1:
             notes.append("evaluation skipped under --pp (the schedule trains only)")
         notes.append("memory check skipped (the one-device estimate does not know the layout)")
+        if cfg.init is None:
+            notes.append("model built on the meta device; each rank allocates and initialises only its shards")
+        else:
+            notes.append("--init: every rank loads the whole model, then the plan shards it")
 
     def parallelize(self, tr: Any, model: nn.Module, *, frozen: bool = False) -> nn.Module:
         """Apply the plan to `model`: the pipeline split (pp > 1), then TP / EP / FSDP on each part. Returns the
@@ -222,8 +231,19 @@ class Distributed:
                                compile=compile_, activation_checkpointing=cfg.activation_checkpointing,
                                fsdp_always=cfg.fsdp_always)
 
+        from giants.parallel.init import is_meta, materialize_sharded
+
+        meta = is_meta(model)
+
+        def materialize(parts: Any) -> None:
+            st = materialize_sharded(parts, tr.model_config, cfg.seed, self.device)
+            if not frozen:
+                self.materialized = st
+
         if self.dims.pp == 1:
             model = apply(model)
+            if meta:
+                materialize(model)
             if cfg.fsdp_always and self.dims.dp == 1 and not frozen:
                 from torch.distributed.tensor import DTensor
 
@@ -243,7 +263,8 @@ class Distributed:
                 return fn(router_logits) * scale
 
         self.pipeline = pipeline_model(model, self.dims, self.pp_mesh, self._pipeline_loss, n, parallelize_fn=apply,
-                                       aux_loss_fn=aux, loss_scale=1.0)
+                                       aux_loss_fn=aux, loss_scale=1.0,
+                                       materialize_fn=materialize if meta else None)
         return _Stages(self.pipeline.model_parts, mc)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

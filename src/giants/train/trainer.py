@@ -301,6 +301,10 @@ class Trainer(StepMixin, CheckpointMixin):
             if cfg.overrides:
                 raise ValueError("model overrides (--set) cannot change the architecture of --init weights")
             model = giants.load(cfg.init, dtype=torch.float32, device=self.device)
+        elif self.dist is not None:
+            # nothing allocated: the plan shards the meta model, then each rank materialises its shards with the
+            # seed's weights (Distributed.parallelize -> giants.parallel.init)
+            model = giants.build(self.model_config, device="meta")
         else:
             model = giants.build(self.model_config, device=self.device, seed=cfg.seed)
         return model
