@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from giants.inference import kernels as tk
 from giants.inference.kv_cache import KVCacheManager
-from giants.inference.runner import Chunk, ModelRunner
+from giants.inference.runner import Chunk, ModelRunner, verify_rows
 from giants.model.mlp import MoE
 from giants.model.positions import t5_relative_bucket
 from giants.model.transformer import Transformer
@@ -502,6 +502,8 @@ class CudaModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk], ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is None:  # speculative verification: 1-token rows, so the CUDA graphs run it (runner.verify_rows)
+            chunks = verify_rows(chunks)
         B = len(chunks)
         if not self._fast_step(chunks):
             return super().execute(chunks, ids)

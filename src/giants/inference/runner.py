@@ -39,6 +39,23 @@ class Chunk:
     n_logits: int = 1
 
 
+def verify_rows(chunks: list[Chunk]) -> list[Chunk]:
+    """Speculative verification chunks ([last token, d_1 .. d_k], n_logits == its length) as one 1-token decode
+    row each, sharing the sequence's blocks. Row j attends to the keys up to its own position, which the rows before
+    it wrote earlier in the same layer, so the rows are causal among themselves and the step is a plain decode step
+    (batched decode attention; on the GPU, the CUDA graphs). A chunk that also carries prompt tokens keeps the step
+    as it is (the chunked-prefill path computes it)."""
+    if all(c.n_logits == 1 for c in chunks) or any(1 < c.n_logits != len(c.token_ids) for c in chunks):
+        return chunks
+    out = []
+    for c in chunks:
+        if c.n_logits == 1:
+            out.append(c)
+        else:
+            out.extend(Chunk(c.blocks, c.start + j, [t], True) for j, t in enumerate(c.token_ids))
+    return out
+
+
 @dataclass
 class AttnRows:
     """Attention inputs for a set of sequences in one group: gathered block ids and key positions."""
@@ -269,7 +286,7 @@ class ModelRunner:
         ids: (len(chunks),) the decode chunks' input tokens on the device, in place of their token_ids."""
         if ids is not None:
             chunks = [Chunk(c.blocks, c.start, [t], c.sample) for c, t in zip(chunks, ids.tolist())]
-        inp = StepInputs(self.kv, chunks, self.device)
+        inp = StepInputs(self.kv, verify_rows(chunks), self.device)
         if self.compiled is not None and inp.visible is not None:
             return self.compiled(inp)
         model, cfg, kv = self.model, self.cfg, self.kv
