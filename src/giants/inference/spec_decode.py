@@ -51,6 +51,7 @@ KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "promp
         "draft_tensor_parallel_size", "disable_by_batch_size")
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 64
+CATCH_UP_ROWS = 8  # a draft model's catch-up up to this many tokens runs as decode rows (see DraftModelProposer)
 
 
 @dataclass
@@ -219,7 +220,10 @@ class DraftModelProposer:
             # positions [n, len + k - 1): the missing tokens, then d_1 .. d_{k-1} (d_k is never fed)
             if not self._allocate(st, n, len(toks) + k - 1, busy):
                 continue
-            chunks.append(Chunk(st.blocks, n, toks[n:], True))
+            # a short catch-up (the step's new tokens) as 1-token rows with logits each (runner.verify_rows): a
+            # decode step, the draft's CUDA graphs on the GPU; a long one (a prompt) as one prefill chunk
+            m = len(toks) - n
+            chunks.append(Chunk(st.blocks, n, toks[n:], True, m if m <= CATCH_UP_ROWS else 1))
             st.fed.extend(toks[n:])
             live.append((i, st))
             want.append(k)
@@ -228,7 +232,9 @@ class DraftModelProposer:
                 chunks = [Chunk(st.blocks, len(st.fed), [drafts[i][-1]], True) for i, st in live]
                 for i, st in live:
                     st.fed.append(drafts[i][-1])
-            for (i, _), tok in zip(live, self.runner.execute(chunks).argmax(dim=-1).tolist()):
+            last = torch.tensor([sum(c.n_logits for c in chunks[:j + 1]) - 1 for j in range(len(chunks))],
+                                device=self.kv.device)  # each chunk's last row
+            for (i, _), tok in zip(live, self.runner.execute(chunks)[last].argmax(dim=-1).tolist()):
                 drafts[i].append(tok)
             keep = [j for j, (i, _) in enumerate(live) if len(drafts[i]) < want[j]]
             live, want = [live[j] for j in keep], [want[j] for j in keep]
