@@ -10,9 +10,10 @@ over every position, and KL(fp32 || variant) per position, for
     quantizer. If giants' quantizer is right, these equal giants' numbers;
   * controls that say where the gap comes from: bf16 weights (7 mantissa bits), int8 per channel, E4M3 with a
     per-row MSE-optimal scale instead of amax / 448, Gaussian noise of the same per-weight relative error as E4M3,
-    and E4M3 on the attention or on the MLP only.
+    E4M3's error sizes with random signs, and E4M3 on the attention or on the MLP only.
 
     python benchmarks/investigations/fp8_quality.py [--windows 16] [--only fp8,ref-fp8] [--out fp8_quality.json]
+    python benchmarks/investigations/fp8_quality.py --structure    # do E4M3's errors cancel along a row?
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def noise_like_e4m3(w: torch.Tensor, gen=torch.Generator().manual_seed(0)) -> to
     return w + torch.randn(w.shape, generator=gen) * w.abs() * rel  # E||n||^2 = rel^2 ||w||^2
 
 
+def e4m3_error_random_sign(w: torch.Tensor, gen=torch.Generator().manual_seed(1)) -> torch.Tensor:
+    """Each weight moved by exactly its E4M3 (per-channel) error's size, in a random direction: E4M3's error
+    magnitudes without the correlation of the error's sign with the weight."""
+    e = (e4m3_channel(w) - w).abs()
+    return w + e * (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1)
+
+
 def fake_quantized(model: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
                    owners: tuple[str, ...] = ("attn", "mlp")) -> torch.nn.Module:
     m = copy.deepcopy(model)
@@ -114,6 +122,24 @@ def weight_error(model: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tens
                 num += (fn(w) - w).pow(2).sum().item()
                 den += w.pow(2).sum().item()
     return math.sqrt(num / den)
+
+
+def error_structure(model: torch.nn.Module) -> dict:
+    """Do E4M3's errors cancel along a row? var(row sum of errors) / sum of error variances (1: independent errors)
+    for E4M3 and for the same error sizes with random signs, and the share of distinct values in a row (the Q4_1
+    reference repeats values: at most 16 levels per 32 weights, and equal weights round the same way)."""
+    num, den, distinct = {"e4m3": 0.0, "random_sign": 0.0}, {"e4m3": 0.0, "random_sign": 0.0}, []
+    for layer in model.layers:
+        for owner_name, names in LINEARS:
+            for name in names:
+                w = getattr(getattr(layer, owner_name), name).weight.detach().float()
+                for k, fn in (("e4m3", e4m3_channel), ("random_sign", e4m3_error_random_sign)):
+                    e = fn(w) - w
+                    num[k] += e.sum(1).pow(2).sum().item()
+                    den[k] += e.pow(2).sum().item()
+                distinct.append(sum(r.unique().numel() for r in w[:8]) / (8 * w.shape[1]))
+    return {"row_sum_error_variance_ratio": {k: num[k] / den[k] for k in num},
+            "distinct_values_per_row": sum(distinct) / len(distinct)}
 
 
 @torch.no_grad()
@@ -145,10 +171,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--structure", action="store_true", help="only the error-structure statistics (no evaluation)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    win = windows(args.windows)
     base = giants.load("smollm2-135m")
+    if args.structure:
+        print(json.dumps(error_structure(base), indent=1))
+        return
+    win = windows(args.windows)
     t0 = time.perf_counter()
     ref = evaluate(base, win, None)
     lps, ref_windows = ref.pop("_logprobs"), ref.pop("_per_window")
@@ -165,6 +195,7 @@ def main() -> None:
         "int8": lambda: fake_quantized(base, int8_channel),
         "fp8-mse-scale": lambda: fake_quantized(base, e4m3_mse),
         "noise-as-fp8": lambda: fake_quantized(base, noise_like_e4m3),
+        "fp8-error-random-sign": lambda: fake_quantized(base, e4m3_error_random_sign),
         "fp8-attn-only": lambda: fake_quantized(base, e4m3_channel, ("attn",)),
         "fp8-mlp-only": lambda: fake_quantized(base, e4m3_channel, ("mlp",)),
     }
