@@ -164,12 +164,13 @@ def _record(path: str | None, device: torch.device, runs: dict[tuple[str, str], 
             continue
         conc = {int(k.split("_")[2]): v for k, v in r.items() if k.startswith("tok_s_") and k.endswith("_concurrent")}
         mem = r.get("max_memory_allocated_GiB")
+        speedup = f"; {r['speedup_vs_bf16']:.2f}x the unquantized decode of the same run" \
+            if "speedup_vs_bf16" in r else ""
         entries.append(record.entry(preset, device, dtype, quantization=None if mode == "bf16" else mode,
                                     tok_s_batch1=r["tok_s"], concurrent=conc, memory_gib=mem,
                                     memory_what="max allocated (torch.cuda.max_memory_allocated)",
                                     note=f"{r['fraction_of_roofline']:.1%} of its {r['roofline_tok_s']:.1f} tok/s "
-                                         "roofline" + (f"; {r['speedup_vs_bf16']:.2f}x bf16 of the same run"
-                                                       if "speedup_vs_bf16" in r else "")))
+                                         f"roofline{speedup}"))
     record.record(path, entries)
 
 
