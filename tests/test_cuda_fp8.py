@@ -192,17 +192,20 @@ def test_fused_decode_of_fp8_models_equals_the_generic_path(name, q):
 
 
 @cuda
-def test_fp8_bf16_decode_close_to_the_bf16_model():
-    """Llama-shaped twin in bf16: FP8 decode (graphs) keeps the bf16 model's greedy tokens for a while."""
+def test_fp8_bf16_logits_close_to_the_bf16_model():
+    """Llama-shaped twin in bf16: the FP8 model's logits stay within FP8's rounding of the bf16 model's (6.9% relative
+    on the CPU in fp32, E4M3's ~2.6% per weight carried through two layers). Greedy tokens are no measure here: a
+    random model's top logits are nearly tied, so any rounding may flip them (the fused-vs-generic test above checks
+    the graph decode on the same FP8 weights token for token)."""
     import giants
-    from giants.inference import LLM, SamplingParams
+    from giants.inference import LLM
 
     cfg = giants.get_config("tiny-llama").replace(d_model=512, ffn_dim=1536, n_heads=8, n_kv_heads=2, head_dim=64)
-    prompts = [[5, 17, 99, 2000, 31], [7, 7, 7, 8]]
-    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = torch.tensor([[5, 17, 99, 2000, 31, 7, 7, 7, 8, 300, 1200, 44]], device="cuda")
     ref = LLM(giants.build(cfg, seed=0), device="cuda", dtype="bfloat16", num_blocks=64, max_model_len=64)
     fp8 = LLM(giants.build(cfg, seed=0), device="cuda", dtype="bfloat16", num_blocks=64, max_model_len=64,
               quantization="fp8")
-    a = [o.outputs[0].token_ids for o in ref.generate(prompts, sp)]
-    b = [o.outputs[0].token_ids for o in fp8.generate(prompts, sp)]
-    assert _greedy_agrees(a, b, 2), (a, b)
+    with torch.no_grad():
+        a, b = ref.model(ids).float(), fp8.model(ids).float()
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.12, rel  # a missing or misplaced scale gives ~1 or more
