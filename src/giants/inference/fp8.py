@@ -493,12 +493,12 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     Llama-3-70B (~70 GB in FP8) builds on one 80 GB GPU."""
     from giants.checkpoint.loading import meta_model
     from giants.model.norm import Norm
+    from giants.model.transformer import init_parameter
 
     opts = parse_fp8(options) if isinstance(options, str) else options
     model = meta_fp8(cfg, opts).to(dtype).materialize(device, dtype)
     mods, params = dict(model.named_modules()), dict(model.named_parameters())
     gen = torch.Generator(device=device).manual_seed(seed)
-    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
     for name, p in meta_model(cfg).named_parameters():  # Transformer.init_weights, on the float model's names
         parts = name.split(".")
         owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
@@ -507,8 +507,8 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
         if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
             params[name].zero_()
             continue
-        t = torch.empty(p.shape, dtype=dtype, device=device).normal_(
-            0.0, out_std if leaf == "w_down" or owner in ("o_proj", "down_proj") else std, generator=gen)
+        t = torch.empty(p.shape, dtype=dtype, device=device)
+        init_parameter(name, t, cfg, gen)
         mod = mods.get(name.rsplit(".", 1)[0])
         if isinstance(mod, FP8Linear):
             mod.set_float(t)

@@ -25,7 +25,6 @@ model size / GPUs + 1.25 blocks, as accelerate's `get_balanced_memory` does; `"s
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import warnings
@@ -529,19 +528,16 @@ def init_random(model: nn.Module, seed: int, device: torch.device) -> None:
     if pl is None:
         model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
         return
+    from giants.model.transformer import init_parameter
+
     gen = torch.Generator(device=device).manual_seed(seed)
-    std = model.config.init_std
-    out_std = std / math.sqrt(2 * model.config.n_layers)
     for name, p in model.named_parameters():
         parts = name.split(".")
-        owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
-        if "norm" in owner:
-            continue
-        if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
-            p.zero_()
-            continue
-        s = out_std if leaf == "w_down" or owner in ("o_proj", "down_proj") else std
-        p.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, s, generator=gen))
+        if len(parts) > 1 and "norm" in parts[-2]:
+            continue  # Norm.reset_parameters below (each norm knows its own kind)
+        t = torch.empty(p.shape, dtype=p.dtype, device=device)
+        init_parameter(name, t, model.config, gen)
+        p.copy_(t)
     for m in model.modules():
         if isinstance(m, Norm):
             m.reset_parameters()
