@@ -257,7 +257,7 @@ def test_a_failure_in_append_fails_its_request_alone(model, tok):
     engine.add_request("good", PROMPT, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     engine.add_request("bad", PROMPT, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
 
-    def broken(token_id):
+    def broken(token_id, **kw):
         raise RuntimeError("detokenizer broke")
 
     engine.requests["bad"].seqs[0].text.add = broken
