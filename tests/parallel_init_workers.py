@@ -22,12 +22,14 @@ class LargestTensor(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
+        self.largest_bytes = 0  # of the storage behind it (a byte view of a bf16 tensor is not a new tensor)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if type(t) is torch.Tensor and not t.is_meta:
                 self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.untyped_storage().nbytes())
         return out
 
 
@@ -137,3 +139,70 @@ def trainer_worker(rank: int, world: int, data: str, out: str, dims: dict[str, i
     res = dict(worst=worst, notes=list(tr.dist.notes), local_numel=st.local_numel, full_numel=st.full_numel)
     tr.dist.barrier()
     return res
+
+
+def _ckpt_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Build on meta from the checkpoint's config, apply the layout, fill the shards from the checkpoint
+    (giants.parallel.init_checkpoint) and compare with `giants.load(path, dtype=float32)`."""
+    from torch.distributed.tensor import DTensor
+
+    import giants
+    from giants.checkpoint.loading import load_config, meta_model
+    from giants.parallel.init import is_meta
+    from giants.parallel.init_checkpoint import materialize_from_checkpoint
+    from giants.parallel.layout import ParallelDims
+    from giants.parallel.mesh import build_mesh
+    from giants.parallel.plan import parallelize
+
+    path = case["path"]
+    cfg = load_config(path)
+    dims = ParallelDims.infer(torch.distributed.get_world_size(), **case["dims"])
+    mesh = build_mesh(dims, "cpu")
+    model = meta_model(cfg)
+    meta_after_build = all(p.is_meta for p in model.parameters())
+    track = LargestTensor()
+    stats: list[Any] = []
+    meta_after_plan = False
+
+    def apply(part: torch.nn.Module) -> torch.nn.Module:
+        return parallelize(part, dims, mesh)
+
+    def materialize(ps: Any) -> None:
+        nonlocal meta_after_plan
+        meta_after_plan = all(is_meta(p) for p in (ps if isinstance(ps, list) else [ps]))
+        with track:
+            stats.append(materialize_from_checkpoint(ps, path, cfg, "cpu"))
+
+    if dims.pp == 1:
+        apply(model)
+        materialize(model)
+        parts: list[torch.nn.Module] = [model]
+    else:
+        from giants.parallel.pipeline import pipeline_model
+
+        parts = pipeline_model(model, dims, mesh["pp"], lambda out, y: out.sum(), dims.pp, parallelize_fn=apply,
+                               materialize_fn=materialize).model_parts
+    want = dict(giants.load(path, dtype=torch.float32).named_parameters())
+    worst, names, n_dtensor = 0.0, set(), 0
+    for part in parts:
+        for name, p in part.named_parameters():
+            n_dtensor += isinstance(p, DTensor)
+            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            assert full.dtype == torch.float32, name
+            worst = max(worst, float((full - want[name]).abs().max().detach()))
+            names.add(name)
+    st = stats[0]
+    return dict(meta_after_build=meta_after_build, meta_after_plan=meta_after_plan, worst=worst, names=sorted(names),
+                all_names=sorted(want), largest_op_bytes=track.largest_bytes, largest_scratch=st.largest_scratch_numel,
+                largest_param=max(p.numel() for p in want.values()), local_numel=st.local_numel,
+                largest_param_bytes=max(p.nbytes for p in want.values()), full_numel=st.full_numel, n_dtensor=n_dtensor)
+
+
+def checkpoint_cases_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for case in cases:
+        try:
+            out.append(_ckpt_case(case))
+        finally:
+            torch.distributed.barrier()
+    return out

@@ -140,10 +140,14 @@ def local_chunk(full: torch.Tensor, p: DTensor, *, manual: bool | None = None) -
     return local
 
 
-def _copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
+def _copy_into(p: torch.Tensor, full: torch.Tensor, *, on_host: bool = False) -> None:
+    """Copy `p`'s part of `full` into it. on_host: `full` lives on another device (a checkpoint's tensor in host
+    memory) and Shard / Replicate placements are sliced there, so only the local part crosses to `p`'s device
+    (distribute_tensor would move the whole tensor first)."""
     if isinstance(p, DTensor):
         dst = p.to_local()  # under no_grad: the local tensor itself (FSDP: a view of its sharded storage)
-        src = local_chunk(full, p)
+        simple = all(type(pl) in (Shard, Replicate) for pl in p.placements)
+        src = local_chunk(full, p, manual=True if on_host and simple else None)
         if dst.shape != src.shape:
             raise RuntimeError(f"sharded init: local shard {tuple(dst.shape)} != the placements' chunk "
                                f"{tuple(src.shape)} ({p.placements} over {p.device_mesh})")
@@ -166,17 +170,10 @@ def _unique_modules(parts: Iterable[nn.Module]) -> list[nn.Module]:
     return out
 
 
-@torch.no_grad()
-def materialize_sharded(parts: nn.Module | Iterable[nn.Module], config: ModelConfig, seed: int,
-                        device: torch.device | str) -> Materialized:
-    """Allocate the meta-built, already parallelized `parts` (a Transformer, or this rank's pipeline stage parts
-    under the whole model's parameter names) on `device` and give each parameter its slice of
-    `giants.build(config, device, seed=seed)`'s weights; rebuilds the rotary tables. The global RNG ends in the
-    state that build leaves. Every rank of the job must call it (the draws are local, but a torch older than 2.7
-    may scatter _StridedShard placements)."""
-    device = torch.device(device)
+def allocate(parts: nn.Module | Iterable[nn.Module], device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialised storage for the meta-built, parallelized `parts` on `device` (each rank's shards only) and
+    the rotary tables rebuilt; returns name -> parameter over every part (a tied embedding once)."""
     parts = _unique_modules([parts] if isinstance(parts, nn.Module) else parts)
-    ref, draws = meta_reference(config)
     for part in parts:
         part.to_empty(device=device)
         for m in part.modules():
@@ -186,6 +183,20 @@ def materialize_sharded(parts: nn.Module | Iterable[nn.Module], config: ModelCon
     for part in parts:
         for name, p in part.named_parameters():
             local.setdefault(name, p)
+    return local
+
+
+@torch.no_grad()
+def materialize_sharded(parts: nn.Module | Iterable[nn.Module], config: ModelConfig, seed: int,
+                        device: torch.device | str) -> Materialized:
+    """Allocate the meta-built, already parallelized `parts` (a Transformer, or this rank's pipeline stage parts
+    under the whole model's parameter names) on `device` and give each parameter its slice of
+    `giants.build(config, device, seed=seed)`'s weights; rebuilds the rotary tables. The global RNG ends in the
+    state that build leaves. Every rank of the job must call it (the draws are local, but a torch older than 2.7
+    may scatter _StridedShard placements)."""
+    device = torch.device(device)
+    ref, draws = meta_reference(config)
+    local = allocate(parts, device)
     ref_modules = dict(ref.named_modules())
     torch.manual_seed(seed)  # as giants.build: every device's default generator
     largest = _replay(draws, device)

@@ -13,8 +13,8 @@ Order (giants.train.trainer.Trainer.__init__):
        parallel and FSDP (giants.parallel.plan.parallelize), all on meta; then each rank allocates only its
        shards and fills them with its slice of the weights one process would build from the same seed
        (giants.parallel.init.materialize_sharded: peak memory its shards plus one full parameter). With --init
-       every rank loads the whole checkpoint first (host and device memory for the full model) and the plan
-       shards it.
+       the shards are filled from the checkpoint instead, one full tensor at a time in host memory
+       (giants.parallel.init_checkpoint: the same peak; FP8 checkpoints refused by name).
     4. `Distributed.optimizer`: torch's AdamW over the DTensor parameters.
 
 What falls back, and why (each is said in the startup line, never silently):
@@ -213,7 +213,8 @@ class Distributed:
         if cfg.init is None:
             notes.append("model built on the meta device; each rank allocates and initialises only its shards")
         else:
-            notes.append("--init: every rank loads the whole model, then the plan shards it")
+            notes.append("model built on the meta device; --init: each rank allocates only its shards and fills "
+                         "them from the checkpoint, one full tensor at a time")
 
     def parallelize(self, tr: Any, model: nn.Module, *, frozen: bool = False) -> nn.Module:
         """Apply the plan to `model`: the pipeline split (pp > 1), then TP / EP / FSDP on each part. Returns the
@@ -236,7 +237,12 @@ class Distributed:
         meta = is_meta(model)
 
         def materialize(parts: Any) -> None:
-            st = materialize_sharded(parts, tr.model_config, cfg.seed, self.device)
+            if cfg.init is not None:
+                from giants.parallel.init_checkpoint import materialize_from_checkpoint
+
+                st = materialize_from_checkpoint(parts, cfg.init, tr.model_config, self.device)
+            else:
+                st = materialize_sharded(parts, tr.model_config, cfg.seed, self.device)
             if not frozen:
                 self.materialized = st
 

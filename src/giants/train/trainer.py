@@ -300,7 +300,13 @@ class Trainer(StepMixin, CheckpointMixin):
         if cfg.init is not None:
             if cfg.overrides:
                 raise ValueError("model overrides (--set) cannot change the architecture of --init weights")
-            model = giants.load(cfg.init, dtype=torch.float32, device=self.device)
+            if self.dist is None:
+                return giants.load(cfg.init, dtype=torch.float32, device=self.device)
+            # nothing allocated: each rank fills its shards from the checkpoint, one full tensor at a time
+            # (Distributed.parallelize -> giants.parallel.init_checkpoint)
+            from giants.checkpoint.loading import meta_model
+
+            model = meta_model(self.model_config)
         elif self.dist is not None:
             # nothing allocated: the plan shards the meta model, then each rank materialises its shards with the
             # seed's weights (Distributed.parallelize -> giants.parallel.init)
