@@ -43,3 +43,18 @@ def byte_data(tmp_path_factory):
                                            for i in range(400)))
     prepare(root / "text.txt", "bytes", root / "ds", val_fraction=0.1)
     return root / "ds"
+
+
+@pytest.fixture(scope="session")
+def smollm2_server():
+    """One real `giants serve smollm2-135m` process (loopback) for the structured-output and tool-call tests, and the
+    official openai client on it; it must stop cleanly (exit 0) at the end."""
+    import openai
+
+    from giants.checkpoint import hub
+    from giants.serve.launch import ServerProcess
+
+    hub.download("smollm2-135m")
+    with ServerProcess("smollm2-135m", "--max-model-len", "1024", "--log-level", "warning") as srv:
+        yield openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=300)
+        assert srv.stop() == 0

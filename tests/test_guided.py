@@ -13,7 +13,6 @@ import pytest
 
 from giants.inference import SamplingParams
 from giants.inference.guided import GuidedDecodingParams
-from giants.serve.launch import ServerProcess
 
 MODEL = "smollm2-135m"
 # strict: nested objects, enums, arrays; strings and arrays bounded so every sample closes within max_tokens
@@ -94,13 +93,8 @@ def test_guided_survives_preemption_and_prefix_caching():
 
 
 @pytest.fixture(scope="module")
-def client():
-    from giants.checkpoint import hub
-
-    hub.download(MODEL)
-    with ServerProcess(MODEL, "--max-model-len", "1024", "--log-level", "warning") as srv:
-        yield openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=300)
-        assert srv.stop() == 0
+def client(smollm2_server):
+    return smollm2_server
 
 
 def _strict(i: int):

@@ -9,7 +9,6 @@ import openai
 import pytest
 
 from giants.serve.errors import APIError
-from giants.serve.launch import ServerProcess
 from giants.serve.tools import ChoiceStream, ToolPlan, parse_auto, parse_harmony, template_style
 
 MODEL = "smollm2-135m"
@@ -116,13 +115,8 @@ def test_template_styles_and_plan_errors():
 
 
 @pytest.fixture(scope="module")
-def client():
-    from giants.checkpoint import hub
-
-    hub.download(MODEL)
-    with ServerProcess(MODEL, "--max-model-len", "1024", "--log-level", "warning") as srv:
-        yield openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=300)
-        assert srv.stop() == 0
+def client(smollm2_server):
+    return smollm2_server
 
 
 def _round_trip(client, stream: bool, tool_choice) -> None:
