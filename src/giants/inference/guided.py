@@ -11,7 +11,9 @@ text, checked when the SamplingParams is made (ValueError naming the field); the
 guided request its own `Guide` (a matcher copied from one compiled per grammar and tokenizer); the sampler masks
 the rows that have one (`apply_guides`) and the engine advances each guide with the token it appends. A preempted
 sequence keeps its guide: its generated tokens are not recomputed through the sampler, so the matcher's state is
-still the state after its last token.
+still the state after its last token. Under speculative decoding (spec_decode) a draft is cut where the grammar
+refuses it (`Guide.valid_prefix`) and verification row j is masked by the state after the first j drafts
+(`GuideAhead`), the matcher itself still advanced only by the tokens the engine appends.
 """
 
 from __future__ import annotations
@@ -192,6 +194,26 @@ class Guide:
         """The grammar is complete and allows nothing more (EOS aside): the sequence can stop here."""
         return self.matcher.is_stopped() and not self.matcher.is_error()
 
+    def valid_prefix(self, draft: list[int]) -> list[int]:
+        """Speculative decoding: the draft cut at the first token the grammar refuses from the current state (a
+        refused draft could never be accepted: its verification row's mask excludes it). The matcher is left as
+        it was."""
+        return draft[:self.matcher.validate_tokens(draft)] if draft else draft
+
+    def ahead(self, draft: list[int]) -> Guide | GuideAhead:
+        """The grammar state after `draft` (valid, see valid_prefix), for the mask of a verification row."""
+        return GuideAhead(self, tuple(draft)) if draft else self
+
+
+@dataclass(frozen=True)
+class GuideAhead:
+    """A guide as it would be after `tokens` (speculative decoding's verification row j: the first j drafts).
+    Never advances the guide: `apply_guides` computes its mask by consuming the tokens and rolling them back, so
+    a rejected draft leaves no trace in the grammar state."""
+
+    guide: Guide
+    tokens: tuple[int, ...]
+
 
 def new_guide(params: Any, tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> Guide | None:
     grammar = getattr(params, "grammar", None)
@@ -213,22 +235,75 @@ def _bits(dev: torch.device) -> torch.Tensor:
     return b
 
 
-def apply_guides(logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
-    """logits (B, V): rows with a guide get -inf on every token their grammar does not allow next (EOS only
-    where the grammar accepts). Masks are computed on the host, in parallel across rows, by llguidance."""
-    rows = [i for i, g in enumerate(guides) if g is not None]
-    if not rows:
-        return logits
+def _entries(guides: list[Guide | GuideAhead | None]
+             ) -> tuple[list[int], list[tuple[Any, int, list[int]]], list[tuple[Any, int, tuple[int, ...]]]]:
+    """The guided rows, and how to compute their masks (indices into the compact bitmask): runs as a verification
+    lays them out (a guide, then the same guide ahead by 1, 2, .. drafts) as one (matcher, index, drafts) entry
+    for llguidance's draft-aware parallel mask; a GuideAhead outside such a run on its own (matcher, index,
+    tokens): consumed, masked, rolled back."""
+    rows: list[int] = []
+    runs: list[tuple[Any, int, list[int]]] = []
+    alone: list[tuple[Any, int, tuple[int, ...]]] = []
+    last: tuple[Guide, int, list[int]] | None = None  # the open run: its guide, first index, drafts
+    for i, g in enumerate(guides):
+        if g is None:
+            continue
+        j = len(rows)
+        rows.append(i)
+        if isinstance(g, Guide):
+            last = (g, j, [])
+            runs.append((g.matcher, j, last[2]))
+        elif (last is not None and last[0] is g.guide and j == last[1] + len(last[2]) + 1
+              and g.tokens[:-1] == tuple(last[2])):
+            last[2].append(g.tokens[-1])
+        else:
+            last = None
+            alone.append((g.guide.matcher, j, g.tokens))
+    return rows, runs, alone
+
+
+def _fill(runs: list[tuple[Any, int, list[int]]], alone: list[tuple[Any, int, tuple[int, ...]]],
+          bitmask: torch.Tensor) -> None:
     global _executor
     L = _import()
-    from llguidance.torch import fill_next_token_bitmask_par
+    from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
     if _executor is None:
         _executor = L.LLExecutor()
+    plain = [(m, j) for m, j, d in runs if not d]
+    drafted = [r for r in runs if r[2]]
+    if drafted and not hasattr(_executor, "unsafe_compute_mask_ptr_with_draft_token"):  # an older llguidance
+        alone = alone + [(m, j + n, tuple(d[:n])) for m, j, d in drafted for n in range(len(d) + 1)]
+        drafted = []
+    if drafted:
+        from llguidance.torch import fill_next_token_bitmask_par_with_draft_tokens
+
+        # it consumes each run's drafts, writes the mask after each, and rolls the matcher back (it refuses an
+        # empty draft list, so the rows without drafts go the plain way)
+        fill_next_token_bitmask_par_with_draft_tokens(_executor, drafted, bitmask)
+    if plain:
+        fill_next_token_bitmask_par(_executor, plain, bitmask)
+    for m, j, toks in alone:
+        if not m.consume_tokens(list(toks)):
+            raise ValueError(f"structured output: a draft broke the grammar ({m.get_error()})")
+        try:
+            fill_next_token_bitmask(m, bitmask, j)
+        finally:
+            m.rollback(len(toks))
+
+
+def apply_guides(logits: torch.Tensor, guides: list[Guide | GuideAhead | None]) -> torch.Tensor:
+    """logits (B, V): rows with a guide get -inf on every token their grammar does not allow next (EOS only
+    where the grammar accepts); a GuideAhead row (speculative decoding) is masked by the grammar state after its
+    tokens, the guide itself left as it was. Masks are computed on the host, in parallel across rows, by
+    llguidance."""
+    rows, runs, alone = _entries(guides)
+    if not rows:
+        return logits
     B, V = logits.shape
     words = (V + 31) // 32
     bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
-    fill_next_token_bitmask_par(_executor, [(guides[i].matcher, j) for j, i in enumerate(rows)], bitmask)
+    _fill(runs, alone, bitmask)
     dev = logits.device
     bitmask = bitmask.to(dev, non_blocking=True) if dev.type == "cuda" else bitmask
     allowed = ((bitmask[:, :, None] >> _bits(dev)) & 1).view(len(rows), -1)[:, :V].bool()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from giants.inference.guided import Guide, apply_guides
+from giants.inference.guided import Guide, GuideAhead, apply_guides
 from giants.inference.logits_process import apply_logits_processors, wants_cumulative
 from giants.inference.params import SamplingParams
 
@@ -28,7 +28,9 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None
-    guide: Guide | None = None  # structured output: the sequence's grammar state (giants.inference.guided)
+    # structured output: the sequence's grammar state (giants.inference.guided); a speculative verification row's
+    # is the state after its drafts (GuideAhead)
+    guide: Guide | GuideAhead | None = None
 
 
 def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:

@@ -22,12 +22,18 @@ normalize(max(0, p - q)) = p without d, gives the same law as drawing x ~ p and 
 target's, and greedy output is the target's argmax chain, token for token. The KV slots of rejected drafts are
 released (`KVCacheManager.truncate`).
 
+Structured output (as vLLM v1): a guided sequence's draft is cut at the first token its grammar refuses
+(`Guide.valid_prefix`, llguidance's validate_tokens: a refused draft could never be accepted), and verification
+row j is masked by the grammar state after d_1 .. d_j (`Guide.ahead`: consumed, masked, rolled back, the
+sequence's matcher untouched). The engine then advances the matcher by exactly the tokens it appends (the
+accepted drafts and the drawn token), stopping as in plain guided decoding where the grammar completes; so a
+rejected tail leaves no trace, and greedy guided output is plain guided decoding's token for token.
+
 A prompt's last prefill chunk carries drafts too (prompt lookup finds them in the prompt; a draft model catches
 up with the prompt first), so the first tokens can come out of the prefill's own forward. Not speculated (decoded
-one token at a time, in the same step as the others): sequences under structured output (their grammar state
-would have to advance through the drafts), and steps where the token budget, `max_tokens` or `max_model_len` leave
-no room. Drafts never preempt anyone: a sequence whose
-draft slots do not fit this step decodes plainly.
+one token at a time, in the same step as the others): steps where the token budget, `max_tokens` or
+`max_model_len` leave no room. Drafts never preempt anyone: a sequence whose draft slots do not fit this step
+decodes plainly.
 """
 
 from __future__ import annotations
@@ -241,11 +247,18 @@ class DraftModelProposer:
         return drafts
 
 
+def draft_for(seq: Sequence, draft: list[int]) -> list[int]:
+    """The draft a sequence verifies: under structured output, cut at the first token its grammar refuses."""
+    guide = getattr(seq, "guide", None)
+    return guide.valid_prefix(draft) if guide is not None else draft
+
+
 # ---- verification ------------------------------------------------------------------------------------------
 def expand_rows(rows: list[SamplingRow], drafts: list[list[int]]) -> list[SamplingRow]:
     """Row j of a sequence with drafts d: its output so far + d[:j] (penalties, min_tokens, bad_words see what
-    plain decoding would have seen at that position)."""
-    return [dataclasses.replace(r, output_ids=r.output_ids + d[:j]) if j else r
+    plain decoding would have seen at that position), and its grammar, if any, ahead by d[:j]."""
+    return [dataclasses.replace(r, output_ids=r.output_ids + d[:j],
+                                guide=r.guide.ahead(d[:j]) if r.guide is not None else None) if j else r
             for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
 
 
@@ -328,7 +341,7 @@ class SpecDecoder:
         for i, ((seq, _), c) in enumerate(zip(scheduled, chunks)):
             if budget <= 0:
                 break
-            if not c.sample or getattr(seq, "guide", None) is not None:
+            if not c.sample:
                 continue  # a prompt's last chunk drafts too: its first tokens can come in the prefill's forward
             mt = seq.request.params.max_tokens
             k = min(self.cfg.num_speculative_tokens, budget, e.max_model_len - len(seq) - 1,
@@ -340,7 +353,7 @@ class SpecDecoder:
             return
         proposals = self.proposer.propose([s for _, s, _ in cands], [k for _, _, k in cands])
         for (i, seq, k), d in zip(cands, proposals):
-            d = d[:k]
+            d = draft_for(seq, d[:k])
             c = chunks[i]
             if d and e.kv.allocate(seq.blocks, c.start, c.start + len(c.token_ids) + len(d)):
                 c.token_ids = list(c.token_ids) + d
