@@ -21,22 +21,9 @@ from giants.inference.llm import LLM, _smollm2_tokenizer, random_model
 from giants.inference.params import SamplingParams
 from giants.inference.sampling import SamplingRow
 from giants.inference.spec_decode import draft_for, expand_rows
+from test_guided import SCHEMA  # nested objects, enums, arrays; bounded so every sample closes
 
 SMOLLM2 = "smollm2-135m"
-SCHEMA = {  # tests/test_guided.py's: bounded strings and arrays, so every sample closes
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 16},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"type": "string", "enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 3},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                     "zip": {"type": "integer", "minimum": 0, "maximum": 99999}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-    },
-    "required": ["name", "age", "role", "tags", "address"],
-    "additionalProperties": False,
-}
 EXAMPLE = ('{"name":"Ann","age":31,"role":"admin","tags":["a","b"],"address":{"city":"Paris","zip":75001}}\n'
            '{"name":"Bob","age":42,"role":"user","tags":["c"],"address":{"city":"Rome","zip":100}}\n')
 REGEX = r"[0-9]{3}-[a-z]{2}"
