@@ -33,22 +33,41 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
+def divergence(ref_out: list, out: list) -> dict:
+    """Where greedy tokens differ: the reference's top-1 minus top-2 logprob at the first differing step (a near
+    tie that rounding can flip is a margin of the order of the dtype's epsilon times the logit scale) and the
+    largest |logprob| difference of the shared tokens before it (how far the two computations drift apart)."""
+    margins, drift = [], 0.0
+    for r, o in zip(ref_out, out):
+        n = next((i for i, (a, b) in enumerate(zip(r.token_ids, o.token_ids)) if a != b), len(r.token_ids))
+        for i in range(n):
+            t = r.token_ids[i]
+            drift = max(drift, abs(r.logprobs[i][t] - o.logprobs[i][t]))
+        if n < len(r.token_ids):
+            top = sorted(r.logprobs[n].values(), reverse=True)
+            margins.append(round(top[0] - top[1], 5) if len(top) > 1 else None)
+    return {"ref_top2_margin_at_divergence": margins, "max_logprob_drift_before": round(drift, 5)}
+
+
 def check(args) -> None:
-    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
     for name in TINY:
         dtype = "bfloat16" if name in ("tiny-mixtral", "tiny-gpt-oss") else "float32"  # CUDA MoE fast path: bf16
         ref = LLM(name, dtype=dtype, device="cuda", **ENGINE)
-        want = [o.outputs[0].token_ids for o in ref.generate(PROMPTS, sp)]
+        ref_out = [o.outputs[0] for o in ref.generate(PROMPTS, sp)]
+        want = [o.token_ids for o in ref_out]
         del ref
         t0 = time.perf_counter()
         llm = LLM(name, dtype=dtype, device="cuda", tensor_parallel_size=args.tp, **ENGINE)
         start = time.perf_counter() - t0
-        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp)]
+        out = [o.outputs[0] for o in llm.generate(PROMPTS, sp)]
+        got = [o.token_ids for o in out]
         local = llm.engine.runner.local
         emit(test="check", model=name, dtype=dtype, tp=args.tp, same=got == want,
              first_diff=next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None),
              runner=type(local).__name__, graphs=sorted(map(list, getattr(local, "graphs", {}))),
-             preemptions=llm.engine.num_preemptions, prefix_hits=llm.engine.kv.prefix_hits, start_s=round(start, 1))
+             preemptions=llm.engine.num_preemptions, prefix_hits=llm.engine.kv.prefix_hits, start_s=round(start, 1),
+             **divergence(ref_out, out))
         llm.executor.close()
 
 
