@@ -91,6 +91,17 @@ def test_fit_proposes_what_serve_can_run(capsys):
         assert r["serve"]["tensor_parallel_size"] == 4 and args.dtype == "bfloat16"
 
 
+def test_fit_fp8_proposes_serve_fp8_on_one_gpu_else_bf16(capsys):
+    """giants serve runs FP8 weights on one GPU: Llama-3-70B in fp8 fits one H100 and is proposed as such;
+    Mixtral-8x22B in fp8 needs two, where serve has no FP8, so the line plans bf16 (the JSON says why)."""
+    r = _fit(capsys, "llama-3-70b", "--dtype", "fp8")
+    args = _serve_args(r["serve"]["command"])
+    assert r["serve"]["tensor_parallel_size"] == 1 and args.quantization == "fp8"
+    r = _fit(capsys, "mixtral-8x22b", "--dtype", "fp8", "--gpu", "h200-141gb")
+    args = _serve_args(r["serve"]["command"])
+    assert args.quantization is None and args.dtype == "bfloat16" and r["serve"]["tensor_parallel_size"] > 1
+
+
 def test_proposed_tp_passes_serve_checks_and_is_the_smallest():
     for name in ("llama-3-70b", "mixtral-8x22b", "gemma-2-27b", "gpt-oss-120b", "llama-3.1-8b"):
         cfg = get_config(name)

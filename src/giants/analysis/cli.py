@@ -114,6 +114,11 @@ def _serve_plan(args: argparse.Namespace, cfg, gpu):
     from giants.analysis.serve_plan import propose, serve_dtype
 
     args.serve_dtype = serve_dtype(cfg, args.dtype)
+    if args.dtype == "fp8":  # giants serve runs FP8 weights on one GPU (not under TP or layer placement)
+        plan = propose(cfg, args.model, gpu, 1, args.context, args.batch, "fp8", args.kv_dtype)
+        if plan.kind == "tp":
+            args.serve_dtype = "fp8"
+            return plan
     kv = args.kv_dtype if args.serve_dtype == args.dtype else None
     return propose(cfg, args.model, gpu, args.num_gpus or args.max_gpus, args.context, args.batch, args.serve_dtype,
                    kv)
@@ -122,7 +127,9 @@ def _serve_plan(args: argparse.Namespace, cfg, gpu):
 def _serve_notes(args: argparse.Namespace, plan) -> list[str]:
     notes = [f"giants serve tensor parallel size {tp} refused: {why}" for tp, why in plan.skipped.items()]
     if args.serve_dtype != args.dtype:
-        notes.append(f"giants serve runs {args.serve_dtype} weights (no flag for {args.dtype}): planned in bf16")
+        why = ("its FP8 weights run on one GPU only, not under tensor parallelism or layer placement"
+               if args.dtype == "fp8" else f"no flag for {args.dtype}")
+        notes.append(f"giants serve runs {args.serve_dtype} weights here ({why}): planned in bf16")
     return notes + [f"serve with: {plan.command}"]
 
 
