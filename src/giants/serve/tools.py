@@ -181,6 +181,7 @@ class ToolPlan:
         elif choice != "none" and not self.tools:
             raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice", "invalid_value")
         self.mode = choice
+        self.stop_token_ids: list[int] = []  # harmony: its stop tokens with the request's (set by tool_plan)
 
     @property
     def active(self) -> bool:
@@ -219,6 +220,8 @@ class ToolPlan:
                     m["content"] = ((m.get("content") or "") + "\n" + text).strip()
                     del m["tool_calls"]
             out.append(m)
+        if self.style == "harmony":
+            out = _harmony_history(out)
         if self.style == "none" and self.mode != "none":
             block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in self.tools))
             if out and out[0]["role"] == "system":
@@ -232,6 +235,8 @@ class ToolPlan:
         kw: dict[str, Any] = {}
         if self.style == "harmony":
             kw["skip_special_tokens"] = False  # the channel markers are special tokens: the parser needs them
+            if self.stop_token_ids:
+                kw["stop_token_ids"] = list(self.stop_token_ids)
         if self.mode == "named":
             if self.style == "harmony":
                 kw["guided_grammar"] = _harmony_call_grammar({self.named: self.functions[self.named]})
@@ -272,6 +277,49 @@ class ToolPlan:
         if not self.parallel:
             p.tool_calls = p.tool_calls[:1]
         return p
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # as Tokenizer.apply_chat_template reads them
+
+
+def _harmony_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation for a harmony (gpt-oss) template, so that it renders a call as openai_harmony does:
+    - each call's content type `<|constrain|>json` (what the model writes and openai_harmony renders; the
+      template reads `content_type` and would otherwise write a bare ` json`);
+    - one assistant message per call, each followed by its tool results (by tool_call_id, else in order): the
+      template renders only a message's first call and names each result after the last call before it, and
+      gpt-oss calls one function per turn (generation stops at `<|call|>`);
+    - reasoning and content both on a message with calls (analysis, then a commentary preamble) joined into the
+      reasoning: the template renders one analysis message before a call and refuses a message with both."""
+    out, i = [], 0
+    while i < len(messages):
+        m = messages[i]
+        i += 1
+        calls = m.get("tool_calls") if m.get("role") == "assistant" else None
+        if not calls:
+            out.append(m)
+            continue
+        calls = [{**c, "function": {**c["function"], "content_type": c["function"].get("content_type", HARMONY_JSON)}}
+                 for c in calls]
+        thinking = next((m[k] for k in _REASONING_KEYS if m.get(k)), None)
+        if thinking and m.get("content"):
+            m = {k: v for k, v in m.items() if k not in _REASONING_KEYS}
+            m.update(reasoning_content=f"{thinking}\n{m['content']}", content="")
+        groups: list[list[dict[str, Any]]] = [[] for _ in calls]
+        ids = [c.get("id") for c in calls]
+        answered: set[int] = set()
+        while i < len(messages) and messages[i].get("role") == "tool":
+            r = messages[i]
+            i += 1
+            tid = r.get("tool_call_id")
+            k = ids.index(tid) if tid is not None and tid in ids else \
+                next((j for j in range(len(calls)) if j not in answered), len(calls) - 1)
+            answered.add(k)
+            groups[k].append(r)
+        for k, c in enumerate(calls):
+            out.append({**m, "tool_calls": [c]} if k == 0 else {"role": "assistant", "content": "", "tool_calls": [c]})
+            out.extend(groups[k])
+    return out
 
 
 def _harmony_call_grammar(functions: dict[str, dict[str, Any]]) -> str:
@@ -349,44 +397,109 @@ def parse_auto(text: str, final: bool = True) -> Parsed:
 
 # ---- harmony -------------------------------------------------------------------------------------------
 
-_SPECIAL = re.compile(r"<\|(start|channel|message|end|call|return|constrain)\|>")
+# The assistant's stop tokens (openai_harmony's `stop_tokens_for_assistant_actions`): `<|return|>` after the final
+# answer, `<|call|>` after a tool call. gpt-oss's config.json names only `<|return|>` as EOS.
+HARMONY_STOP = ("<|return|>", "<|call|>")
+HARMONY_JSON = "<|constrain|>json"  # the content type of a function call's arguments, as the model writes it
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+_END = re.compile(r"<\|(?:end|call|return)\|>")
+
+
+@dataclass
+class HarmonyMessage:
+    """One harmony message as openai_harmony parses it: its author (`role`, and `name` for a tool's message), the
+    header's channel, recipient and content type, and the body; `done` is False while the body is arriving."""
+    role: str
+    channel: str | None
+    recipient: str | None
+    content_type: str | None
+    content: str
+    name: str | None = None
+    done: bool = True
+
+
+def _harmony_header(header: str, role: str | None) -> tuple[str, str | None, str | None, str | None, str | None]:
+    """(role, name, channel, recipient, content_type) of a message header, read as openai_harmony's
+    `parse_header_from_string` reads it: `<|channel|>NAME` wherever it stands, then whitespace-separated parts:
+    the role (an unknown one is a tool's name: `functions.NAME to=assistant`), and from the end a content type
+    (`<|constrain|>json`, or `json`) when a recipient precedes it, and the recipient (`to=` optional when it is
+    the only part left). The recipient may thus stand in the role part (`assistant to=functions.f<|channel|>...`)
+    or after the channel. `role`: known when the header follows the prompt's `<|start|>assistant`."""
+    channel = None
+    i = header.find("<|channel|>")
+    if i >= 0:
+        after = header[i + len("<|channel|>"):]
+        value = re.match(r"[^\s<]*", after).group(0)
+        channel = value or None  # openai_harmony refuses an empty channel; giants reads the rest of the header
+        header = header[:i] + after[len(value):]
+    parts = header.strip().replace("<|constrain|>", " <|constrain|>").split()
+    name = None
+    if role is None:
+        if not parts:
+            role = "assistant"  # openai_harmony refuses a header without a role; the assistant is writing
+        elif parts[0] in _ROLES:
+            role = parts[0]
+        else:
+            role, name = "tool", parts.pop(0)
+    if parts and parts[0] == role:
+        parts.pop(0)
+    recipient = content_type = None
+    if parts:
+        count, last = len(parts), parts.pop()
+        if last.startswith("to="):
+            recipient = last[3:]
+        elif count == 1:
+            recipient = last
+        else:
+            content_type, r = last, parts.pop()
+            recipient = r[3:] if r.startswith("to=") else r
+    return role, name, channel, recipient, content_type
+
+
+def harmony_messages(text: str) -> list[HarmonyMessage]:
+    """gpt-oss's reply (the text after the prompt's `<|start|>assistant`, special tokens kept) as harmony
+    messages: a header, `<|message|>`, the body, ended by `<|end|>` (then `<|start|>` and the next message's
+    role) or by a stop token (`<|call|>`, `<|return|>`; usually not in the text: generation ends there). A
+    message whose header is still arriving is left out; one whose body is arriving is the last, not done."""
+    out: list[HarmonyMessage] = []
+    pos, n = 0, len(text)
+    role: str | None = "assistant"
+    while pos < n:
+        if text.startswith("<|start|>", pos):
+            pos += len("<|start|>")
+            role = None  # the role is the header's first part
+        mi = text.find("<|message|>", pos)
+        if mi < 0:
+            break
+        author, name, channel, recipient, ctype = _harmony_header(text[pos:mi], role)
+        body_start = mi + len("<|message|>")
+        end = _END.search(text, body_start)
+        out.append(HarmonyMessage(author, channel, recipient, ctype, text[body_start:end.start() if end else n],
+                                  name, end is not None))
+        if end is None:
+            break
+        pos, role = end.end(), None
+    return out
 
 
 def parse_harmony(text: str, final: bool = True) -> Parsed:
-    """gpt-oss's reply after the prompt's `<|start|>assistant`: messages of a header (`<|channel|>NAME`, an
-    optional ` to=RECIPIENT`, an optional `<|constrain|>json`) and a body after `<|message|>`, ended by `<|end|>`
-    (then `<|start|>assistant` and the next) or by the stop token (`<|call|>`, `<|return|>`, not in the text).
-    analysis -> reasoning; final (and commentary without a recipient, the model's preambles) -> content;
-    `to=functions.NAME` -> a tool call whose arguments are the body."""
+    """gpt-oss's reply in OpenAI's fields (vLLM's mapping): a message to `functions.NAME` -> a tool call whose
+    arguments are the body (while streaming: the arguments so far); the analysis channel and messages to any
+    other recipient (the built-in `browser.*` / `python` tools, which giants does not offer) -> reasoning_content;
+    final, and commentary without a recipient (the model's preambles to its calls, meant for the user) ->
+    content. Several messages of one kind are joined by a newline. Messages the model writes as another author
+    (a tool's reply it should have waited for) are not the assistant's and are dropped."""
     reasoning, content, calls = [], [], []
-    pos, n = 0, len(text)
-    while pos < n:
-        if text.startswith("<|start|>", pos):
-            pos += len("<|start|>")  # the role ("assistant", maybe " to=...") is part of the header
-        mi = text.find("<|message|>", pos)
-        if mi < 0:
-            break  # a header still arriving
-        header = text[pos:mi]
-        body_start = mi + len("<|message|>")
-        ends = [i for i in (text.find(t, body_start) for t in ("<|end|>", "<|call|>", "<|return|>")) if i >= 0]
-        end = min(ends) if ends else n
-        closed = bool(ends)
-        body = text[body_start:end]
-        channel_m = re.search(r"<\|channel\|>\s*([A-Za-z_]+)", header)
-        channel = channel_m.group(1) if channel_m else "final"
-        to_m = re.search(r"to=([^\s<]+)", header)
-        recipient = to_m.group(1) if to_m else None
-        if recipient is not None:
-            name = recipient.removeprefix("functions.")
-            calls.append(ToolCall(name, body))  # while streaming: the arguments so far
-        elif channel == "analysis":
-            reasoning.append(body)
+    for m in harmony_messages(text):
+        if m.role != "assistant":
+            continue
+        if m.recipient is not None and m.recipient.startswith("functions."):
+            calls.append(ToolCall(m.recipient[len("functions."):], m.content))
+        elif m.channel == "analysis" or m.recipient is not None:
+            reasoning.append(m.content)
         else:
-            content.append(body)
-        if not closed:
-            break
-        pos = _SPECIAL.match(text, end).end()
-    return Parsed("".join(content) if content else None, "".join(reasoning) if reasoning else None, calls)
+            content.append(m.content)
+    return Parsed("\n".join(content) if content else None, "\n".join(reasoning) if reasoning else None, calls)
 
 
 # ---- streaming -----------------------------------------------------------------------------------------
@@ -459,6 +572,15 @@ def check_tool_calls(calls: list[dict[str, Any]], param: str) -> list[dict[str, 
     return out
 
 
+def harmony_stop_ids(tokenizer: Any, requested: list[int] | None = None) -> list[int]:
+    """The request's stop_token_ids and harmony's stop tokens (`<|return|>`, `<|call|>`) in `tokenizer`: a gpt-oss
+    checkpoint names only `<|return|>` as EOS (its generation_config adds `<|call|>`), and a reply must end at
+    its tool call rather than go on to write the tool's answer itself."""
+    lookup = getattr(tokenizer, "token_to_id", None)
+    ids = [lookup(t) for t in HARMONY_STOP] if lookup is not None else []
+    return list(dict.fromkeys([*(requested or []), *(i for i in ids if isinstance(i, int) and i >= 0)]))
+
+
 def tool_plan(served: Any, body: Any) -> ToolPlan:
     """The request's ToolPlan, from its tools, tool_choice and the served chat template."""
     template = getattr(served.renderer, "template", None)
@@ -469,6 +591,8 @@ def tool_plan(served: Any, body: Any) -> ToolPlan:
         except ValueError:  # no chat template: the request fails when it renders
             template = None
     plan = ToolPlan(body.tools, body.tool_choice, template, body.parallel_tool_calls)
+    if plan.style == "harmony":
+        plan.stop_token_ids = harmony_stop_ids(served.tokenizer, getattr(body, "stop_token_ids", None))
     if plan.mode in ("required", "named") and structured_kwargs(body):
         raise APIError(400, "response_format (or a guided_* field) cannot be combined with a required or named "
                        "tool_choice: the call's own schema constrains the reply", "response_format", "invalid_value")
