@@ -19,7 +19,8 @@ from giants.inference import guided
 from giants.inference.guided import GuideAhead, apply_guides, grammars_for, new_guide
 from giants.inference.llm import LLM, _smollm2_tokenizer, random_model
 from giants.inference.params import SamplingParams
-from giants.inference.sampling import SamplingRow
+from giants.inference.rejection import sample_draft
+from giants.inference.sampling import Sampler, SamplingRow
 from giants.inference.spec_decode import draft_for, expand_rows
 from test_guided import SCHEMA  # nested objects, enums, arrays; bounded so every sample closes
 
@@ -119,6 +120,44 @@ def test_verification_rows_masked_after_their_drafts(tok, monkeypatch, draft_awa
     # a row ahead of its guide on its own (no run from the guide's own row) is masked the same way
     alone = apply_guides(torch.zeros(1, V), [g.ahead(draft[:3])])
     assert _mask(alone[0]) == _mask(got[2 + 3])
+
+
+def test_sampled_draft_q_masked_like_the_target_row(tok) -> None:
+    """A sampled guided row's draft is drawn from q masked by the grammar state after the drafts so far, the mask
+    of the target's verification row at that position: q is zero exactly where the grammar refuses, and the draw
+    is a token the grammar takes (so the draft is never cut and min(1, p/q) is exact)."""
+    g = _guide(tok, guided_json=SCHEMA)
+    ahead = _ids(tok, '{"name":"Ann","age":')
+    V = 49152
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(0))
+    rows = [SamplingRow(SamplingParams(temperature=1.0), [0], ahead[:j], torch.Generator().manual_seed(j),
+                        g.ahead(ahead[:j])) for j in (0, len(ahead))]
+    for _ in range(5):
+        toks, q = sample_draft(Sampler(), logits, rows)
+        masks = apply_guides(torch.zeros(2, V), [r.guide for r in rows]) > float("-inf")
+        assert torch.equal(q > 0, masks) and torch.allclose(q.sum(-1), torch.ones(2))
+        t0, t1 = toks.tolist()
+        assert g.valid_prefix([t0]) == [t0] and g.valid_prefix(ahead + [t1]) == ahead + [t1]
+    assert g.valid_prefix(ahead) == ahead and g.matcher.validate_tokens(ahead[1:]) == 0  # the guide is untouched
+
+
+def test_sampled_guided_drafts_accepted_when_the_draft_is_the_target(tok) -> None:
+    """Sampled JSON with a draft equal to the target: the masked q equals the target's p, so every draft is
+    accepted (measured 1.000 over 254 drafts, 3.95 tokens a step); greedy drafts of the unconstrained draft model
+    are cut by the grammar or rejected (measured 0.000)."""
+    rates = {}
+    for sample in (True, False):
+        llm = _tiny(tok, {"model": copy.deepcopy(_twin()), "num_speculative_tokens": 3})
+        llm.engine.spec.proposer.sample_drafts = sample
+        outs = llm.generate([_ids(tok, CASES[0][1])] * 8, [SamplingParams(temperature=1.0, max_tokens=120,
+                                                                          guided_json=SCHEMA, seed=i)
+                                                           for i in range(8)], use_tqdm=False)
+        for o in outs:
+            assert o.outputs[0].finish_reason == "stop", o.outputs[0].text
+            _check(CASES[0][0], o.outputs[0].text)
+        rates[sample] = llm.stats()
+    assert rates[True]["spec_acceptance_rate"] >= 0.98 and rates[True]["spec_tokens_per_step"] > 3.5, rates[True]
+    assert rates[False]["spec_acceptance_rate"] < 0.5, rates[False]
 
 
 # ---- the engine: greedy identical, speculation happens, sampled output valid -------------------------------

@@ -116,6 +116,16 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
 
 
 @dataclass
+class Processed:
+    """A batch's logits on their way to the draw (`Sampler.process`)."""
+
+    raw: torch.Tensor  # (B, V) float: the model's, for logprobs
+    logits: torch.Tensor  # knobs, penalties and grammar applied: greedy rows take its argmax
+    filtered: torch.Tensor | None  # tempered and filtered (-inf outside top-k/p, min-p); None when all rows are greedy
+    greedy: list[bool]
+
+
+@dataclass
 class SampleResult:
     tokens: list[int]
     logprobs: list[dict[int, float] | None]
@@ -179,6 +189,12 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
         """Queues the sampling of logits (B, V) on the device; the tokens are read back by `.result()`."""
+        pr = self.process(logits, rows)
+        return PendingSample(self.draw(pr, rows), pr.raw, [r.params for r in rows])
+
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> Processed:
+        """Every stage before the draw (knobs, penalties, grammar, then temperature and the filters for the
+        sampled rows): softmax(`filtered`) is the distribution a sampled row draws from (spec_decode's p and q)."""
         logits = logits.float()
         raw = logits
         dev = logits.device
@@ -187,7 +203,7 @@ class Sampler:
         logits = apply_guides(logits, [r.guide for r in rows])  # before the filters: they keep allowed tokens
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
-        tokens = logits.argmax(dim=-1)
+        filtered = None
         if not all(greedy):
             V = logits.shape[-1]
             temp = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
@@ -197,10 +213,19 @@ class Sampler:
             filtered = apply_filters(logits, temp, top_k, top_p, min_p, kmax=min(max(p.k for p in params), V),
                                      any_top_p=any(p.top_p < 1 for p in params),
                                      any_min_p=any(p.min_p > 0 for p in params))
-            gen = self.generator
-            if gen is not None and gen.device != dev:
-                gen = None
-            sampled = exponential_race(filtered.softmax(dim=-1), [r.generator for r in rows], gen)
-            is_greedy = _to_device(greedy, torch.bool, dev)
-            tokens = torch.where(is_greedy, tokens, sampled)
-        return PendingSample(tokens, raw, params)
+        return Processed(raw, logits, filtered, greedy)
+
+    def default_generator(self, dev: torch.device) -> torch.Generator | None:
+        """The generator of the rows without a seed (None: torch's default one, when ours is on another device)."""
+        gen = self.generator
+        return gen if gen is not None and gen.device == dev else None
+
+    def draw(self, pr: Processed, rows: list[SamplingRow]) -> torch.Tensor:
+        """One token per row (B,) on the device: the argmax for greedy rows, a draw from softmax(filtered) else."""
+        tokens = pr.logits.argmax(dim=-1)
+        if pr.filtered is not None:
+            dev = tokens.device
+            sampled = exponential_race(pr.filtered.softmax(dim=-1), [r.generator for r in rows],
+                                       self.default_generator(dev))
+            tokens = torch.where(_to_device(pr.greedy, torch.bool, dev), tokens, sampled)
+        return tokens

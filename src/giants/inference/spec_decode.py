@@ -5,29 +5,43 @@ Drafters:
   earlier in prompt + output (the most recent occurrence, longest n first) and the tokens that followed them
   are proposed. No model, no memory; it pays off on text that repeats itself (code, lists, quotes, edits).
 * a draft model (`"model": DRAFT`): any smaller model with the same vocabulary, with its own paged KV cache
-  (holding as many tokens as the target's; the engine splits its cache budget between the two), run greedily
-  for k tokens per step, batched over the speculating sequences. After verification its cache is rolled back
+  (holding as many tokens as the target's; the engine splits its cache budget between the two), run for k tokens
+  per step, batched over the speculating sequences. Greedy rows (temperature 0) draft its argmax; sampled rows draw
+  each draft from q, the draft's logits processed as the target's row (`Sampler.process`: logits knobs and
+  penalties over the output extended by the drafts so far, the grammar ahead by them, temperature, top-k/p,
+  min-p), with the row's own generator when the request has a seed. After verification its cache is rolled back
   to the tokens the sequence kept (the fed tokens are compared with the sequence's).
 
-Verification: each speculating sequence's decode chunk becomes [last token, d_1 .. d_k] (one multi-token
-forward over the paged cache for the whole batch, logits of all k+1 positions; see `Chunk.n_logits`). Row j
-is sampled by the engine's own `Sampler` with the sequence's output extended by d_1 .. d_j, so every logits
-knob (penalties, logit_bias, min_tokens, bad_words, allowed ids, temperature, top-k/p, min-p) applies exactly as
-in plain decoding. The drafts are accepted while d_j equals the token drawn at row j; the first mismatch's drawn
-token (or, when all k are accepted, the bonus token of row k) ends the step. This is the standard rejection
-sampling of Leviathan et al. / Chen et al. for a draft distribution q that is a point mass on d_j (greedy
-drafting, prompt lookup): accepting with probability min(1, p(d)/q(d)) = p(d) and, on rejection, drawing from
-normalize(max(0, p - q)) = p without d, gives the same law as drawing x ~ p and accepting iff x == d
-(P(accept) = p(d); P(x | reject) = p(x) / (1 - p(d)) for x != d). So sampled output is distributed as the
-target's, and greedy output is the target's argmax chain, token for token. The KV slots of rejected drafts are
-released (`KVCacheManager.truncate`).
+Verification (`giants.inference.rejection`): each speculating sequence's decode chunk becomes [last token, d_1 ..
+d_k] (one multi-token forward over the paged cache for the whole batch, logits of all k+1 positions; see
+`Chunk.n_logits`). Row j is processed by the engine's own `Sampler` with the sequence's output extended by d_1 ..
+d_j, so every logits knob applies exactly as in plain decoding; p_j is that row's distribution. Then the rejection
+sampling of Leviathan et al. / Chen et al. (vLLM's RejectionSampler): d_j is accepted with probability
+min(1, p_j(d_j) / q_j(d_j)); the first rejection emits a draw from normalize(max(0, p_j - q_j)) and ends the step;
+when all k are accepted the bonus token is drawn from p_k. The emitted tokens are then distributed as the target's.
+What q is, per case:
+
+* a draft model's sampled drafts (temperature > 0): the q each draft was drawn from, kept as a (k, V) float tensor
+  for those sequences only (none for greedy rows or prompt lookup), for the step. A draft equal to the target gives
+  p == q and every draft is accepted, where greedy drafts would be accepted with probability p(argmax) only.
+* greedy drafting (temperature 0) and prompt lookup (no distribution): a point mass on d_j. Then min(1, p/q) = p(d)
+  and the residual is p without d, the law of drawing x ~ p at row j and accepting iff x == d_j, which is what is
+  done: the row is sampled as in plain decoding (P(accept) = p(d); P(x | reject) = p(x) / (1 - p(d)) for x != d),
+  so greedy output is the target's argmax chain, token for token.
+
+The KV slots of rejected drafts are released (`KVCacheManager.truncate`).
 
 Structured output (as vLLM v1): a guided sequence's draft is cut at the first token its grammar refuses
 (`Guide.valid_prefix`, llguidance's validate_tokens: a refused draft could never be accepted), and verification
 row j is masked by the grammar state after d_1 .. d_j (`Guide.ahead`: consumed, masked, rolled back, the
 sequence's matcher untouched). The engine then advances the matcher by exactly the tokens it appends (the
 accepted drafts and the drawn token), stopping as in plain guided decoding where the grammar completes; so a
-rejected tail leaves no trace, and greedy guided output is plain guided decoding's token for token.
+rejected tail leaves no trace, and greedy guided output is plain guided decoding's token for token. A sampled
+guided row's q is masked by the same grammar state as the target's row (the draft-aware mask, ahead by the drafts
+so far): its draft is then a draw from exactly that q and never cut (a draft stops only where the grammar allows
+no token at all, a function of the tokens before it), so the rule above is exact. An unmasked q would not be: the
+cut at a refused d_j depends on d_j itself, and the cut position's token, drawn from p instead of the residual,
+would be biased. (A point mass would be exact too, but accepts less.)
 
 A prompt's last prefill chunk carries drafts too (prompt lookup finds them in the prompt; a draft model catches
 up with the prompt first), so the first tokens can come out of the prefill's own forward. Not speculated (decoded
@@ -38,7 +52,6 @@ decodes plainly.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +59,9 @@ import numpy as np
 import torch
 
 from giants.inference.kv_cache import KVCacheManager, SeqBlocks
+from giants.inference.rejection import accept as accept  # re-exported
+from giants.inference.rejection import draft_row, sample_draft, verify
+from giants.inference.rejection import expand_rows as expand_rows  # re-exported
 from giants.inference.runner import Chunk, ModelRunner
 from giants.inference.sampling import SamplingRow
 from giants.model.transformer import Transformer
@@ -147,8 +163,9 @@ class NgramProposer:
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.n_min, self.n_max = cfg.prompt_lookup_min, cfg.prompt_lookup_max
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        return [ngram_propose(s.token_ids, k, self.n_min, self.n_max) for s, k in zip(seqs, ks)]
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """The drafts, and no q (prompt lookup has no distribution: a point mass on each draft)."""
+        return [ngram_propose(s.token_ids, k, self.n_min, self.n_max) for s, k in zip(seqs, ks)], [None] * len(seqs)
 
 
 @dataclass
@@ -160,7 +177,10 @@ class _DraftState:
 
 
 class DraftModelProposer:
-    """A draft model over its own paged KV cache, run greedily for k tokens per step (batched)."""
+    """A draft model over its own paged KV cache, run for k tokens per step (batched): greedy rows draft its argmax,
+    sampled rows a draw from its processed distribution q (see the module's docstring)."""
+
+    sample_drafts = True  # False: greedy drafts for every row (a point-mass q), to compare acceptance
 
     def __init__(self, model: Transformer, engine: Engine) -> None:
         self.model = model.eval()
@@ -204,11 +224,15 @@ class DraftModelProposer:
         return True
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Up to k drafts per sequence and, for the sampled ones (temperature > 0, unless `sample_drafts` is off),
+        q: the (len(draft), V) distributions the drafts were drawn from; None for greedy drafts."""
         self._prune()
         self.step += 1
         busy = {s.seq_id for s in seqs}
         drafts: list[list[int]] = [[] for _ in seqs]
+        qs: list[torch.Tensor | None] = [None] * len(seqs)
+        sampled = [self.sample_drafts and not s.request.params.greedy for s in seqs]
         live, chunks, want = [], [], []
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             st = self.states.get(seq.seq_id)
@@ -240,50 +264,43 @@ class DraftModelProposer:
                     st.fed.append(drafts[i][-1])
             last = torch.tensor([sum(c.n_logits for c in chunks[:j + 1]) - 1 for j in range(len(chunks))],
                                 device=self.kv.device)  # each chunk's last row
-            for (i, _), tok in zip(live, self.runner.execute(chunks)[last].argmax(dim=-1).tolist()):
-                drafts[i].append(tok)
-            keep = [j for j, (i, _) in enumerate(live) if len(drafts[i]) < want[j]]
+            logits = self.runner.execute(chunks)[last]
+            toks = logits.argmax(dim=-1)  # greedy drafts
+            if js := [j for j, (i, _) in enumerate(live) if sampled[i]]:
+                self._sample(logits, toks, js, [(i, want[j]) for j, (i, _) in enumerate(live)], seqs, drafts, qs)
+            ended = set()
+            for j, ((i, _), tok) in enumerate(zip(live, toks.tolist())):
+                if tok < 0:  # q allowed no token (the grammar's end): the draft stops before it
+                    ended.add(j)
+                else:
+                    drafts[i].append(tok)
+            keep = [j for j, (i, _) in enumerate(live) if j not in ended and len(drafts[i]) < want[j]]
             live, want = [live[j] for j in keep], [want[j] for j in keep]
-        return drafts
+        return drafts, [q[:len(d)] if q is not None else None for q, d in zip(qs, drafts)]
+
+    def _sample(self, logits: torch.Tensor, toks: torch.Tensor, js: list[int], live: list[tuple[int, int]],
+                seqs: list[Sequence], drafts: list[list[int]], qs: list[torch.Tensor | None]) -> None:
+        """Rows js of this draft step (live: (sequence, k) per row) sampled from their processed distribution q,
+        written into toks; q kept in qs (k x V per sampled sequence, allocated at its first draft)."""
+        rows = [draft_row(SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator, s.guide), drafts[i])
+                for i, s in ((live[j][0], seqs[live[j][0]]) for j in js)]
+        try:
+            tok, q = sample_draft(self.engine.sampler, logits[js], rows)
+        except Exception:  # noqa: BLE001 - e.g. a row's knobs fail: no more drafts for these rows (verification
+            toks[js] = -1  # then fails that request alone, as plain decoding would)
+            return
+        toks[js] = tok
+        for n, j in enumerate(js):
+            i, k = live[j]
+            if qs[i] is None:
+                qs[i] = torch.empty(k, q.shape[-1], dtype=q.dtype, device=q.device)
+            qs[i][len(drafts[i])] = q[n]
 
 
 def draft_for(seq: Sequence, draft: list[int]) -> list[int]:
     """The draft a sequence verifies: under structured output, cut at the first token its grammar refuses."""
     guide = getattr(seq, "guide", None)
     return guide.valid_prefix(draft) if guide is not None else draft
-
-
-# ---- verification ------------------------------------------------------------------------------------------
-def expand_rows(rows: list[SamplingRow], drafts: list[list[int]]) -> list[SamplingRow]:
-    """Row j of a sequence with drafts d: its output so far + d[:j] (penalties, min_tokens, bad_words see what
-    plain decoding would have seen at that position), and its grammar, if any, ahead by d[:j]."""
-    return [dataclasses.replace(r, output_ids=r.output_ids + d[:j],
-                                guide=r.guide.ahead(d[:j]) if r.guide is not None else None) if j else r
-            for r, d in zip(rows, drafts) for j in range(len(d) + 1)]
-
-
-def accept(drawn: list[int], draft: list[int]) -> int:
-    """How many drafts are accepted: the longest prefix where the draft equals the token drawn from the target at
-    that position (the point-mass case of rejection sampling, see the module's docstring)."""
-    a = 0
-    while a < len(draft) and drawn[a] == draft[a]:
-        a += 1
-    return a
-
-
-def verify(sampler: Any, logits: torch.Tensor, rows: list[SamplingRow], drafts: list[list[int]]
-           ) -> list[tuple[list[int], list[dict[int, float] | None]]]:
-    """logits: len(d) + 1 rows per sequence (the target's, at the last token and at each draft). Returns per
-    sequence the tokens it emits this step (the accepted drafts + the token drawn at the first rejection, or the
-    bonus token) and their logprobs. Raises when the sampler does."""
-    res = sampler.launch(logits, expand_rows(rows, drafts)).result()
-    out, off = [], 0
-    for d in drafts:
-        toks, lps = res.tokens[off:off + len(d) + 1], res.logprobs[off:off + len(d) + 1]
-        off += len(d) + 1
-        a = accept(toks, d)
-        out.append((toks[:a + 1], lps[:a + 1]))
-    return out
 
 
 # ---- the engine's side -------------------------------------------------------------------------------------
@@ -311,6 +328,7 @@ class SpecDecoder:
         self.draft = resolve_draft(self.cfg, target, seed) if self.cfg.method == "draft_model" else None
         self.proposer: NgramProposer | DraftModelProposer | None = None
         self.drafts: dict[int, list[int]] = {}  # this step's drafts by seq_id
+        self.qs: dict[int, torch.Tensor] = {}  # the distributions of this step's sampled drafts, by seq_id
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
 
     def kv_share(self, target: Transformer) -> float:
@@ -333,6 +351,7 @@ class SpecDecoder:
     def plan(self, scheduled: list[tuple[Sequence, int]], chunks: list[Chunk]) -> None:
         """Extends decode chunks with drafts (in place) and gives them KV slots, within the step's token budget."""
         self.drafts.clear()
+        self.qs.clear()
         e = self.engine
         if self.cfg.disable_by_batch_size is not None and len(e.running) >= self.cfg.disable_by_batch_size:
             return
@@ -351,14 +370,21 @@ class SpecDecoder:
                 budget -= k
         if not cands:
             return
-        proposals = self.proposer.propose([s for _, s, _ in cands], [k for _, _, k in cands])
-        for (i, seq, k), d in zip(cands, proposals):
+        proposals, qs = self.proposer.propose([s for _, s, _ in cands], [k for _, _, k in cands])
+        for (i, seq, k), d, q in zip(cands, proposals, qs):
             d = draft_for(seq, d[:k])
             c = chunks[i]
-            if d and e.kv.allocate(seq.blocks, c.start, c.start + len(c.token_ids) + len(d)):
+            end = c.start + len(c.token_ids) + len(d)
+            # a sampled draft's length may hang on its own tokens (a grammar's end): whether it is verified must
+            # not, so slots for all k are asked for and the unused ones given back
+            if d and e.kv.allocate(seq.blocks, c.start, end if q is None else end - len(d) + k):
+                if q is not None:
+                    e.kv.truncate(seq.blocks, end)
                 c.token_ids = list(c.token_ids) + d
                 c.n_logits = 1 + len(d)
                 self.drafts[seq.seq_id] = d
+                if q is not None:
+                    self.qs[seq.seq_id] = q[:len(d)]
 
     def sample(self, logits: torch.Tensor, sampling: list[Sequence], rows: list[SamplingRow]
                ) -> list[tuple[Sequence, int, dict[int, float] | None]]:
@@ -367,14 +393,15 @@ class SpecDecoder:
         speculating sequence's num_computed past its accepted drafts and releases the rejected slots."""
         e = self.engine
         drafts = [self.drafts.get(s.seq_id, []) for s in sampling]
-        self.drafts = {}
+        qs = [self.qs.get(s.seq_id) for s in sampling]
+        self.drafts, self.qs = {}, {}
         try:
-            verified = verify(e.sampler, logits, rows, drafts)
+            verified = verify(e.sampler, logits, rows, drafts, qs)
         except Exception:  # noqa: BLE001 - some sequence's rows failed: verify each alone, fail that request only
             verified, off = [], 0
-            for seq, row, d in zip(sampling, rows, drafts):
+            for seq, row, d, q in zip(sampling, rows, drafts, qs):
                 try:
-                    verified += verify(e.sampler, logits[off:off + len(d) + 1], [row], [d])
+                    verified += verify(e.sampler, logits[off:off + len(d) + 1], [row], [d], [q])
                 except Exception as err:  # noqa: BLE001
                     e._fail_request(seq.request, err)
                     verified.append(([], []))
