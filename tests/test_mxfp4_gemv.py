@@ -1,0 +1,231 @@
+"""The word-wise MXFP4 expert GEMV (giants.inference.kernels.moe, impl="bits"): its bit decodes checked over every
+16-bit pattern in numpy, and the kernel under TRITON_INTERPRET on the CPU (a fresh process each: the interpreter is
+chosen when triton is first imported) against dequantize_mxfp4 + a float64 matmul, against the legacy byte-wise
+kernel, and inside MXFP4MoE._forward_packed. tests/test_cuda_mxfp4.py runs the same comparisons on a GPU at
+gpt-oss-120b shapes, the inline-PTX decodes included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from giants.inference.mxfp4 import FP4_VALUES
+
+FP4 = np.array(FP4_VALUES, dtype=np.float64)
+M16 = 0x0E000E00  # fp16 lanes: exponent bits 1..0 and the top mantissa bit of both halves
+S16 = 0x80008000  # fp16 lanes: both sign bits
+
+
+def _words() -> np.ndarray:
+    """uint32 words whose low 16 bits (bytes 0, 1) run over all 65536 patterns and whose high 16 bits (bytes 2, 3)
+    do too (a permutation of them), so every byte pair is decoded in both fp16 lanes."""
+    b = np.arange(65536, dtype=np.uint32)
+    return b | (((b * 40503) & 0xFFFF) << 16)  # 40503 is odd: a bijection of the 16-bit values
+
+
+def _nibbles(w: np.ndarray) -> list[np.ndarray]:
+    return [(w >> (4 * i)) & 15 for i in range(8)]  # element i of the word (byte i // 2, low nibble first)
+
+
+def _fp16_lanes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo = (v & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+    hi = (v >> 16).astype(np.uint16).view(np.float16).astype(np.float64)
+    return lo, hi
+
+
+def test_fp16_lane_decode_of_every_byte_pair():
+    """_fp4x8's DECODE 0/1 shifts and masks (uint32, logical shifts): each pair of fp16 lanes reads E2M1 * 2**-14
+    exactly, signs (and -0) included, for elements (0, 4), (1, 5), (2, 6), (3, 7) of the word."""
+    u = _words()
+    nib = _nibbles(u)
+    pairs = {(0, 4): ((u << 9) & M16) | ((u << 12) & S16),
+             (1, 5): ((u << 5) & M16) | ((u << 8) & S16),
+             (2, 6): ((u << 1) & M16) | ((u << 4) & S16),
+             (3, 7): ((u >> 3) & M16) | (u & S16)}
+    for (a, b), v in pairs.items():
+        lo, hi = _fp16_lanes(v.astype(np.uint32))
+        for got, i in ((lo, a), (hi, b)):
+            assert np.array_equal(got, FP4[nib[i]] * 2.0 ** -14), i
+            assert np.array_equal(np.signbit(got), nib[i] >= 8), i
+    # an arithmetic right shift would be as good here: the bits it fills in are masked away
+    s = u.view(np.int32)
+    assert np.array_equal(((s >> 3) & M16).view(np.uint32), (u >> 3) & M16)
+
+
+def test_e4m3_byte_decode_of_every_byte_pair():
+    """_fp4x8's DECODE 2 (PTX, GPU only): low nibbles -> ((u << 2) & 0x1C..) | ((u << 4) & 0x80..), high nibbles
+    -> ((u >> 2) & 0x1C..) | (u & 0x80..); each byte then reads, as FP8 E4M3, E2M1 * 2**-6 exactly."""
+    u = _words()
+    nib = _nibbles(u)
+    lo = ((u << 2) & 0x1C1C1C1C) | ((u << 4) & 0x80808080)  # bytes: elements 0, 2, 4, 6
+    hi = ((u >> 2) & 0x1C1C1C1C) | (u & 0x80808080)  # bytes: elements 1, 3, 5, 7
+
+    def e4m3(v):
+        return torch.from_numpy(v.astype("<u4").view(np.uint8).copy()).view(torch.float8_e4m3fn).double().view(
+            -1, 4).numpy()
+
+    for v, first in ((lo, 0), (hi, 1)):
+        got = e4m3(v)
+        for byte in range(4):
+            i = first + 2 * byte
+            assert np.array_equal(got[:, byte], FP4[nib[i]] * 2.0 ** -6), i
+            assert np.array_equal(np.signbit(got[:, byte]), nib[i] >= 8), i
+
+
+# ---- the kernel under the interpreter ------------------------------------------------------------------------------
+_SCRIPT = r'''
+import os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+from giants.inference import kernels as tk
+from giants.inference.kernels import moe
+from giants.inference.mxfp4 import dequantize_mxfp4
+
+torch.manual_seed(0)
+
+
+def packed(E, N, K, lo=110, hi=140, g=None):
+    """Random blocks with every byte value (so all 16 nibbles in both positions) in each expert, and scales."""
+    blocks = torch.randint(0, 256, (E, N, K // 2), dtype=torch.int32, generator=g).to(torch.uint8)
+    flat = blocks.view(E, -1)
+    flat[:, :256] = torch.arange(256, dtype=torch.uint8)
+    scales = torch.randint(lo, hi, (E, N, K // 32), dtype=torch.int32, generator=g).to(torch.uint8)
+    return blocks, scales
+
+
+def reference(x, rows, ex, blocks, scales, bias):
+    """float64: the exact E2M1 values (dequantize_mxfp4 at scale 2**0) times 2**(s - 127), per (x row, expert) pair;
+    also sum |w x| per output, the scale of the fp32 accumulation error."""
+    vals = dequantize_mxfp4(blocks, torch.full_like(scales, 127), torch.float64)
+    w = vals * torch.exp2(scales.double() - 127).repeat_interleave(32, -1)
+    xs = x.double()
+    ref = torch.stack([w[e] @ xs[r] for r, e in zip(rows.tolist(), ex.tolist())])
+    mag = torch.stack([w[e].abs() @ xs[r].abs() for r, e in zip(rows.tolist(), ex.tolist())])
+    if bias is not None:
+        b = bias.double()[ex]
+        ref, mag = ref + b, mag + b.abs()
+    return ref, mag
+
+
+def check(y, ref, mag, what, rtol=2e-6):
+    """fp32 accumulation: |err| <= rtol * sum |w x|; a bf16 output also rounds (an ulp at most, 2**-7 relative:
+    the interpreter may truncate)."""
+    tol = rtol * mag + (2.0 ** -7 * ref.abs() if y.dtype == torch.bfloat16 else 0) + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), (what, float((err / tol).max()), y[:2, :6], ref[:2, :6])
+
+
+def case_shapes():
+    """K = 96, 160, 2880 (tails of 1, 3, 10 blocks past the tile), N not a multiple of block_n, several experts and
+    x rows (repeated, out of order), with and without bias, fp32 and bf16 x, several tiles and prefetch."""
+    g = torch.Generator().manual_seed(1)
+    for K, N, cfgs in ((96, 20, [dict(block_n=8, block_k=64), dict(block_n=16, block_k=32, prefetch=True)]),
+                       (160, 24, [dict(block_n=8, block_k=128), dict(block_n=4, block_k=64, prefetch=True)]),
+                       (2880, 12, [dict(block_n=8, block_k=512), dict(block_n=8, block_k=256, prefetch=True)])):
+        E = 4
+        blocks, scales = packed(E, N, K, g=g)
+        rows, ex = torch.tensor([2, 0, 1, 2, 0]), torch.tensor([3, 1, 0, 3, 2])
+        for xdt in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, K, generator=g).to(xdt)
+            for bias in (None, torch.randn(E, N, generator=g)):
+                ref, mag = reference(x, rows, ex, blocks, scales, bias)
+                for c in cfgs:
+                    out = torch.full((5, N), float("nan"), dtype=xdt)
+                    assert tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, out=out, **c) is out
+                    check(out, ref, mag, (K, N, xdt, bias is not None, c))
+                y = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias)  # the default config, a new output
+                assert y.dtype == xdt and y.shape == (5, N)
+                check(y, ref, mag, (K, N, xdt, bias is not None, "default"))
+
+
+def case_extreme_scales():
+    """E8M0 exponents from 1 (2**-126) to 254 (2**127): pair i reads expert i, all of whose blocks have scale s_i,
+    with x row i scaled by 2**t_i so the result is O(2**+-30): every exponent is applied exactly."""
+    K, N = 96, 8
+    ss = [1, 2, 13, 14, 15, 64, 100, 127, 150, 200, 240, 241, 250, 253, 254]
+    P = len(ss)
+    blocks, _ = packed(P, N, K)
+    scales = torch.tensor(ss, dtype=torch.uint8)[:, None, None].expand(P, N, K // 32).contiguous()
+    t = torch.tensor([min(100, max(-100, 127 - s)) for s in ss], dtype=torch.float64)
+    x = torch.randn(P, K, dtype=torch.float64) * torch.exp2(t)[:, None]
+    rows = ex = torch.arange(P)
+    for xdt in (torch.float32, torch.bfloat16):
+        xx = x.to(xdt)
+        ref, mag = reference(xx, rows, ex, blocks, scales, None)
+        for c in (dict(block_n=8, block_k=64), dict(block_n=4, block_k=32, prefetch=True)):
+            y = tk.mxfp4_gemv(xx, rows, ex, blocks, scales, None, out=torch.empty(P, N), **c)
+            check(y, ref, mag, (xdt, c))
+        y = tk.mxfp4_gemv(xx, rows, ex, blocks, scales, None, out=torch.empty(P, N), impl="legacy")
+        check(y, ref, mag, "legacy")
+
+
+def case_bits_equals_legacy():
+    """The two kernels (different sum orders) agree to fp32 rounding, gpt-oss-like scales, K = 2880."""
+    K, N, E = 2880, 24, 5
+    blocks, scales = packed(E, N, K, lo=115, hi=125)
+    rows, ex = torch.tensor([0, 0, 0, 0]), torch.tensor([4, 1, 2, 0])
+    bias = torch.randn(E, N)
+    for xdt in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, K).to(xdt)
+        _, mag = reference(x, rows, ex, blocks, scales, bias)
+        a = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, out=torch.empty(4, N), impl="legacy")
+        b = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, out=torch.empty(4, N), impl="bits")
+        assert bool(((a.double() - b.double()).abs() <= 4e-6 * mag).all()), (a, b)
+        assert moe.MXFP4_GEMV_IMPL == "bits"
+
+
+def case_forward_packed():
+    """MXFP4MoE._forward_packed (the CUDA path, here interpreted) against its dequantize-each-expert CPU path."""
+    import giants
+    from giants.inference.mxfp4 import MXFP4MoE
+
+    cfg = giants.get_config("tiny-gpt-oss")
+    moe_layer = MXFP4MoE(cfg)
+    moe_layer.randomize(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in (moe_layer.b_gate_up, moe_layer.b_down):
+            if p is not None:
+                p.normal_(0, 0.1)
+        x = torch.randn(1, 3, cfg.d_model)
+        want, logits = moe_layer(x)  # CPU: the dequantized path
+        _, weights, idx = moe_layer.route(x.view(-1, cfg.d_model))
+        got = moe_layer._forward_packed(x.view(-1, cfg.d_model), weights, idx).view_as(want)
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+
+
+def case_bad_arguments():
+    blocks, scales = packed(2, 8, 64)
+    x, r = torch.randn(1, 64), torch.zeros(1, dtype=torch.long)
+    for kw, msg in ((dict(impl="fast"), "impl must be"), (dict(decode="lut"), "decode must be"),
+                    (dict(block_k=48), "power of two"), (dict(impl="legacy", block_n=8), "impl='bits' only")):
+        try:
+            tk.mxfp4_gemv(x, r, r, blocks, scales, None, **kw)
+        except ValueError as e:
+            assert msg in str(e), (kw, e)
+        else:
+            raise AssertionError(kw)
+    try:
+        tk.mxfp4_gemv(torch.randn(1, 96), r, r, blocks, scales, None)
+    except ValueError as e:
+        assert "K a multiple of 32" in str(e)
+    else:
+        raise AssertionError("K mismatch accepted")
+
+
+globals()["case_" + sys.argv[1]]()
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("case", ["shapes", "extreme_scales", "bits_equals_legacy", "forward_packed",
+                                  "bad_arguments"])
+def test_mxfp4_gemv_under_the_interpreter(case):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
