@@ -3,6 +3,9 @@ down projection + combine, and the fused norm + router top-k."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -286,6 +289,14 @@ MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, p
                                              (32, 1024, 8, False), (64, 512, 8, False), (16, 512, 4, True),
                                              (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True))]
 MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[0], decode="triton")
+# A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
+# GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}'
+if os.environ.get("GIANTS_MXFP4_GEMV"):
+    _given = json.loads(os.environ["GIANTS_MXFP4_GEMV"])
+    _unknown = set(_given) - set(MXFP4_GEMV_DEFAULT)
+    if _unknown:
+        raise ValueError(f"GIANTS_MXFP4_GEMV: unknown keys {sorted(_unknown)} (known: {sorted(MXFP4_GEMV_DEFAULT)})")
+    MXFP4_GEMV_DEFAULT.update(_given)
 MXFP4_GEMV_IMPL = "bits"  # what mxfp4_gemv runs when impl is not given: "bits" or "legacy"
 
 
