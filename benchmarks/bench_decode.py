@@ -2,10 +2,10 @@
 
 GPU (bf16): Llama-3.1-8B shape (giants vs transformers eager and static cache + torch.compile),
 gpt-oss-20b shape (giants vs transformers eager), gpt-oss-120b shape with MXFP4 experts (giants only:
-in bf16 it does not fit one GPU); on request Gemma-2-27B in bf16 (`--models gemma-2-27b`) and the Mixtral-8x22B
-shape with MXFP4 experts (`--models mixtral-8x22b`: one H200). Roofline = measured device-to-device copy bandwidth / bytes read per
-token (non-embedding weights the token touches + its KV reads). A correctness check of the fused GPU
-path against the generic path on every tiny twin runs first.
+in bf16 it does not fit one GPU); on request Gemma-2-27B in bf16 (`--models gemma-2-27b`) and the
+Mixtral-8x22B shape with MXFP4 experts (`--models mixtral-8x22b`: one H200). Roofline = measured
+device-to-device copy bandwidth / bytes read per token (non-embedding weights the token touches + its KV
+reads). A correctness check of the fused GPU path against the generic path on every tiny twin runs first.
 
     python benchmarks/bench_decode.py --models check,llama,gpt-oss-20b,gpt-oss-120b --out results.json
     python benchmarks/bench_decode.py --models tiny --device cpu      # smoke test of the script
@@ -265,6 +265,8 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
         for switch in ("fuse_qkv_rope", "fuse_route") if llm.model.config.is_moe else ():
             r[f"{switch}_off"] = rerun(name, f"{switch}=False", llm, prompt, new, roof, g,
                                        lambda v, s=switch: setattr(runner, s, v), False, getattr(runner, switch))
+    runner = None  # it holds the model: with it alive, `del llm` below freed nothing (gemma-2-27b's
+    # transformers copy then ran out of memory on an 80 GB card)
     state = None
     if hf_modes and share_weights:
         from giants.checkpoint.hf_map import giants_to_hf
