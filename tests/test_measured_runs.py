@@ -47,7 +47,9 @@ def test_the_shipped_record_loads_and_validates():
     assert {r.commit for r in fp8.values()} == {"9114e6f"}
     big = {r.quantization: r for r in runs if r.model == "llama-3-70b"}
     assert big[None].tok_s_batch1 == 0.63 and "streamed" in big[None].offload
-    assert (big["fp8+head"].tok_s_batch1, big["fp8+head"].tok_s_concurrent) == (30.9, {"32": 35.3})
+    assert (big["fp8+head"].tok_s_batch1, big["fp8+head"].tok_s_concurrent) == (30.8, {"32": 163.5})
+    later = {r.model: r for r in runs if r.commit == "94c5a3e"}  # the H100 runs of 2026-12-06 afternoon
+    assert (later["gpt-oss-120b"].tok_s_batch1, later["gemma-2-27b"].tok_s_batch1) == (264.6, 53.7)
     assert all(r.random_weights for r in runs)  # every GPU run so far: random weights
 
 
@@ -109,21 +111,23 @@ def test_fit_prints_the_measured_runs_beside_the_computed_fit(capsys):
     out = " ".join(_fit(capsys, "llama-3-70b", "--gpu", "h100-80gb", "--num-gpus", "1").split())
     assert "computed: does not fit 1 x H100" in out and "0.63 tok/s batch 1" in out
     out = " ".join(_fit(capsys, "llama-3-70b", "--gpu", "h100-80gb", "--dtype", "fp8").split())
-    assert "fp8); measured: 1 x H100, 71.01 GiB allocated, 30.9 tok/s batch 1, 35.3 output tok/s at 32 concurrent, " \
+    assert "fp8); measured: 1 x H100, 71.01 GiB allocated, 30.8 tok/s batch 1, 163.5 output tok/s at 32 concurrent, " \
            "fp8+head, random weights, 2026-12-06" in out  # the planned format's runs first
 
 
 def test_fit_says_not_measured(capsys):
-    out = " ".join(_fit(capsys, "gemma-2-27b", "--gpu", "h100-80gb").split())
+    out = " ".join(_fit(capsys, "gemma-2-9b", "--gpu", "h100-80gb").split())
     assert "computed: fits 1 x H100" in out and "measured: not measured on H100" in out
+    out = " ".join(_fit(capsys, "gemma-2-27b", "--gpu", "h100-80gb").split())
+    assert "computed: fits 1 x H100" in out and "measured: 1 x H100, 53.7 tok/s batch 1, bf16" in out
     out = " ".join(_fit(capsys, "gpt-oss-20b", "--gpu", "a100-80gb").split())
     assert "measured: not measured on A100 (measured on H100, H200: giants fit --gpu h100-80gb / h200-141gb)" in out
-    assert json.loads(_fit(capsys, "gemma-2-27b", "--format", "json"))["measured"] == []
+    assert json.loads(_fit(capsys, "gemma-2-9b", "--format", "json"))["measured"] == []
 
 
 def test_claims_and_report_show_the_measured_runs(tmp_path, monkeypatch):
     ev = {c.id: c.evidence for c in check_claims()}
-    assert "measured: 1 x H100, 59.70 GiB weights resident (64.1 GB), 147.1 tok/s batch 1, mxfp4, random weights" \
+    assert "measured: 1 x H100, 59.69 GiB weights resident (64.1 GB), 264.6 tok/s batch 1, mxfp4, random weights" \
         in ev["gpt-oss-8xh100"]
     assert "measured: not measured on A100" in ev["gemma-1xa100"]
     import giants.analysis.report as report
