@@ -64,7 +64,7 @@ def check(args) -> None:
         got = [o.token_ids for o in out]
         local = llm.engine.runner.local
         emit(test="check", model=name, dtype=dtype, tp=args.tp, same=got == want,
-             first_diff=next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None),
+             first_differing_prompt=next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None),
              runner=type(local).__name__, graphs=sorted(map(list, getattr(local, "graphs", {}))),
              preemptions=llm.engine.num_preemptions, prefix_hits=llm.engine.kv.prefix_hits, start_s=round(start, 1),
              **divergence(ref_out, out))
