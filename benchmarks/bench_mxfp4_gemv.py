@@ -49,9 +49,9 @@ class Shape:
         self.results: list[dict] = []
 
     def call(self, i: int, out="self", **kw):
-        from giants.inference.kernels import moe
+        from giants.inference.kernels import mxfp4 as kmx
 
-        return moe.mxfp4_gemv(self.x, self.rows, self.sets[i % len(self.sets)], self.blocks, self.scales, self.bias,
+        return kmx.mxfp4_gemv(self.x, self.rows, self.sets[i % len(self.sets)], self.blocks, self.scales, self.bias,
                               out=self.out if out == "self" else out, **kw)
 
     def measure(self, label: str, **kw) -> dict:
@@ -102,20 +102,20 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_mxfp4_gemv.py needs a CUDA GPU")
     from giants.inference import kernels as tk
-    from giants.inference.kernels import moe
+    from giants.inference.kernels import mxfp4 as kmx
 
     t_start = time.time()
-    decodes = a.decodes.split(",") if a.decodes else list(moe.MXFP4_DECODES)
-    bad = [d for d in decodes if d not in moe.MXFP4_DECODES]
+    decodes = a.decodes.split(",") if a.decodes else list(kmx.MXFP4_DECODES)
+    bad = [d for d in decodes if d not in kmx.MXFP4_DECODES]
     if bad:
-        raise SystemExit(f"unknown decode(s) {bad}; choose from {moe.MXFP4_DECODES}")
-    idx = [int(i) for i in a.configs.split(",")] if a.configs else list(range(len(moe.MXFP4_GEMV_CONFIGS)))
-    configs = [moe.MXFP4_GEMV_CONFIGS[i] for i in idx]
+        raise SystemExit(f"unknown decode(s) {bad}; choose from {kmx.MXFP4_DECODES}")
+    idx = [int(i) for i in a.configs.split(",")] if a.configs else list(range(len(kmx.MXFP4_GEMV_CONFIGS)))
+    configs = [kmx.MXFP4_GEMV_CONFIGS[i] for i in idx]
     names = a.shapes.split(",")
     if any(n not in SHAPES for n in names):
         raise SystemExit(f"--shapes: choose from {list(SHAPES)}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "pdl": bool(tk.PDL_ON), "E": E, "P": P, "reps": a.reps, "default": dict(moe.MXFP4_GEMV_DEFAULT),
+           "pdl": bool(tk.PDL_ON), "E": E, "P": P, "reps": a.reps, "default": dict(kmx.MXFP4_GEMV_DEFAULT),
            "shapes": {}}
     print(f"{res['device']}  torch {res['torch']}  triton {res['triton']}  PDL {res['pdl']}  E={E} P={P} "
           f"reps={a.reps}", flush=True)
@@ -124,8 +124,8 @@ def main() -> None:
     for s in shapes:
         print(f"{s.name}: N={s.N} K={s.K}, {s.mb:.1f} MB of weights a call", flush=True)
     legacy = {s.name: s.measure("legacy", impl="legacy") for s in shapes}
-    default = {s.name: s.measure("bits default " + _label(moe.MXFP4_GEMV_DEFAULT) + " "
-                                 + moe.MXFP4_GEMV_DEFAULT["decode"], impl="bits") for s in shapes}
+    default = {s.name: s.measure("bits default " + _label(kmx.MXFP4_GEMV_DEFAULT) + " "
+                                 + kmx.MXFP4_GEMV_DEFAULT["decode"], impl="bits") for s in shapes}
     budget_hit = False
     for decode in decodes:
         for c in configs:

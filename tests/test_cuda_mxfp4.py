@@ -38,7 +38,7 @@ def _reference(x, rows, ex, blocks, scales, bias):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("N", [5760, 2880])
 def test_mxfp4_gemv_decodes_and_tiles_at_gpt_oss_120b_shapes(N, bias):
-    from giants.inference.kernels import moe
+    from giants.inference.kernels import mxfp4 as kmx
 
     E, K = 8, 2880
     g = torch.Generator(device="cuda").manual_seed(N + bias)
@@ -50,18 +50,18 @@ def test_mxfp4_gemv_decodes_and_tiles_at_gpt_oss_120b_shapes(N, bias):
     for xdt in (torch.bfloat16, torch.float32):
         xx = x.to(xdt)
         ref, mag = _reference(xx, rows, ex, blocks, scales, b)
-        tol = 4e-6 * mag + 2.0 ** -120  # fp32 sums; below ~1e-36 fp32 subnormals round (documented in moe.py)
-        legacy = moe.mxfp4_gemv(xx, rows, ex, blocks, scales, b, out=torch.empty(4, N, device="cuda"),
+        tol = 4e-6 * mag + 2.0 ** -120  # fp32 sums; below ~1e-36 fp32 subnormals round (documented in kernels/mxfp4.py)
+        legacy = kmx.mxfp4_gemv(xx, rows, ex, blocks, scales, b, out=torch.empty(4, N, device="cuda"),
                                 impl="legacy")
         assert bool(((legacy.double() - ref).abs() <= tol).all())
-        pf = next(c for c in moe.MXFP4_GEMV_CONFIGS if c["prefetch"])
-        wide = next(c for c in moe.MXFP4_GEMV_CONFIGS if c["block_k"] >= 1024)
-        for decode in moe.MXFP4_DECODES:
-            for c in (moe.MXFP4_GEMV_CONFIGS[0], pf, wide):
-                y = moe.mxfp4_gemv(xx, rows, ex, blocks, scales, b, out=torch.empty(4, N, device="cuda"),
+        pf = next(c for c in kmx.MXFP4_GEMV_CONFIGS if c["prefetch"])
+        wide = next(c for c in kmx.MXFP4_GEMV_CONFIGS if c["block_k"] >= 1024)
+        for decode in kmx.MXFP4_DECODES:
+            for c in (kmx.MXFP4_GEMV_CONFIGS[0], pf, wide):
+                y = kmx.mxfp4_gemv(xx, rows, ex, blocks, scales, b, out=torch.empty(4, N, device="cuda"),
                                    decode=decode, **c)
                 err = (y.double() - ref).abs()
                 assert bool((err <= tol).all()), (xdt, decode, c, float((err / tol).max()))
-        y = moe.mxfp4_gemv(xx, rows, ex, blocks, scales, b)  # default: bits, output in x's dtype
+        y = kmx.mxfp4_gemv(xx, rows, ex, blocks, scales, b)  # default: bits, output in x's dtype
         assert y.dtype == xdt
         assert bool(((y.double() - ref).abs() <= tol + 2.0 ** -8 * ref.abs()).all())

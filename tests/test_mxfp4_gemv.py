@@ -1,4 +1,4 @@
-"""The word-wise MXFP4 expert GEMV (giants.inference.kernels.moe, impl="bits"): its bit decodes checked over every
+"""The word-wise MXFP4 expert GEMV (giants.inference.kernels.mxfp4, impl="bits"): its bit decodes checked over every
 16-bit pattern in numpy, and the kernel under TRITON_INTERPRET on the CPU (a fresh process each: the interpreter is
 chosen when triton is first imported) against dequantize_mxfp4 + a float64 matmul, against the legacy byte-wise
 kernel, and inside MXFP4MoE._forward_packed. tests/test_cuda_mxfp4.py runs the same comparisons on a GPU at
@@ -83,7 +83,7 @@ import os, sys
 assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch
 from giants.inference import kernels as tk
-from giants.inference.kernels import moe
+from giants.inference.kernels import mxfp4 as kmx
 from giants.inference.mxfp4 import dequantize_mxfp4
 
 torch.manual_seed(0)
@@ -176,7 +176,7 @@ def case_bits_equals_legacy():
         a = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, out=torch.empty(4, N), impl="legacy")
         b = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, out=torch.empty(4, N), impl="bits")
         assert bool(((a.double() - b.double()).abs() <= 4e-6 * mag).all()), (a, b)
-        assert moe.MXFP4_GEMV_IMPL == "bits"
+        assert kmx.MXFP4_GEMV_IMPL == "bits"
 
 
 def case_forward_packed():

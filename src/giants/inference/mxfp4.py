@@ -4,7 +4,7 @@
 matrices stay as uint8 blocks (two values a byte, low nibble first, as gpt-oss checkpoints store them)
 plus one uint8 exponent per 32 values: about 4.25 bits a weight, so gpt-oss-120b's experts take ~61 GB
 instead of ~230 GB in bf16. On CUDA the decode step multiplies through a Triton kernel that dequantizes
-inside the kernel (giants.inference.kernels.moe.mxfp4_gemv); elsewhere each used expert is
+inside the kernel (giants.inference.kernels.mxfp4.mxfp4_gemv); elsewhere each used expert is
 dequantized on the fly.
 
 Layout: gate_up_blocks (E, 2F, D/2) with rows [gate | up], gate_up_scales (E, 2F, D/32);

@@ -1,7 +1,8 @@
 """Triton kernels for the GPU decode path, by op family: norm_rotary (fused residual + RMSNorm, gated activation,
 rotary + paged KV write), attention (paged decode attention), gemv (one-row GEMVs with fused norm / rotary
-epilogues), moe (expert-indexed and MXFP4 GEMVs, router top-k), common (PDL, shared in-kernel helpers, config
-timing). Callers use the package as one namespace: `from giants.inference import kernels as tk`.
+epilogues), moe (expert-indexed GEMVs, router top-k), mxfp4 (the packed-FP4 expert GEMV), common (PDL, shared
+in-kernel helpers, config timing). Callers use the package as one namespace:
+`from giants.inference import kernels as tk`.
 
 Imported only on CUDA (or under TRITON_INTERPRET=1 for checking on a CPU). Shapes: B sequences (one
 token each), H query heads, Hkv kv heads, G = H // Hkv, D head dim, bs block size.
@@ -25,7 +26,6 @@ from giants.inference.kernels.moe import (
     SPLITK_CONFIGS,
     expert_down_combine,
     expert_gemv,
-    mxfp4_gemv,
     norm_route,
     pick_expert_act,
     pick_expert_down,
@@ -34,6 +34,7 @@ from giants.inference.kernels.moe import (
     route_topk,
     splitk_gemv,
 )
+from giants.inference.kernels.mxfp4 import mxfp4_gemv
 from giants.inference.kernels.norm_rotary import glu, rmsnorm, rope_kv_write
 
 __all__ = ["ACTS", "EXPERT_GEMV_CONFIGS", "GEMV_CONFIGS", "NORM_GEMV_CONFIGS", "SPLITK_CONFIGS", "PagedAttention",

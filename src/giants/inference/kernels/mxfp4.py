@@ -1,0 +1,341 @@
+"""MXFP4 expert GEMV for MoE decode: packed FP4 (E2M1) experts with E8M0 block scales, decoded in registers
+(a 32-bit word of 8 nibbles at a time; the byte-wise kernel kept as impl="legacy")."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from giants.inference.kernels.common import _grid_dep, _pdl
+
+
+# ---- MXFP4 expert GEMV ------------------------------------------------------------------------
+@triton.jit
+def _e2m1(n):
+    """FP4 E2M1 nibble (int32) -> float32 by building the bits: sign bit 3, exponent bits 2..1, mantissa
+    bit 0; exponent 0 is the subnormal 0 / 0.5."""
+    e = (n >> 1) & 3
+    m = n & 1
+    bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22)) | ((n & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_gemv_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]); W packed MXFP4: the
+    nibbles are decoded in registers, products summed per 32-value block, then scaled once per block."""
+    _grid_dep(PDL)
+    p = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rows < N_OUT
+    e = tl.load(EXPERT + p).to(tl.int64)
+    xr = tl.load(X_ROW + p).to(tl.int64)
+    NB: tl.constexpr = BLOCK_K // 32
+    j = tl.arange(0, BLOCK_K // 2)
+    sb = tl.arange(0, NB)
+    wrow = e * N_OUT + rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, NB), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + 2 * j  # even element of each byte
+        km = kk < K
+        byte = tl.load(BLOCKS + wrow[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=rm[:, None] & km[None, :],
+                       other=0).to(tl.int32)
+        xe = tl.load(X + xr * K + kk, mask=km, other=0.0).to(tl.float32)
+        xo = tl.load(X + xr * K + kk + 1, mask=km, other=0.0).to(tl.float32)
+        prod = _e2m1(byte & 15) * xe[None, :] + _e2m1(byte >> 4) * xo[None, :]  # (BLOCK_N, BLOCK_K/2)
+        part = tl.sum(tl.reshape(prod, (BLOCK_N, NB, 16)), axis=2)  # one sum per 32-value block
+        sm = (k0 // 32 + sb) < K // 32
+        sc = tl.load(SCALES + wrow[:, None] * (K // 32) + (k0 // 32 + sb)[None, :], mask=rm[:, None] & sm[None, :],
+                     other=0).to(tl.int32)
+        acc += part * (sc << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(BIAS + e * N_OUT + rows, mask=rm, other=0.0).to(tl.float32)
+    tl.store(Y + p * N_OUT + rows, y.to(Y.dtype.element_ty), mask=rm)
+
+
+@triton.jit
+def _fp16_halves(v):
+    """uint32 -> (low 16 bits, high 16 bits) read as fp16, widened to float32."""
+    lo = v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+_PTX_F16 = tl.constexpr("""
+{
+.reg .b32 a, b;
+.reg .b16 l, h;
+shl.b32 a, $8, 9;
+shl.b32 b, $8, 12;
+and.b32 a, a, 0x0E000E00;
+and.b32 b, b, 0x80008000;
+or.b32 a, a, b;
+mov.b32 {l, h}, a;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $4, h;
+shl.b32 a, $8, 5;
+shl.b32 b, $8, 8;
+and.b32 a, a, 0x0E000E00;
+and.b32 b, b, 0x80008000;
+or.b32 a, a, b;
+mov.b32 {l, h}, a;
+cvt.f32.f16 $1, l;
+cvt.f32.f16 $5, h;
+shl.b32 a, $8, 1;
+shl.b32 b, $8, 4;
+and.b32 a, a, 0x0E000E00;
+and.b32 b, b, 0x80008000;
+or.b32 a, a, b;
+mov.b32 {l, h}, a;
+cvt.f32.f16 $2, l;
+cvt.f32.f16 $6, h;
+shr.b32 a, $8, 3;
+and.b32 a, a, 0x0E000E00;
+and.b32 b, $8, 0x80008000;
+or.b32 a, a, b;
+mov.b32 {l, h}, a;
+cvt.f32.f16 $3, l;
+cvt.f32.f16 $7, h;
+}
+""")
+_PTX_E4M3 = tl.constexpr("""
+{
+.reg .b32 lo, hi, t, f;
+.reg .b16 a0, a1, a2, a3, l, h;
+shl.b32 lo, $8, 2;
+and.b32 lo, lo, 0x1C1C1C1C;
+shl.b32 t, $8, 4;
+and.b32 t, t, 0x80808080;
+or.b32 lo, lo, t;
+shr.b32 hi, $8, 2;
+and.b32 hi, hi, 0x1C1C1C1C;
+and.b32 t, $8, 0x80808080;
+or.b32 hi, hi, t;
+mov.b32 {a0, a1}, lo;
+mov.b32 {a2, a3}, hi;
+cvt.rn.f16x2.e4m3x2 f, a0;
+mov.b32 {l, h}, f;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $2, h;
+cvt.rn.f16x2.e4m3x2 f, a1;
+mov.b32 {l, h}, f;
+cvt.f32.f16 $4, l;
+cvt.f32.f16 $6, h;
+cvt.rn.f16x2.e4m3x2 f, a2;
+mov.b32 {l, h}, f;
+cvt.f32.f16 $1, l;
+cvt.f32.f16 $3, h;
+cvt.rn.f16x2.e4m3x2 f, a3;
+mov.b32 {l, h}, f;
+cvt.f32.f16 $5, l;
+cvt.f32.f16 $7, h;
+}
+""")
+
+
+@triton.jit
+def _fp4x8(w, DECODE: tl.constexpr):
+    """One int32 word of packed E2M1 (byte b: element 2b in the low nibble, 2b+1 in the high one) -> its 8
+    values, as float32, times 2**-14 (DECODE 0, 1) or 2**-6 (DECODE 2).
+
+    DECODE 0 (pure Triton, runs under the interpreter) and 1 (the same in inline PTX): nibble n is moved to
+    the fp16 bits ((n & 7) << 9) | ((n & 8) << 12): its exponent bits land in the fp16 exponent's low bits and
+    its mantissa bit in the top mantissa bit, so the fp16 reads E2M1(n) * 2**-14 exactly (E2M1 exponent 0:
+    the fp16 subnormal m * 2**-15). Bytes 0 and 2 (and 1 and 3) need the same shifts, so each 32-bit op builds
+    two fp16 lanes: 15 integer ops and 8 fp16 -> fp32 conversions a word.
+    DECODE 2 (inline PTX, sm_89+): the nibbles become FP8 E4M3 bytes, magnitude << 2 and sign at bit 7,
+    which read E2M1(n) * 2**-6; low nibbles (u << 2, u << 4), high nibbles (u >> 2, u): ~7 integer ops a
+    word, then 4 hardware e4m3x2 -> f16x2 conversions and 8 fp16 -> fp32."""
+    if DECODE == 1:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+                                                                   dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    elif DECODE == 2:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_E4M3, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+                                                                   dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        u = w.to(tl.uint32, bitcast=True)  # logical shifts
+        v0, v4 = _fp16_halves(((u << 9) & 0x0E000E00) | ((u << 12) & 0x80008000))  # low nibbles of bytes 0, 2
+        v1, v5 = _fp16_halves(((u << 5) & 0x0E000E00) | ((u << 8) & 0x80008000))  # high nibbles of bytes 0, 2
+        v2, v6 = _fp16_halves(((u << 1) & 0x0E000E00) | ((u << 4) & 0x80008000))  # low nibbles of bytes 1, 3
+        v3, v7 = _fp16_halves(((u >> 3) & 0x0E000E00) | (u & 0x80008000))  # high nibbles of bytes 1, 3
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _x_pair(XW, off, m):
+    """x words XW[off] (two bf16 each) -> (low, high) as float32 (a bf16 is the top half of its float32)."""
+    v = tl.load(XW + off, mask=m, other=0).to(tl.uint32, bitcast=True)
+    return (v << 16).to(tl.float32, bitcast=True), (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.constexpr):
+    """w (BLOCK_N, NB, 4) int32 words at word index kw (NB, 4) of each row, km (NB, 1) the blocks inside K ->
+    (BLOCK_N, NB) the dot of each 32-value block with x (unscaled, times the decode's 2**-14 / 2**-6)."""
+    if X_WORDS:  # x word 4 * kw + q holds elements 8 * kw + 2q and 8 * kw + 2q + 1
+        xw = xr * (KB * 16) + 4 * kw
+        x0, x1 = _x_pair(X, xw, km)
+        x2, x3 = _x_pair(X, xw + 1, km)
+        x4, x5 = _x_pair(X, xw + 2, km)
+        x6, x7 = _x_pair(X, xw + 3, km)
+    else:
+        xk = xr * (KB * 32) + 8 * kw
+        x0 = tl.load(X + xk, mask=km, other=0.0).to(tl.float32)
+        x1 = tl.load(X + xk + 1, mask=km, other=0.0).to(tl.float32)
+        x2 = tl.load(X + xk + 2, mask=km, other=0.0).to(tl.float32)
+        x3 = tl.load(X + xk + 3, mask=km, other=0.0).to(tl.float32)
+        x4 = tl.load(X + xk + 4, mask=km, other=0.0).to(tl.float32)
+        x5 = tl.load(X + xk + 5, mask=km, other=0.0).to(tl.float32)
+        x6 = tl.load(X + xk + 6, mask=km, other=0.0).to(tl.float32)
+        x7 = tl.load(X + xk + 7, mask=km, other=0.0).to(tl.float32)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _fp4x8(w, DECODE)
+    d = v0 * x0[None, :, :]
+    d = tl.fma(v1, x1[None, :, :], d)
+    d = tl.fma(v2, x2[None, :, :], d)
+    d = tl.fma(v3, x3[None, :, :], d)
+    d = tl.fma(v4, x4[None, :, :], d)
+    d = tl.fma(v5, x5[None, :, :], d)
+    d = tl.fma(v6, x6[None, :, :], d)
+    d = tl.fma(v7, x7[None, :, :], d)
+    return tl.sum(d, axis=2)  # the 4 words of a block
+
+
+@triton.jit
+def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, HAS_BIAS: tl.constexpr,
+                            X_WORDS: tl.constexpr, DECODE: tl.constexpr, PREFETCH: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]), the contract of
+    _mxfp4_gemv_kernel, but BLOCKS is the packed weight read as int32 words (K/8 a row, 8 nibbles each), decoded
+    by _fp4x8. The tile is (BLOCK_N rows, BLOCK_K/32 scale blocks, 4 words; a block's 4 words are one 16-byte
+    load): the 8 products of a word and the 4 words of a block are summed, the block's sum scaled once by
+    2**(s - 127) (the exponent bits s << 23), and the row's total multiplied once by 2**14 (2**6 for DECODE 2)
+    to undo the decode's offset. So every E8M0 exponent 1..254 applies exactly (0, i.e. 2**-127, flushes to 0
+    as in the legacy kernel; 255 is NaN in the format), and the fp32 sums, 2**-14 of the true ones, cannot
+    overflow before the result does; the price is that a block whose scaled sum is under 2**-112 goes through
+    fp32 subnormals (absolute error below 2**-135 a block, irrelevant next to any real activation). Folding
+    2**14 into the scale instead ((s + 14) << 23) would be wrong for s > 240. K must be a multiple of 32; the
+    last tile is masked by whole blocks. X_WORDS: X is a contiguous bf16 (M, K) read as int32 pairs, else X is
+    read element-wise (any float dtype). PREFETCH: the next tile's words and scales are loaded before this tile
+    is decoded (two tiles in flight a thread)."""
+    _grid_dep(PDL)
+    p = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rows < N_OUT
+    e = tl.load(EXPERT + p).to(tl.int64)
+    xr = tl.load(X_ROW + p).to(tl.int64)
+    NB: tl.constexpr = BLOCK_K // 32
+    KB = K // 32
+    KW = KB * 4  # words a row, a multiple of 4: every row starts 16-byte aligned
+    sb = tl.arange(0, NB)
+    kw0 = sb[:, None] * 4 + tl.arange(0, 4)[None, :]  # (NB, 4) word index within the tile
+    wrow = e * N_OUT + rows.to(tl.int64)
+    wbase = BLOCKS + wrow[:, None, None] * KW + kw0[None, :, :]
+    sbase = SCALES + wrow[:, None] * KB + sb[None, :]
+    acc = tl.zeros((BLOCK_N, NB), tl.float32)
+    if PREFETCH:
+        bm = sb < KB
+        w = tl.load(wbase, mask=rm[:, None, None] & bm[None, :, None], other=0)
+        sc = tl.load(sbase, mask=rm[:, None] & bm[None, :], other=0)
+        for b0 in range(0, KB, NB):
+            bm_next = (b0 + NB + sb) < KB
+            w_next = tl.load(wbase + (b0 + NB) * 4, mask=rm[:, None, None] & bm_next[None, :, None], other=0)
+            sc_next = tl.load(sbase + b0 + NB, mask=rm[:, None] & bm_next[None, :], other=0)
+            part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, ((b0 + sb) < KB)[:, None], KB, X_WORDS, DECODE)
+            acc += part * (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
+            w = w_next
+            sc = sc_next
+    else:
+        for b0 in range(0, KB, NB):
+            bm = (b0 + sb) < KB  # (NB,) scale blocks inside K; a block's words share its mask
+            w = tl.load(wbase + b0 * 4, mask=rm[:, None, None] & bm[None, :, None], other=0)
+            sc = tl.load(sbase + b0, mask=rm[:, None] & bm[None, :], other=0)
+            part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, bm[:, None], KB, X_WORDS, DECODE)
+            acc += part * (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
+    y = tl.sum(acc, axis=1)
+    if DECODE == 2:
+        y = y * 64.0  # undo the decode's 2**-6
+    else:
+        y = y * 16384.0  # undo the decode's 2**-14
+    if HAS_BIAS:
+        y += tl.load(BIAS + e * N_OUT + rows, mask=rm, other=0.0).to(tl.float32)
+    tl.store(Y + p * N_OUT + rows, y.to(Y.dtype.element_ty), mask=rm)
+
+
+# Choices for the "bits" kernel (benchmarks/bench_mxfp4_gemv.py sweeps them on a GPU): block_n rows a program,
+# block_k K elements a loop step (a power of two >= 32), warps, num_stages (Triton's pipeliner leaves these
+# loads alone: they feed no dot), prefetch (load the next tile before decoding this one), and the decode:
+# "triton" (pure Triton integer ops, also runs under TRITON_INTERPRET), "ptx_f16" (the same fp16-bit decode
+# in inline PTX, which avoids a repacking PRMT a nibble pair that Triton's i32 -> i16 truncation emits) or
+# "ptx_e4m3" (nibbles -> FP8 E4M3 bytes, hardware e4m3x2 -> f16x2 conversion; about half the integer ops).
+MXFP4_DECODES = ("triton", "ptx_f16", "ptx_e4m3")
+MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, prefetch=pf)
+                      for bn, bk, nw, pf in ((16, 512, 4, False), (32, 512, 4, False), (8, 512, 4, False),
+                                             (32, 256, 4, False), (64, 256, 4, False), (16, 1024, 4, False),
+                                             (32, 1024, 8, False), (64, 512, 8, False), (16, 512, 4, True),
+                                             (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True))]
+# Measured on an H100 (bench_mxfp4_gemv.py, gpt-oss-120b shapes, 2026-12-06): every decode/tile within ~7% of
+# the best (gate_up 22.7 us best, 24.4 this default; down 13.7 best, 15.8 this default; legacy 56.8 / 32.8 us):
+# the nibble decode no longer bounds the kernel. The pure-Triton decode also runs under the interpreter.
+MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[0], decode="triton")
+# A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
+# GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}'
+if os.environ.get("GIANTS_MXFP4_GEMV"):
+    _given = json.loads(os.environ["GIANTS_MXFP4_GEMV"])
+    _unknown = set(_given) - set(MXFP4_GEMV_DEFAULT)
+    if _unknown:
+        raise ValueError(f"GIANTS_MXFP4_GEMV: unknown keys {sorted(_unknown)} (known: {sorted(MXFP4_GEMV_DEFAULT)})")
+    MXFP4_GEMV_DEFAULT.update(_given)
+MXFP4_GEMV_IMPL = "bits"  # what mxfp4_gemv runs when impl is not given: "bits" or "legacy"
+
+
+def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, blocks: torch.Tensor,
+               scales: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None, *,
+               impl: str | None = None, block_n: int | None = None, block_k: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None, prefetch: bool | None = None,
+               decode: str | None = None) -> torch.Tensor:
+    """Y[p] = W[expert[p]] @ x[x_row[p]] (+ bias[expert[p]]). x: (M, K); x_row, expert: (P,) int; blocks
+    (E, N, K/2) uint8; scales (E, N, K/32) uint8 -> (P, N) in x's dtype (or into out).
+    impl "bits" (default: MXFP4_GEMV_IMPL) decodes the nibbles a 32-bit word at a time (_fp4x8); "legacy" is
+    the byte-wise kernel. block_n / block_k / num_warps / num_stages / prefetch / decode override MXFP4_GEMV_DEFAULT
+    (bits only; decode one of MXFP4_DECODES, the ptx_* ones on CUDA only)."""
+    impl = impl or MXFP4_GEMV_IMPL
+    if impl not in ("bits", "legacy"):
+        raise ValueError(f"mxfp4_gemv: impl must be 'bits' or 'legacy', got {impl!r}")
+    P = expert.shape[0]
+    N, K = blocks.shape[1], x.shape[1]
+    if K % 32 or blocks.shape[2] * 2 != K or scales.shape[2] * 32 != K:
+        raise ValueError(f"mxfp4_gemv: x has K={K}, blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}: "
+                         "need blocks (E, N, K/2), scales (E, N, K/32), K a multiple of 32")
+    out = out if out is not None else torch.empty(P, N, dtype=x.dtype, device=x.device)
+    bias_arg = bias if bias is not None else x
+    tile = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
+                decode=decode)
+    if impl == "legacy":
+        given = [k for k, v in tile.items() if v is not None]
+        if given:
+            raise ValueError(f"mxfp4_gemv: {', '.join(given)} apply to impl='bits' only")
+        BLOCK_N, BLOCK_K = 16, 512
+        _mxfp4_gemv_kernel[(P, triton.cdiv(N, BLOCK_N))](x, x_row, expert, blocks, scales, bias_arg, out, N, K,
+                                                         HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                                         num_warps=4, **_pdl())
+        return out
+    c = {k: (v if v is not None else MXFP4_GEMV_DEFAULT[k]) for k, v in tile.items()}
+    if c["block_k"] < 32 or c["block_k"] & (c["block_k"] - 1):
+        raise ValueError(f"mxfp4_gemv: block_k must be a power of two >= 32, got {c['block_k']}")
+    if c["decode"] not in MXFP4_DECODES:
+        raise ValueError(f"mxfp4_gemv: decode must be one of {MXFP4_DECODES}, got {c['decode']!r}")
+    words = blocks.view(torch.int32)  # (E, N, K/8): word w = bytes 4w..4w+3 = elements 8w..8w+7
+    x = x if x.is_contiguous() else x.contiguous()  # rows K apart
+    x_words = x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0
+    _mxfp4_gemv_bits_kernel[(P, triton.cdiv(N, c["block_n"]))](
+        x.view(torch.int32) if x_words else x, x_row, expert, words, scales, bias_arg, out, N, K,
+        HAS_BIAS=bias is not None, X_WORDS=x_words, DECODE=MXFP4_DECODES.index(c["decode"]),
+        PREFETCH=bool(c["prefetch"]),
+        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=c["num_stages"], **_pdl())
+    return out
