@@ -37,6 +37,7 @@ from giants.serve.protocol import (
     new_id,
     now,
 )
+from giants.serve.structured import structured_kwargs
 from giants.serve.template import TemplateError, TemplateLimit
 from giants.serve.tools import (
     ChoiceStream,
@@ -44,7 +45,6 @@ from giants.serve.tools import (
     check_tool_calls,
     finish_reason,
     reply_message,
-    structured_kwargs,
     tool_plan,
 )
 

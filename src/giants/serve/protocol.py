@@ -53,7 +53,7 @@ class _SamplingFields(_Body):
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = Field(default=None, ge=1, le=128)
-    # structured output (giants.serve.tools.structured_kwargs): OpenAI's response_format, vLLM's guided_* fields
+    # structured output (giants.serve.structured.structured_kwargs): OpenAI's response_format, vLLM's guided_* fields
     # and its newer structured_outputs object; at most one
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
