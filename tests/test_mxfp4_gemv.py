@@ -57,6 +57,50 @@ def test_fp16_lane_decode_of_every_byte_pair():
     assert np.array_equal(((s >> 3) & M16).view(np.uint32), (u >> 3) & M16)
 
 
+def _run_ptx_f16(text: str, w: np.ndarray) -> dict[int, np.ndarray]:
+    """A numpy reading of the fp16 decode's inline PTX (only the instructions it uses), input $8 = w: the outputs
+    $0..$7 as float64."""
+    regs: dict[str, np.ndarray] = {"$8": w}
+    out: dict[int, np.ndarray] = {}
+
+    def val(x: str) -> np.ndarray:
+        return regs[x] if x in regs else np.uint32(int(x, 0))
+
+    for line in text.split("\n"):
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(" ", 1)
+        if op == "mov.b32":
+            (lo, hi), src = args.split("}, ")[0].strip("{").split(", "), args.split("}, ")[1]
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        d, a, *b = [x.strip() for x in args.split(",")]
+        if op == "cvt.f32.f16":
+            out[int(d[1:])] = regs[a].astype(np.uint16).view(np.float16).astype(np.float64)
+        elif op in ("shl.b32", "shr.b32"):
+            regs[d] = (val(a) << int(b[0])) & 0xFFFFFFFF if op == "shl.b32" else val(a) >> int(b[0])
+        elif op in ("and.b32", "or.b32"):
+            regs[d] = (val(a) & val(b[0])) if op == "and.b32" else (val(a) | val(b[0]))
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return out
+
+
+def test_inline_ptx_f16_decode_of_every_byte_pair():
+    """DECODE 1's PTX text (generated from the same lanes as the pure-Triton decode), read instruction by
+    instruction in numpy: output $i is element i of the word, E2M1 * 2**-14, for every byte pair."""
+    from giants.inference.kernels import mxfp4 as kmx
+
+    u = _words()
+    nib = _nibbles(u)
+    out = _run_ptx_f16(getattr(kmx._PTX_F16, "value", kmx._PTX_F16), u.astype(np.uint64))
+    assert sorted(out) == list(range(8))
+    for i in range(8):
+        assert np.array_equal(out[i], FP4[nib[i]] * 2.0 ** -14), i
+        assert np.array_equal(np.signbit(out[i]), nib[i] >= 8), i
+
+
 def test_e4m3_byte_decode_of_every_byte_pair():
     """_fp4x8's DECODE 2 (PTX, GPU only): low nibbles -> ((u << 2) & 0x1C..) | ((u << 4) & 0x80..), high nibbles
     -> ((u >> 2) & 0x1C..) | (u & 0x80..); each byte then reads, as FP8 E4M3, E2M1 * 2**-6 exactly."""

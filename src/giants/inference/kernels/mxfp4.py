@@ -67,43 +67,25 @@ def _fp16_halves(v):
     return lo, hi
 
 
-_PTX_F16 = tl.constexpr("""
-{
-.reg .b32 a, b;
-.reg .b16 l, h;
-shl.b32 a, $8, 9;
-shl.b32 b, $8, 12;
-and.b32 a, a, 0x0E000E00;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mov.b32 {l, h}, a;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $4, h;
-shl.b32 a, $8, 5;
-shl.b32 b, $8, 8;
-and.b32 a, a, 0x0E000E00;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mov.b32 {l, h}, a;
-cvt.f32.f16 $1, l;
-cvt.f32.f16 $5, h;
-shl.b32 a, $8, 1;
-shl.b32 b, $8, 4;
-and.b32 a, a, 0x0E000E00;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mov.b32 {l, h}, a;
-cvt.f32.f16 $2, l;
-cvt.f32.f16 $6, h;
-shr.b32 a, $8, 3;
-and.b32 a, a, 0x0E000E00;
-and.b32 b, $8, 0x80008000;
-or.b32 a, a, b;
-mov.b32 {l, h}, a;
-cvt.f32.f16 $3, l;
-cvt.f32.f16 $7, h;
-}
-""")
+# (magnitude shift, sign shift, outputs): the lanes of _fp4x8's pure-Triton decode, in PTX (a negative shift
+# is a right shift; sign shift 0: the sign bits are in place)
+_F16_LANES = ((9, 12, (0, 4)), (5, 8, (1, 5)), (1, 4, (2, 6)), (-3, 0, (3, 7)))
+
+
+def _shift(dst: str, by: int) -> str:
+    return f"{'shl' if by > 0 else 'shr'}.b32 {dst}, $8, {abs(by)};"
+
+
+def _ptx_f16() -> str:
+    lines = ["{", ".reg .b32 a, b;", ".reg .b16 l, h;"]
+    for mag, sign, (lo, hi) in _F16_LANES:
+        lines += [_shift("a", mag)] + ([_shift("b", sign)] if sign else [])
+        lines += ["and.b32 a, a, 0x0E000E00;", f"and.b32 b, {'b' if sign else '$8'}, 0x80008000;",
+                  "or.b32 a, a, b;", "mov.b32 {l, h}, a;", f"cvt.f32.f16 ${lo}, l;", f"cvt.f32.f16 ${hi}, h;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_PTX_F16 = tl.constexpr(_ptx_f16())
 _PTX_E4M3 = tl.constexpr("""
 {
 .reg .b32 lo, hi, t, f;
