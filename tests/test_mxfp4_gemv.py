@@ -273,3 +273,18 @@ def test_mxfp4_gemv_under_the_interpreter(case):
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("value, says", [('{"block_n": 8, "decode": "ptx_f16"}', None),
+                                         ('{"blockn": 8}', "unknown keys ['blockn']"),
+                                         ("block_n=8", "not JSON"), ("[8]", "a JSON object")])
+def test_mxfp4_gemv_env_override(value, says):
+    """GIANTS_MXFP4_GEMV sets the default tile; a bad value fails at import naming the variable."""
+    code = "from giants.inference.kernels import mxfp4 as k; print(k.MXFP4_GEMV_DEFAULT)"
+    env = dict(os.environ, GIANTS_MXFP4_GEMV=value, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if says is None:
+        assert r.returncode == 0, r.stderr
+        assert "'block_n': 8" in r.stdout and "'decode': 'ptx_f16'" in r.stdout and "'block_k': 512" in r.stdout
+    else:
+        assert r.returncode != 0 and "GIANTS_MXFP4_GEMV" in r.stderr and says in r.stderr, r.stderr

@@ -268,7 +268,12 @@ MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[0], decode="triton")
 # A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
 # GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}'
 if os.environ.get("GIANTS_MXFP4_GEMV"):
-    _given = json.loads(os.environ["GIANTS_MXFP4_GEMV"])
+    try:
+        _given = json.loads(os.environ["GIANTS_MXFP4_GEMV"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"GIANTS_MXFP4_GEMV: not JSON ({e}): {os.environ['GIANTS_MXFP4_GEMV']!r}") from None
+    if not isinstance(_given, dict):
+        raise ValueError(f"GIANTS_MXFP4_GEMV: a JSON object of tile options, got {_given!r}")
     _unknown = set(_given) - set(MXFP4_GEMV_DEFAULT)
     if _unknown:
         raise ValueError(f"GIANTS_MXFP4_GEMV: unknown keys {sorted(_unknown)} (known: {sorted(MXFP4_GEMV_DEFAULT)})")
