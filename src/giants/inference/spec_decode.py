@@ -52,6 +52,7 @@ decodes plainly.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -262,9 +263,10 @@ class DraftModelProposer:
                 chunks = [Chunk(st.blocks, len(st.fed), [drafts[i][-1]], True) for i, st in live]
                 for i, st in live:
                     st.fed.append(drafts[i][-1])
-            last = torch.tensor([sum(c.n_logits for c in chunks[:j + 1]) - 1 for j in range(len(chunks))],
-                                device=self.kv.device)  # each chunk's last row
-            logits = self.runner.execute(chunks)[last]
+            logits = self.runner.execute(chunks)
+            if any(c.n_logits != 1 for c in chunks):  # catch-up chunks (step 0): each chunk's last row
+                ends = torch.tensor(list(itertools.accumulate(c.n_logits for c in chunks)), device=logits.device)
+                logits = logits[ends - 1]
             toks = logits.argmax(dim=-1)  # greedy drafts
             if js := [j for j, (i, _) in enumerate(live) if sampled[i]]:
                 self._sample(logits, toks, js, [(i, want[j]) for j, (i, _) in enumerate(live)], seqs, drafts, qs)
@@ -372,7 +374,8 @@ class SpecDecoder:
             return
         proposals, qs = self.proposer.propose([s for _, s, _ in cands], [k for _, _, k in cands])
         for (i, seq, k), d, q in zip(cands, proposals, qs):
-            d = draft_for(seq, d[:k])
+            # a sampled draft was drawn from q masked by the row's grammar: it never needs cutting
+            d = d[:k] if q is not None else draft_for(seq, d[:k])
             c = chunks[i]
             end = c.start + len(c.token_ids) + len(d)
             # a sampled draft's length may hang on its own tokens (a grammar's end): whether it is verified must
