@@ -111,14 +111,12 @@ def _measured_notes(label: str, gpu, computed: str, payload: dict, precision: st
 
 
 def _serve_plan(args: argparse.Namespace, cfg, gpu):
-    from giants.analysis.serve_plan import propose, serve_dtype
+    from giants.analysis.serve_plan import propose, propose_fp8, serve_dtype
 
     args.serve_dtype = serve_dtype(cfg, args.dtype)
-    if args.dtype == "fp8":  # giants serve runs FP8 weights on one GPU (not under TP or layer placement)
-        plan = propose(cfg, args.model, gpu, 1, args.context, args.batch, "fp8", args.kv_dtype)
-        if plan.kind == "tp":
-            args.serve_dtype = "fp8"
-            return plan
+    if args.dtype == "fp8" and (plan := propose_fp8(cfg, args.model, gpu, args.context, args.batch, args.kv_dtype)):
+        args.serve_dtype = "fp8"
+        return plan
     kv = args.kv_dtype if args.serve_dtype == args.dtype else None
     return propose(cfg, args.model, gpu, args.num_gpus or args.max_gpus, args.context, args.batch, args.serve_dtype,
                    kv)

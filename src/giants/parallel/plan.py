@@ -51,7 +51,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *
        expert parallelism the experts over ("dp_replicate", "dp_shard_mod_ep")
 
     The layout is checked against the model first (ParallelDims.check_model: a LayoutError names the field and the
-    numbers). The model's parameters must already be materialized on the target device. param_dtype /
+    numbers). The model may be on the target device or still on the meta device (then each rank allocates and fills
+    only its shards afterwards: giants.parallel.init.materialize_sharded). param_dtype /
     reduce_dtype act through FSDP's MixedPrecisionPolicy: without data parallelism (no FSDP) they do nothing and
     the caller casts or autocasts itself; fsdp_always wraps with FSDP over the size-1 "dp_shard" dim then too."""
     cfg = getattr(model, "config", None)
