@@ -282,3 +282,26 @@ def test_prefix_block_key_is_a_sha256_chain():
     ids = list(range(10, 21))
     assert kv._keys(blocks, ids, 2) == [block_key(None, (10, 11, 12, 13)),
                                         block_key(block_key(None, (10, 11, 12, 13)), (14, 15, 16, 17))]
+
+
+def test_every_end_token_the_tokenizer_names_stops_a_request():
+    """A tokenizer's eos_token_ids (generation_config.json's list: gpt-oss names <|call|> there, not in
+    config.json) end generation as the config's eos does."""
+    from types import SimpleNamespace
+
+    from giants.inference.engine import _eos_ids
+
+    model = giants.build(giants.get_config("tiny-llama"), seed=0).eval()
+    prompt, sp = [5, 6, 7, 8], SamplingParams(max_tokens=8, temperature=0.0)
+    free = reference_greedy(model, prompt, 8)
+    stop = free[3]  # the 4th greedy token, named only by the tokenizer's list
+    assert stop not in free[:3]
+    tok = SimpleNamespace(eos_token_id=None, eos_token_ids=(stop,), decode=lambda ids, **kw: " ".join(map(str, ids)))
+    assert stop in _eos_ids(model, tok) and stop not in _eos_ids(model, None)
+    engine = Engine(model, tok, block_size=4, num_blocks=64)
+    engine.add_request("r", prompt, sp)
+    out = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id] = o
+    assert out["r"].outputs[0].token_ids == free[:4] and out["r"].outputs[0].finish_reason == "stop"

@@ -111,6 +111,9 @@ def _eos_ids(model: Transformer, tokenizer: Any) -> set[int]:
     tok_eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(tok_eos, int):
         ids.add(tok_eos)
+    # every end token the checkpoint names (generation_config.json's list, as vLLM stops at them): gpt-oss's
+    # config names only <|return|>, its generation config <|call|> too
+    ids.update(i for i in getattr(tokenizer, "eos_token_ids", ()) or () if isinstance(i, int))
     return ids
 
 
