@@ -39,13 +39,20 @@ class Norm(nn.Module):
             return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return norm(x, self.weight, self.bias, self.kind, self.eps)
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.kind == "rmsnorm_plus_one":
-            nn.init.zeros_(self.weight)
-        else:
-            nn.init.ones_(self.weight)
+        fill_norm_(self.weight, "weight", self.kind)
         if self.bias is not None:
-            nn.init.zeros_(self.bias)
+            fill_norm_(self.bias, "bias", self.kind)
+
+
+def fill_norm_(p: torch.Tensor, leaf: str, kind: str) -> None:
+    """A norm parameter's initial value in place: the bias 0; the weight 1, or 0 where it is stored as the
+    offset from 1 (Gemma's rmsnorm_plus_one)."""
+    if leaf == "bias" or kind == "rmsnorm_plus_one":
+        p.zero_()
+    else:
+        p.fill_(1.0)
 
 
 def make_norm(cfg: ModelConfig) -> Norm:

@@ -11,7 +11,7 @@ from giants.config import ModelConfig
 from giants.model.attention import Attention
 from giants.model.cache import KVCache, SlidingKVCache, StaticKVCache
 from giants.model.mlp import GatedMLP, MoE
-from giants.model.norm import Norm, make_norm
+from giants.model.norm import Norm, fill_norm_, make_norm
 from giants.model.positions import RelativeBias, Rotary
 
 
@@ -177,21 +177,16 @@ def _owner_leaf(name: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def init_parameter(name: str, p: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None,
-                   norm_kind: str | None = None) -> None:
+def init_parameter(name: str, p: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None) -> None:
     """Transformer.init_weights' rule for the parameter `name`, filling `p` (its full shape) in place.
     Output projections get std / sqrt(2 * n_layers) (GPT-2) so deep residual streams start at unit scale.
-    Norm parameters take Norm.reset_parameters' values for `norm_kind` (default cfg.norm_kind).
+    Norm parameters take Norm.reset_parameters' values (every norm is make_norm(cfg): cfg.norm_kind).
     Random draws come from `generator` (the device's default one when None): called over a model's
     named_parameters in order on one stream, the values are init_weights' bit for bit, which is how
     giants.parallel.init gives each rank its slice of the one-device weights."""
     owner, leaf = _owner_leaf(name)
     if "norm" in owner:
-        kind = cfg.norm_kind if norm_kind is None else norm_kind
-        if leaf == "bias" or kind == "rmsnorm_plus_one":
-            p.zero_()
-        else:
-            p.fill_(1.0)
+        fill_norm_(p, leaf, cfg.norm_kind)
         return
     std = cfg.init_std
     if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":

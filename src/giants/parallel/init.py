@@ -30,7 +30,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from giants.config import ModelConfig
-from giants.model.norm import Norm
 from giants.model.positions import Rotary
 from giants.model.transformer import Transformer, build, init_parameter
 
@@ -197,17 +196,15 @@ def materialize_sharded(parts: nn.Module | Iterable[nn.Module], config: ModelCon
     device = torch.device(device)
     ref, draws = meta_reference(config)
     local = allocate(parts, device)
-    ref_modules = dict(ref.named_modules())
     torch.manual_seed(seed)  # as giants.build: every device's default generator
     largest = _replay(draws, device)
     done: set[str] = set()
     full_numel = 0
     for name, r in ref.named_parameters():
-        owner = ref_modules.get(name.rsplit(".", 1)[0]) if "." in name else ref
         full = torch.empty(r.shape, dtype=r.dtype, device=device)
         largest = max(largest, full.numel())
         full_numel += full.numel()
-        init_parameter(name, full, config, norm_kind=owner.kind if isinstance(owner, Norm) else None)
+        init_parameter(name, full, config)
         p = local.get(name)
         if p is not None:
             _copy_into(p, full)
