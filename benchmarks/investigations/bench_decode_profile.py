@@ -38,9 +38,9 @@ def host_costs(llm, chunks, n: int = 200) -> dict:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def profile_preset(preset: str, bw: float, quantization: str | None, replays: int = 20) -> dict:
+def profile_preset(preset: str, bw: float, quantization: str | None, replays: int = 20, util: float = 0.45) -> dict:
     llm = LLM(preset, device="cuda", dtype=torch.bfloat16, seed=0, max_model_len=1024, max_num_seqs=4,
-              gpu_memory_utilization=0.45, quantization=quantization)
+              gpu_memory_utilization=util, quantization=quantization)
     prompt = list(range(3, 19))
     runner = llm.engine.runner
     seen = []
@@ -89,13 +89,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="gpt-oss-20b,llama-3.1-8b")
     ap.add_argument("--out")
+    ap.add_argument("--util", type=float, default=0.45, help="gpu_memory_utilization (gpt-oss-120b:mxfp4 needs ~0.9)")
     args = ap.parse_args()
     bw = copy_bandwidth(torch.device("cuda"))
     out = {"env": env(torch.device("cuda")), "copy_bandwidth_GBs": bw / 1e9, "presets": {}}
     for p in args.presets.split(","):
         quant = "mxfp4" if p.endswith(":mxfp4") else None
         name = p.split(":")[0]
-        out["presets"][p] = profile_preset(name, bw, quant)
+        out["presets"][p] = profile_preset(name, bw, quant, util=args.util)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
