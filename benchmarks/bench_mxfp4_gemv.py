@@ -21,6 +21,8 @@ import json
 import time
 
 SHAPES = {"gate_up": (5760, 2880), "down": (2880, 2880)}  # (N, K) of gpt-oss-120b's expert matrices
+# "glu": the gate|up matrix through the GLU epilogue (what decode runs), timed against gate_up + the GLU kernel
+EXTRA = {"glu": (5760, 2880)}
 E, P, LAYERS = 128, 4, 36
 
 
@@ -32,27 +34,37 @@ class Shape:
 
         dev = torch.device("cuda")
         self.name, self.reps = name, reps
-        self.N, self.K = N, K = SHAPES[name]
+        self.N, self.K = N, K = {**SHAPES, **EXTRA}[name]
+        self.glu = dict(glu="clamped_swiglu", alpha=1.702, limit=7.0) if name == "glu" else {}
         self.sets = [torch.arange(P, device=dev) + P * i for i in range(E // P)]  # 32 disjoint expert sets
         self.blocks = torch.randint(0, 256, (E, N, K // 2), device=dev, dtype=torch.uint8, generator=g)
         self.scales = torch.randint(117, 121, (E, N, K // 32), device=dev, dtype=torch.uint8, generator=g)
         self.bias = torch.randn(E, N, device=dev, generator=g).to(torch.bfloat16)
-        if name == "gate_up":  # one token's hidden state, read by every pair
+        if name != "down":  # one token's hidden state, read by every pair
             self.x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
             self.rows = torch.zeros(P, dtype=torch.long, device=dev)
         else:  # each pair's own activation row
             self.x = torch.randn(P, K, device=dev, generator=g).to(torch.bfloat16)
             self.rows = torch.arange(P, device=dev)
-        self.out = torch.empty(P, N, device=dev, dtype=torch.bfloat16)
+        self.out = torch.empty(P, N // 2 if self.glu else N, device=dev, dtype=torch.bfloat16)
         self.mb = P * N * (K // 2 + K // 32) / 1e6  # weight bytes a call reads
-        self.ref = self.call(0, impl="legacy", out=None).float()
+        if self.glu:
+            from giants.inference import kernels as tk
+
+            self.ref = tk.glu(self.call(0, impl="legacy", out=None, glu_off=True), "clamped_swiglu").float()
+        else:
+            self.ref = self.call(0, impl="legacy", out=None).float()
         self.results: list[dict] = []
 
-    def call(self, i: int, out="self", **kw):
+    def call(self, i: int, out="self", glu_off: bool = False, **kw):
+        from giants.inference import kernels as tk
         from giants.inference.kernels import mxfp4 as kmx
 
+        glu = {} if glu_off else self.glu
+        if glu and kw.get("impl") == "legacy":  # the unfused pair: legacy gate|up GEMV, then the GLU kernel
+            return tk.glu(self.call(i, out=None, glu_off=True, **kw), "clamped_swiglu", out=self.out)
         return kmx.mxfp4_gemv(self.x, self.rows, self.sets[i % len(self.sets)], self.blocks, self.scales, self.bias,
-                              out=self.out if out == "self" else out, **kw)
+                              out=self.out if out == "self" else out, **kw, **glu)
 
     def measure(self, label: str, **kw) -> dict:
         import torch
@@ -90,7 +102,9 @@ def main() -> None:
                     help="comma-separated subset of the decodes to sweep (default: all of MXFP4_DECODES)")
     ap.add_argument("--configs", default=None,
                     help="comma-separated indices into MXFP4_GEMV_CONFIGS to sweep (default: all)")
-    ap.add_argument("--shapes", default="gate_up,down", help="comma-separated subset of gate_up,down")
+    ap.add_argument("--shapes", default="gate_up,down,glu",
+                    help="comma-separated subset of gate_up,down,glu (glu: gate_up with the activation fused; its "
+                         "'legacy' row is the legacy gate_up GEMV then the GLU kernel)")
     ap.add_argument("--reps", type=int, default=32, help="calls a CUDA graph replays (rotating expert sets)")
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="start no new configuration after this many seconds (default 100)")
@@ -112,8 +126,8 @@ def main() -> None:
     idx = [int(i) for i in a.configs.split(",")] if a.configs else list(range(len(kmx.MXFP4_GEMV_CONFIGS)))
     configs = [kmx.MXFP4_GEMV_CONFIGS[i] for i in idx]
     names = a.shapes.split(",")
-    if any(n not in SHAPES for n in names):
-        raise SystemExit(f"--shapes: choose from {list(SHAPES)}")
+    if any(n not in SHAPES and n not in EXTRA for n in names):
+        raise SystemExit(f"--shapes: choose from {list(SHAPES) + list(EXTRA)}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "pdl": bool(tk.PDL_ON), "E": E, "P": P, "reps": a.reps, "default": dict(kmx.MXFP4_GEMV_DEFAULT),
            "shapes": {}}
@@ -149,11 +163,11 @@ def main() -> None:
     if all(n in res["shapes"] for n in SHAPES):
         per_tok = {}
         for k in ("legacy", "default", "best"):
-            rs = [res["shapes"][n][k] for n in SHAPES]
+            rs = [res["shapes"][n][k] for n in (("glu", "down") if "glu" in res["shapes"] else SHAPES)]
             if all(r and "us" in r for r in rs):
                 per_tok[k] = round(LAYERS * sum(r["us"] for r in rs) / 1e3, 3)
         res["moe_gemv_ms_per_token"] = per_tok  # 36 layers x (gate_up + down): the expert GEMVs alone
-        print("  expert GEMVs a token (36 layers x (gate_up + down)): "
+        print(f"  expert GEMVs a token (36 layers x ({'glu' if 'glu' in res['shapes'] else 'gate_up'} + down)): "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in per_tok.items()), flush=True)
     if budget_hit:
         print(f"  (stopped at --budget-s {a.budget_s:.0f}: not every configuration was measured)", flush=True)

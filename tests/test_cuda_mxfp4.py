@@ -65,3 +65,67 @@ def test_mxfp4_gemv_decodes_and_tiles_at_gpt_oss_120b_shapes(N, bias):
         y = kmx.mxfp4_gemv(xx, rows, ex, blocks, scales, b)  # default: bits, output in x's dtype
         assert y.dtype == xdt
         assert bool(((y.double() - ref).abs() <= tol + 2.0 ** -8 * ref.abs()).all())
+
+
+@cuda
+@pytest.mark.parametrize("activation", ["clamped_swiglu", "silu_glu"])
+def test_mxfp4_glu_epilogue_at_gpt_oss_120b_shape(activation):
+    """The gate|up GEMV with the gated activation in its epilogue (gpt-oss-120b: F 2880, K 2880, 4 pairs, bias)
+    equals the plain GEMV then the GLU kernel: exactly in fp32 (the same per-row sums), within a bf16 ulp in bf16,
+    for every decode and for the default tile."""
+    from giants.inference import kernels as tk
+    from giants.inference.kernels import mxfp4 as kmx
+
+    E, F, K = 8, 2880, 2880
+    g = torch.Generator(device="cuda").manual_seed(7)
+    blocks, scales = _packed(E, 2 * F, K, g)
+    b = torch.randn(E, 2 * F, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(1, K, device="cuda", generator=g)
+    rows, ex = torch.zeros(4, dtype=torch.long, device="cuda"), torch.tensor([0, 5, 2, 7], device="cuda")
+    for xdt in (torch.float32, torch.bfloat16):
+        xx = x.to(xdt)
+        for decode in (*kmx.MXFP4_DECODES, None):
+            c = dict(kmx.MXFP4_GEMV_CONFIGS[10], decode=decode) if decode else {}
+            want = tk.glu(kmx.mxfp4_gemv(xx, rows, ex, blocks, scales, b, **c), activation, 1.702, 7.0)
+            got = kmx.mxfp4_gemv(xx, rows, ex, blocks, scales, b, glu=activation, alpha=1.702, limit=7.0, **c)
+            assert got.shape == (4, F) and got.dtype == xdt
+            if xdt == torch.float32:
+                assert torch.equal(got, want), (decode, float((got - want).abs().max()))
+            else:
+                torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-5)
+
+
+@cuda
+def test_runner_mxfp4_expert_rows_path_changes_no_token():
+    """The CUDA runner's small-batch MXFP4 MoE (the GLU GEMV and the down GEMV on the static pair tables, the combine
+    in the next norm kernel) equals MXFP4MoE._forward_packed on the same rows, and gives the same greedy tokens as
+    the packed layer's own path (fp32, CUDA graphs, batch 1 and 4)."""
+    import giants
+    from giants.inference.cuda_runner import ExpertRows
+    from giants.inference.engine import Engine
+    from giants.inference.mxfp4 import pack_experts
+
+    model = pack_experts(giants.build(giants.get_config("tiny-gpt-oss"), seed=0)).to("cuda", torch.float32).eval()
+    for layer in model.layers:
+        layer.mlp.randomize(torch.Generator(device="cuda").manual_seed(1))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=gen).tolist() for n in (4, 21, 9, 50)]
+    outs = []
+    for fuse in (False, True):
+        engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=4)
+        runner = engine.runner
+        runner.fuse_mxfp4 = fuse
+        if fuse:
+            mlp = model.layers[0].mlp
+            h = torch.randn(3, model.config.d_model, device="cuda")
+            with torch.inference_mode():
+                _, weights, idx = mlp.route(h)
+                out = runner._moe(0, mlp, h, route=(weights, idx))
+                assert isinstance(out, ExpertRows)
+                got = (out.y.view(3, out.k, -1) * out.weights.view(3, out.k, 1)).sum(1)
+                torch.testing.assert_close(got, mlp._forward_packed(h, weights, idx), rtol=1e-5, atol=1e-5)
+        from test_cuda_kernels import _run_all, _run_one
+
+        one = [_run_one(engine, p) for p in prompts[:2]]
+        outs.append((one, _run_all(engine, prompts, 12)))
+    assert outs[0] == outs[1]

@@ -242,6 +242,73 @@ def case_forward_packed():
     torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
 
 
+def case_glu():
+    """glu=...: the gated activation in the epilogue (half the tile gate rows, half the up rows of the same outputs)
+    equals the plain GEMV over [gate; up] then the GLU kernel, exactly in fp32 (same per-row sums, same _act), and
+    within a bf16 ulp in bf16; F not a multiple of the half tile, bias, every activation, several tiles."""
+    g = torch.Generator().manual_seed(5)
+    E, F, K = 3, 20, 160
+    blocks, scales = packed(E, 2 * F, K, lo=118, hi=128, g=g)
+    rows, ex = torch.tensor([1, 0, 1]), torch.tensor([2, 0, 1])
+    for xdt in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, K, generator=g).to(xdt)
+        for bias in (None, torch.randn(E, 2 * F, generator=g)):
+            for act, c in (("silu_glu", dict(block_n=8, block_k=64)),
+                           ("gelu_tanh_glu", dict(block_n=4, block_k=128, prefetch=True)),
+                           ("clamped_swiglu", dict(block_n=2, block_k=32))):
+                gu = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, **c)
+                want = tk.glu(gu, act, 1.702, 7.0)
+                got = tk.mxfp4_gemv(x, rows, ex, blocks, scales, bias, glu=act, alpha=1.702, limit=7.0, **c)
+                assert got.shape == (3, F) and got.dtype == xdt
+                if xdt == torch.float32:
+                    assert torch.equal(got, want), (act, c, (got - want).abs().max())
+                else:
+                    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    for bad, msg in ((dict(glu="relu"), "glu must be"), (dict(glu="silu_glu", block_n=1), "block_n >= 2"),
+                     (dict(glu="silu_glu", impl="legacy"), "impl='bits' only")):
+        try:
+            tk.mxfp4_gemv(x, rows, ex, blocks, scales, None, **bad)
+        except ValueError as e:
+            assert msg in str(e), (bad, e)
+        else:
+            raise AssertionError(bad)
+
+
+def case_runner():
+    """CudaModelRunner's decode forward (eager, interpreted) on a packed tiny-gpt-oss: the small-batch MXFP4 path
+    (GLU GEMV, down GEMV on the static pair tables, combine in the next norm kernel) gives the generic runner's
+    greedy tokens (fp32, batch 1 and 2)."""
+    import giants
+    from giants.inference.cuda_runner import CudaModelRunner
+    from giants.inference.engine import Engine
+    from giants.inference.mxfp4 import pack_experts
+    from giants.inference.params import SamplingParams
+
+    cfg = giants.get_config("tiny-gpt-oss").replace(vocab_size=320)
+    model = pack_experts(giants.build(cfg, seed=0).eval())
+    for i, layer in enumerate(model.layers):
+        layer.mlp.randomize(torch.Generator().manual_seed(i))
+    outs = []
+    for fuse in (None, True):
+        def make(e, fuse=fuse):
+            r = CudaModelRunner(e.model, e.kv, max_num_seqs=4, max_model_len=64, use_graphs=False)
+            r.fuse_mxfp4 = fuse
+            return r
+
+        eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
+                     make_runner=make if fuse is not None else None, cpu_onednn=False)
+        done = {}
+        for batch in ([[1, 2, 3]], [[4, 5, 6, 7, 8], [9, 10]]):
+            for i, p in enumerate(batch):
+                eng.add_request(f"{len(done)}-{i}", p, SamplingParams(temperature=0, max_tokens=5))
+            while eng.has_unfinished_requests():
+                done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+        if fuse is not None:
+            assert eng.runner.fast and {f[1][0] for f in eng.runner.fused} == {"mxfp4"}
+        outs.append(done)
+    assert outs[0] == outs[1] and len(outs[0]) == 3, outs
+
+
 def case_bad_arguments():
     blocks, scales = packed(2, 8, 64)
     x, r = torch.randn(1, 64), torch.zeros(1, dtype=torch.long)
@@ -266,7 +333,7 @@ print("ok")
 '''
 
 
-@pytest.mark.parametrize("case", ["shapes", "extreme_scales", "bits_equals_legacy", "forward_packed",
+@pytest.mark.parametrize("case", ["shapes", "extreme_scales", "bits_equals_legacy", "forward_packed", "glu", "runner",
                                   "bad_arguments"])
 def test_mxfp4_gemv_under_the_interpreter(case):
     pytest.importorskip("triton")

@@ -95,18 +95,24 @@ class MXFP4MoE(nn.Module):
         return (dequantize_mxfp4(self.gate_up_blocks[e], self.gate_up_scales[e], dtype),
                 dequantize_mxfp4(self.down_blocks[e], self.down_scales[e], dtype))
 
-    def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """One Triton GEMV per (token, expert) pair straight from the packed weights. x: (N, D)."""
+    def expert_rows(self, x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor,
+                    pair: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair's expert output, uncombined, straight from the packed weights: (P, D).
+        x: (N, D); x_row, expert: (P,) the pair's row of x and its expert; pair: arange(P) (a tensor, so that a
+        CUDA-graph caller passes a static one). Two kernels: the gate|up GEMV with the gated activation in its
+        epilogue, then the down GEMV."""
         from giants.inference import kernels as tk
 
-        N, K = idx.shape
         cfg = self.cfg
-        flat = idx.reshape(-1).contiguous()
-        rows = torch.arange(N, device=x.device).repeat_interleave(K)
-        gu = tk.mxfp4_gemv(x, rows, flat, self.gate_up_blocks, self.gate_up_scales, self.b_gate_up)
-        a = tk.glu(gu, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+        a = tk.mxfp4_gemv(x, x_row, expert, self.gate_up_blocks, self.gate_up_scales, self.b_gate_up,
+                          glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+        return tk.mxfp4_gemv(a, pair, expert, self.down_blocks, self.down_scales, self.b_down)
+
+    def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One Triton GEMV per (token, expert) pair straight from the packed weights, combined. x: (N, D)."""
+        N, K = idx.shape
         pairs = torch.arange(N * K, device=x.device)
-        y = tk.mxfp4_gemv(a, pairs, flat, self.down_blocks, self.down_scales, self.b_down)
+        y = self.expert_rows(x, pairs // K, idx.reshape(-1).contiguous(), pairs)
         return (y.view(N, K, -1).float() * weights[..., None].float()).sum(1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

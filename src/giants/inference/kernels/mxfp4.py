@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from giants.inference.kernels.common import _grid_dep, _pdl
+from giants.inference.kernels.common import ACTS, _act, _grid_dep, _pdl
 
 
 # ---- MXFP4 expert GEMV ------------------------------------------------------------------------
@@ -189,8 +189,8 @@ def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.co
 
 
 @triton.jit
-def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, HAS_BIAS: tl.constexpr,
-                            X_WORDS: tl.constexpr, DECODE: tl.constexpr, PREFETCH: tl.constexpr,
+def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, alpha, limit, HAS_BIAS: tl.constexpr,
+                            X_WORDS: tl.constexpr, DECODE: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]), the contract of
     _mxfp4_gemv_kernel, but BLOCKS is the packed weight read as int32 words (K/8 a row, 8 nibbles each), decoded
@@ -204,19 +204,29 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
     2**14 into the scale instead ((s + 14) << 23) would be wrong for s > 240. K must be a multiple of 32; the
     last tile is masked by whole blocks. X_WORDS: X is a contiguous bf16 (M, K) read as int32 pairs, else X is
     read element-wise (any float dtype). PREFETCH: the next tile's words and scales are loaded before this tile
-    is decoded (two tiles in flight a thread)."""
+    is decoded (two tiles in flight a thread).
+    GLU >= 0 (an ACTS code): each expert's W holds [gate; up] (2 N_OUT rows) and Y[p, n] = act(gate_n, up_n),
+    each rounded to Y's dtype first as an unfused GEMV would store it. The tile's first BLOCK_N/2 rows are gate
+    rows n.., the other half the up rows of the same n: one stream of BLOCK_N rows, as without GLU, split
+    after the sums; the down projection then needs no activation kernel."""
     _grid_dep(PDL)
     p = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = rows < N_OUT
+    r = tl.arange(0, BLOCK_N)
     e = tl.load(EXPERT + p).to(tl.int64)
     xr = tl.load(X_ROW + p).to(tl.int64)
+    if GLU >= 0:
+        HALF: tl.constexpr = BLOCK_N // 2
+        n = tl.program_id(1) * HALF + r % HALF
+        wrow = e * (2 * N_OUT) + (r // HALF) * N_OUT + n.to(tl.int64)  # gate rows, then up rows
+    else:
+        n = tl.program_id(1) * BLOCK_N + r
+        wrow = e * N_OUT + n.to(tl.int64)
+    rm = n < N_OUT
     NB: tl.constexpr = BLOCK_K // 32
     KB = K // 32
     KW = KB * 4  # words a row, a multiple of 4: every row starts 16-byte aligned
     sb = tl.arange(0, NB)
     kw0 = sb[:, None] * 4 + tl.arange(0, 4)[None, :]  # (NB, 4) word index within the tile
-    wrow = e * N_OUT + rows.to(tl.int64)
     wbase = BLOCKS + wrow[:, None, None] * KW + kw0[None, :, :]
     sbase = SCALES + wrow[:, None] * KB + sb[None, :]
     acc = tl.zeros((BLOCK_N, NB), tl.float32)
@@ -245,8 +255,16 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
     else:
         y = y * 16384.0  # undo the decode's 2**-14
     if HAS_BIAS:
-        y += tl.load(BIAS + e * N_OUT + rows, mask=rm, other=0.0).to(tl.float32)
-    tl.store(Y + p * N_OUT + rows, y.to(Y.dtype.element_ty), mask=rm)
+        y += tl.load(BIAS + wrow, mask=rm, other=0.0).to(tl.float32)  # bias (E, rows) indexed like W's rows
+    if GLU >= 0:
+        y2 = tl.reshape(y.to(Y.dtype.element_ty).to(tl.float32), (2, HALF))
+        half = tl.arange(0, 2)[:, None]
+        g = tl.sum(tl.where(half == 0, y2, 0.0), axis=0)
+        u = tl.sum(tl.where(half == 1, y2, 0.0), axis=0)
+        on = tl.program_id(1) * HALF + tl.arange(0, HALF)
+        tl.store(Y + p * N_OUT + on, _act(g, u, alpha, limit, GLU).to(Y.dtype.element_ty), mask=on < N_OUT)
+    else:
+        tl.store(Y + p * N_OUT + n, y.to(Y.dtype.element_ty), mask=rm)
 
 
 # Choices for the "bits" kernel (benchmarks/bench_mxfp4_gemv.py sweeps them on a GPU): block_n rows a program,
@@ -262,9 +280,10 @@ MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, p
                                              (32, 1024, 8, False), (64, 512, 8, False), (16, 512, 4, True),
                                              (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True))]
 # Measured on an H100 (bench_mxfp4_gemv.py, gpt-oss-120b shapes, 2026-12-06): every decode/tile within ~7% of
-# the best (gate_up 22.7 us best, 24.4 this default; down 13.7 best, 15.8 this default; legacy 56.8 / 32.8 us):
-# the nibble decode no longer bounds the kernel. The pure-Triton decode also runs under the interpreter.
-MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[0], decode="triton")
+# the best (gate_up 22.7 us, down 13.7; legacy 56.8 / 32.8); the best over both shapes together is this default,
+# 8 rows with prefetch and the fp16-bit PTX decode; the earlier default (16 rows, pure Triton) 24.4 / 15.8 us.
+# decode "auto": ptx_f16 on a CUDA device, the pure-Triton decode elsewhere (it runs under the interpreter).
+MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[10], decode="auto")
 # A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
 # GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}'
 if os.environ.get("GIANTS_MXFP4_GEMV"):
@@ -285,9 +304,12 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
                scales: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None, *,
                impl: str | None = None, block_n: int | None = None, block_k: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, prefetch: bool | None = None,
-               decode: str | None = None) -> torch.Tensor:
+               decode: str | None = None, glu: str | None = None, alpha: float = 1.702,
+               limit: float = 7.0) -> torch.Tensor:
     """Y[p] = W[expert[p]] @ x[x_row[p]] (+ bias[expert[p]]). x: (M, K); x_row, expert: (P,) int; blocks
     (E, N, K/2) uint8; scales (E, N, K/32) uint8 -> (P, N) in x's dtype (or into out).
+    glu (a key of ACTS, bits only): W holds [gate; up] (N = 2F rows) and the result is the gated activation
+    act(gate, up), (P, F), with the clamped SwiGLU's alpha and limit (gpt-oss).
     impl "bits" (default: MXFP4_GEMV_IMPL) decodes the nibbles a 32-bit word at a time (_fp4x8); "legacy" is
     the byte-wise kernel. block_n / block_k / num_warps / num_stages / prefetch / decode override MXFP4_GEMV_DEFAULT
     (bits only; decode one of MXFP4_DECODES, the ptx_* ones on CUDA only)."""
@@ -299,12 +321,16 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
     if K % 32 or blocks.shape[2] * 2 != K or scales.shape[2] * 32 != K:
         raise ValueError(f"mxfp4_gemv: x has K={K}, blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}: "
                          "need blocks (E, N, K/2), scales (E, N, K/32), K a multiple of 32")
-    out = out if out is not None else torch.empty(P, N, dtype=x.dtype, device=x.device)
+    if glu is not None and (glu not in ACTS or N % 2):
+        raise ValueError(f"mxfp4_gemv: glu must be one of {sorted(ACTS)} with an even row count [gate; up], "
+                         f"got {glu!r} and N={N}")
+    n_out = N // 2 if glu is not None else N
+    out = out if out is not None else torch.empty(P, n_out, dtype=x.dtype, device=x.device)
     bias_arg = bias if bias is not None else x
     tile = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
                 decode=decode)
     if impl == "legacy":
-        given = [k for k, v in tile.items() if v is not None]
+        given = [k for k, v in tile.items() if v is not None] + (["glu"] if glu is not None else [])
         if given:
             raise ValueError(f"mxfp4_gemv: {', '.join(given)} apply to impl='bits' only")
         BLOCK_N, BLOCK_K = 16, 512
@@ -315,14 +341,19 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
     c = {k: (v if v is not None else MXFP4_GEMV_DEFAULT[k]) for k, v in tile.items()}
     if c["block_k"] < 32 or c["block_k"] & (c["block_k"] - 1):
         raise ValueError(f"mxfp4_gemv: block_k must be a power of two >= 32, got {c['block_k']}")
+    if glu is not None and c["block_n"] < 2:
+        raise ValueError(f"mxfp4_gemv: glu needs block_n >= 2 (half gate rows, half up rows), got {c['block_n']}")
+    if c["decode"] == "auto":
+        c["decode"] = "ptx_f16" if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else "triton"
     if c["decode"] not in MXFP4_DECODES:
-        raise ValueError(f"mxfp4_gemv: decode must be one of {MXFP4_DECODES}, got {c['decode']!r}")
+        raise ValueError(f"mxfp4_gemv: decode must be 'auto' or one of {MXFP4_DECODES}, got {c['decode']!r}")
     words = blocks.view(torch.int32)  # (E, N, K/8): word w = bytes 4w..4w+3 = elements 8w..8w+7
     x = x if x.is_contiguous() else x.contiguous()  # rows K apart
     x_words = x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0
-    _mxfp4_gemv_bits_kernel[(P, triton.cdiv(N, c["block_n"]))](
-        x.view(torch.int32) if x_words else x, x_row, expert, words, scales, bias_arg, out, N, K,
+    per_program = c["block_n"] // 2 if glu is not None else c["block_n"]
+    _mxfp4_gemv_bits_kernel[(P, triton.cdiv(n_out, per_program))](
+        x.view(torch.int32) if x_words else x, x_row, expert, words, scales, bias_arg, out, n_out, K, alpha, limit,
         HAS_BIAS=bias is not None, X_WORDS=x_words, DECODE=MXFP4_DECODES.index(c["decode"]),
-        PREFETCH=bool(c["prefetch"]),
+        PREFETCH=bool(c["prefetch"]), GLU=ACTS[glu] if glu is not None else -1,
         BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=c["num_stages"], **_pdl())
     return out
