@@ -263,7 +263,7 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
         r["short_splits_1"] = rerun(name, "short_splits=1", llm, prompt, new, roof, g,
                                     lambda v: setattr(runner, "short_splits", v), 1, runner.short_splits)
         switches = ("fuse_qkv_rope", "fuse_route") if llm.model.config.is_moe else ()
-        for switch in switches + (("fuse_mxfp4",) if quantization == "mxfp4" else ()):
+        for switch in switches + (("fuse_packed",) if quantization in ("mxfp4", "fp8") else ()):
             r[f"{switch}_off"] = rerun(name, f"{switch}=False", llm, prompt, new, roof, g,
                                        lambda v, s=switch: setattr(runner, s, v), False, getattr(runner, switch))
     runner = None  # it holds the model: with it alive, `del llm` below freed nothing (gemma-2-27b's

@@ -114,7 +114,7 @@ def test_runner_mxfp4_expert_rows_path_changes_no_token():
     for fuse in (False, True):
         engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=4)
         runner = engine.runner
-        runner.fuse_mxfp4 = fuse
+        runner.fuse_packed = fuse
         if fuse:
             mlp = model.layers[0].mlp
             h = torch.randn(3, model.config.d_model, device="cuda")

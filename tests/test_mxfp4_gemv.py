@@ -292,7 +292,7 @@ def case_runner():
     for fuse in (None, True):
         def make(e, fuse=fuse):
             r = CudaModelRunner(e.model, e.kv, max_num_seqs=4, max_model_len=64, use_graphs=False)
-            r.fuse_mxfp4 = fuse
+            r.fuse_packed = fuse
             return r
 
         eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),

@@ -91,7 +91,8 @@ class CudaModelRunner(ModelRunner):
         # router and top-k in one kernel.
         self.fuse_qkv_rope = True
         self.fuse_route = True
-        self.fuse_mxfp4 = True  # MXFP4 experts at small batch: 2 kernels on the static pair tables, combine in the norm
+        # packed (MXFP4 / FP8) experts at small batch: their GEMVs on the static pair tables, the combine in the norm
+        self.fuse_packed = True
         # FP8 weights (giants.inference.fp8): norm (+ residual) and GLU fused into the FP8 GEMV for up to GEMV_ROWS rows
         self.fuse_fp8_norm = self.device.type == "cuda"
         self.short_splits = 4  # key splits per sequence at short context when few (sequence, kv head) programs
@@ -343,9 +344,9 @@ class CudaModelRunner(ModelRunner):
                 return ExpertRows(y, weights.view(-1), K)
             return tk.expert_down_combine(gu, flat, weights.view(-1), mlp.w_down, mlp.b_down, K, cfg.activation,
                                           cfg.swiglu_alpha, cfg.swiglu_limit, **down_cfg)
-        if kind == "mxfp4" and few and self.fuse_mxfp4:
-            # two kernels (gate|up with the activation, down) on the static pair tables; the weighted
-            # combine happens in the next norm kernel
+        if kind in ("mxfp4", "fp8moe") and few and self.fuse_packed:
+            # the packed experts' GEMVs on the static pair tables (MXFP4: gate|up with the activation, then
+            # down); the weighted combine happens in the next norm kernel
             P = B * K
             y = mlp.expert_rows(h.contiguous(), self.pair_row[:P], idx.view(-1), self.pair_id[:P])
             return ExpertRows(y, weights.view(-1), K)

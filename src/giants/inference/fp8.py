@@ -374,18 +374,27 @@ class FP8MoE(_KeepFP8):
         b = getattr(self, name)
         return None if b is None else b[e]
 
-    def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Every (token, expert) pair through the expert-indexed FP8 GEMV (CUDA; capturable). x: (N, D)."""
+    def expert_rows(self, x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor,
+                    pair: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair's expert output, uncombined: (P, D), through the expert-indexed FP8 GEMV (CUDA;
+        capturable). x: (N, D); x_row, expert: (P,) the pair's row of x and its expert; pair: arange(P). Four
+        kernels: the gate and up GEMVs into the halves of one [gate | up] buffer, the GLU kernel, the down GEMV."""
+        from giants.inference import kernels as tk
         from giants.inference.kernels import fp8 as k8
 
-        N, K = idx.shape
-        flat = idx.reshape(-1).contiguous()
-        rows = torch.arange(N, device=x.device).repeat_interleave(K)
+        P, Fd = expert.shape[0], self.cfg.ffn_dim
         x = x.contiguous()
-        g = k8.fp8_expert_gemv(x, rows, flat, self.weight("w_gate"), self.b_gate)
-        u = k8.fp8_expert_gemv(x, rows, flat, self.weight("w_up"), self.b_up)
-        a = gated_activation(g, u, self.cfg).contiguous()
-        y = k8.fp8_expert_gemv(a, torch.arange(N * K, device=x.device), flat, self.weight("w_down"), self.b_down)
+        gu = torch.empty(P, 2 * Fd, dtype=x.dtype, device=x.device)
+        k8.fp8_expert_gemv(x, x_row, expert, self.weight("w_gate"), self.b_gate, out=gu[:, :Fd])
+        k8.fp8_expert_gemv(x, x_row, expert, self.weight("w_up"), self.b_up, out=gu[:, Fd:])
+        a = tk.glu(gu, self.cfg.activation, self.cfg.swiglu_alpha, self.cfg.swiglu_limit)
+        return k8.fp8_expert_gemv(a, pair, expert, self.weight("w_down"), self.b_down)
+
+    def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Every (token, expert) pair through the expert-indexed FP8 GEMV, combined. x: (N, D)."""
+        N, K = idx.shape
+        pairs = torch.arange(N * K, device=x.device)
+        y = self.expert_rows(x, pairs // K, idx.reshape(-1).contiguous(), pairs)
         return (y.view(N, K, -1).float() * weights[..., None].float()).sum(1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

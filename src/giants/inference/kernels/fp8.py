@@ -57,7 +57,8 @@ def _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE: tl.constexpr, SBK: tl
 
 
 @triton.jit
-def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, R, NW, RES_OUT, N, K, KB, SROWS, stride_x, eps, alpha, limit,
+def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, R, NW, RES_OUT, N, K, KB, SROWS, stride_x, stride_y, eps, alpha,
+                     limit,
                      HAS_BIAS: tl.constexpr, INDEXED: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
                      SBK: tl.constexpr, ACC_W: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      PLUS_ONE: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -120,7 +121,7 @@ def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, R, NW, RES_OUT, N, K, KB, SRO
         if HAS_BIAS:
             u += tl.load(B + e * ROWS * N + N + rn, mask=nm, other=0.0).to(tl.float32)
         y = _act(y.to(XDT).to(tl.float32), u.to(XDT).to(tl.float32), alpha, limit, GLU)
-    tl.store(Y + p.to(tl.int64) * N + rn, y.to(Y.dtype.element_ty), mask=nm)
+    tl.store(Y + p.to(tl.int64) * stride_y + rn, y.to(Y.dtype.element_ty), mask=nm)
 
 
 FP8_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
@@ -165,7 +166,8 @@ def _launch_gemv(x: torch.Tensor, rows, experts, w, bias, out: torch.Tensor, cfg
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), P)](
         x, rows if indexed else x, experts if indexed else x, w.q, w.scale, bias if bias is not None else x, out,
         r if r is not None else x, nw if nw is not None else x, res_out if res_out is not None else x,
-        N, K, w.scale.shape[-1], srows, x.stride(0), eps, alpha, limit, HAS_BIAS=bias is not None, INDEXED=indexed,
+        N, K, w.scale.shape[-1], srows, x.stride(0), out.stride(0), eps, alpha, limit, HAS_BIAS=bias is not None,
+        INDEXED=indexed,
         ROWWISE=rowwise, SBN=sbn, SBK=sbk if not rowwise else 1, ACC_W=block_k if rowwise else block_k // sbk,
         NORM=norm is not None, HAS_RES=r is not None, PLUS_ONE=plus_one, GLU=ACTS[glu] if glu is not None else -1,
         BLOCK_N=cfg["block_n"], BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=cfg["num_warps"],
@@ -193,12 +195,18 @@ def fp8_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, config: dict 
 
 
 def fp8_expert_gemv(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, w, bias: torch.Tensor | None,
-                    config: dict | None = None) -> torch.Tensor:
+                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K); rows, experts (P,) int; w an FP8Weight with q (E, N, K); bias (E, N) or None -> (P, N):
-    out[p] = W[experts[p]] @ x[rows[p]] (+ bias[experts[p]])."""
+    out[p] = W[experts[p]] @ x[rows[p]] (+ bias[experts[p]]). out: (P, N) with unit column stride (any row
+    stride: e.g. the gate half of a [gate | up] buffer)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"fp8_expert_gemv: x must be (M, K) with unit column stride, got {tuple(x.shape)}")
-    out = torch.empty(experts.shape[0], w.q.shape[1], dtype=x.dtype, device=x.device)
+    P, N = experts.shape[0], w.q.shape[1]
+    if out is None:
+        out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    elif out.shape != (P, N) or out.stride(1) != 1:
+        raise ValueError(f"fp8_expert_gemv: out must be ({P}, {N}) with unit column stride, got "
+                         f"{tuple(out.shape)} strides {out.stride()}")
     _launch_gemv(x, rows, experts, w, bias, out, config or dict(block_n=16, block_k=512, num_warps=4, num_stages=3),
                  True)
     return out
