@@ -101,6 +101,59 @@ def test_inline_ptx_f16_decode_of_every_byte_pair():
         assert np.array_equal(np.signbit(out[i]), nib[i] >= 8), i
 
 
+def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """PTX prmt.b32 (default mode): byte i of the result is byte c[4i+2:4i] of {b, a} (a: bytes 0-3), or with
+    c's bit 4i+3 set the sign of that byte replicated."""
+    a, b, c = np.broadcast_arrays(*(np.asarray(v, dtype=np.uint64) & np.uint64(0xFFFFFFFF) for v in (a, b, c)))
+    pool = a | (b << np.uint64(32))
+    out = np.zeros(a.shape, dtype=np.uint64)
+    for i in range(4):
+        sel = (c >> np.uint64(4 * i)) & np.uint64(15)
+        byte = (pool >> (np.uint64(8) * (sel & np.uint64(7)))) & np.uint64(0xFF)
+        sign = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0)).astype(np.uint64)
+        byte = np.where(sel & np.uint64(8), sign, byte).astype(np.uint64)
+        out |= byte << np.uint64(8 * i)
+    return out
+
+
+def test_inline_ptx_prmt_decode_of_every_byte_pair():
+    """DECODE 3's PTX text (no conversion instruction: a byte-permute table lookup), read instruction by instruction
+    in numpy: output $i, read as fp32 bits, is element i of the word times 2**-2, signs (and -0) included, for every
+    byte pair; the table itself is the fp32 exponent and top mantissa bit of E2M1 / 4."""
+    from giants.inference.kernels import mxfp4 as kmx
+
+    lut = np.array(kmx._PRMT_LUT, dtype=np.uint32)
+    assert np.array_equal((lut << 22).view(np.float32).astype(np.float64), FP4[:8] / 4)
+    u = _words()
+    nib = _nibbles(u)
+    regs: dict[str, np.ndarray] = {"$8": u.astype(np.uint64)}
+
+    def val(x: str) -> np.ndarray:
+        return regs[x] if x in regs else np.uint64(int(x, 0))
+
+    for line in getattr(kmx._PTX_PRMT, "value", kmx._PTX_PRMT).split("\n"):
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(" ", 1)
+        d, *src = [x.strip() for x in args.split(",")]
+        if op == "mov.b32":
+            regs[d] = val(src[0])
+        elif op == "prmt.b32":
+            regs[d] = _prmt(*(val(x) for x in src))
+        elif op in ("shl.b32", "shr.b32"):
+            n = np.uint64(int(src[1]))
+            regs[d] = (val(src[0]) << n) & np.uint64(0xFFFFFFFF) if op == "shl.b32" else val(src[0]) >> n
+        elif op in ("and.b32", "or.b32"):
+            regs[d] = (val(src[0]) & val(src[1])) if op == "and.b32" else (val(src[0]) | val(src[1]))
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    for i in range(8):
+        got = (regs[f"${i}"] & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32).astype(np.float64)
+        assert np.array_equal(got, FP4[nib[i]] / 4), i
+        assert np.array_equal(np.signbit(got), nib[i] >= 8), i
+
+
 def test_e4m3_byte_decode_of_every_byte_pair():
     """_fp4x8's DECODE 2 (PTX, GPU only): low nibbles -> ((u << 2) & 0x1C..) | ((u << 4) & 0x80..), high nibbles
     -> ((u >> 2) & 0x1C..) | (u & 0x80..); each byte then reads, as FP8 E4M3, E2M1 * 2**-6 exactly."""

@@ -121,10 +121,39 @@ cvt.f32.f16 $7, h;
 """)
 
 
+# DECODE 3: no float conversion instruction. A byte-permute (PRMT) looks each 3-bit magnitude up in an 8-byte
+# table whose byte, shifted to fp32 bits 22..29, is the exponent and top mantissa bit of E2M1 * 2**-2 (all normal
+# fp32: 0.125 .. 1.5; code 0 -> byte 0 -> 0.0): byte k of LUT_LO | LUT_HI << 32 is the entry of code k.
+_PRMT_LUT = (0x00, 0xF8, 0xFA, 0xFB, 0xFC, 0xFD, 0xFE, 0xFF)
+
+
+def _ptx_prmt() -> str:
+    lo = sum(b << (8 * i) for i, b in enumerate(_PRMT_LUT[:4]))
+    hi = sum(b << (8 * i) for i, b in enumerate(_PRMT_LUT[4:]))
+    lines = ["{", ".reg .b32 m, sa, sb, ra, rb, p, s, tl, th;", f"mov.b32 tl, {lo:#010x};", f"mov.b32 th, {hi:#010x};",
+             "and.b32 m, $8, 0x77777777;",  # the magnitudes; a selector nibble's bit 3 must be 0
+             "prmt.b32 sa, m, m, 0x3120;",  # bytes m.b0, m.b2, m.b1, m.b3: nibbles c0 c1 c4 c5 | c2 c3 c6 c7
+             "shr.b32 sb, sa, 16;",
+             "prmt.b32 ra, tl, th, sa;",  # table bytes of c0, c1, c4, c5
+             "prmt.b32 rb, tl, th, sb;"]  # of c2, c3, c6, c7
+    # (register, shift placing a byte pair at bits 6..13 and 22..29, sign shift, outputs): each pair is two bf16
+    # lanes, elements i and i + 4, whose signs (word bits 4i + 3, 4i + 19) one shift moves to bits 15 and 31
+    for reg, shift, sign, (a, b) in (("ra", 6, 12, (0, 4)), ("ra", -2, 8, (1, 5)), ("rb", 6, 4, (2, 6)),
+                                     ("rb", -2, 0, (3, 7))):
+        lines += [f"{'shl' if shift > 0 else 'shr'}.b32 p, {reg}, {abs(shift)};", "and.b32 p, p, 0x3FC03FC0;"]
+        lines += ([f"shl.b32 s, $8, {sign};"] if sign else []) + [
+            f"and.b32 s, {'s' if sign else '$8'}, 0x80008000;", "or.b32 p, p, s;",
+            f"shl.b32 ${a}, p, 16;", f"and.b32 ${b}, p, 0xFFFF0000;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_PTX_PRMT = tl.constexpr(_ptx_prmt())
+
+
 @triton.jit
 def _fp4x8(w, DECODE: tl.constexpr):
     """One int32 word of packed E2M1 (byte b: element 2b in the low nibble, 2b+1 in the high one) -> its 8
-    values, as float32, times 2**-14 (DECODE 0, 1) or 2**-6 (DECODE 2).
+    values, as float32, times 2**-14 (DECODE 0, 1), 2**-6 (DECODE 2) or 2**-2 (DECODE 3).
 
     DECODE 0 (pure Triton, runs under the interpreter) and 1 (the same in inline PTX): nibble n is moved to
     the fp16 bits ((n & 7) << 9) | ((n & 8) << 12): its exponent bits land in the fp16 exponent's low bits and
@@ -133,12 +162,19 @@ def _fp4x8(w, DECODE: tl.constexpr):
     two fp16 lanes: 15 integer ops and 8 fp16 -> fp32 conversions a word.
     DECODE 2 (inline PTX, sm_89+): the nibbles become FP8 E4M3 bytes, magnitude << 2 and sign at bit 7,
     which read E2M1(n) * 2**-6; low nibbles (u << 2, u << 4), high nibbles (u >> 2, u): ~7 integer ops a
-    word, then 4 hardware e4m3x2 -> f16x2 conversions and 8 fp16 -> fp32."""
+    word, then 4 hardware e4m3x2 -> f16x2 conversions and 8 fp16 -> fp32.
+    DECODE 3 (inline PTX): no conversion instruction at all (in case the conversions bound the others): two
+    byte-permutes look the magnitudes up in an 8-byte table (_PRMT_LUT), whose bytes become the exponent and top
+    mantissa bits of normal fp32 values E2M1(n) * 2**-2, two lanes of bf16 bits per 32-bit op, the signs shifted
+    in, and bf16 -> fp32 is a shift or a mask: 26 integer ops a word."""
     if DECODE == 1:
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
                                                                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     elif DECODE == 2:
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_E4M3, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+                                                                   dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    elif DECODE == 3:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_PRMT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
                                                                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
         u = w.to(tl.uint32, bitcast=True)  # logical shifts
@@ -196,7 +232,7 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
     _mxfp4_gemv_kernel, but BLOCKS is the packed weight read as int32 words (K/8 a row, 8 nibbles each), decoded
     by _fp4x8. The tile is (BLOCK_N rows, BLOCK_K/32 scale blocks, 4 words; a block's 4 words are one 16-byte
     load): the 8 products of a word and the 4 words of a block are summed, the block's sum scaled once by
-    2**(s - 127) (the exponent bits s << 23), and the row's total multiplied once by 2**14 (2**6 for DECODE 2)
+    2**(s - 127) (the exponent bits s << 23), and the row's total multiplied once by 2**14 (2**6, 2**2 for DECODE 2, 3)
     to undo the decode's offset. So every E8M0 exponent 1..254 applies exactly (0, i.e. 2**-127, flushes to 0
     as in the legacy kernel; 255 is NaN in the format), and the fp32 sums, 2**-14 of the true ones, cannot
     overflow before the result does; the price is that a block whose scaled sum is under 2**-112 goes through
@@ -250,7 +286,9 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
             part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, bm[:, None], KB, X_WORDS, DECODE)
             acc += part * (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
     y = tl.sum(acc, axis=1)
-    if DECODE == 2:
+    if DECODE == 3:
+        y = y * 4.0  # undo the decode's 2**-2
+    elif DECODE == 2:
         y = y * 64.0  # undo the decode's 2**-6
     else:
         y = y * 16384.0  # undo the decode's 2**-14
@@ -273,7 +311,7 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
 # "triton" (pure Triton integer ops, also runs under TRITON_INTERPRET), "ptx_f16" (the same fp16-bit decode
 # in inline PTX, which avoids a repacking PRMT a nibble pair that Triton's i32 -> i16 truncation emits) or
 # "ptx_e4m3" (nibbles -> FP8 E4M3 bytes, hardware e4m3x2 -> f16x2 conversion; about half the integer ops).
-MXFP4_DECODES = ("triton", "ptx_f16", "ptx_e4m3")
+MXFP4_DECODES = ("triton", "ptx_f16", "ptx_e4m3", "ptx_prmt")
 MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, prefetch=pf)
                       for bn, bk, nw, pf in ((16, 512, 4, False), (32, 512, 4, False), (8, 512, 4, False),
                                              (32, 256, 4, False), (64, 256, 4, False), (16, 1024, 4, False),
