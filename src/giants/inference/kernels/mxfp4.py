@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -316,11 +317,13 @@ MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, p
                       for bn, bk, nw, pf in ((16, 512, 4, False), (32, 512, 4, False), (8, 512, 4, False),
                                              (32, 256, 4, False), (64, 256, 4, False), (16, 1024, 4, False),
                                              (32, 1024, 8, False), (64, 512, 8, False), (16, 512, 4, True),
-                                             (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True))]
-# Measured on an H100 (bench_mxfp4_gemv.py, gpt-oss-120b shapes, 2026-12-06): every decode/tile within ~7% of
-# the best (gate_up 22.7 us, down 13.7; legacy 56.8 / 32.8); the best over both shapes together is this default,
-# 8 rows with prefetch and the fp16-bit PTX decode; the earlier default (16 rows, pure Triton) 24.4 / 15.8 us.
-# decode "auto": ptx_f16 on a CUDA device, the pure-Triton decode elsewhere (it runs under the interpreter).
+                                             (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True),
+                                             (4, 512, 4, True), (8, 256, 4, True))]
+# Measured on an H100 (bench_mxfp4_gemv.py, gpt-oss-120b shapes, 2026-12-06, one run): the gate|up GEMV with the
+# GLU epilogue / the down GEMV take 22.9 / 13.7 us with this default (8 rows, prefetch, decode "auto" = ptx_e4m3
+# there), 24.1 / 15.3 with the fp16-bit decode, 26.6 / 16.1 with ptx_prmt (no conversion instruction, more integer
+# ops), 57.7 / 32.7 legacy; 32-row tiles 29-32 / 20-21 us. The time follows the instruction count a weight word
+# (decode, the x loads and unpacking, 8 FMAs), not the conversions: the kernel streams ~1.3-1.5 TB/s.
 MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[10], decode="auto")
 # A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
 # GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}'
@@ -336,6 +339,15 @@ if os.environ.get("GIANTS_MXFP4_GEMV"):
         raise ValueError(f"GIANTS_MXFP4_GEMV: unknown keys {sorted(_unknown)} (known: {sorted(MXFP4_GEMV_DEFAULT)})")
     MXFP4_GEMV_DEFAULT.update(_given)
 MXFP4_GEMV_IMPL = "bits"  # what mxfp4_gemv runs when impl is not given: "bits" or "legacy"
+
+
+@functools.cache
+def _auto_decode(device: torch.device) -> str:
+    """decode "auto": the hardware e4m3x2 conversion (sm_89+; the fastest in the same-run sweep), else the fp16-bit
+    PTX decode on CUDA, the pure-Triton one elsewhere (the interpreter)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "ptx_e4m3" if torch.cuda.get_device_capability(device) >= (8, 9) else "ptx_f16"
 
 
 def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, blocks: torch.Tensor,
@@ -382,7 +394,7 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
     if glu is not None and c["block_n"] < 2:
         raise ValueError(f"mxfp4_gemv: glu needs block_n >= 2 (half gate rows, half up rows), got {c['block_n']}")
     if c["decode"] == "auto":
-        c["decode"] = "ptx_f16" if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else "triton"
+        c["decode"] = _auto_decode(x.device)
     if c["decode"] not in MXFP4_DECODES:
         raise ValueError(f"mxfp4_gemv: decode must be 'auto' or one of {MXFP4_DECODES}, got {c['decode']!r}")
     words = blocks.view(torch.int32)  # (E, N, K/8): word w = bytes 4w..4w+3 = elements 8w..8w+7
