@@ -501,7 +501,6 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     and device), then quantized, so the result is quantize_model(LLM's float preset of the same seed) while
     Llama-3-70B (~70 GB in FP8) builds on one 80 GB GPU."""
     from giants.checkpoint.loading import meta_model
-    from giants.model.norm import Norm
     from giants.model.transformer import init_parameter
 
     opts = parse_fp8(options) if isinstance(options, str) else options
@@ -509,26 +508,18 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     mods, params = dict(model.named_modules()), dict(model.named_parameters())
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in meta_model(cfg).named_parameters():  # Transformer.init_weights, on the float model's names
-        parts = name.split(".")
-        owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
-        if "norm" in owner:
-            continue
-        if leaf in ("bias", "b_gate", "b_up", "b_down", "sinks") or owner == "rel_bias":
-            params[name].zero_()
-            continue
-        t = torch.empty(p.shape, dtype=dtype, device=device)
-        init_parameter(name, t, cfg, gen)
-        mod = mods.get(name.rsplit(".", 1)[0])
-        if isinstance(mod, FP8Linear):
-            mod.set_float(t)
-        elif isinstance(mod, FP8MoE):
-            for e in range(t.shape[0]):
-                mod.set_expert(leaf, e, t[e])
-        else:
-            params[name].copy_(t)
-    for m in model.modules():
-        if isinstance(m, Norm):
-            m.reset_parameters()
+        owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        mod = mods.get(owner)
+        if isinstance(mod, FP8Linear) and leaf == "weight" or isinstance(mod, FP8MoE) and leaf in FP8MoE.NAMES:
+            t = torch.empty(p.shape, dtype=dtype, device=device)  # drawn as the float weight, then quantized
+            init_parameter(name, t, cfg, gen)
+            if isinstance(mod, FP8Linear):
+                mod.set_float(t)
+            else:
+                for e in range(t.shape[0]):
+                    mod.set_expert(leaf, e, t[e])
+        else:  # kept as they are: norms, biases, sinks, embeddings, the router, a float head
+            init_parameter(name, params[name], cfg, gen)
     if opts.head and cfg.tie_embeddings:
         model.lm_head.set_float(model.embed.weight)
     return model.eval()

@@ -331,8 +331,6 @@ def init_random(model: nn.Module, seed: int, device: torch.device) -> None:
     """Transformer.init_weights for a placed model: each tensor drawn on `device` (the generator's, as an
     unplaced model built there would) in the same order, then copied to its place, so the values equal the
     unplaced model's bit for bit."""
-    from giants.model.norm import Norm
-
     pl = getattr(model, "placement", None)
     if pl is None:
         model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
@@ -341,15 +339,9 @@ def init_random(model: nn.Module, seed: int, device: torch.device) -> None:
 
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
-        parts = name.split(".")
-        if len(parts) > 1 and "norm" in parts[-2]:
-            continue  # Norm.reset_parameters below (each norm knows its own kind)
         t = torch.empty(p.shape, dtype=p.dtype, device=device)
         init_parameter(name, t, model.config, gen)
         p.copy_(t)
-    for m in model.modules():
-        if isinstance(m, Norm):
-            m.reset_parameters()
 
 
 def serving_max_memory(util: float = 0.9, kv_fraction: float = 0.1) -> dict[str, int]:
