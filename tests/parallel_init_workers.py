@@ -195,7 +195,8 @@ def _ckpt_case(case: dict[str, Any]) -> dict[str, Any]:
     return dict(meta_after_build=meta_after_build, meta_after_plan=meta_after_plan, worst=worst, names=sorted(names),
                 all_names=sorted(want), largest_op_bytes=track.largest_bytes, largest_scratch=st.largest_scratch_numel,
                 largest_param=max(p.numel() for p in want.values()), local_numel=st.local_numel,
-                largest_param_bytes=max(p.nbytes for p in want.values()), full_numel=st.full_numel, n_dtensor=n_dtensor)
+                largest_param_bytes=max(p.nbytes for p in want.values()), full_numel=st.full_numel, n_dtensor=n_dtensor,
+                read_numel=st.read_numel, pp_numel=sum(p.numel() for part in parts for p in part.parameters()))
 
 
 def checkpoint_cases_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -75,6 +75,10 @@ def test_each_rank_fills_its_shards_from_the_checkpoint(results, name):
     assert set().union(*(r["names"] for r in ranks)) == set(ranks[0]["all_names"]), name
     if not name.startswith("pp/"):
         assert all(r["n_dtensor"] for r in ranks), name
+        assert all(r["read_numel"] == r["full_numel"] for r in ranks), name  # every rank holds a part of each
+    else:  # a pipeline stage reads its own parameters from the file, no other stage's
+        for r in ranks:
+            assert r["read_numel"] == r["pp_numel"] < r["full_numel"], (name, r["read_numel"], r["pp_numel"])
 
 
 def test_fp8_checkpoint_is_refused_by_name(tmp_path):

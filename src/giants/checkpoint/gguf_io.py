@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -496,8 +496,11 @@ class GGUFFile:
             raise CheckpointError(f"unexpected tensor (+{len(extra) - 1} more)" if len(extra) > 1
                                   else "unexpected tensor", file=self.path, tensor=extra[0])
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def items(self, names: Container[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(giants name, tensor) for every rule, or only the giants names in `names` (the rest are not read)."""
         for r in self.rules:
+            if names is not None and r.ours not in names:
+                continue
             ts = [self.dequant(g) for g in r.gguf]
             t = ts[0] if len(ts) == 1 else torch.stack(ts)
             yield r.ours, (r.fix(t) if r.fix is not None else t)

@@ -37,12 +37,14 @@ from giants.model.transformer import Transformer, build, init_parameter
 @dataclass
 class Materialized:
     """What one rank allocated: `local_numel` elements of parameters out of the model's `full_numel`; the largest
-    scratch tensor held at any moment had `largest_scratch_numel` elements (one parameter)."""
+    scratch tensor held at any moment had `largest_scratch_numel` elements (one parameter); from a checkpoint,
+    `read_numel` elements were read (a pipeline stage reads its own parameters only)."""
 
     local_numel: int
     full_numel: int
     largest_scratch_numel: int
     n_params: int
+    read_numel: int | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ any shard is allocated; a stored lm_head under a tied config must equal the embe
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,11 +57,14 @@ def _rows(st: SafetensorsSet, name: str, e: int) -> torch.Tensor:
         raise CheckpointError(str(err), file=st.file_of(parts[0]), tensor=parts[0]) from None
 
 
-def _hf_tensors(st: SafetensorsSet, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Tensors:
+def _hf_tensors(st: SafetensorsSet, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
+                wanted: Container[str]) -> Tensors:
     from giants.checkpoint.loading import _MXFP4View
 
     view = _MXFP4View(st)
     for rule in hf_map.family_rules(cfg):
+        if not any(o in wanted for o in rule.ours):
+            continue  # another pipeline stage's tensors: not read at all
         if rule.identity and rule.hf[0] in st:
             yield rule.ours[0], st[rule.hf[0]]
         elif len(rule.ours) == 1 and len(rule.hf) > 1 and all(n in st for n in rule.hf):
@@ -73,6 +76,8 @@ def _hf_tensors(st: SafetensorsSet, cfg: ModelConfig, shapes: dict[str, tuple[in
             del full
         elif rule.hf[0].endswith(_PER_EXPERT):
             for k, ours in enumerate(rule.ours):  # one output at a time: the file is read once per output
+                if ours not in wanted:
+                    continue
                 full = None
                 for e in range(shapes[ours][0]):
                     piece = rule.to_ours([_rows(st, n, e) for n in rule.hf])[k]
@@ -88,10 +93,13 @@ def _hf_tensors(st: SafetensorsSet, cfg: ModelConfig, shapes: dict[str, tuple[in
             del inputs
             while outs:
                 ours = rule.ours[len(rule.ours) - len(outs)]
-                yield ours, outs.pop(0)
+                t = outs.pop(0)
+                if ours in wanted:
+                    yield ours, t
+                del t
 
 
-def _dir_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Tensors:
+def _dir_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], wanted: Container[str]) -> Tensors:
     """Checks the headers now (before any shard is allocated); returns the reading generator."""
     from giants.checkpoint.loading import _check_dir, _check_tied_head, read_dir
 
@@ -101,7 +109,8 @@ def _dir_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]
     _check_dir(st, cfg, naming, path)
 
     def read() -> Tensors:
-        it: Tensors = ((n, st[n]) for n in shapes) if naming == "giants" else _hf_tensors(st, cfg, shapes)
+        it: Tensors = ((n, st[n]) for n in shapes if n in wanted) if naming == "giants" else \
+            _hf_tensors(st, cfg, shapes, wanted)
         for name, t in it:
             if name == "embed.weight":
                 _check_tied_head(st, cfg, t)
@@ -110,7 +119,7 @@ def _dir_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]
     return read()
 
 
-def _gguf_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Tensors:
+def _gguf_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], wanted: Container[str]) -> Tensors:
     """Checks the GGUF metadata and tensor table now; returns the reading generator."""
     from giants.checkpoint.gguf_io import GGUFFile
     from giants.cpu import bulk_threads
@@ -125,15 +134,16 @@ def _gguf_tensors(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...
 
     def read() -> Tensors:
         with bulk_threads():  # no spinning OpenMP barriers while the other ranks hold the cores
-            yield from g.items()
+            yield from g.items(wanted)
 
     return read()
 
 
-def checkpoint_tensors(source: str | os.PathLike, cfg: ModelConfig) -> Tensors:
-    """(giants name, full tensor in host memory) for every parameter of `cfg`'s model, one at a time, from
-    anything giants.load reads except FP8 checkpoints (InitRefused). The header checks run before the first
-    tensor is read; the caller drops each tensor before asking for the next."""
+def checkpoint_tensors(source: str | os.PathLike, cfg: ModelConfig, wanted: Container[str] | None = None) -> Tensors:
+    """(giants name, full tensor in host memory) for every parameter of `cfg`'s model (or those named in `wanted`:
+    the others are not read), one at a time, from anything giants.load reads except FP8 checkpoints (InitRefused).
+    The header checks (of every tensor) run before the first tensor is read; the caller drops each tensor before
+    asking for the next."""
     from giants.checkpoint import quantized
     from giants.checkpoint.files import check_regular
     from giants.checkpoint.loading import meta_model, resolve
@@ -146,10 +156,11 @@ def checkpoint_tensors(source: str | os.PathLike, cfg: ModelConfig) -> Tensors:
                           "only by the whole-model loader; dequantize it once (giants.load(path, dtype="
                           "torch.bfloat16) then giants.save) and pass that directory")
     shapes = {n: tuple(p.shape) for n, p in meta_model(cfg).named_parameters()}
+    wanted = shapes if wanted is None else wanted
     if path.is_file() and path.suffix == ".gguf":
-        it = _gguf_tensors(path, cfg, shapes)
+        it = _gguf_tensors(path, cfg, shapes, wanted)
     elif path.is_dir() or path.suffix == ".safetensors" or path.name.endswith(".json"):
-        it = _dir_tensors(path if path.is_dir() else path.parent, cfg, shapes)
+        it = _dir_tensors(path if path.is_dir() else path.parent, cfg, shapes, wanted)
     else:
         raise CheckpointError("not a checkpoint: expected a directory or a .gguf file", file=path)
     return it
@@ -160,15 +171,21 @@ def materialize_from_checkpoint(parts: nn.Module | Iterable[nn.Module], source: 
                                 config: ModelConfig, device: torch.device | str) -> Materialized:
     """Allocate the meta-built, already parallelized `parts` (a Transformer, or this rank's pipeline stage parts
     under the whole model's parameter names) on `device` and fill each parameter with its slice of the
-    checkpoint `source` (`config` is its config). Every rank of the job must call it (a torch older than 2.7
-    may scatter FSDP's _StridedShard placements)."""
+    checkpoint `source` (`config` is its config). Only this rank's parameters are read from the file (a pipeline
+    stage reads its own layers). Every rank of the job must call it (a torch older than 2.7 may scatter FSDP's
+    _StridedShard placements)."""
+    from giants.checkpoint.loading import meta_model
+
     device = torch.device(device)
-    tensors = checkpoint_tensors(source, config)  # refusals and header checks before anything is allocated
+    parts = [parts] if isinstance(parts, nn.Module) else list(parts)
+    names = {n for part in parts for n, _ in part.named_parameters()}
+    tensors = checkpoint_tensors(source, config, names)  # refusals and header checks before anything is allocated
     local = allocate(parts, device)
     done: set[str] = set()
-    full_numel = largest = 0
+    full_numel = sum(p.numel() for p in meta_model(config).parameters())
+    largest = read = 0
     for name, full in tensors:
-        full_numel += full.numel()
+        read += full.numel()
         largest = max(largest, full.numel())
         p = local.get(name)
         if p is not None:
@@ -182,7 +199,7 @@ def materialize_from_checkpoint(parts: nn.Module | Iterable[nn.Module], source: 
     if missing:
         raise CheckpointError(f"no tensor of the checkpoint fills the model's {missing[0]!r}"
                               + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""), file=Path(source))
-    return Materialized(sum(_numel(p) for p in local.values()), full_numel, largest, len(local))
+    return Materialized(sum(_numel(p) for p in local.values()), full_numel, largest, len(local), read)
 
 
 __all__ = ["InitRefused", "checkpoint_tensors", "materialize_from_checkpoint"]
