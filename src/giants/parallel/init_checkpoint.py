@@ -1,8 +1,9 @@
 """Sharded initialisation from a checkpoint: `giants train --init WEIGHTS` under scale-out.
 
 The same order as giants.parallel.init.materialize_sharded (meta build -> plan -> allocate the rank's shards ->
-fill), but the values come from the checkpoint instead of the seeded stream. Every rank reads the checkpoint one
-full parameter at a time in host memory (in the file's dtype; a stacked or fused tensor is assembled expert by
+fill), but the values come from the checkpoint instead of the seeded stream. Every rank reads the parameters it
+holds a part of (all of them under FSDP/TP/EP, its own layers as a pipeline stage), one full parameter at a time in
+host memory (in the file's dtype; a stacked or fused tensor is assembled expert by
 expert), keeps its part (the Shard / Replicate slice is cut on the host, so only the local part reaches the
 device) and drops the rest, casting to the parameter's dtype (fp32) on the copy. A rank's peak is its shards
 plus one full parameter: a model larger than one device, or than host memory x ranks, starts. Values equal
