@@ -89,8 +89,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="gpt-oss-20b,llama-3.1-8b")
     ap.add_argument("--out")
-    ap.add_argument("--util", type=float, default=0.45, help="gpu_memory_utilization (gpt-oss-120b:mxfp4 needs ~0.9)")
+    ap.add_argument("--util", type=float, default=0.45, help="gpu_memory_utilization")
+    ap.add_argument("--pdl", choices=("0", "1"), default=None,
+                    help="programmatic dependent launch off (0) or on (1) for the captured graphs; with it on, a "
+                         "kernel's profiled time includes its wait for the kernel before, so the per-kernel times "
+                         "overlap (their sum exceeds the replay time); 0 gives each kernel's own time")
     args = ap.parse_args()
+    if args.pdl is not None:
+        from giants.inference import kernels as tk
+
+        tk.set_pdl(args.pdl == "1")
     bw = copy_bandwidth(torch.device("cuda"))
     out = {"env": env(torch.device("cuda")), "copy_bandwidth_GBs": bw / 1e9, "presets": {}}
     for p in args.presets.split(","):
