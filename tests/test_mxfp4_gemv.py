@@ -319,7 +319,8 @@ def case_glu():
             else:
                 torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
     for bad, msg in ((dict(glu="relu"), "glu must be"), (dict(glu="silu_glu", block_n=1), "block_n >= 2"),
-                     (dict(glu="silu_glu", impl="legacy"), "impl='bits' only")):
+                     (dict(glu="silu_glu", impl="legacy"), "impl='bits' only"),
+                     (dict(glu="silu_glu", out=torch.empty(3, 2 * F)), "out must be a contiguous (3, 20)")):
         try:
             tk.mxfp4_gemv(x, rows, ex, blocks, scales, None, **bad)
         except ValueError as e:

@@ -375,7 +375,11 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
         raise ValueError(f"mxfp4_gemv: glu must be one of {sorted(ACTS)} with an even row count [gate; up], "
                          f"got {glu!r} and N={N}")
     n_out = N // 2 if glu is not None else N
-    out = out if out is not None else torch.empty(P, n_out, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(P, n_out, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (P, n_out) or not out.is_contiguous():
+        raise ValueError(f"mxfp4_gemv: out must be a contiguous ({P}, {n_out}) tensor"
+                         f"{' (glu: half the rows of W)' if glu is not None else ''}, got {tuple(out.shape)}")
     bias_arg = bias if bias is not None else x
     tile = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
                 decode=decode)
