@@ -87,39 +87,23 @@ def _ptx_f16() -> str:
 
 
 _PTX_F16 = tl.constexpr(_ptx_f16())
-_PTX_E4M3 = tl.constexpr("""
-{
-.reg .b32 lo, hi, t, f;
-.reg .b16 a0, a1, a2, a3, l, h;
-shl.b32 lo, $8, 2;
-and.b32 lo, lo, 0x1C1C1C1C;
-shl.b32 t, $8, 4;
-and.b32 t, t, 0x80808080;
-or.b32 lo, lo, t;
-shr.b32 hi, $8, 2;
-and.b32 hi, hi, 0x1C1C1C1C;
-and.b32 t, $8, 0x80808080;
-or.b32 hi, hi, t;
-mov.b32 {a0, a1}, lo;
-mov.b32 {a2, a3}, hi;
-cvt.rn.f16x2.e4m3x2 f, a0;
-mov.b32 {l, h}, f;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $2, h;
-cvt.rn.f16x2.e4m3x2 f, a1;
-mov.b32 {l, h}, f;
-cvt.f32.f16 $4, l;
-cvt.f32.f16 $6, h;
-cvt.rn.f16x2.e4m3x2 f, a2;
-mov.b32 {l, h}, f;
-cvt.f32.f16 $1, l;
-cvt.f32.f16 $3, h;
-cvt.rn.f16x2.e4m3x2 f, a3;
-mov.b32 {l, h}, f;
-cvt.f32.f16 $5, l;
-cvt.f32.f16 $7, h;
-}
-""")
+# (e4m3x2 register, fp32 outputs of its low and high byte): DECODE 2's lanes (the E4M3 bytes of the low nibbles,
+# elements 0, 2, 4, 6, are lo's bytes; of the high nibbles hi's)
+_E4M3_LANES = (("a0", (0, 2)), ("a1", (4, 6)), ("a2", (1, 3)), ("a3", (5, 7)))
+
+
+def _ptx_e4m3() -> str:
+    lines = ["{", ".reg .b32 lo, hi, t, f;", ".reg .b16 a0, a1, a2, a3, l, h;",
+             "shl.b32 lo, $8, 2;", "and.b32 lo, lo, 0x1C1C1C1C;", "shl.b32 t, $8, 4;", "and.b32 t, t, 0x80808080;",
+             "or.b32 lo, lo, t;", "shr.b32 hi, $8, 2;", "and.b32 hi, hi, 0x1C1C1C1C;", "and.b32 t, $8, 0x80808080;",
+             "or.b32 hi, hi, t;", "mov.b32 {a0, a1}, lo;", "mov.b32 {a2, a3}, hi;"]
+    for reg, (lo, hi) in _E4M3_LANES:
+        lines += [f"cvt.rn.f16x2.e4m3x2 f, {reg};", "mov.b32 {l, h}, f;", f"cvt.f32.f16 ${lo}, l;",
+                  f"cvt.f32.f16 ${hi}, h;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_PTX_E4M3 = tl.constexpr(_ptx_e4m3())
 
 
 # DECODE 3: no float conversion instruction. A byte-permute (PRMT) looks each 3-bit magnitude up in an 8-byte
@@ -168,14 +152,9 @@ def _fp4x8(w, DECODE: tl.constexpr):
     byte-permutes look the magnitudes up in an 8-byte table (_PRMT_LUT), whose bytes become the exponent and top
     mantissa bits of normal fp32 values E2M1(n) * 2**-2, two lanes of bf16 bits per 32-bit op, the signs shifted
     in, and bf16 -> fp32 is a shift or a mask: 26 integer ops a word."""
-    if DECODE == 1:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
-                                                                   dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    elif DECODE == 2:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_E4M3, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
-                                                                   dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    elif DECODE == 3:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(_PTX_PRMT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
+    if DECODE > 0:  # $8 the word, $0..$7 its values
+        asm: tl.constexpr = _PTX_F16 if DECODE == 1 else (_PTX_E4M3 if DECODE == 2 else _PTX_PRMT)
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
                                                                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
         u = w.to(tl.uint32, bitcast=True)  # logical shifts
