@@ -344,13 +344,13 @@ class CudaModelRunner(ModelRunner):
                 return ExpertRows(y, weights.view(-1), K)
             return tk.expert_down_combine(gu, flat, weights.view(-1), mlp.w_down, mlp.b_down, K, cfg.activation,
                                           cfg.swiglu_alpha, cfg.swiglu_limit, **down_cfg)
-        if kind in ("mxfp4", "fp8moe") and few and self.fuse_packed:
-            # the packed experts' GEMVs on the static pair tables (MXFP4: gate|up with the activation, then
-            # down); the weighted combine happens in the next norm kernel
-            P = B * K
-            y = mlp.expert_rows(h.contiguous(), self.pair_row[:P], idx.view(-1), self.pair_id[:P])
-            return ExpertRows(y, weights.view(-1), K)
-        if kind in ("mxfp4", "fp8moe"):  # packed experts: their own expert-indexed GEMV
+        if kind in ("mxfp4", "fp8moe"):  # packed experts: their own expert-indexed GEMVs
+            if few and self.fuse_packed:
+                # on the static pair tables (MXFP4: gate|up with the activation, then down); the weighted
+                # combine happens in the next norm kernel
+                P = B * K
+                y = mlp.expert_rows(h.contiguous(), self.pair_row[:P], idx.view(-1), self.pair_id[:P])
+                return ExpertRows(y, weights.view(-1), K)
             return mlp._forward_packed(h, weights, idx)
         _, w_gu, b_gu = self.fused[i][1]
         E = cfg.n_experts

@@ -58,8 +58,7 @@ def _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE: tl.constexpr, SBK: tl
 
 @triton.jit
 def _fp8_gemv_kernel(X, X_ROW, EXPERT, W, S, B, Y, R, NW, RES_OUT, N, K, KB, SROWS, stride_x, stride_y, eps, alpha,
-                     limit,
-                     HAS_BIAS: tl.constexpr, INDEXED: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
+                     limit, HAS_BIAS: tl.constexpr, INDEXED: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
                      SBK: tl.constexpr, ACC_W: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      PLUS_ONE: tl.constexpr, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EVEN_K: tl.constexpr, PDL: tl.constexpr):
@@ -167,8 +166,8 @@ def _launch_gemv(x: torch.Tensor, rows, experts, w, bias, out: torch.Tensor, cfg
         x, rows if indexed else x, experts if indexed else x, w.q, w.scale, bias if bias is not None else x, out,
         r if r is not None else x, nw if nw is not None else x, res_out if res_out is not None else x,
         N, K, w.scale.shape[-1], srows, x.stride(0), out.stride(0), eps, alpha, limit, HAS_BIAS=bias is not None,
-        INDEXED=indexed,
-        ROWWISE=rowwise, SBN=sbn, SBK=sbk if not rowwise else 1, ACC_W=block_k if rowwise else block_k // sbk,
+        INDEXED=indexed, ROWWISE=rowwise, SBN=sbn, SBK=sbk if not rowwise else 1,
+        ACC_W=block_k if rowwise else block_k // sbk,
         NORM=norm is not None, HAS_RES=r is not None, PLUS_ONE=plus_one, GLU=ACTS[glu] if glu is not None else -1,
         BLOCK_N=cfg["block_n"], BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **_pdl())
