@@ -364,6 +364,72 @@ def case_runner():
     assert outs[0] == outs[1] and len(outs[0]) == 3, outs
 
 
+def from_lanes(lanes):
+    """F16Lanes -> (M, K) float32, read back through kmx._LANE_SRC."""
+    M, K = lanes.words.shape[0], lanes.k
+    f = lanes.words.view(torch.float16).view(M, 4, K // 8, 2).float()
+    out = torch.empty(M, K // 8, 8)
+    for q, (a, b) in enumerate(kmx._LANE_SRC):
+        out[:, :, a], out[:, :, b] = f[:, q, :, 0], f[:, q, :, 1]
+    return out.view(M, K)
+
+
+def case_lanes():
+    """x in f16 lanes (what the hfma decode multiplies by): mxfp4_lanes puts every value in its lane (clamped to
+    +-65504, NaN kept); the GEMV reading lanes (here with the pure-Triton decode) equals the GEMV of x rounded to fp16,
+    bit for bit; the GLU GEMV's lanes_out holds its plain output rounded to fp16, and the down GEMV reading those
+    lanes gives that output's down projection; the lanes refuse what they cannot do."""
+    g = torch.Generator().manual_seed(9)
+    E, F, K = 3, 64, 96
+    x = torch.randn(2, K, generator=g) * 3
+    x[0, 5], x[1, 17], x[1, 40] = 1e6, -7e4, float("nan")
+    for xdt in (torch.float32, torch.bfloat16):
+        lanes = kmx.mxfp4_lanes(x.to(xdt))
+        assert lanes.k == K and lanes.dtype == xdt and lanes.words.shape == (2, K // 2)
+        want = x.to(xdt).float().clamp(-65504, 65504).half().float()
+        want[1, 40] = float("nan")
+        torch.testing.assert_close(from_lanes(lanes), want, rtol=0, atol=0, equal_nan=True)
+    blocks, scales = packed(E, 2 * F, K, lo=118, hi=128, g=g)
+    d_blocks, d_scales = packed(E, K, F, lo=118, hi=128, g=g)
+    rows, ex = torch.tensor([1, 0, 1]), torch.tensor([2, 0, 1])
+    bias = torch.randn(E, 2 * F, generator=g)
+    x = torch.randn(2, K, generator=g)
+    for xdt in (torch.float32, torch.bfloat16):
+        xx = x.to(xdt)
+        lanes = kmx.mxfp4_lanes(xx)
+        x16 = xx.half().to(xdt) if xdt == torch.bfloat16 else xx.half().float()
+        for c in (dict(block_n=8, block_k=64), dict(block_n=4, block_k=32, prefetch=True)):
+            got = tk.mxfp4_gemv(lanes, rows, ex, blocks, scales, bias, **c)
+            want = tk.mxfp4_gemv(x16.float(), rows, ex, blocks, scales, bias, out=torch.empty(3, 2 * F, dtype=xdt), **c)
+            assert got.dtype == xdt and torch.equal(got, want), (xdt, c)
+            a = tk.mxfp4_gemv(lanes, rows, ex, blocks, scales, bias, glu="clamped_swiglu", lanes_out=True, **c)
+            plain = tk.mxfp4_gemv(lanes, rows, ex, blocks, scales, bias, glu="clamped_swiglu", **c)
+            assert isinstance(a, kmx.F16Lanes) and a.k == F and a.dtype == xdt
+            # an ulp of x's dtype: the interpreter's casts may truncate where the GPU rounds to nearest
+            ulp = 2 ** -7 if xdt == torch.bfloat16 else 2 ** -10
+            torch.testing.assert_close(from_lanes(a), plain.float().half().float(), rtol=ulp, atol=2 ** -23)
+            pair = torch.arange(3)
+            y = tk.mxfp4_gemv(a, pair, ex, d_blocks, d_scales, None, **c)
+            y_want = tk.mxfp4_gemv(from_lanes(a), pair, ex, d_blocks, d_scales, None, out=torch.empty(3, K, dtype=xdt),
+                                   **c)
+            assert y.dtype == xdt and torch.equal(y, y_want), (xdt, c)
+    for bad, msg in ((dict(lanes_out=True), "lanes_out needs glu"),
+                     (dict(glu="silu_glu", lanes_out=True, out=torch.empty(3, F)), "lanes_out needs glu"),
+                     (dict(impl="legacy"), "apply to impl='bits' only")):
+        try:
+            tk.mxfp4_gemv(lanes, rows, ex, blocks, scales, None, **bad)
+        except ValueError as e:
+            assert msg in str(e), (bad, e)
+        else:
+            raise AssertionError(bad)
+    try:
+        kmx.mxfp4_lanes(torch.randn(2, 12))
+    except ValueError as e:
+        assert "multiple of 8" in str(e)
+    else:
+        raise AssertionError("K % 8 accepted")
+
+
 def case_bad_arguments():
     blocks, scales = packed(2, 8, 64)
     x, r = torch.randn(1, 64), torch.zeros(1, dtype=torch.long)
@@ -389,7 +455,7 @@ print("ok")
 
 
 @pytest.mark.parametrize("case", ["shapes", "extreme_scales", "bits_equals_legacy", "forward_packed", "glu", "runner",
-                                  "bad_arguments"])
+                                  "lanes", "bad_arguments"])
 def test_mxfp4_gemv_under_the_interpreter(case):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

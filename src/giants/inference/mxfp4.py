@@ -100,12 +100,15 @@ class MXFP4MoE(nn.Module):
         """Each (token, expert) pair's expert output, uncombined, straight from the packed weights: (P, D).
         x: (N, D); x_row, expert: (P,) the pair's row of x and its expert; pair: arange(P) (a tensor, so that a
         CUDA-graph caller passes a static one). Two kernels: the gate|up GEMV with the gated activation in its
-        epilogue, then the down GEMV."""
+        epilogue, then the down GEMV; where the default decode multiplies in f16 lanes (16-bit activations on
+        sm_89+), x is put in lanes first (a third, small kernel) and the GLU GEMV hands its output on in lanes."""
         from giants.inference import kernels as tk
+        from giants.inference.kernels import mxfp4 as kmx
 
         cfg = self.cfg
         a = tk.mxfp4_gemv(x, x_row, expert, self.gate_up_blocks, self.gate_up_scales, self.b_gate_up,
-                          glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+                          glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+                          lanes_out=kmx.uses_lanes(x))
         return tk.mxfp4_gemv(a, pair, expert, self.down_blocks, self.down_scales, self.b_down)
 
     def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -92,11 +93,15 @@ _PTX_F16 = tl.constexpr(_ptx_f16())
 _E4M3_LANES = (("a0", (0, 2)), ("a1", (4, 6)), ("a2", (1, 3)), ("a3", (5, 7)))
 
 
+def _e4m3_bytes(word: str) -> list[str]:
+    """PTX: the word's nibbles as E4M3 bytes in 16-bit registers a0..a3 (the lanes of _E4M3_LANES)."""
+    return [f"shl.b32 lo, {word}, 2;", "and.b32 lo, lo, 0x1C1C1C1C;", f"shl.b32 t, {word}, 4;",
+            "and.b32 t, t, 0x80808080;", "or.b32 lo, lo, t;", f"shr.b32 hi, {word}, 2;", "and.b32 hi, hi, 0x1C1C1C1C;",
+            f"and.b32 t, {word}, 0x80808080;", "or.b32 hi, hi, t;", "mov.b32 {a0, a1}, lo;", "mov.b32 {a2, a3}, hi;"]
+
+
 def _ptx_e4m3() -> str:
-    lines = ["{", ".reg .b32 lo, hi, t, f;", ".reg .b16 a0, a1, a2, a3, l, h;",
-             "shl.b32 lo, $8, 2;", "and.b32 lo, lo, 0x1C1C1C1C;", "shl.b32 t, $8, 4;", "and.b32 t, t, 0x80808080;",
-             "or.b32 lo, lo, t;", "shr.b32 hi, $8, 2;", "and.b32 hi, hi, 0x1C1C1C1C;", "and.b32 t, $8, 0x80808080;",
-             "or.b32 hi, hi, t;", "mov.b32 {a0, a1}, lo;", "mov.b32 {a2, a3}, hi;"]
+    lines = ["{", ".reg .b32 lo, hi, t, f;", ".reg .b16 a0, a1, a2, a3, l, h;"] + _e4m3_bytes("$8")
     for reg, (lo, hi) in _E4M3_LANES:
         lines += [f"cvt.rn.f16x2.e4m3x2 f, {reg};", "mov.b32 {l, h}, f;", f"cvt.f32.f16 ${lo}, l;",
                   f"cvt.f32.f16 ${hi}, h;"]
@@ -104,6 +109,24 @@ def _ptx_e4m3() -> str:
 
 
 _PTX_E4M3 = tl.constexpr(_ptx_e4m3())
+
+
+def _ptx_hfma() -> str:
+    """DECODE 4: DECODE 2's E4M3 bytes, converted to f16x2 and multiplied by x as f16x2 pairs in the same lanes
+    ($2..$5: lane q holds the x of _E4M3_LANES[q]'s elements), the 8 products summed in two f16 lanes by one mul
+    and three fma, the two lanes widened and added: $0 = fp32 (dot of the word with x) * 2**-6."""
+    lines = ["{", ".reg .b32 lo, hi, t, f, acc;", ".reg .b16 a0, a1, a2, a3, l, h;", ".reg .f32 fl, fh;"]
+    lines += _e4m3_bytes("$1")
+    for q, (reg, _) in enumerate(_E4M3_LANES):
+        op = f"mul.rn.f16x2 acc, f, ${2 + q};" if q == 0 else f"fma.rn.f16x2 acc, f, ${2 + q}, acc;"
+        lines += [f"cvt.rn.f16x2.e4m3x2 f, {reg};", op]
+    lines += ["mov.b32 {l, h}, acc;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", "add.f32 $0, fl, fh;", "}"]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+_PTX_HFMA = tl.constexpr(_ptx_hfma())
+# x in the lanes DECODE 4 multiplies by: the f16 pair of lane q is x[8w + _LANE_SRC[q][0]], x[8w + _LANE_SRC[q][1]]
+_LANE_SRC = tuple(elems for _, elems in _E4M3_LANES)
 
 
 # DECODE 3: no float conversion instruction. A byte-permute (PRMT) looks each 3-bit magnitude up in an 8-byte
@@ -173,10 +196,34 @@ def _x_pair(XW, off, m):
 
 
 @triton.jit
-def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.constexpr):
+def _f16_pair(v):
+    """int32 of two fp16 -> (low, high) as float32."""
+    return _fp16_halves(v.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.constexpr, X_LANES: tl.constexpr):
     """w (BLOCK_N, NB, 4) int32 words at word index kw (NB, 4) of each row, km (NB, 1) the blocks inside K ->
     (BLOCK_N, NB) the dot of each 32-value block with x (unscaled, times the decode's 2**-14 / 2**-6)."""
-    if X_WORDS:  # x word 4 * kw + q holds elements 8 * kw + 2q and 8 * kw + 2q + 1
+    if X_LANES:  # x as f16 lanes (mxfp4_lanes): lane q of word kw at q * K/8 + kw, 16 bytes a thread's block
+        xb = X + xr * (KB * 16) + kw
+        l0 = tl.load(xb, mask=km, other=0)
+        l1 = tl.load(xb + KB * 4, mask=km, other=0)
+        l2 = tl.load(xb + KB * 8, mask=km, other=0)
+        l3 = tl.load(xb + KB * 12, mask=km, other=0)
+        if DECODE == 4:
+            d = tl.inline_asm_elementwise(_PTX_HFMA, "=r,r,r,r,r,r",
+                                          [w, tl.broadcast_to(l0[None, :, :], w.shape),
+                                           tl.broadcast_to(l1[None, :, :], w.shape),
+                                           tl.broadcast_to(l2[None, :, :], w.shape),
+                                           tl.broadcast_to(l3[None, :, :], w.shape)],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return tl.sum(d, axis=2)
+        x0, x2 = _f16_pair(l0)  # the lanes of _LANE_SRC: (0, 2), (4, 6), (1, 3), (5, 7)
+        x4, x6 = _f16_pair(l1)
+        x1, x3 = _f16_pair(l2)
+        x5, x7 = _f16_pair(l3)
+    elif X_WORDS:  # x word 4 * kw + q holds elements 8 * kw + 2q and 8 * kw + 2q + 1
         xw = xr * (KB * 16) + 4 * kw
         x0, x1 = _x_pair(X, xw, km)
         x2, x3 = _x_pair(X, xw + 1, km)
@@ -207,6 +254,7 @@ def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.co
 @triton.jit
 def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K, alpha, limit, HAS_BIAS: tl.constexpr,
                             X_WORDS: tl.constexpr, DECODE: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
+                            X_LANES: tl.constexpr, LANES_OUT: tl.constexpr, ROUND: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Y[p, n] = sum_k X[X_ROW[p], k] * W[EXPERT[p], n, k] (+ BIAS[EXPERT[p], n]), the contract of
     _mxfp4_gemv_kernel, but BLOCKS is the packed weight read as int32 words (K/8 a row, 8 nibbles each), decoded
@@ -224,7 +272,10 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
     GLU >= 0 (an ACTS code): each expert's W holds [gate; up] (2 N_OUT rows) and Y[p, n] = act(gate_n, up_n),
     each rounded to Y's dtype first as an unfused GEMV would store it. The tile's first BLOCK_N/2 rows are gate
     rows n.., the other half the up rows of the same n: one stream of BLOCK_N rows, as without GLU, split
-    after the sums; the down projection then needs no activation kernel."""
+    after the sums; the down projection then needs no activation kernel.
+    X_LANES: X is x in the f16 lanes of mxfp4_lanes (int32 (M, K/2)); DECODE 4 (hfma) needs it and multiplies in
+    f16x2 (_ptx_hfma), the other decodes widen the lanes to fp32. LANES_OUT (with GLU): Y is the f16 lanes of the
+    result for the next hfma GEMV, each value rounded first as Y's dtype would store it (ROUND 1: bf16, 2: fp16)."""
     _grid_dep(PDL)
     p = tl.program_id(0)
     r = tl.arange(0, BLOCK_N)
@@ -254,7 +305,8 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
             bm_next = (b0 + NB + sb) < KB
             w_next = tl.load(wbase + (b0 + NB) * 4, mask=rm[:, None, None] & bm_next[None, :, None], other=0)
             sc_next = tl.load(sbase + b0 + NB, mask=rm[:, None] & bm_next[None, :], other=0)
-            part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, ((b0 + sb) < KB)[:, None], KB, X_WORDS, DECODE)
+            part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, ((b0 + sb) < KB)[:, None], KB, X_WORDS, DECODE,
+                                     X_LANES)
             acc += part * (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
             w = w_next
             sc = sc_next
@@ -263,24 +315,41 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
             bm = (b0 + sb) < KB  # (NB,) scale blocks inside K; a block's words share its mask
             w = tl.load(wbase + b0 * 4, mask=rm[:, None, None] & bm[None, :, None], other=0)
             sc = tl.load(sbase + b0, mask=rm[:, None] & bm[None, :], other=0)
-            part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, bm[:, None], KB, X_WORDS, DECODE)
+            part = _mxfp4_block_sums(w, X, xr, b0 * 4 + kw0, bm[:, None], KB, X_WORDS, DECODE, X_LANES)
             acc += part * (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
     y = tl.sum(acc, axis=1)
     if DECODE == 3:
         y = y * 4.0  # undo the decode's 2**-2
-    elif DECODE == 2:
+    elif DECODE == 2 or DECODE == 4:
         y = y * 64.0  # undo the decode's 2**-6
     else:
         y = y * 16384.0  # undo the decode's 2**-14
     if HAS_BIAS:
         y += tl.load(BIAS + wrow, mask=rm, other=0.0).to(tl.float32)  # bias (E, rows) indexed like W's rows
     if GLU >= 0:
-        y2 = tl.reshape(y.to(Y.dtype.element_ty).to(tl.float32), (2, HALF))
+        if not LANES_OUT:
+            y = y.to(Y.dtype.element_ty).to(tl.float32)
+        elif ROUND == 1:  # Y holds fp16 lanes; round as x's dtype would store the sums
+            y = y.to(tl.bfloat16).to(tl.float32)
+        elif ROUND == 2:
+            y = y.to(tl.float16).to(tl.float32)
+        y2 = tl.reshape(y, (2, HALF))
         half = tl.arange(0, 2)[:, None]
         g = tl.sum(tl.where(half == 0, y2, 0.0), axis=0)
         u = tl.sum(tl.where(half == 1, y2, 0.0), axis=0)
         on = tl.program_id(1) * HALF + tl.arange(0, HALF)
-        tl.store(Y + p * N_OUT + on, _act(g, u, alpha, limit, GLU).to(Y.dtype.element_ty), mask=on < N_OUT)
+        a = _act(g, u, alpha, limit, GLU)
+        if LANES_OUT:  # output n = 8 kw + e goes to lane 2 (e % 2) + e // 4, half (e // 2) % 2 (see _LANE_SRC)
+            if ROUND == 1:
+                a = a.to(tl.bfloat16).to(tl.float32)
+            elif ROUND == 2:
+                a = a.to(tl.float16).to(tl.float32)
+            a = tl.clamp(a, -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+            e8 = on % 8
+            at = p * N_OUT + (2 * (e8 % 2) + e8 // 4) * (N_OUT // 4) + (on // 8) * 2 + (e8 // 2) % 2
+            tl.store(Y + at, a.to(tl.float16), mask=on < N_OUT)
+        else:
+            tl.store(Y + p * N_OUT + on, a.to(Y.dtype.element_ty), mask=on < N_OUT)
     else:
         tl.store(Y + p * N_OUT + n, y.to(Y.dtype.element_ty), mask=rm)
 
@@ -290,14 +359,17 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
 # loads alone: they feed no dot), prefetch (load the next tile before decoding this one), and the decode:
 # "triton" (pure Triton integer ops, also runs under TRITON_INTERPRET), "ptx_f16" (the same fp16-bit decode
 # in inline PTX, which avoids a repacking PRMT a nibble pair that Triton's i32 -> i16 truncation emits) or
-# "ptx_e4m3" (nibbles -> FP8 E4M3 bytes, hardware e4m3x2 -> f16x2 conversion; about half the integer ops).
-MXFP4_DECODES = ("triton", "ptx_f16", "ptx_e4m3", "ptx_prmt")
+# "ptx_e4m3" (nibbles -> FP8 E4M3 bytes, hardware e4m3x2 -> f16x2 conversion; about half the integer ops), "hfma"
+# (ptx_e4m3's f16x2 values multiplied by x in f16x2, x first put in f16 lanes by mxfp4_lanes: no fp32 conversion of
+# weights or x a word, products and 4-term sums in fp16, fp32 from the word's sum on).
+MXFP4_DECODES = ("triton", "ptx_f16", "ptx_e4m3", "ptx_prmt", "hfma")
 MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, prefetch=pf)
                       for bn, bk, nw, pf in ((16, 512, 4, False), (32, 512, 4, False), (8, 512, 4, False),
                                              (32, 256, 4, False), (64, 256, 4, False), (16, 1024, 4, False),
                                              (32, 1024, 8, False), (64, 512, 8, False), (16, 512, 4, True),
                                              (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True),
-                                             (4, 512, 4, True), (8, 256, 4, True))]
+                                             (4, 512, 4, True), (8, 256, 4, True), (8, 1024, 4, True),
+                                             (16, 1024, 8, True), (8, 1024, 8, True), (16, 512, 8, True))]
 # Measured on an H100 (bench_mxfp4_gemv.py, gpt-oss-120b shapes, 2026-12-06, one run): the gate|up GEMV with the
 # GLU epilogue / the down GEMV take 22.9 / 13.7 us with this default (8 rows, prefetch, decode "auto" = ptx_e4m3
 # there), 24.1 / 15.3 with the fp16-bit decode, 26.6 / 16.1 with ptx_prmt (no conversion instruction, more integer
@@ -321,32 +393,85 @@ MXFP4_GEMV_IMPL = "bits"  # what mxfp4_gemv runs when impl is not given: "bits" 
 
 
 @functools.cache
-def _auto_decode(device: torch.device) -> str:
-    """decode "auto": the hardware e4m3x2 conversion (sm_89+; the fastest in the same-run sweep), else the fp16-bit
-    PTX decode on CUDA, the pure-Triton one elsewhere (the interpreter)."""
+def _capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _auto_decode(device: torch.device, dtype: torch.dtype, lanes: bool = False) -> str:
+    """decode "auto": on sm_89+ "hfma" for 16-bit activations (x in f16 lanes), the hardware e4m3x2 conversion with
+    fp32 products for fp32 ones (their accuracy kept); the fp16-bit PTX decode on older GPUs; the pure-Triton one
+    elsewhere (the interpreter)."""
+    cap = _capability(device)
+    if cap is None:
         return "triton"
-    return "ptx_e4m3" if torch.cuda.get_device_capability(device) >= (8, 9) else "ptx_f16"
+    if cap < (8, 9):
+        return "ptx_f16"
+    return "hfma" if lanes or dtype in (torch.bfloat16, torch.float16) else "ptx_e4m3"
 
 
-def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, blocks: torch.Tensor,
+class F16Lanes(NamedTuple):
+    """Activations in the f16 lanes the hfma decode multiplies by (mxfp4_lanes): words (M, K/2) int32, row m's lane q
+    of 8-value word w at q * K/8 + w, two fp16 x[m, 8w + _LANE_SRC[q][0]] and x[m, 8w + _LANE_SRC[q][1]] (clamped
+    to +-65504); dtype: the activations' own dtype, that of a GEMV's output."""
+
+    words: torch.Tensor
+    k: int
+    dtype: torch.dtype
+
+
+@triton.jit
+def _lanes_kernel(X, Y, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _grid_dep(PDL)
+    m = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # fp16 index in row m's lanes: lane q, word w, half h
+    q = i // (K // 4)
+    wh = i % (K // 4)
+    src = 8 * (wh // 2) + 4 * (q % 2) + q // 2 + 2 * (wh % 2)  # _LANE_SRC[q][h] = 4 (q % 2) + q // 2 + 2h
+    v = tl.load(X + m * K + src, mask=i < K, other=0.0).to(tl.float32)
+    v = tl.clamp(v, -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(Y + m * K + i, v.to(tl.float16), mask=i < K)
+
+
+def mxfp4_lanes(x: torch.Tensor) -> F16Lanes:
+    """x (M, K), K a multiple of 8 -> its F16Lanes (one small kernel)."""
+    if x.dim() != 2 or x.shape[1] % 8:
+        raise ValueError(f"mxfp4_lanes: x must be (M, K) with K a multiple of 8, got {tuple(x.shape)}")
+    M, K = x.shape
+    x = x if x.is_contiguous() else x.contiguous()
+    words = torch.empty(M, K // 2, dtype=torch.int32, device=x.device)
+    _lanes_kernel[(M, triton.cdiv(K, 1024))](x, words.view(torch.float16), K, BLOCK=1024, **_pdl())
+    return F16Lanes(words, K, x.dtype)
+
+
+def uses_lanes(x: torch.Tensor) -> bool:
+    """Whether mxfp4_gemv's default for this x multiplies in f16 lanes (then a GLU GEMV should hand on lanes)."""
+    d = MXFP4_GEMV_DEFAULT["decode"]
+    return MXFP4_GEMV_IMPL == "bits" and (d == "hfma" or d == "auto" and _auto_decode(x.device, x.dtype) == "hfma")
+
+
+def mxfp4_gemv(x: torch.Tensor | F16Lanes, x_row: torch.Tensor, expert: torch.Tensor, blocks: torch.Tensor,
                scales: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None, *,
                impl: str | None = None, block_n: int | None = None, block_k: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, prefetch: bool | None = None,
                decode: str | None = None, glu: str | None = None, alpha: float = 1.702,
-               limit: float = 7.0) -> torch.Tensor:
-    """Y[p] = W[expert[p]] @ x[x_row[p]] (+ bias[expert[p]]). x: (M, K); x_row, expert: (P,) int; blocks
-    (E, N, K/2) uint8; scales (E, N, K/32) uint8 -> (P, N) in x's dtype (or into out).
+               limit: float = 7.0, lanes_out: bool = False) -> torch.Tensor | F16Lanes:
+    """Y[p] = W[expert[p]] @ x[x_row[p]] (+ bias[expert[p]]). x: (M, K) or its F16Lanes; x_row, expert: (P,) int;
+    blocks (E, N, K/2) uint8; scales (E, N, K/32) uint8 -> (P, N) in x's dtype (or into out).
     glu (a key of ACTS, bits only): W holds [gate; up] (N = 2F rows) and the result is the gated activation
-    act(gate, up), (P, F), with the clamped SwiGLU's alpha and limit (gpt-oss).
+    act(gate, up), (P, F), with the clamped SwiGLU's alpha and limit (gpt-oss); with lanes_out it is returned as
+    F16Lanes (each value rounded to x's dtype first) for the next GEMV's hfma decode.
     impl "bits" (default: MXFP4_GEMV_IMPL) decodes the nibbles a 32-bit word at a time (_fp4x8); "legacy" is
     the byte-wise kernel. block_n / block_k / num_warps / num_stages / prefetch / decode override MXFP4_GEMV_DEFAULT
-    (bits only; decode one of MXFP4_DECODES, the ptx_* ones on CUDA only)."""
+    (bits only; decode one of MXFP4_DECODES, the ptx_* ones and hfma on CUDA only; hfma converts a tensor x to
+    lanes first, and every decode reads lanes given as x)."""
     impl = impl or MXFP4_GEMV_IMPL
     if impl not in ("bits", "legacy"):
         raise ValueError(f"mxfp4_gemv: impl must be 'bits' or 'legacy', got {impl!r}")
+    lanes = isinstance(x, F16Lanes)
     P = expert.shape[0]
-    N, K = blocks.shape[1], x.shape[1]
+    N, K = blocks.shape[1], (x.k if lanes else x.shape[1])
     if K % 32 or blocks.shape[2] * 2 != K or scales.shape[2] * 32 != K:
         raise ValueError(f"mxfp4_gemv: x has K={K}, blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}: "
                          "need blocks (E, N, K/2), scales (E, N, K/32), K a multiple of 32")
@@ -354,16 +479,24 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
         raise ValueError(f"mxfp4_gemv: glu must be one of {sorted(ACTS)} with an even row count [gate; up], "
                          f"got {glu!r} and N={N}")
     n_out = N // 2 if glu is not None else N
-    if out is None:
-        out = torch.empty(P, n_out, dtype=x.dtype, device=x.device)
+    if lanes_out and (glu is None or n_out % 8 or out is not None):
+        raise ValueError("mxfp4_gemv: lanes_out needs glu, an output width that is a multiple of 8 and no out "
+                         f"(got glu={glu!r}, width {n_out}, out {'given' if out is not None else 'None'})")
+    x_dtype = x.dtype
+    if lanes_out:
+        out_lanes = F16Lanes(torch.empty(P, n_out // 2, dtype=torch.int32, device=blocks.device), n_out, x_dtype)
+        out = out_lanes.words.view(torch.float16)
+    elif out is None:
+        out = torch.empty(P, n_out, dtype=x_dtype, device=blocks.device)
     elif tuple(out.shape) != (P, n_out) or not out.is_contiguous():
         raise ValueError(f"mxfp4_gemv: out must be a contiguous ({P}, {n_out}) tensor"
                          f"{' (glu: half the rows of W)' if glu is not None else ''}, got {tuple(out.shape)}")
-    bias_arg = bias if bias is not None else x
+    bias_arg = bias if bias is not None else out
     tile = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
                 decode=decode)
     if impl == "legacy":
-        given = [k for k, v in tile.items() if v is not None] + (["glu"] if glu is not None else [])
+        given = [k for k, v in tile.items() if v is not None] + (["glu"] if glu is not None else []) + \
+            (["lanes"] if lanes or lanes_out else [])
         if given:
             raise ValueError(f"mxfp4_gemv: {', '.join(given)} apply to impl='bits' only")
         BLOCK_N, BLOCK_K = 16, 512
@@ -377,16 +510,23 @@ def mxfp4_gemv(x: torch.Tensor, x_row: torch.Tensor, expert: torch.Tensor, block
     if glu is not None and c["block_n"] < 2:
         raise ValueError(f"mxfp4_gemv: glu needs block_n >= 2 (half gate rows, half up rows), got {c['block_n']}")
     if c["decode"] == "auto":
-        c["decode"] = _auto_decode(x.device)
+        c["decode"] = _auto_decode(blocks.device, x_dtype, lanes)
     if c["decode"] not in MXFP4_DECODES:
         raise ValueError(f"mxfp4_gemv: decode must be 'auto' or one of {MXFP4_DECODES}, got {c['decode']!r}")
+    if c["decode"] == "hfma" and not lanes:
+        x, lanes = mxfp4_lanes(x), True
     words = blocks.view(torch.int32)  # (E, N, K/8): word w = bytes 4w..4w+3 = elements 8w..8w+7
-    x = x if x.is_contiguous() else x.contiguous()  # rows K apart
-    x_words = x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0
+    if lanes:
+        x_arg, x_words = x.words, False
+    else:
+        x = x if x.is_contiguous() else x.contiguous()  # rows K apart
+        x_words = x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0
+        x_arg = x.view(torch.int32) if x_words else x
     per_program = c["block_n"] // 2 if glu is not None else c["block_n"]
     _mxfp4_gemv_bits_kernel[(P, triton.cdiv(n_out, per_program))](
-        x.view(torch.int32) if x_words else x, x_row, expert, words, scales, bias_arg, out, n_out, K, alpha, limit,
+        x_arg, x_row, expert, words, scales, bias_arg, out, n_out, K, alpha, limit,
         HAS_BIAS=bias is not None, X_WORDS=x_words, DECODE=MXFP4_DECODES.index(c["decode"]),
-        PREFETCH=bool(c["prefetch"]), GLU=ACTS[glu] if glu is not None else -1,
+        PREFETCH=bool(c["prefetch"]), GLU=ACTS[glu] if glu is not None else -1, X_LANES=lanes,
+        LANES_OUT=lanes_out, ROUND={torch.bfloat16: 1, torch.float16: 2}.get(x_dtype, 0),
         BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=c["num_stages"], **_pdl())
-    return out
+    return out_lanes if lanes_out else out
