@@ -561,6 +561,14 @@ def test_norm_route_equals_norm_then_router_then_topk(E, K, B, before, renorm, b
         torch.testing.assert_close(res, res2)
         assert torch.equal(i, i2)
         torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-5)
+    # lanes=True: h in the f16 lanes of mxfp4_lanes (for the MXFP4 experts), everything else unchanged
+    from giants.inference.kernels import mxfp4 as kmx
+
+    hl, res, w, i = tk.norm_route(x, r, nw, 1e-5, False, rw, rb, K, before, renorm, cnt, lanes=True)
+    assert isinstance(hl, kmx.F16Lanes) and hl.k == D and hl.dtype == x.dtype
+    assert torch.equal(hl.words, kmx.mxfp4_lanes(h).words)
+    torch.testing.assert_close(res, res2)
+    assert torch.equal(i, i2)
 
 
 @cuda

@@ -161,6 +161,47 @@ def test_mxfp4_f16_lanes_path_at_gpt_oss_120b_shape():
 
 
 @cuda
+def test_runner_mxfp4_bf16_lanes_from_norm_route():
+    """bf16 on sm_89+: the runner's norm_route hands the MXFP4 experts h in f16 lanes; the expert rows equal those of
+    h given as a tensor (which mxfp4_gemv puts in lanes itself), bit for bit, and the batch-1 CUDA-graph decode runs."""
+    import giants
+    from giants.inference.cuda_runner import ExpertRows
+    from giants.inference.engine import Engine
+    from giants.inference.kernels import mxfp4 as kmx
+    from giants.inference.mxfp4 import pack_experts
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the hfma decode needs sm_89+")
+    model = pack_experts(giants.build(giants.get_config("tiny-gpt-oss"), seed=0)).to("cuda", torch.bfloat16).eval()
+    for layer in model.layers:
+        layer.mlp.randomize(torch.Generator(device="cuda").manual_seed(1))
+    engine = Engine(model, block_size=16, num_blocks=64, max_model_len=128, max_num_seqs=2)
+    runner, layer, cfg = engine.runner, model.layers[0], model.config
+    a, r = (torch.randn(1, cfg.d_model, device="cuda").to(torch.bfloat16) for _ in range(2))
+    norm, mlp = layer.mlp_norm, layer.mlp
+    outs = []
+    with torch.inference_mode():
+        for lanes in (True, False):
+            h, _, w, i = tk_norm_route(norm, mlp, cfg, a, r, runner.route_counter, lanes)
+            assert isinstance(h, kmx.F16Lanes) == lanes
+            out = runner._moe(0, mlp, h, route=(w, i))
+            assert isinstance(out, ExpertRows)
+            outs.append(out.y)
+    assert torch.equal(outs[0], outs[1])
+    from test_cuda_kernels import _run_one
+
+    assert len(_run_one(engine, [5, 6, 7, 8])) > 0
+
+
+def tk_norm_route(norm, mlp, cfg, a, r, counter, lanes):
+    from giants.inference import kernels as tk
+
+    return tk.norm_route(a, r, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one", mlp.router.weight,
+                         mlp.router.bias, cfg.experts_per_token, cfg.router_softmax_before_topk,
+                         cfg.router_renormalize, counter, lanes=lanes)
+
+
+@cuda
 def test_runner_mxfp4_expert_rows_path_changes_no_token():
     """The CUDA runner's small-batch MXFP4 MoE (the GLU GEMV and the down GEMV on the static pair tables, the combine
     in the next norm kernel) equals MXFP4MoE._forward_packed on the same rows, and gives the same greedy tokens as

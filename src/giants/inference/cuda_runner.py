@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from giants.inference import kernels as tk
+from giants.inference.kernels import mxfp4 as kmx
 from giants.inference.kv_cache import KVCacheManager
 from giants.inference.runner import Chunk, ModelRunner, verify_rows
 from giants.model.mlp import MoE
@@ -316,7 +317,7 @@ class CudaModelRunner(ModelRunner):
         """The MoE layer on normed rows h; route: (weights, ids) when norm_route already chose the experts."""
         cfg = self.cfg
         kind = self.fused[i][1][0]
-        B, K = h.shape[0], cfg.experts_per_token
+        B, K = (h.words if isinstance(h, kmx.F16Lanes) else h).shape[0], cfg.experts_per_token
         few = B * K <= self.moe_gemv_pairs
         if route is not None:
             weights, idx = route
@@ -349,7 +350,8 @@ class CudaModelRunner(ModelRunner):
                 # on the static pair tables (MXFP4: gate|up with the activation, then down); the weighted
                 # combine happens in the next norm kernel
                 P = B * K
-                y = mlp.expert_rows(h.contiguous(), self.pair_row[:P], idx.view(-1), self.pair_id[:P])
+                y = mlp.expert_rows(h if isinstance(h, kmx.F16Lanes) else h.contiguous(), self.pair_row[:P],
+                                    idx.view(-1), self.pair_id[:P])
                 return ExpertRows(y, weights.view(-1), K)
             return mlp._forward_packed(h, weights, idx)
         _, w_gu, b_gu = self.fused[i][1]
@@ -431,10 +433,12 @@ class CudaModelRunner(ModelRunner):
                     self._dense_down(y, down.weight, down.bias)
             elif self._fuse_route_applies(layer, B):
                 mlp, norm = layer.mlp, layer.mlp_norm
+                # MXFP4 experts multiplying in f16 lanes: the norm hands h on in lanes
+                lanes = self.fuse_packed and mlp_w[0] == "mxfp4" and kmx.uses_lanes(a)
                 h, residual, wts, idx = tk.norm_route(
                     a, residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one", mlp.router.weight,
                     mlp.router.bias, cfg.experts_per_token, cfg.router_softmax_before_topk, cfg.router_renormalize,
-                    self.route_counter)
+                    self.route_counter, lanes=lanes)
                 delta = self._moe(i, mlp, h, route=(wts, idx))
             else:
                 h, residual = self._norm(layer.mlp_norm, a, residual)

@@ -314,11 +314,12 @@ def route_topk(logits: torch.Tensor, k_top: int, softmax_before: bool, renormali
 def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX_OUT, D, E, eps,
                        PLUS_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, K_TOP: tl.constexpr, EP: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_KT: tl.constexpr,
-                       SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
+                       SOFTMAX_BEFORE: tl.constexpr, RENORM: tl.constexpr, LANES: tl.constexpr, PDL: tl.constexpr):
     """The MoE layer's input at small batch in one kernel: h = rmsnorm(x + r) (program (b, 0) stores h and
     the new residual), the router logits of experts [EP * j, EP * (j + 1)) in program (b, j), and from the
     program that finishes row b last (a ticket from CNT[b]) its top-k and routing weights, as route_topk.
-    Values are rounded where the separate norm, router linear and top-k kernels store them."""
+    Values are rounded where the separate norm, router linear and top-k kernels store them. LANES: H_OUT is
+    fp16 and h is stored in the f16 lanes of kernels.mxfp4.mxfp4_lanes (for the MXFP4 experts' hfma GEMV)."""
     _grid_dep(PDL)
     b = tl.program_id(0)
     pj = tl.program_id(1)
@@ -326,10 +327,16 @@ def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX
     m = cols < D
     x = tl.load(X + b * D + cols, mask=m, other=0.0)
     x = (x.to(tl.float32) + tl.load(R + b * D + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-    h = _rms_normed(x.to(tl.float32), NW, cols, m, D, eps, PLUS_ONE).to(H_OUT.dtype.element_ty)
+    h = _rms_normed(x.to(tl.float32), NW, cols, m, D, eps, PLUS_ONE).to(X.dtype.element_ty)
     if pj == 0:
         tl.store(RES_OUT + b * D + cols, x, mask=m)
-        tl.store(H_OUT + b * D + cols, h, mask=m)
+        if LANES:  # column 8w + e to lane 2 (e % 2) + e // 4, half (e // 2) % 2 (mxfp4._LANE_SRC)
+            e8 = cols % 8
+            at = (2 * (e8 % 2) + e8 // 4) * (D // 4) + (cols // 8) * 2 + (e8 // 2) % 2
+            hc = tl.clamp(h.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(H_OUT + b * D + at, hc.to(tl.float16), mask=m)
+        else:
+            tl.store(H_OUT + b * D + cols, h, mask=m)
     hf = h.to(tl.float32)
     for j in tl.static_range(EP):
         e = pj * EP + j
@@ -337,7 +344,7 @@ def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX
             lg = tl.sum(tl.load(RW + e.to(tl.int64) * D + cols, mask=m, other=0.0).to(tl.float32) * hf, axis=0)
             if HAS_BIAS:
                 lg += tl.load(RB + e).to(tl.float32)
-            tl.store(LOGITS + b * E + e, lg.to(H_OUT.dtype.element_ty).to(tl.float32))
+            tl.store(LOGITS + b * E + e, lg.to(X.dtype.element_ty).to(tl.float32))
     tl.debug_barrier()  # whichever thread stored a logit, the ticket's release below orders it
     ticket = tl.atomic_add(CNT + b, 1, sem="acq_rel")
     if ticket == tl.num_programs(1) - 1:
@@ -349,18 +356,22 @@ def _norm_route_kernel(X, R, NW, H_OUT, RES_OUT, RW, RB, LOGITS, CNT, W_OUT, IDX
 
 def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, plus_one: bool,
                router_w: torch.Tensor, router_b: torch.Tensor | None, k_top: int, softmax_before: bool,
-               renormalize: bool, counter: torch.Tensor, experts_per_program: int = 2
+               renormalize: bool, counter: torch.Tensor, experts_per_program: int = 2, lanes: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual: (B, D); router_w (E, D); counter: (>= B,) int32 zeros (left zero).
     Returns h = rmsnorm(x + residual), x + residual, routing weights (B, K) in x's dtype, expert ids (B, K)
-    int64: what rmsnorm, the router linear and route_topk give."""
+    int64: what rmsnorm, the router linear and route_topk give. lanes: h comes as kernels.mxfp4.F16Lanes
+    (D a multiple of 8), what the MXFP4 experts' hfma GEMV reads, instead of a tensor."""
     B, D = x.shape
     E = router_w.shape[0]
     if not (x.is_contiguous() and residual.is_contiguous() and router_w.is_contiguous()
             and router_w.shape[1] == D and counter.numel() >= B):
         raise ValueError(f"norm_route needs contiguous x, residual (B, {D}), router_w (E, {D}) and a counter of "
                          f">= {B} int32; got {tuple(x.shape)}, {tuple(router_w.shape)}, {counter.numel()}")
-    h, res = torch.empty_like(x), torch.empty_like(x)
+    if lanes and D % 8:
+        raise ValueError(f"norm_route: lanes need a width that is a multiple of 8, got {D}")
+    h = torch.empty(x.shape, dtype=torch.float16 if lanes else x.dtype, device=x.device)
+    res = torch.empty_like(x)
     logits = torch.empty(B, E, dtype=torch.float32, device=x.device)
     weights = torch.empty(B, k_top, dtype=x.dtype, device=x.device)
     idx = torch.empty(B, k_top, dtype=torch.long, device=x.device)
@@ -368,5 +379,9 @@ def norm_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         x, residual, norm_weight, h, res, router_w, router_b if router_b is not None else router_w, logits, counter,
         weights, idx, D, E, eps, PLUS_ONE=plus_one, HAS_BIAS=router_b is not None, K_TOP=k_top,
         EP=experts_per_program, BLOCK_D=_np2(D), BLOCK_E=_np2(E), BLOCK_KT=_np2(k_top),
-        SOFTMAX_BEFORE=softmax_before, RENORM=renormalize, num_warps=4, **_pdl())
+        SOFTMAX_BEFORE=softmax_before, RENORM=renormalize, LANES=lanes, num_warps=4, **_pdl())
+    if lanes:
+        from giants.inference.kernels.mxfp4 import F16Lanes
+
+        return F16Lanes(h.view(torch.int32), D, x.dtype), res, weights, idx
     return h, res, weights, idx

@@ -445,8 +445,11 @@ def mxfp4_lanes(x: torch.Tensor) -> F16Lanes:
     return F16Lanes(words, K, x.dtype)
 
 
-def uses_lanes(x: torch.Tensor) -> bool:
-    """Whether mxfp4_gemv's default for this x multiplies in f16 lanes (then a GLU GEMV should hand on lanes)."""
+def uses_lanes(x: torch.Tensor | F16Lanes) -> bool:
+    """Whether mxfp4_gemv's default for this x multiplies in f16 lanes (then a GLU GEMV should hand on lanes, and a
+    kernel producing x may produce lanes); lanes given stay lanes."""
+    if isinstance(x, F16Lanes):
+        return True
     d = MXFP4_GEMV_DEFAULT["decode"]
     return MXFP4_GEMV_IMPL == "bits" and (d == "hfma" or d == "auto" and _auto_decode(x.device, x.dtype) == "hfma")
 
