@@ -265,9 +265,12 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
         if quantization == "mxfp4":  # the MXFP4 decode before the f16-lane one (hfma) became the default
             from giants.inference.kernels import mxfp4 as kmx
 
-            d = kmx.MXFP4_GEMV_DEFAULT
-            r["decode_ptx_e4m3"] = rerun(name, "MXFP4 decode=ptx_e4m3", llm, prompt, new, roof, g,
-                                         lambda v: d.__setitem__("decode", v), "ptx_e4m3", d["decode"])
+            def decode(v: tuple[str, str]) -> None:
+                kmx.MXFP4_GEMV_DEFAULT["decode"], kmx.MXFP4_GEMV_GLU_DEFAULT["decode"] = v
+
+            r["decode_ptx_e4m3"] = rerun(name, "MXFP4 decode=ptx_e4m3", llm, prompt, new, roof, g, decode,
+                                         ("ptx_e4m3", "ptx_e4m3"), (kmx.MXFP4_GEMV_DEFAULT["decode"],
+                                                                    kmx.MXFP4_GEMV_GLU_DEFAULT["decode"]))
         switches = ("fuse_qkv_rope", "fuse_route") if llm.model.config.is_moe else ()
         for switch in switches + (("fuse_packed",) if quantization in ("mxfp4", "fp8") else ()):
             r[f"{switch}_off"] = rerun(name, f"{switch}=False", llm, prompt, new, roof, g,

@@ -140,10 +140,14 @@ def test_mxfp4_f16_lanes_path_at_gpt_oss_120b_shape():
     y = kmx.mxfp4_gemv(a, pair, ex, d_blocks, d_scales, None)
     assert y.dtype == torch.bfloat16 and torch.equal(y, kmx.mxfp4_gemv(plain, pair, ex, d_blocks, d_scales, None))
     ref, mag = _reference(plain.float(), pair, ex, d_blocks, d_scales, None)
+    t = 3e-3 * mag + 2.0 ** -120 + 2.0 ** -8 * ref.abs()
     for decode in kmx.MXFP4_DECODES:
-        t = 3e-3 * mag + 2.0 ** -120 + 2.0 ** -8 * ref.abs()
         got = kmx.mxfp4_gemv(a, pair, ex, d_blocks, d_scales, None, decode=decode, **kmx.MXFP4_GEMV_CONFIGS[0])
         assert bool(((got.double() - ref).abs() <= t).all()), decode
+    for c in kmx.MXFP4_GEMV_CONFIGS:
+        if c["prefetch"] in (2, 3):  # x lanes prefetched too (and words two tiles ahead)
+            got = kmx.mxfp4_gemv(a, pair, ex, d_blocks, d_scales, None, decode="hfma", **c)
+            assert bool(((got.double() - ref).abs() <= t).all()), c
     cfg = giants.get_config("gpt-oss-120b")
     moe = MXFP4MoE(cfg, device="cuda").to(torch.bfloat16)
     moe.randomize(torch.Generator(device="cuda").manual_seed(2))

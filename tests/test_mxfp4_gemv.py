@@ -398,7 +398,8 @@ def case_lanes():
         xx = x.to(xdt)
         lanes = kmx.mxfp4_lanes(xx)
         x16 = xx.half().to(xdt) if xdt == torch.bfloat16 else xx.half().float()
-        for c in (dict(block_n=8, block_k=64), dict(block_n=4, block_k=32, prefetch=True)):
+        for c in (dict(block_n=8, block_k=64), dict(block_n=4, block_k=32, prefetch=True),
+                  dict(block_n=4, block_k=32, prefetch=2), dict(block_n=8, block_k=64, prefetch=3)):
             got = tk.mxfp4_gemv(lanes, rows, ex, blocks, scales, bias, **c)
             want = tk.mxfp4_gemv(x16.float(), rows, ex, blocks, scales, bias, out=torch.empty(3, 2 * F, dtype=xdt), **c)
             assert got.dtype == xdt and torch.equal(got, want), (xdt, c)
@@ -476,3 +477,17 @@ def test_mxfp4_gemv_env_override(value, says):
         assert "'block_n': 8" in r.stdout and "'decode': 'ptx_f16'" in r.stdout and "'block_k': 512" in r.stdout
     else:
         assert r.returncode != 0 and "GIANTS_MXFP4_GEMV" in r.stderr and says in r.stderr, r.stderr
+
+
+def test_mxfp4_gemv_glu_env_override():
+    """GIANTS_MXFP4_GEMV sets both defaults, GIANTS_MXFP4_GEMV_GLU then the GLU GEMV's alone; a bad one names itself."""
+    code = ("from giants.inference.kernels import mxfp4 as k; "
+            "print(k.MXFP4_GEMV_DEFAULT['block_n'], k.MXFP4_GEMV_DEFAULT['block_k'], "
+            "k.MXFP4_GEMV_GLU_DEFAULT['block_n'], k.MXFP4_GEMV_GLU_DEFAULT['block_k'])")
+    env = dict(os.environ, GIANTS_MXFP4_GEMV='{"block_k": 256}', GIANTS_MXFP4_GEMV_GLU='{"block_n": 16}',
+               TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["8", "256", "16", "256"], r.stdout + r.stderr
+    env["GIANTS_MXFP4_GEMV_GLU"] = '{"rows": 16}'
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "GIANTS_MXFP4_GEMV_GLU: unknown keys ['rows']" in r.stderr, r.stderr

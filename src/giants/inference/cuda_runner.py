@@ -434,7 +434,7 @@ class CudaModelRunner(ModelRunner):
             elif self._fuse_route_applies(layer, B):
                 mlp, norm = layer.mlp, layer.mlp_norm
                 # MXFP4 experts multiplying in f16 lanes: the norm hands h on in lanes
-                lanes = self.fuse_packed and mlp_w[0] == "mxfp4" and kmx.uses_lanes(a)
+                lanes = self.fuse_packed and mlp_w[0] == "mxfp4" and kmx.uses_lanes(a, glu=True)
                 h, residual, wts, idx = tk.norm_route(
                     a, residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one", mlp.router.weight,
                     mlp.router.bias, cfg.experts_per_token, cfg.router_softmax_before_topk, cfg.router_renormalize,

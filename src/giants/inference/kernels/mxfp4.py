@@ -202,28 +202,56 @@ def _f16_pair(v):
 
 
 @triton.jit
+def _lanes_load(X, xr, kw, km, KB):
+    """x as f16 lanes (mxfp4_lanes) at word index kw (NB, 4): lane q of word kw at q * K/8 + kw (16 bytes a thread's
+    block a lane)."""
+    xb = X + xr * (KB * 16) + kw
+    return (tl.load(xb, mask=km, other=0), tl.load(xb + KB * 4, mask=km, other=0),
+            tl.load(xb + KB * 8, mask=km, other=0), tl.load(xb + KB * 12, mask=km, other=0))
+
+
+@triton.jit
+def _lanes_dot(w, l0, l1, l2, l3, DECODE: tl.constexpr):
+    """(BLOCK_N, NB) block dots of words w with x lanes l0..l3 (NB, 4): DECODE 4 in f16x2 (_ptx_hfma), else the
+    lanes widened to fp32 and multiplied as the other decodes do."""
+    if DECODE == 4:
+        d = tl.inline_asm_elementwise(_PTX_HFMA, "=r,r,r,r,r,r",
+                                      [w, tl.broadcast_to(l0[None, :, :], w.shape),
+                                       tl.broadcast_to(l1[None, :, :], w.shape),
+                                       tl.broadcast_to(l2[None, :, :], w.shape),
+                                       tl.broadcast_to(l3[None, :, :], w.shape)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return tl.sum(d, axis=2)
+    x0, x2 = _f16_pair(l0)  # the lanes of _LANE_SRC: (0, 2), (4, 6), (1, 3), (5, 7)
+    x4, x6 = _f16_pair(l1)
+    x1, x3 = _f16_pair(l2)
+    x5, x7 = _f16_pair(l3)
+    return _word_dots(w, x0, x1, x2, x3, x4, x5, x6, x7, DECODE)
+
+
+@triton.jit
+def _word_dots(w, x0, x1, x2, x3, x4, x5, x6, x7, DECODE: tl.constexpr):
+    """(BLOCK_N, NB): each block's 4 words decoded (_fp4x8) and multiplied by x0..x7 (NB, 4) in fp32, summed."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _fp4x8(w, DECODE)
+    d = v0 * x0[None, :, :]
+    d = tl.fma(v1, x1[None, :, :], d)
+    d = tl.fma(v2, x2[None, :, :], d)
+    d = tl.fma(v3, x3[None, :, :], d)
+    d = tl.fma(v4, x4[None, :, :], d)
+    d = tl.fma(v5, x5[None, :, :], d)
+    d = tl.fma(v6, x6[None, :, :], d)
+    d = tl.fma(v7, x7[None, :, :], d)
+    return tl.sum(d, axis=2)  # the 4 words of a block
+
+
+@triton.jit
 def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.constexpr, X_LANES: tl.constexpr):
     """w (BLOCK_N, NB, 4) int32 words at word index kw (NB, 4) of each row, km (NB, 1) the blocks inside K ->
     (BLOCK_N, NB) the dot of each 32-value block with x (unscaled, times the decode's 2**-14 / 2**-6)."""
-    if X_LANES:  # x as f16 lanes (mxfp4_lanes): lane q of word kw at q * K/8 + kw, 16 bytes a thread's block
-        xb = X + xr * (KB * 16) + kw
-        l0 = tl.load(xb, mask=km, other=0)
-        l1 = tl.load(xb + KB * 4, mask=km, other=0)
-        l2 = tl.load(xb + KB * 8, mask=km, other=0)
-        l3 = tl.load(xb + KB * 12, mask=km, other=0)
-        if DECODE == 4:
-            d = tl.inline_asm_elementwise(_PTX_HFMA, "=r,r,r,r,r,r",
-                                          [w, tl.broadcast_to(l0[None, :, :], w.shape),
-                                           tl.broadcast_to(l1[None, :, :], w.shape),
-                                           tl.broadcast_to(l2[None, :, :], w.shape),
-                                           tl.broadcast_to(l3[None, :, :], w.shape)],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-            return tl.sum(d, axis=2)
-        x0, x2 = _f16_pair(l0)  # the lanes of _LANE_SRC: (0, 2), (4, 6), (1, 3), (5, 7)
-        x4, x6 = _f16_pair(l1)
-        x1, x3 = _f16_pair(l2)
-        x5, x7 = _f16_pair(l3)
-    elif X_WORDS:  # x word 4 * kw + q holds elements 8 * kw + 2q and 8 * kw + 2q + 1
+    if X_LANES:
+        l0, l1, l2, l3 = _lanes_load(X, xr, kw, km, KB)
+        return _lanes_dot(w, l0, l1, l2, l3, DECODE)
+    if X_WORDS:  # x word 4 * kw + q holds elements 8 * kw + 2q and 8 * kw + 2q + 1
         xw = xr * (KB * 16) + 4 * kw
         x0, x1 = _x_pair(X, xw, km)
         x2, x3 = _x_pair(X, xw + 1, km)
@@ -239,16 +267,7 @@ def _mxfp4_block_sums(w, X, xr, kw, km, KB, X_WORDS: tl.constexpr, DECODE: tl.co
         x5 = tl.load(X + xk + 5, mask=km, other=0.0).to(tl.float32)
         x6 = tl.load(X + xk + 6, mask=km, other=0.0).to(tl.float32)
         x7 = tl.load(X + xk + 7, mask=km, other=0.0).to(tl.float32)
-    v0, v1, v2, v3, v4, v5, v6, v7 = _fp4x8(w, DECODE)
-    d = v0 * x0[None, :, :]
-    d = tl.fma(v1, x1[None, :, :], d)
-    d = tl.fma(v2, x2[None, :, :], d)
-    d = tl.fma(v3, x3[None, :, :], d)
-    d = tl.fma(v4, x4[None, :, :], d)
-    d = tl.fma(v5, x5[None, :, :], d)
-    d = tl.fma(v6, x6[None, :, :], d)
-    d = tl.fma(v7, x7[None, :, :], d)
-    return tl.sum(d, axis=2)  # the 4 words of a block
+    return _word_dots(w, x0, x1, x2, x3, x4, x5, x6, x7, DECODE)
 
 
 @triton.jit
@@ -268,7 +287,8 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
     2**14 into the scale instead ((s + 14) << 23) would be wrong for s > 240. K must be a multiple of 32; the
     last tile is masked by whole blocks. X_WORDS: X is a contiguous bf16 (M, K) read as int32 pairs, else X is
     read element-wise (any float dtype). PREFETCH: the next tile's words and scales are loaded before this tile
-    is decoded (two tiles in flight a thread).
+    is decoded (two tiles in flight a thread); with lanes, 2 also loads the next tile's x lanes ahead, 3 as well
+    the words and scales two tiles ahead (without lanes, 2 and 3 act as 1).
     GLU >= 0 (an ACTS code): each expert's W holds [gate; up] (2 N_OUT rows) and Y[p, n] = act(gate_n, up_n),
     each rounded to Y's dtype first as an unfused GEMV would store it. The tile's first BLOCK_N/2 rows are gate
     rows n.., the other half the up rows of the same n: one stream of BLOCK_N rows, as without GLU, split
@@ -297,7 +317,34 @@ def _mxfp4_gemv_bits_kernel(X, X_ROW, EXPERT, BLOCKS, SCALES, BIAS, Y, N_OUT, K,
     wbase = BLOCKS + wrow[:, None, None] * KW + kw0[None, :, :]
     sbase = SCALES + wrow[:, None] * KB + sb[None, :]
     acc = tl.zeros((BLOCK_N, NB), tl.float32)
-    if PREFETCH:
+    if X_LANES and PREFETCH >= 2:  # x lanes one tile ahead too; PREFETCH 3: words and scales two tiles ahead
+        bm = sb < KB
+        w = tl.load(wbase, mask=rm[:, None, None] & bm[None, :, None], other=0)
+        sc = tl.load(sbase, mask=rm[:, None] & bm[None, :], other=0)
+        l0, l1, l2, l3 = _lanes_load(X, xr, kw0, bm[:, None], KB)
+        if PREFETCH == 3:
+            bm1 = (NB + sb) < KB
+            w1 = tl.load(wbase + NB * 4, mask=rm[:, None, None] & bm1[None, :, None], other=0)
+            sc1 = tl.load(sbase + NB, mask=rm[:, None] & bm1[None, :], other=0)
+        for b0 in range(0, KB, NB):
+            if PREFETCH == 3:
+                bm2 = (b0 + 2 * NB + sb) < KB
+                w2 = tl.load(wbase + (b0 + 2 * NB) * 4, mask=rm[:, None, None] & bm2[None, :, None], other=0)
+                sc2 = tl.load(sbase + b0 + 2 * NB, mask=rm[:, None] & bm2[None, :], other=0)
+            else:
+                bm1 = (b0 + NB + sb) < KB
+                w1 = tl.load(wbase + (b0 + NB) * 4, mask=rm[:, None, None] & bm1[None, :, None], other=0)
+                sc1 = tl.load(sbase + b0 + NB, mask=rm[:, None] & bm1[None, :], other=0)
+            n0, n1, n2, n3 = _lanes_load(X, xr, (b0 + NB) * 4 + kw0, ((b0 + NB + sb) < KB)[:, None], KB)
+            part = _lanes_dot(w, l0, l1, l2, l3, DECODE)
+            acc += part * (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # E8M0: 2 ** (sc - 127)
+            w = w1
+            sc = sc1
+            if PREFETCH == 3:
+                w1 = w2
+                sc1 = sc2
+            l0, l1, l2, l3 = n0, n1, n2, n3
+    elif PREFETCH:
         bm = sb < KB
         w = tl.load(wbase, mask=rm[:, None, None] & bm[None, :, None], other=0)
         sc = tl.load(sbase, mask=rm[:, None] & bm[None, :], other=0)
@@ -369,26 +416,40 @@ MXFP4_GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, p
                                              (32, 1024, 8, False), (64, 512, 8, False), (16, 512, 4, True),
                                              (32, 256, 4, True), (8, 512, 4, True), (32, 512, 8, True),
                                              (4, 512, 4, True), (8, 256, 4, True), (8, 1024, 4, True),
-                                             (16, 1024, 8, True), (8, 1024, 8, True), (16, 512, 8, True))]
+                                             (16, 1024, 8, True), (8, 1024, 8, True), (16, 512, 8, True),
+                                             (8, 512, 4, 2), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 1024, 4, 2),
+                                             (4, 512, 4, 2), (4, 1024, 4, 2), (8, 256, 4, 3))]
 # Measured on an H100 (bench_mxfp4_gemv.py, gpt-oss-120b shapes, 2026-12-06, one run): the gate|up GEMV with the
 # GLU epilogue / the down GEMV take 22.9 / 13.7 us with this default (8 rows, prefetch, decode "auto" = ptx_e4m3
 # there), 24.1 / 15.3 with the fp16-bit decode, 26.6 / 16.1 with ptx_prmt (no conversion instruction, more integer
 # ops), 57.7 / 32.7 legacy; 32-row tiles 29-32 / 20-21 us. The time follows the instruction count a weight word
 # (decode, the x loads and unpacking, 8 FMAs), not the conversions: the kernel streams ~1.3-1.5 TB/s.
 MXFP4_GEMV_DEFAULT = dict(MXFP4_GEMV_CONFIGS[10], decode="auto")
-# A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
-# GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}'
-if os.environ.get("GIANTS_MXFP4_GEMV"):
+# The gate|up GEMV with the GLU epilogue (glu=...) has its own default tile (its rows are twice the down GEMV's)
+MXFP4_GEMV_GLU_DEFAULT = dict(MXFP4_GEMV_DEFAULT)
+
+
+def _env_tile(var: str, into: dict) -> None:
+    """A measured pick without editing this file (benchmarks run the sweep, then the model with the best), e.g.
+    GIANTS_MXFP4_GEMV='{"block_n": 32, "block_k": 512, "num_warps": 4, "decode": "ptx_f16"}' (every MXFP4 GEMV;
+    GIANTS_MXFP4_GEMV_GLU then sets the GLU GEMV's apart)."""
+    if not os.environ.get(var):
+        return
     try:
-        _given = json.loads(os.environ["GIANTS_MXFP4_GEMV"])
+        given = json.loads(os.environ[var])
     except json.JSONDecodeError as e:
-        raise ValueError(f"GIANTS_MXFP4_GEMV: not JSON ({e}): {os.environ['GIANTS_MXFP4_GEMV']!r}") from None
-    if not isinstance(_given, dict):
-        raise ValueError(f"GIANTS_MXFP4_GEMV: a JSON object of tile options, got {_given!r}")
-    _unknown = set(_given) - set(MXFP4_GEMV_DEFAULT)
-    if _unknown:
-        raise ValueError(f"GIANTS_MXFP4_GEMV: unknown keys {sorted(_unknown)} (known: {sorted(MXFP4_GEMV_DEFAULT)})")
-    MXFP4_GEMV_DEFAULT.update(_given)
+        raise ValueError(f"{var}: not JSON ({e}): {os.environ[var]!r}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"{var}: a JSON object of tile options, got {given!r}")
+    unknown = set(given) - set(MXFP4_GEMV_DEFAULT)
+    if unknown:
+        raise ValueError(f"{var}: unknown keys {sorted(unknown)} (known: {sorted(MXFP4_GEMV_DEFAULT)})")
+    into.update(given)
+
+
+_env_tile("GIANTS_MXFP4_GEMV", MXFP4_GEMV_DEFAULT)
+_env_tile("GIANTS_MXFP4_GEMV", MXFP4_GEMV_GLU_DEFAULT)
+_env_tile("GIANTS_MXFP4_GEMV_GLU", MXFP4_GEMV_GLU_DEFAULT)
 MXFP4_GEMV_IMPL = "bits"  # what mxfp4_gemv runs when impl is not given: "bits" or "legacy"
 
 
@@ -445,12 +506,12 @@ def mxfp4_lanes(x: torch.Tensor) -> F16Lanes:
     return F16Lanes(words, K, x.dtype)
 
 
-def uses_lanes(x: torch.Tensor | F16Lanes) -> bool:
-    """Whether mxfp4_gemv's default for this x multiplies in f16 lanes (then a GLU GEMV should hand on lanes, and a
-    kernel producing x may produce lanes); lanes given stay lanes."""
+def uses_lanes(x: torch.Tensor | F16Lanes, glu: bool = False) -> bool:
+    """Whether mxfp4_gemv's default (the GLU GEMV's with glu) for this x multiplies in f16 lanes: then a kernel
+    producing x may produce lanes (a GLU GEMV hands on lanes to the down GEMV); lanes given stay lanes."""
     if isinstance(x, F16Lanes):
         return True
-    d = MXFP4_GEMV_DEFAULT["decode"]
+    d = (MXFP4_GEMV_GLU_DEFAULT if glu else MXFP4_GEMV_DEFAULT)["decode"]
     return MXFP4_GEMV_IMPL == "bits" and (d == "hfma" or d == "auto" and _auto_decode(x.device, x.dtype) == "hfma")
 
 
@@ -467,8 +528,8 @@ def mxfp4_gemv(x: torch.Tensor | F16Lanes, x_row: torch.Tensor, expert: torch.Te
     F16Lanes (each value rounded to x's dtype first) for the next GEMV's hfma decode.
     impl "bits" (default: MXFP4_GEMV_IMPL) decodes the nibbles a 32-bit word at a time (_fp4x8); "legacy" is
     the byte-wise kernel. block_n / block_k / num_warps / num_stages / prefetch / decode override MXFP4_GEMV_DEFAULT
-    (bits only; decode one of MXFP4_DECODES, the ptx_* ones and hfma on CUDA only; hfma converts a tensor x to
-    lanes first, and every decode reads lanes given as x)."""
+    (MXFP4_GEMV_GLU_DEFAULT with glu; bits only; decode one of MXFP4_DECODES, the ptx_* ones and hfma on CUDA only;
+    hfma converts a tensor x to lanes first, and every decode reads lanes given as x)."""
     impl = impl or MXFP4_GEMV_IMPL
     if impl not in ("bits", "legacy"):
         raise ValueError(f"mxfp4_gemv: impl must be 'bits' or 'legacy', got {impl!r}")
@@ -507,7 +568,8 @@ def mxfp4_gemv(x: torch.Tensor | F16Lanes, x_row: torch.Tensor, expert: torch.Te
                                                          HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                                          num_warps=4, **_pdl())
         return out
-    c = {k: (v if v is not None else MXFP4_GEMV_DEFAULT[k]) for k, v in tile.items()}
+    default = MXFP4_GEMV_GLU_DEFAULT if glu is not None else MXFP4_GEMV_DEFAULT
+    c = {k: (v if v is not None else default[k]) for k, v in tile.items()}
     if c["block_k"] < 32 or c["block_k"] & (c["block_k"] - 1):
         raise ValueError(f"mxfp4_gemv: block_k must be a power of two >= 32, got {c['block_k']}")
     if glu is not None and c["block_n"] < 2:
@@ -529,7 +591,7 @@ def mxfp4_gemv(x: torch.Tensor | F16Lanes, x_row: torch.Tensor, expert: torch.Te
     _mxfp4_gemv_bits_kernel[(P, triton.cdiv(n_out, per_program))](
         x_arg, x_row, expert, words, scales, bias_arg, out, n_out, K, alpha, limit,
         HAS_BIAS=bias is not None, X_WORDS=x_words, DECODE=MXFP4_DECODES.index(c["decode"]),
-        PREFETCH=bool(c["prefetch"]), GLU=ACTS[glu] if glu is not None else -1, X_LANES=lanes,
+        PREFETCH=int(c["prefetch"]), GLU=ACTS[glu] if glu is not None else -1, X_LANES=lanes,
         LANES_OUT=lanes_out, ROUND={torch.bfloat16: 1, torch.float16: 2}.get(x_dtype, 0),
         BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=c["num_stages"], **_pdl())
     return out_lanes if lanes_out else out
