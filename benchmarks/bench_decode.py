@@ -236,6 +236,8 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     util = {"gpu_memory_utilization": 0.45} if device.type == "cuda" else {}  # CUDA only: refused on the CPU
     llm = LLM(preset, device=device, dtype=dtype, seed=0, max_model_len=1024, max_num_seqs=4,
               quantization=quantization, **util)
@@ -247,6 +249,8 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     g = giants_decode(llm, prompt, new)
     r["giants"] = {k: v for k, v in g.items() if k != "tokens"}
     r["giants"]["fraction_of_roofline"] = g["tok_s"] / roof
+    if device.type == "cuda":  # weights, KV cache, CUDA graphs and workspace of the decode just measured
+        r["max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}; graph replay "
           f"{g.get('graph_replay_ms', 0):.2f} ms/step; gemv {g.get('gemv_choice')}", flush=True)
     runner = llm.engine.runner
@@ -358,7 +362,8 @@ def main() -> None:
         free()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     record.record(args.record, [record.entry(r["preset"], device, dtype, quantization=r["quantization"],
-                                             tok_s_batch1=r["giants"]["tok_s"],
+                                             tok_s_batch1=r["giants"]["tok_s"], memory_gib=r.get("max_allocated_gib"),
+                                             memory_what="max allocated by torch (weights, KV cache, CUDA graphs)",
                                              note=f"{r['giants']['fraction_of_roofline']:.1%} of its "
                                                   f"{r['roofline_tok_s']:.1f} tok/s roofline")
                                 for r in results.values() if isinstance(r, dict) and "giants" in r])
