@@ -144,7 +144,11 @@ def main() -> None:
     for s in shapes:
         print(f"{s.name}: N={s.N} K={s.K}, {s.mb:.1f} MB of weights a call", flush=True)
     legacy = {s.name: s.measure("legacy", impl="legacy") for s in shapes}
-    dflt = {s.name: kmx.MXFP4_GEMV_GLU_DEFAULT if s.glu else kmx.MXFP4_GEMV_DEFAULT for s in shapes}
+    dflt = {}
+    for s in shapes:  # what a call leaving the tile unset runs for bf16 x (the decode resolved, then its tile)
+        d = (kmx.MXFP4_GEMV_GLU_DEFAULT if s.glu else kmx.MXFP4_GEMV_DEFAULT)["decode"]
+        d = kmx._auto_decode(torch.device("cuda"), torch.bfloat16) if d == "auto" else d
+        dflt[s.name] = dict(kmx._default_tile(bool(s.glu), d), decode=d)
     default = {s.name: s.measure("bits default " + _label(dflt[s.name]) + " " + dflt[s.name]["decode"], impl="bits")
                for s in shapes}
     budget_hit = False

@@ -450,6 +450,21 @@ def _env_tile(var: str, into: dict) -> None:
 _env_tile("GIANTS_MXFP4_GEMV", MXFP4_GEMV_DEFAULT)
 _env_tile("GIANTS_MXFP4_GEMV", MXFP4_GEMV_GLU_DEFAULT)
 _env_tile("GIANTS_MXFP4_GEMV_GLU", MXFP4_GEMV_GLU_DEFAULT)
+# The hfma decode's own tiles (same-run sweep, H100, gpt-oss-120b shapes, 2026-12-06 19:12, x lanes made in the timed
+# call: glu 21.0 us at 16 rows x 1024 without prefetch against 22.2 at the default 8 x 512 prefetch; down 12.7 us at
+# 8 x 1024 prefetch against 13.6); used where the decode resolves to hfma and no tile came from the environment.
+MXFP4_HFMA_TILE = dict(block_n=8, block_k=1024, num_warps=4, num_stages=1, prefetch=True)
+MXFP4_HFMA_GLU_TILE = dict(block_n=16, block_k=1024, num_warps=4, num_stages=1, prefetch=False)
+_ENV_TILE = {False: bool(os.environ.get("GIANTS_MXFP4_GEMV")),
+             True: bool(os.environ.get("GIANTS_MXFP4_GEMV") or os.environ.get("GIANTS_MXFP4_GEMV_GLU"))}
+
+
+def _default_tile(glu: bool, decode: str) -> dict:
+    """The tile options a call leaves unset: the role's default, or the hfma tiles for the hfma decode."""
+    base = MXFP4_GEMV_GLU_DEFAULT if glu else MXFP4_GEMV_DEFAULT
+    if decode == "hfma" and not _ENV_TILE[glu]:
+        return {**base, **(MXFP4_HFMA_GLU_TILE if glu else MXFP4_HFMA_TILE)}
+    return base
 MXFP4_GEMV_IMPL = "bits"  # what mxfp4_gemv runs when impl is not given: "bits" or "legacy"
 
 
@@ -528,8 +543,9 @@ def mxfp4_gemv(x: torch.Tensor | F16Lanes, x_row: torch.Tensor, expert: torch.Te
     F16Lanes (each value rounded to x's dtype first) for the next GEMV's hfma decode.
     impl "bits" (default: MXFP4_GEMV_IMPL) decodes the nibbles a 32-bit word at a time (_fp4x8); "legacy" is
     the byte-wise kernel. block_n / block_k / num_warps / num_stages / prefetch / decode override MXFP4_GEMV_DEFAULT
-    (MXFP4_GEMV_GLU_DEFAULT with glu; bits only; decode one of MXFP4_DECODES, the ptx_* ones and hfma on CUDA only;
-    hfma converts a tensor x to lanes first, and every decode reads lanes given as x)."""
+    (MXFP4_GEMV_GLU_DEFAULT with glu, the MXFP4_HFMA_* tiles for the hfma decode; bits only; decode one of
+    MXFP4_DECODES, the ptx_* ones and hfma on CUDA only; hfma converts a tensor x to lanes first, and every decode
+    reads lanes given as x)."""
     impl = impl or MXFP4_GEMV_IMPL
     if impl not in ("bits", "legacy"):
         raise ValueError(f"mxfp4_gemv: impl must be 'bits' or 'legacy', got {impl!r}")
@@ -568,16 +584,19 @@ def mxfp4_gemv(x: torch.Tensor | F16Lanes, x_row: torch.Tensor, expert: torch.Te
                                                          HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                                          num_warps=4, **_pdl())
         return out
-    default = MXFP4_GEMV_GLU_DEFAULT if glu is not None else MXFP4_GEMV_DEFAULT
+    role_default = MXFP4_GEMV_GLU_DEFAULT if glu is not None else MXFP4_GEMV_DEFAULT
+    dec = decode if decode is not None else role_default["decode"]
+    if dec == "auto":
+        dec = _auto_decode(blocks.device, x_dtype, lanes)
+    if dec not in MXFP4_DECODES:
+        raise ValueError(f"mxfp4_gemv: decode must be 'auto' or one of {MXFP4_DECODES}, got {dec!r}")
+    default = _default_tile(glu is not None, dec)
     c = {k: (v if v is not None else default[k]) for k, v in tile.items()}
+    c["decode"] = dec
     if c["block_k"] < 32 or c["block_k"] & (c["block_k"] - 1):
         raise ValueError(f"mxfp4_gemv: block_k must be a power of two >= 32, got {c['block_k']}")
     if glu is not None and c["block_n"] < 2:
         raise ValueError(f"mxfp4_gemv: glu needs block_n >= 2 (half gate rows, half up rows), got {c['block_n']}")
-    if c["decode"] == "auto":
-        c["decode"] = _auto_decode(blocks.device, x_dtype, lanes)
-    if c["decode"] not in MXFP4_DECODES:
-        raise ValueError(f"mxfp4_gemv: decode must be 'auto' or one of {MXFP4_DECODES}, got {c['decode']!r}")
     if c["decode"] == "hfma" and not lanes:
         x, lanes = mxfp4_lanes(x), True
     words = blocks.view(torch.int32)  # (E, N, K/8): word w = bytes 4w..4w+3 = elements 8w..8w+7
