@@ -380,7 +380,7 @@ def case_lanes():
     bit for bit; the GLU GEMV's lanes_out holds its plain output rounded to fp16, and the down GEMV reading those
     lanes gives that output's down projection; the lanes refuse what they cannot do."""
     g = torch.Generator().manual_seed(9)
-    E, F, K = 3, 64, 96
+    E, F, K = 3, 32, 96
     x = torch.randn(2, K, generator=g) * 3
     x[0, 5], x[1, 17], x[1, 40] = 1e6, -7e4, float("nan")
     for xdt in (torch.float32, torch.bfloat16):
@@ -398,8 +398,10 @@ def case_lanes():
         xx = x.to(xdt)
         lanes = kmx.mxfp4_lanes(xx)
         x16 = xx.half().to(xdt) if xdt == torch.bfloat16 else xx.half().float()
-        for c in (dict(block_n=8, block_k=64), dict(block_n=4, block_k=32, prefetch=True),
-                  dict(block_n=4, block_k=32, prefetch=2), dict(block_n=8, block_k=64, prefetch=3)):
+        # (the interpreter is slow: one tile for fp32, the two lanes-prefetching ones for bf16)
+        cfgs = ([dict(block_n=8, block_k=64)] if xdt == torch.float32 else
+                [dict(block_n=4, block_k=32, prefetch=2), dict(block_n=8, block_k=64, prefetch=3)])
+        for c in cfgs:
             got = tk.mxfp4_gemv(lanes, rows, ex, blocks, scales, bias, **c)
             want = tk.mxfp4_gemv(x16.float(), rows, ex, blocks, scales, bias, out=torch.empty(3, 2 * F, dtype=xdt), **c)
             assert got.dtype == xdt and torch.equal(got, want), (xdt, c)
