@@ -127,7 +127,8 @@ def test_fit_says_not_measured(capsys):
 
 def test_claims_and_report_show_the_measured_runs(tmp_path, monkeypatch):
     ev = {c.id: c.evidence for c in check_claims()}
-    assert "measured: 1 x H100, 329.6 tok/s batch 1, mxfp4, random weights, 2026-12-06" in ev["gpt-oss-8xh100"]
+    assert ("measured: 1 x H100, 65.75 GiB max allocated by torch (weights, KV cache, CUDA graphs), 350.4 tok/s "
+            "batch 1, mxfp4, random weights, 2026-12-06") in ev["gpt-oss-8xh100"]
     assert "measured: not measured on A100" in ev["gemma-1xa100"]
     import giants.analysis.report as report
 
