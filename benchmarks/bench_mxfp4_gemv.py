@@ -97,7 +97,12 @@ class Shape:
 
 def _label(c: dict) -> str:
     return (f"bn={c['block_n']} bk={c['block_k']} w={c['num_warps']} s={c['num_stages']}"
-            f"{' pf' if c.get('prefetch') else ''}")
+            + _pf(c.get("prefetch")))
+
+
+def _pf(p) -> str:
+    """prefetch in a label: " pf" (the next tile's words), " pf2" (and x lanes), " pf3" (words two tiles ahead)."""
+    return "" if not p else " pf" if p is True or p == 1 else f" pf{int(p)}"
 
 
 def main() -> None:
