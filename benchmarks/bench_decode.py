@@ -220,6 +220,9 @@ def run_check(device: torch.device) -> dict:
     return res
 
 
+RERUNS = True  # --no-reruns: only the default decode of each model
+
+
 def free() -> None:
     torch._dynamo.reset()  # compiled transformers forwards hold their model and CUDA-graph pools
     gc.collect()
@@ -254,7 +257,7 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
     print(f"{name}: giants {g['tok_s']:.1f} tok/s = {g['tok_s'] / roof:.1%} of roofline {roof:.1f}; graph replay "
           f"{g.get('graph_replay_ms', 0):.2f} ms/step; gemv {g.get('gemv_choice')}", flush=True)
     runner = llm.engine.runner
-    if getattr(runner, "graphs", None) is not None:
+    if getattr(runner, "graphs", None) is not None and RERUNS:
         from giants.inference import kernels as tk
 
         # the same model and kernel picks, the decode graph captured again with one switch flipped
@@ -321,8 +324,12 @@ def main() -> None:
     ap.add_argument("--no-hf-20b", action="store_true", help="skip transformers on the gpt-oss-20b shape")
     ap.add_argument("--pdl-modes", default="0",
                     help="also decode with programmatic dependent launch set so: comma list of 0 (off) / 1 (on)")
+    ap.add_argument("--no-reruns", action="store_true",
+                    help="skip the same-run decodes with one switch flipped (PDL, chain, splits, fusions, decode)")
     record.add_argument(ap)
     args = ap.parse_args()
+    global RERUNS
+    RERUNS = not args.no_reruns
     device = torch.device(args.device)
     torch.manual_seed(0)
     results = {"env": env(device)}
