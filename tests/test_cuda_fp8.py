@@ -209,3 +209,71 @@ def test_fp8_bf16_logits_close_to_the_bf16_model():
         a, b = ref.model(ids).float(), fp8.model(ids).float()
     rel = ((a - b).norm() / a.norm()).item()
     assert 0 < rel < 0.12, rel  # a missing or misplaced scale gives ~1 or more
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["channel", "block", "fused"])
+def test_chained_fp8_gemvs_equal_dequantized_norm_then_linear(layout):
+    """The batch-1 chain on FP8 weights (Llama-3.1-8B shapes): the O GEMV adds the residual and hands on x * (next norm
+    weight) and rstd; gate|up scales by rstd and applies the GLU; the QKV GEMV scales, rotates and writes the KV
+    cache; each against the same kernel on the dequantized weight and against dequantize-then-matmul."""
+    import torch.nn.functional as F
+
+    from giants.inference import kernels as tk
+    from giants.inference.kernels import fp8 as k8
+
+    torch.manual_seed(0)
+    K, F_, dt = 4096, 14336, torch.float32
+    wo, wgu = _weight(K, K, layout, seed=1), _weight(2 * F_, K, layout, seed=2)
+    x, r = torch.randn(1, K, device="cuda", dtype=dt), torch.randn(1, K, device="cuda", dtype=dt)
+    nw = torch.rand(K, device="cuda", dtype=dt) + 0.5
+    cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for c in k8.FP8_GEMV_CONFIGS:
+        s, hx, rstd = tk.gemv(x, wo, None, residual=(r, nw, 1e-5, False, cnt), **c)
+        assert int(cnt) == 0
+        assert _rel(s, x @ wo.dequantize().t() + r) < 1e-5, c
+        torch.testing.assert_close(hx, s * nw)
+        torch.testing.assert_close(rstd, torch.rsqrt(s.pow(2).mean() + 1e-5).reshape(1), rtol=1e-5, atol=0)
+        y = tk.gemv(hx, wgu, None, scale=rstd, glu="silu_glu", **c)
+        want = tk.glu(F.linear(tk.rmsnorm(s, nw, 1e-5, False), wgu.dequantize()), "silu_glu")
+        assert _rel(y, want) < 1e-5, c
+    H, Hkv, D = 32, 8, 128
+    wqkv = _weight((H + 2 * Hkv) * D, K, layout, seed=3)
+    ang = torch.rand(1, D // 2, device="cuda") * 6
+    slots = torch.tensor([37], device="cuda")
+    caches = [torch.zeros(4, 16, Hkv, D, device="cuda", dtype=dt) for _ in range(4)]
+    q1, q2 = torch.empty(1, H, D, device="cuda", dtype=dt), torch.empty(1, H, D, device="cuda", dtype=dt)
+    tk.qkv_rope_gemv(hx, wqkv, None, rstd, ang.cos(), ang.sin(), q1, caches[0], caches[1], slots, H, Hkv, block_n=8,
+                     block_k=1024)
+    tk.qkv_rope_gemv(hx, wqkv.dequantize(), None, rstd, ang.cos(), ang.sin(), q2, caches[2], caches[3], slots, H, Hkv,
+                     block_n=8, block_k=1024)
+    for a, b in ((q1, q2), (caches[0], caches[2]), (caches[1], caches[3])):
+        assert _rel(a, b) < 1e-5
+    assert caches[0].view(-1, Hkv, D)[37].abs().sum() > 0
+
+
+@cuda
+@pytest.mark.parametrize("q", ["fp8", "fp8-block+head"])
+def test_chained_fp8_decode_gives_the_plain_paths_tokens(q):
+    """Batch-1 FP8 decode as the chain of FP8 GEMVs (no norm, rotary or GLU kernels) against the plain fused path
+    (fp8_norm_gemv, rope_kv_write) on the same weights, fp32 activations: the same greedy tokens; left to timing, the
+    runner records both graphs' times and whether they agree."""
+    from giants.inference import LLM, SamplingParams
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (5, 33)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = []
+    for chain in (False, True, None):
+        llm = LLM("tiny-llama", device="cuda", dtype="float32", seed=0, num_blocks=128, max_model_len=256,
+                  max_num_seqs=4, quantization=q)
+        runner = llm.engine.runner
+        assert runner.chain_possible and all(runner.chain_layers)
+        runner.chain = chain
+        outs.append([llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts])  # batch 1: the chain applies
+        if chain is None:
+            t = runner.gemv_times["chain"]
+            assert t["agrees"] and runner.chain == (t["chain_ms"] < 1.005 * t["plain_ms"])
+        if chain:
+            assert any(k[0] == "chain-qkv" for k in runner.gemv_choice)
+    assert outs[1] == outs[0] and outs[2] == outs[0], outs

@@ -345,13 +345,40 @@ _KERNELS = textwrap.dedent("""
         deq = w8.dequantize()
         ref = torch.stack([deq[e] @ x[r] + b[e] for r, e in zip(rows.tolist(), ex.tolist())])
         worst = max(worst, float((y - ref).norm() / ref.norm()))
+    from giants.inference import kernels as tk
+
+    for block in (None, (64, 64)):  # the batch-1 chain's GEMVs on FP8 weights
+        N, K = 128, 256
+        wo = FP8Weight(*quantize(torch.randn(N, K) / 16, block), block)
+        wgu = FP8Weight(*quantize(torch.randn(128, N) / 16, block), block)
+        x, r, nw = torch.randn(1, K), torch.randn(1, N), torch.rand(N) + 0.5
+        cnt = torch.zeros(1, dtype=torch.int32)
+        s, hx, rstd = tk.gemv(x, wo, None, residual=(r, nw, 1e-5, False, cnt), block_n=8, block_k=64)
+        ref = x @ wo.dequantize().t() + r
+        assert int(cnt) == 0 and torch.allclose(rstd, torch.rsqrt(s.pow(2).mean() + 1e-5).reshape(1), rtol=1e-5)
+        worst = max(worst, float((s - ref).norm() / ref.norm()))
+        y = tk.gemv(hx, wgu, None, scale=rstd, glu="silu_glu", block_n=4, block_k=64)
+        ref = tk.glu(tk.rmsnorm(s, nw, 1e-5, False) @ wgu.dequantize().t(), "silu_glu")
+        worst = max(worst, float((y - ref).norm() / ref.norm()))
+        H, Hkv, D = 4, 2, 16
+        wqkv = FP8Weight(*quantize(torch.randn((H + 2 * Hkv) * D, N) / 8, block), block)
+        ang = torch.rand(1, D // 2) * 6
+        out = []
+        for w in (wqkv, wqkv.dequantize()):  # FP8 against the float kernel on the dequantized weight
+            q, kc, vc = torch.empty(1, H, D), torch.zeros(4, 4, Hkv, D), torch.zeros(4, 4, Hkv, D)
+            tk.qkv_rope_gemv(hx, w, None, rstd, ang.cos(), ang.sin(), q, kc, vc, torch.tensor([5]), H, Hkv,
+                             block_n=4, block_k=64)
+            out.append(torch.cat([q.flatten(), kc.flatten(), vc.flatten()]))
+        assert out[0].abs().sum() > 0
+        worst = max(worst, float((out[0] - out[1]).norm() / out[1].norm()))
     print(worst)
 """)
 
 
 def test_triton_kernels_under_the_interpreter():
     """The GEMV (row-wise, 128x128 blocks with partial edges, fused per-row scales; fp32 and bf16 activations), with
-    the norm and GLU fused in, the expert-indexed GEMV and the weight-only GEMM against dequantize-then-matmul; a
+    the norm and GLU fused in, the expert-indexed GEMV, the weight-only GEMM, and the batch-1 chain's GEMVs (residual,
+    next norm, rstd; GLU; QKV with rotary and KV write) on FP8 weights against dequantize-then-matmul; a
     fresh process, since the
     interpreter is chosen when the kernels are first imported. tests/test_cuda_fp8.py runs them on a GPU."""
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -391,13 +418,35 @@ _RUNNER = textwrap.dedent("""
                 assert eng.runner.fast and {f[1][0] for f in eng.runner.fused} <= {"dense", "fp8moe"}
             outs.append(done)
         assert outs[0] == outs[1], (name, outs)
+    # batch 1 as the chain of FP8 GEMVs (chain forced: on the GPU the runner times it against the plain path)
+    for q in ("fp8-block+head", "fp8"):
+        cfg = giants.get_config("tiny-llama").replace(vocab_size=320)
+        outs = []
+        for chain in (None, False, True):
+            def chained(e, chain=chain):
+                r = cuda_runner(e)
+                r.chain = chain
+                return r
+            model = quantize_model(giants.build(cfg, seed=0).eval(), q)
+            eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
+                         make_runner=chained if chain is not None else None, cpu_onednn=False)
+            done = {}
+            for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7, 8]]):  # one at a time: batch-1 steps
+                eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=5))
+                while eng.has_unfinished_requests():
+                    done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+            if chain:
+                assert all(eng.runner.chain_layers) and any(k[0] == "chain-qkv" for k in eng.runner.gemv_choice)
+            outs.append(done)
+        assert outs[0] == outs[1] == outs[2], (q, outs)
     print("ok")
 """)
 
 
 def test_fused_cuda_decode_of_fp8_models_under_the_interpreter():
     """CudaModelRunner's fused decode forward (FP8Weights in its norm / linear / GLU steps, the expert-indexed FP8
-    GEMV for MoE) run eagerly on the CPU under the Triton interpreter: the generic runner's tokens."""
+    GEMV for MoE, and at batch 1 the chain of FP8 GEMVs) run eagerly on the CPU under the Triton interpreter: the
+    generic runner's tokens."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _RUNNER], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from giants.inference import kernels as tk
+from giants.inference.fp8 import FP8Linear, FP8Weight
+from giants.inference.kernels import fp8 as k8
 from giants.inference.kernels import mxfp4 as kmx
 from giants.inference.kv_cache import KVCacheManager
 from giants.inference.runner import Chunk, ModelRunner, verify_rows
@@ -40,6 +42,23 @@ def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e) / reps
+
+
+_CHAIN_LINEARS = (torch.nn.Linear, FP8Linear)
+
+
+def _cold(w) -> list:
+    """cold_copies of a float weight or of an FP8Weight's bytes (its scales shared)."""
+    if isinstance(w, torch.Tensor):
+        return tk.cold_copies(w)
+    return [FP8Weight(q, w.scale, w.block) for q in tk.cold_copies(w.q)]
+
+
+def _gemv_weight(w) -> bool:
+    """A weight the one-row Triton GEMVs stream: a float tensor, or an FP8Weight in a layout their kernels take."""
+    if isinstance(w, torch.Tensor):
+        return True
+    return isinstance(w, FP8Weight) and k8.supports(w)
 
 
 class ExpertRows(NamedTuple):
@@ -83,10 +102,14 @@ class CudaModelRunner(ModelRunner):
         # None: decided at the first batch-1 capture by timing both graphs; True/False forces it.
         self.chain: bool | None = None
         self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)  # tickets, reset by the kernel
+        # FP8 weights (FP8Linear) chain too: the chain's GEMVs stream them with their scales
         self.chain_layers = [layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
-                             and isinstance(mlp[1], torch.Tensor) and type(layer.attn.o_proj) is torch.nn.Linear
-                             for (_, mlp), layer in zip(self.fused, model.layers)]  # FP8Weight: no chain
-        self.chain_possible = any(self.chain_layers) and isinstance(model.output_weight, torch.Tensor)
+                             and _gemv_weight(qkv[0]) and _gemv_weight(mlp[1])
+                             and _gemv_weight(layer.attn.o_proj.weight) and _gemv_weight(layer.mlp.down_proj.weight)
+                             and type(layer.attn.o_proj) in _CHAIN_LINEARS
+                             and type(layer.mlp.down_proj) in _CHAIN_LINEARS
+                             for (qkv, mlp), layer in zip(self.fused, model.layers)]
+        self.chain_possible = any(self.chain_layers) and _gemv_weight(model.output_weight)
         # Batch-1 and small-batch fusions outside the chain, switchable for same-run measurements:
         # the QKV GEMV with the rotary and KV write in its epilogue (one row), and for MoE layers the norm,
         # router and top-k in one kernel.
@@ -265,7 +288,25 @@ class CudaModelRunner(ModelRunner):
                       norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(residual + linear(x), that times the weight of `norm` (the next RMSNorm), its rstd): one GEMV."""
         return tk.gemv(x, w, b, residual=(residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one",
-                                          self.chain_counter), **self._tuned(w, b)[1])
+                                          self.chain_counter), **self._gemv_config(w, b, x))
+
+    def _gemv_config(self, w, b: torch.Tensor | None, x: torch.Tensor) -> dict:
+        """The one-row GEMV tile for this weight: the fastest Triton config timed for its shape (an FP8Weight's by
+        the FP8 GEMV's own timing)."""
+        if isinstance(w, torch.Tensor):
+            return self._tuned(w, b)[1] if self.device.type == "cuda" else tk.GEMV_CONFIGS[0]
+        return k8.gemv_config(w, b, x)
+
+    def _configs(self, w) -> list[dict]:
+        """The tiles a one-row GEMV of this weight is timed over (FP8: one byte a weight, wider K tiles)."""
+        return tk.GEMV_CONFIGS if isinstance(w, torch.Tensor) else k8.FP8_GEMV_CONFIGS
+
+    def _pick(self, fn, w) -> tuple[dict, float]:
+        """pick_config_timed over this weight's tiles on CUDA; elsewhere (the interpreter) the first tile."""
+        configs = self._configs(w)
+        if self.device.type != "cuda":
+            return configs[0], float("nan")
+        return tk.pick_config_timed(fn, configs)
 
     def _chain_norm_linear(self, pend: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: torch.Tensor,
                            b: torch.Tensor | None, glu: bool = False) -> torch.Tensor:
@@ -274,14 +315,14 @@ class CudaModelRunner(ModelRunner):
         cfg = self.cfg
         _, hx, rstd = pend
         if not glu:
-            return tk.gemv(hx, w, b, scale=rstd, **self._tuned(w, b)[1])
+            return tk.gemv(hx, w, b, scale=rstd, **self._gemv_config(w, b, hx))
         key = ("chain-glu", tuple(w.shape), b is not None)
         if key not in self.gemv_choice:
-            copies = tk.cold_copies(w)
+            copies = _cold(w) if self.device.type == "cuda" else [w]
             xr = torch.randn_like(hx)
-            c, t = tk.pick_config_timed(
+            c, t = self._pick(
                 lambda i, **c: tk.gemv(xr, copies[i % len(copies)], b, scale=rstd, glu=cfg.activation,
-                                       alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **c), tk.GEMV_CONFIGS)
+                                       alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **c), w)
             self.gemv_choice[key] = c
             self.gemv_times[key] = {"gemv+glu": round(t * 1e3, 1)}
         return tk.gemv(hx, w, b, scale=rstd, glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
@@ -295,13 +336,16 @@ class CudaModelRunner(ModelRunner):
         H, Hkv, half = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim // 2
         key = ("chain-qkv", tuple(w.shape), b is not None)
         if key not in self.gemv_choice:
-            copies = tk.cold_copies(w)
+            copies = _cold(w) if self.device.type == "cuda" else [w]
             kc, vc = k_cache[:1].clone(), v_cache[:1].clone()
             zero, qs = torch.zeros_like(slots), torch.empty_like(q)
-            ok = [c for c in tk.GEMV_CONFIGS if c["block_n"] % 2 == 0 and half % (c["block_n"] // 2) == 0]
-            c, t = tk.pick_config_timed(
-                lambda i, **c: tk.qkv_rope_gemv(hx, copies[i % len(copies)], b, rstd, cos, sin, qs, kc, vc, zero,
-                                                H, Hkv, **c), ok)
+            ok = [c for c in self._configs(w) if c["block_n"] % 2 == 0 and half % (c["block_n"] // 2) == 0]
+            if self.device.type == "cuda":
+                c, t = tk.pick_config_timed(
+                    lambda i, **c: tk.qkv_rope_gemv(hx, copies[i % len(copies)], b, rstd, cos, sin, qs, kc, vc,
+                                                    zero, H, Hkv, **c), ok)
+            else:
+                c, t = ok[0], float("nan")
             self.gemv_choice[key] = c
             self.gemv_times[key] = {"qkv+rotary+kv": round(t * 1e3, 1)}
         tk.qkv_rope_gemv(hx, w, b, rstd, cos, sin, q, k_cache, v_cache, slots, H, Hkv, **self.gemv_choice[key])

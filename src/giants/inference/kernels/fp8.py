@@ -173,7 +173,8 @@ def _launch_gemv(x: torch.Tensor, rows, experts, w, bias, out: torch.Tensor, cfg
         num_stages=cfg["num_stages"], **_pdl())
 
 
-def _config(w, bias, x: torch.Tensor, indexed: bool, config: dict | None) -> dict:
+def gemv_config(w, bias, x: torch.Tensor, indexed: bool = False, config: dict | None = None) -> dict:
+    """config, else the tile timed once per weight shape on CUDA (outside graph capture), else DEFAULT_GEMV."""
     if config is not None:
         return config
     key = (tuple(w.q.shape), w.block, tuple(w.scale.shape), bias is not None, x.dtype, indexed)
@@ -189,7 +190,7 @@ def fp8_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, config: dict 
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"fp8_gemv: x must be (M, K) with unit column stride, got {tuple(x.shape)}")
     out = torch.empty(x.shape[0], w.q.shape[0], dtype=x.dtype, device=x.device)
-    _launch_gemv(x, None, None, w, bias, out, _config(w, bias, x, False, config), False)
+    _launch_gemv(x, None, None, w, bias, out, gemv_config(w, bias, x, False, config), False)
     return out
 
 
@@ -221,7 +222,7 @@ def fp8_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     N2 = w.q.shape[0]
     out = torch.empty(x.shape[0], N2 // 2 if glu is not None else N2, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
-    _launch_gemv(x, None, None, w, bias, out, _config(w, bias, x, False, config), False,
+    _launch_gemv(x, None, None, w, bias, out, gemv_config(w, bias, x, False, config), False,
                  norm=(residual.contiguous() if residual is not None else None, norm_weight, eps, plus_one, res_out),
                  glu=glu, alpha=alpha, limit=limit)
     return out, res_out

@@ -1,5 +1,7 @@
 """One-row GEMVs: fused residual + RMSNorm + GEMV (+ GLU), the batch-1 GEMV (with norm / scale / GLU
-epilogues), the fused QKV GEMV + rotary + paged KV write, and the cuBLAS-vs-Triton pick for one-row linears."""
+epilogues), the fused QKV GEMV + rotary + paged KV write, and the cuBLAS-vs-Triton pick for one-row linears.
+The batch-1 GEMV and the QKV one also take FP8 (E4M3) weights with their scales, so the batch-1 chain runs
+on FP8 models too."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import triton
 import triton.language as tl
 
 from giants.inference.kernels.common import ACTS, _act, _grid_dep, _np2, _pdl, cold_copies, time_ms
+from giants.inference.kernels.fp8 import _layout, _w_tile
 
 
 # ---- residual add + RMSNorm + one-row GEMV (+ GLU) --------------------------------------------
@@ -124,10 +127,52 @@ def _row_dots(X, W, rn, nm, N, K, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, limit, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_RES: tl.constexpr,
-                 PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr, BLOCK_P: tl.constexpr,
-                 PDL: tl.constexpr):
+def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
+                  SBK: tl.constexpr, ACC_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """_row_dots for an FP8 (E4M3) weight with scales S (giants.inference.kernels.fp8's layouts): the finished
+    sums times the row scale (ROWWISE), else each SBK-wide slice's sum times its block scale as it is added."""
+    acc = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = W + rn.to(tl.int64)[:, None] * K
+    u_rows = W + (rn + N).to(tl.int64)[:, None] * K
+    s_rows = S + (rn // SBN).to(tl.int64) * KB
+    u_srows = S + ((rn + N) // SBN).to(tl.int64) * KB
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(X + k0 + rk).to(tl.float32)
+        else:
+            x = tl.load(X + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        acc += _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K, EVEN_K)
+        if GLU >= 0:
+            acc_u += _w_tile(u_rows, u_srows, x, k0, rk, nm, K, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K, EVEN_K)
+    y = tl.sum(acc, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if ROWWISE:
+        y = y * tl.load(s_rows, mask=nm, other=0.0)
+        if GLU >= 0:
+            u = u * tl.load(u_srows, mask=nm, other=0.0)
+    return y, u
+
+
+@triton.jit
+def _dots(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr,
+          SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          EVEN_K: tl.constexpr):
+    if FP8:
+        y, u = _row_dots_fp8(X, W, S, rn, nm, N, K, KB, GLU, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        y, u = _row_dots(X, W, rn, nm, N, K, GLU, BLOCK_N, BLOCK_K, EVEN_K)
+    return y, u
+
+
+@triton.jit
+def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, KB, eps, alpha, limit,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr,
+                 BLOCK_P: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
+                 SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr):
     """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
 
     SCALED: the sum is multiplied by S_IN[0] before the bias, so with X = x * nw and S_IN = rstd(x) this is
@@ -140,7 +185,7 @@ def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, l
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
     _grid_dep(PDL)
-    y, u = _row_dots(X, W, rn, nm, N, K, GLU, BLOCK_N, BLOCK_K, EVEN_K)
+    y, u = _dots(X, W, WS, rn, nm, N, K, KB, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
     if SCALED:
         y = y * tl.load(S_IN)
     if HAS_BIAS:
@@ -174,11 +219,25 @@ def _gemv_kernel(X, W, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, eps, alpha, l
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
+def _weight_args(w, block_k: int) -> tuple[torch.Tensor, torch.Tensor, int, int, dict]:
+    """(weight, scales, scale columns, K tile, the kernels' weight constexprs) for a float weight tensor or an FP8Weight
+    (giants.inference.fp8): an FP8 weight streams one byte a weight, its block scales need K tiles of at least
+    one scale block."""
+    if isinstance(w, torch.Tensor):
+        return w, w, 1, block_k, dict(FP8=False, ROWWISE=True, SBN=1, SBK=1, ACC_W=block_k)
+    rowwise, sbn, sbk, _ = _layout(w, False)
+    if not rowwise:
+        block_k = max(block_k, sbk)
+    return w.q, w.scale, w.scale.shape[-1], block_k, dict(FP8=True, ROWWISE=rowwise, SBN=sbn,
+                                                          SBK=1 if rowwise else sbk,
+                                                          ACC_W=block_k if rowwise else block_k // sbk)
+
+
+def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
          glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
          residual: tuple[torch.Tensor, torch.Tensor, float, bool, torch.Tensor] | None = None, block_n: int = 8,
          block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
-    """x: (1, K), w: (N, K) row-major -> (1, N); F.linear for a single row.
+    """x: (1, K), w: (N, K) row-major (or an FP8Weight) -> (1, N); F.linear for a single row.
 
     scale: a (1,) fp32 factor on the product before the bias (the rstd of a chained norm, x its input
     times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
@@ -196,19 +255,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     else:
         r = nw = hx = ss = cnt = rstd = y
         eps, plus_one = 0.0, False
-    _gemv_kernel[(grid,)](x, w, bias if bias is not None else w, y, r, nw, hx, ss, cnt, rstd,
-                          scale if scale is not None else y, N, K, eps, alpha, limit, HAS_BIAS=bias is not None,
+    wq, ws, kb, block_k, wargs = _weight_args(w, block_k)
+    _gemv_kernel[(grid,)](x, wq, ws, bias if bias is not None else wq, y, r, nw, hx, ss, cnt, rstd,
+                          scale if scale is not None else y, N, K, kb, eps, alpha, limit, HAS_BIAS=bias is not None,
                           BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, HAS_RES=residual is not None,
                           PLUS_ONE=plus_one, SCALED=scale is not None, GLU=ACTS[glu] if glu is not None else -1,
                           BLOCK_P=_np2(grid) if residual is not None else 1, num_warps=num_warps,
-                          num_stages=num_stages, **_pdl())
+                          num_stages=num_stages, **wargs, **_pdl())
     return (y, hx, rstd) if residual is not None else y
 
 
 @triton.jit
-def _qkv_rope_gemv_kernel(X, W, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, K, H, HKV,
+def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, K, KB, H, HKV,
                           HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
+                          ROWWISE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr,
+                          PDL: tl.constexpr):
     """The one-row QKV projection with the rotary and the KV-cache write in its epilogue (no qkv tensor,
     no rotary kernel). Program p covers BLOCK_N / 2 rows of one head's first half and the matching rows
     of its second half, so each rotation pair meets in one program; rows are ordered lo0, hi0, lo1, ...
@@ -221,7 +283,8 @@ def _qkv_rope_gemv_kernel(X, W, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT
     i = tl.arange(0, BLOCK_N)
     rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
     _grid_dep(PDL)
-    y, _ = _row_dots(X, W, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, -1, BLOCK_N, BLOCK_K, EVEN_K)
+    y, _ = _dots(X, W, WS, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, KB, -1, FP8, ROWWISE, SBN, SBK, ACC_W,
+                 BLOCK_N, BLOCK_K, EVEN_K)
     if SCALED:
         y = y * tl.load(S_IN)
     if HAS_BIAS:
@@ -244,23 +307,25 @@ def _qkv_rope_gemv_kernel(X, W, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT
     tl.store(dst + HALF + j, hi.to(Q_OUT.dtype.element_ty))
 
 
-def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: torch.Tensor | None,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int, *, block_n: int = 8,
                   block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> None:
     """One row: qkv = x @ w.T (* scale) (+ bias), then what rope_kv_write does with it, in one kernel.
-    x: (1, K); w: ((H + 2 Hkv) D, K); cos/sin (1, D/2) or None; q_out (1, H, D); caches (blocks, bs, Hkv, D)."""
+    x: (1, K); w: ((H + 2 Hkv) D, K), a tensor or an FP8Weight; cos/sin (1, D/2) or None; q_out (1, H, D);
+    caches (blocks, bs, Hkv, D)."""
     D = q_out.shape[-1]
     K = w.shape[1]
     if block_n % 2 or (D // 2) % (block_n // 2) or w.shape[0] != (H + 2 * Hkv) * D or x.shape != (1, K):
         raise ValueError(f"qkv_rope_gemv: block_n {block_n} must be even and split D/2 = {D // 2}; w "
                          f"{tuple(w.shape)} must be (({H} + 2 * {Hkv}) * {D}, K), x {tuple(x.shape)} (1, K)")
     grid = (H + 2 * Hkv) * (D // block_n)
+    wq, ws, kb, block_k, wargs = _weight_args(w, block_k)
     _qkv_rope_gemv_kernel[(grid,)](
-        x, w, bias if bias is not None else w, scale if scale is not None else x, cos if cos is not None else x,
-        sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, H, Hkv, HAS_BIAS=bias is not None,
+        x, wq, ws, bias if bias is not None else wq, scale if scale is not None else x, cos if cos is not None else x,
+        sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, kb, H, Hkv, HAS_BIAS=bias is not None,
         SCALED=scale is not None, HAS_ROPE=cos is not None, HALF=D // 2, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages, **_pdl())
+        EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages, **wargs, **_pdl())
 
 
 GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
