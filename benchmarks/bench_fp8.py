@@ -35,7 +35,7 @@ LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 40
 
 
 def decode(preset: str, quantization: str | None, device: torch.device, bw: float, new: int, util: float,
-           check_tokens: int = 0, concurrent: int = 0) -> tuple[dict, list[int]]:
+           check_tokens: int = 0, concurrent: int = 0, reruns: bool = True) -> tuple[dict, list[int]]:
     cfg = giants.get_config(preset)
     prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -53,6 +53,16 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
     if device.type == "cuda":
         r["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     runner = llm.engine.runner
+    if getattr(runner, "graphs", None) is not None and getattr(runner, "chain_possible", False) and reruns:
+        # the same model and kernel picks, the batch-1 graph captured again with one switch flipped
+        r["chain"] = runner.chain
+        r["chain_times"] = runner.gemv_times.get("chain")
+        r["chain_flipped"] = bd.rerun(preset, f"chain={not runner.chain}", llm, prompt, new, roof, g,
+                                      lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
+        if runner.chain:
+            r["prefetch_o_flipped"] = bd.rerun(preset, f"prefetch_o={not runner.prefetch_o}", llm, prompt, new, roof,
+                                               g, lambda v: setattr(runner, "prefetch_o", v), not runner.prefetch_o,
+                                               runner.prefetch_o)
     if check_tokens and getattr(runner, "fast", False):  # the fused graph decode against the generic path
         sp = SamplingParams(temperature=0, max_tokens=check_tokens, ignore_eos=True)
         fused = llm.generate([prompt], sp)[0].outputs[0].token_ids
@@ -194,6 +204,8 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also Llama-3-70B in fp8+head on this one GPU")
     ap.add_argument("--big-mode", default="fp8+head")
     ap.add_argument("--no-kernels", action="store_true", help="skip the GEMV and prefill tables")
+    ap.add_argument("--no-reruns", action="store_true",
+                    help="skip the same-run decodes with the chain and the O-weight prefetch flipped")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, few tokens: a smoke test of the script")
     ap.add_argument("--out", default=None)
     record.add_argument(ap)
@@ -209,7 +221,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         q = None if mode == "bf16" else mode
         try:
-            runs[mode], tokens[mode] = decode(preset, q, device, bw, new, 0.45, check_tokens=0 if q is None else 32)
+            runs[mode], tokens[mode] = decode(preset, q, device, bw, new, 0.45, check_tokens=0 if q is None else 32,
+                                              reruns=not args.no_reruns)
         except Exception as e:  # noqa: BLE001 - one failing run must not hide the others' numbers
             import traceback
 
@@ -237,7 +250,7 @@ def main() -> None:
     if args.big:
         try:
             res["llama-3-70b"], _ = decode("llama-3-70b", args.big_mode, device, bw, args.new, 0.95, check_tokens=16,
-                                        concurrent=32)
+                                        concurrent=32, reruns=False)
         except Exception as e:  # noqa: BLE001
             import traceback
 
