@@ -59,10 +59,6 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
         r["chain_times"] = runner.gemv_times.get("chain")
         r["chain_flipped"] = bd.rerun(preset, f"chain={not runner.chain}", llm, prompt, new, roof, g,
                                       lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
-        if runner.chain:
-            r["prefetch_o_flipped"] = bd.rerun(preset, f"prefetch_o={not runner.prefetch_o}", llm, prompt, new, roof,
-                                               g, lambda v: setattr(runner, "prefetch_o", v), not runner.prefetch_o,
-                                               runner.prefetch_o)
     if check_tokens and getattr(runner, "fast", False):  # the fused graph decode against the generic path
         sp = SamplingParams(temperature=0, max_tokens=check_tokens, ignore_eos=True)
         fused = llm.generate([prompt], sp)[0].outputs[0].token_ids
@@ -205,7 +201,7 @@ def main() -> None:
     ap.add_argument("--big-mode", default="fp8+head")
     ap.add_argument("--no-kernels", action="store_true", help="skip the GEMV and prefill tables")
     ap.add_argument("--no-reruns", action="store_true",
-                    help="skip the same-run decodes with the chain and the O-weight prefetch flipped")
+                    help="skip the same-run decode with the batch-1 chain flipped")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, few tokens: a smoke test of the script")
     ap.add_argument("--out", default=None)
     record.add_argument(ap)

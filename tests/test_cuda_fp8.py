@@ -215,9 +215,9 @@ def test_fp8_bf16_logits_close_to_the_bf16_model():
 @pytest.mark.parametrize("layout", ["channel", "block", "fused"])
 def test_chained_fp8_gemvs_equal_dequantized_norm_then_linear(layout):
     """The batch-1 chain on FP8 weights (Llama-3.1-8B shapes): the O GEMV adds the residual and hands on x * (next norm
-    weight) and rstd (with and without its L2 prefetch of the weight); gate|up scales by rstd and applies the GLU; the
-    QKV GEMV scales, rotates and writes the KV cache; each against the same kernel on the dequantized weight and
-    against dequantize-then-matmul."""
+    weight) and rstd; gate|up scales by rstd and applies the GLU; the QKV GEMV scales, rotates and writes the KV
+    cache; each against the same kernel on the dequantized weight and against dequantize-then-matmul. Two tiles a
+    layout (every tile compiles three kernels: the suite's time)."""
     import torch.nn.functional as F
 
     from giants.inference import kernels as tk
@@ -229,11 +229,9 @@ def test_chained_fp8_gemvs_equal_dequantized_norm_then_linear(layout):
     x, r = torch.randn(1, K, device="cuda", dtype=dt), torch.randn(1, K, device="cuda", dtype=dt)
     nw = torch.rand(K, device="cuda", dtype=dt) + 0.5
     cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
-    for c in k8.FP8_GEMV_CONFIGS:
+    for c in (k8.FP8_GEMV_CONFIGS[0], k8.FP8_GEMV_CONFIGS[7]):  # 8 x 1024 and 2 x 2048
         s, hx, rstd = tk.gemv(x, wo, None, residual=(r, nw, 1e-5, False, cnt), **c)
         assert int(cnt) == 0
-        pf = tk.gemv(x, wo, None, residual=(r, nw, 1e-5, False, cnt), prefetch=True, **c)  # L2 prefetch: same maths
-        assert all(torch.equal(a, b) for a, b in zip(pf, (s, hx, rstd)))
         assert _rel(s, x @ wo.dequantize().t() + r) < 1e-5, c
         torch.testing.assert_close(hx, s * nw)
         torch.testing.assert_close(rstd, torch.rsqrt(s.pow(2).mean() + 1e-5).reshape(1), rtol=1e-5, atol=0)
