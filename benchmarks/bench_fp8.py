@@ -59,6 +59,9 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
         r["chain_times"] = runner.gemv_times.get("chain")
         r["chain_flipped"] = bd.rerun(preset, f"chain={not runner.chain}", llm, prompt, new, roof, g,
                                       lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
+        for n in (1, 2):  # batch-1 attention over fewer key splits: fewer programs, no (or a smaller) reduce
+            r[f"short_splits_{n}"] = bd.rerun(preset, f"short_splits={n}", llm, prompt, new, roof, g,
+                                              lambda v: setattr(runner, "short_splits", v), n, runner.short_splits)
     if check_tokens and getattr(runner, "fast", False):  # the fused graph decode against the generic path
         sp = SamplingParams(temperature=0, max_tokens=check_tokens, ignore_eos=True)
         fused = llm.generate([prompt], sp)[0].outputs[0].token_ids
@@ -201,7 +204,7 @@ def main() -> None:
     ap.add_argument("--big-mode", default="fp8+head")
     ap.add_argument("--no-kernels", action="store_true", help="skip the GEMV and prefill tables")
     ap.add_argument("--no-reruns", action="store_true",
-                    help="skip the same-run decode with the batch-1 chain flipped")
+                    help="skip the same-run decodes with the batch-1 chain flipped and 1 or 2 key splits")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, few tokens: a smoke test of the script")
     ap.add_argument("--out", default=None)
     record.add_argument(ap)
