@@ -5,7 +5,11 @@ the bytes a token reads), per-shape GEMV and prefill matmul tables, and with --b
 
     python benchmarks/bench_fp8.py --out fp8.json          # 8B: bf16, fp8, fp8+head, fp8-block; kernel tables
     python benchmarks/bench_fp8.py --big --out fp8.json    # + Llama-3-70B fp8+head on one GPU
+    python benchmarks/bench_fp8.py --modes bf16,fp8-block+head --no-kernels   # the decode ratio alone
     python benchmarks/bench_fp8.py --device cpu --quick    # smoke test of the script (tiny-llama)
+
+On CUDA each decode is rerun in the same process with the batch-1 chain flipped and with 1 and 2 key splits
+(`--no-reruns` skips them).
 
 Reading the numbers: tok/s and fraction of the roofline (copy bandwidth / bytes a token reads); graph_replay_ms is
 the GPU time of one decode step; gemv_us compares the FP8 GEMV with the best bf16 one-row kernel per weight shape (an

@@ -48,7 +48,10 @@ _CHAIN_LINEARS = (torch.nn.Linear, FP8Linear)
 
 
 def _cold(w) -> list:
-    """cold_copies of a float weight or of an FP8Weight's bytes (its scales shared)."""
+    """cold_copies of a float weight or of an FP8Weight's bytes (its scales shared); off CUDA, where nothing is
+    timed, the weight alone."""
+    if w.device.type != "cuda":
+        return [w]
     if isinstance(w, torch.Tensor):
         return tk.cold_copies(w)
     return [FP8Weight(q, w.scale, w.block) for q in tk.cold_copies(w.q)]
@@ -301,9 +304,8 @@ class CudaModelRunner(ModelRunner):
         """The tiles a one-row GEMV of this weight is timed over (FP8: one byte a weight, wider K tiles)."""
         return tk.GEMV_CONFIGS if isinstance(w, torch.Tensor) else k8.FP8_GEMV_CONFIGS
 
-    def _pick(self, fn, w) -> tuple[dict, float]:
-        """pick_config_timed over this weight's tiles on CUDA; elsewhere (the interpreter) the first tile."""
-        configs = self._configs(w)
+    def _pick(self, fn, configs: list[dict]) -> tuple[dict, float]:
+        """pick_config_timed over these tiles on CUDA; elsewhere (the interpreter) the first tile."""
         if self.device.type != "cuda":
             return configs[0], float("nan")
         return tk.pick_config_timed(fn, configs)
@@ -318,11 +320,11 @@ class CudaModelRunner(ModelRunner):
             return tk.gemv(hx, w, b, scale=rstd, **self._gemv_config(w, b, hx))
         key = ("chain-glu", tuple(w.shape), b is not None)
         if key not in self.gemv_choice:
-            copies = _cold(w) if self.device.type == "cuda" else [w]
+            copies = _cold(w)
             xr = torch.randn_like(hx)
             c, t = self._pick(
                 lambda i, **c: tk.gemv(xr, copies[i % len(copies)], b, scale=rstd, glu=cfg.activation,
-                                       alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **c), w)
+                                       alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, **c), self._configs(w))
             self.gemv_choice[key] = c
             self.gemv_times[key] = {"gemv+glu": round(t * 1e3, 1)}
         return tk.gemv(hx, w, b, scale=rstd, glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
@@ -336,16 +338,13 @@ class CudaModelRunner(ModelRunner):
         H, Hkv, half = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim // 2
         key = ("chain-qkv", tuple(w.shape), b is not None)
         if key not in self.gemv_choice:
-            copies = _cold(w) if self.device.type == "cuda" else [w]
+            copies = _cold(w)
             kc, vc = k_cache[:1].clone(), v_cache[:1].clone()
             zero, qs = torch.zeros_like(slots), torch.empty_like(q)
             ok = [c for c in self._configs(w) if c["block_n"] % 2 == 0 and half % (c["block_n"] // 2) == 0]
-            if self.device.type == "cuda":
-                c, t = tk.pick_config_timed(
-                    lambda i, **c: tk.qkv_rope_gemv(hx, copies[i % len(copies)], b, rstd, cos, sin, qs, kc, vc,
-                                                    zero, H, Hkv, **c), ok)
-            else:
-                c, t = ok[0], float("nan")
+            c, t = self._pick(
+                lambda i, **c: tk.qkv_rope_gemv(hx, copies[i % len(copies)], b, rstd, cos, sin, qs, kc, vc, zero,
+                                                H, Hkv, **c), ok)
             self.gemv_choice[key] = c
             self.gemv_times[key] = {"qkv+rotary+kv": round(t * 1e3, 1)}
         tk.qkv_rope_gemv(hx, w, b, rstd, cos, sin, q, k_cache, v_cache, slots, H, Hkv, **self.gemv_choice[key])
