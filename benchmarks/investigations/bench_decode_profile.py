@@ -2,6 +2,9 @@
 fused decode step, kernel time per step by kernel name, against the bytes the step must read.
 
     python benchmarks/investigations/bench_decode_profile.py --presets gpt-oss-20b,llama-3.1-8b --out profile.json
+    python benchmarks/investigations/bench_decode_profile.py --presets llama-3.1-8b:fp8-block+head --pdl 0
+
+A preset may name its quantization after a colon (`gpt-oss-120b:mxfp4`, `llama-3.1-8b:fp8`).
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ def main() -> None:
     bw = copy_bandwidth(torch.device("cuda"))
     out = {"env": env(torch.device("cuda")), "copy_bandwidth_GBs": bw / 1e9, "presets": {}}
     for p in args.presets.split(","):
-        quant = "mxfp4" if p.endswith(":mxfp4") else None
-        name = p.split(":")[0]
+        name, _, quant = p.partition(":")  # e.g. llama-3.1-8b:fp8-block+head
+        quant = quant or None
         out["presets"][p] = profile_preset(name, bw, quant, util=args.util)
         if args.out:
             with open(args.out, "w") as f:
