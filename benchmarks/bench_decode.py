@@ -278,7 +278,7 @@ def section(name: str, preset: str, device: torch.device, bw: float, new: int, h
             r["decode_ptx_e4m3"] = rerun(name, "MXFP4 decode=ptx_e4m3", llm, prompt, new, roof, g, decode,
                                          ("ptx_e4m3", "ptx_e4m3"), (kmx.MXFP4_GEMV_DEFAULT["decode"],
                                                                     kmx.MXFP4_GEMV_GLU_DEFAULT["decode"]))
-        switches = ("fuse_qkv_rope", "fuse_route") if llm.model.config.is_moe else ()
+        switches = ("fuse_attn_reduce",) + (("fuse_qkv_rope", "fuse_route") if llm.model.config.is_moe else ())
         for switch in switches + (("fuse_packed",) if quantization in ("mxfp4", "fp8") else ()):
             r[f"{switch}_off"] = rerun(name, f"{switch}=False", llm, prompt, new, roof, g,
                                        lambda v, s=switch: setattr(runner, s, v), False, getattr(runner, switch))

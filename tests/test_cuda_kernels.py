@@ -614,3 +614,63 @@ def test_route_and_qkv_rope_fusions_change_no_token(name):
         one = [_run_one(engine, p) for p in prompts[:2]]  # batch 1
         outs.append((one, _run_all(engine, prompts, 12)))
     assert all(o == outs[0] for o in outs[1:])
+
+
+@cuda
+@pytest.mark.parametrize("splits,fused", [(1, False), (4, False), (4, True), (16, True)])
+@pytest.mark.parametrize("variant", ["plain", "sinks+window", "softcap"])
+def test_paged_attention_equals_softmax_reference(splits, fused, variant):
+    """Paged decode attention over key splits, combined by the reduce kernel or by each (sequence, kv head)'s
+    last split program, against softmax(q k^T) v over the gathered keys; twice, so the tickets reset."""
+    from giants.inference import kernels as tk
+
+    B, H, Hkv, D, bs, pages = 3, 32, 8, 128, 16, 24
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kc = torch.randn(B * pages + 1, bs, Hkv, D, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn(B * pages + 1, bs, Hkv, D, device="cuda", generator=g).to(torch.bfloat16)
+    table = torch.randperm(B * pages, device="cuda", generator=g).view(B, pages).to(torch.int32)
+    lens = torch.tensor([1, 37, pages * bs], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, H, D, device="cuda", generator=g).to(torch.bfloat16)
+    sinks = torch.randn(H, device="cuda", generator=g) if variant == "sinks+window" else None
+    window = 64 if variant == "sinks+window" else 0
+    softcap = 30.0 if variant == "softcap" else None
+    attn = tk.PagedAttention(n_heads=H, n_kv_heads=Hkv, head_dim=D, block_size=bs, scale=D ** -0.5, window=window,
+                             softcap=softcap, sinks=sinks)
+    counter = torch.zeros(B * Hkv, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        out = torch.full((B, H, D), float("nan"), dtype=torch.bfloat16, device="cuda")
+        attn(q, kc, vc, table, lens, out, num_splits=splits, counter=counter if fused else None)
+        torch.cuda.synchronize()
+        assert counter.eq(0).all()
+        for b in range(B):
+            L = int(lens[b])
+            k = kc[table[b].long()].reshape(-1, Hkv, D)[:L].float().repeat_interleave(H // Hkv, 1)
+            v = vc[table[b].long()].reshape(-1, Hkv, D)[:L].float().repeat_interleave(H // Hkv, 1)
+            s = torch.einsum("hd,lhd->hl", q[b].float(), k) * D ** -0.5
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            if window:
+                s[:, :max(0, L - window)] = float("-inf")
+            if sinks is not None:
+                s = torch.cat([s, sinks[:, None]], 1)
+            a = torch.softmax(s, -1)[:, :L]
+            torch.testing.assert_close(out[b].float(), torch.einsum("hl,lhd->hd", a, v), atol=2e-2, rtol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt-oss"])
+def test_attention_reduce_fusion_changes_no_token(name):
+    """The attention's split combine in its last program instead of a reduce kernel: the same greedy tokens
+    (fp32, CUDA graphs, batch 1 with key splits and batch 4)."""
+    import giants
+    from giants.inference.engine import Engine
+
+    model = giants.build(giants.get_config(name), seed=0).to("cuda", torch.float32).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (6, 33, 80, 12)]
+    outs = []
+    for fuse in (False, True):
+        engine = Engine(model, block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=4)
+        engine.runner.fuse_attn_reduce = fuse
+        outs.append(([_run_one(engine, p) for p in prompts[:2]], _run_all(engine, prompts, 16)))
+    assert outs[1] == outs[0]

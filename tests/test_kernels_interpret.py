@@ -49,15 +49,24 @@ kc, vc = torch.randn(nb, bs, Hkv, D), torch.randn(nb, bs, Hkv, D)
 table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
 lens = torch.tensor([7, 13], dtype=torch.int32)
 q = torch.randn(B, H, D)
-for splits in (1, 2):
+sinks = torch.randn(H)
+counter = torch.zeros(B * Hkv, dtype=torch.int32)
+# splits: 1, 2 and 4 (a split with no keys) combined by the reduce kernel or by the last split program
+for splits, fused, with_sinks in ((1, False, False), (2, False, False), (2, True, False), (4, True, False),
+                                  (4, False, True), (4, True, True)):
     out = torch.empty(B, H, D)
-    tk.PagedAttention(n_heads=H, n_kv_heads=Hkv, head_dim=D, block_size=bs, scale=D ** -0.5)(
-        q, kc, vc, table, lens, out, num_splits=splits)
+    tk.PagedAttention(n_heads=H, n_kv_heads=Hkv, head_dim=D, block_size=bs, scale=D ** -0.5,
+                      sinks=sinks if with_sinks else None)(
+        q, kc, vc, table, lens, out, num_splits=splits, counter=counter if fused else None)
+    assert counter.eq(0).all()  # the last split leaves its ticket counter zero for the next layer
     for b in range(B):
         L = int(lens[b])
         k = kc[table[b].long()].reshape(-1, Hkv, D)[:L].repeat_interleave(H // Hkv, 1)
         v = vc[table[b].long()].reshape(-1, Hkv, D)[:L].repeat_interleave(H // Hkv, 1)
-        a = torch.softmax(torch.einsum("hd,lhd->hl", q[b], k) * D ** -0.5, -1)
+        s = torch.einsum("hd,lhd->hl", q[b], k) * D ** -0.5
+        if with_sinks:  # a per-head logit in the softmax's denominator with no value
+            s = torch.cat([s, sinks[:, None]], 1)
+        a = torch.softmax(s, -1)[:, :L]
         close(out[b], torch.einsum("hl,lhd->hd", a, v))
 assert tk.PDL_ON is False
 print("ok")

@@ -123,6 +123,9 @@ class CudaModelRunner(ModelRunner):
         # FP8 weights (giants.inference.fp8): norm (+ residual) and GLU fused into the FP8 GEMV for up to GEMV_ROWS rows
         self.fuse_fp8_norm = self.device.type == "cuda"
         self.short_splits = 4  # key splits per sequence at short context when few (sequence, kv head) programs
+        # the attention's last split program combines the splits (no reduce kernel); tickets per (row, kv head)
+        self.fuse_attn_reduce = True
+        self.attn_counter = torch.zeros(self.buckets[-1] * cfg.n_kv_heads, dtype=torch.int32, device=self.device)
         self.route_counter = torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device)
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
@@ -457,7 +460,8 @@ class CudaModelRunner(ModelRunner):
                 else:
                     qkv, residual, _ = self._norm_linear(layer.attn_norm, delta, residual, w_qkv, b_qkv)
                 tk.rope_kv_write(qkv, cos, sin, q, g.k[li], g.v[li], self.s_slots[gi][:B], H, Hkv)
-            self.attn[i](q, g.k[li], g.v[li], self.s_tables[gi][:B], lens, o, num_splits=num_splits)
+            self.attn[i](q, g.k[li], g.v[li], self.s_tables[gi][:B], lens, o, num_splits=num_splits,
+                         counter=self.attn_counter if self.fuse_attn_reduce else None)
             if chain and self.chain_layers[i]:
                 down = layer.mlp.down_proj
                 pend = self._chain_linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias,

@@ -1,4 +1,5 @@
-"""Paged decode attention (GQA-packed, sliding window, soft-cap, sinks, T5 relative bias; split-K)."""
+"""Paged decode attention (GQA-packed, sliding window, soft-cap, sinks, T5 relative bias; split-K, the splits
+combined by a reduce kernel or by the split program that finishes last)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from giants.inference.kernels.common import _grid_dep, _np2, _pdl
 
 # ---- paged decode attention -------------------------------------------------------------------
 @triton.jit
-def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, ACC_OUT, OUT, SINKS,
+def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, ACC_OUT, OUT, SINKS, CNT,
                        scale, softcap, stride_table, max_dist, H: tl.constexpr, HKV: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr,
-                       IEEE: tl.constexpr, PDL: tl.constexpr):
+                       IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr):
+    """One (sequence, kv head, key split) program: its G query heads over its share of the keys. With
+    NUM_SPLITS > 1 it stores (max, sum, unnormalized output) per head; with FUSED_REDUCE the split that draws
+    the last ticket from CNT[b, kv head] combines them (no reduce kernel, one launch less per layer)."""
     _grid_dep(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -83,6 +87,44 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
         tl.store(M_OUT + row, m_i, mask=gm)
         tl.store(L_OUT + row, l_i, mask=gm)
         tl.store(ACC_OUT + row[:, None] * D + d[None, :], acc, mask=gm[:, None])
+        if FUSED_REDUCE:
+            tl.debug_barrier()  # every thread's partial stores precede the ticket's release
+            # acq_rel: the last program sees every split's stores
+            ticket = tl.atomic_add(CNT + b * HKV + hk, 1, sem="acq_rel")
+            if ticket == NUM_SPLITS - 1:
+                rows = (b * H + heads) * NUM_SPLITS
+                o = _combine_splits(M_OUT, L_OUT, ACC_OUT, SINKS, rows, heads, gm, GP, D, NUM_SPLITS, HAS_SINKS)
+                tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], o.to(OUT.dtype.element_ty),
+                         mask=gm[:, None])
+                tl.store(CNT + b * HKV + hk, 0)  # ready for the next layer (the counters are shared)
+
+
+@triton.jit
+def _combine_splits(M_IN, L_IN, ACC_IN, SINKS, rows, heads, gm, GP: tl.constexpr, D: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """(GP, D) attention output of heads from their NUM_SPLITS partials at rows .. rows + NUM_SPLITS - 1,
+    read past L1 (.cg: other programs wrote them); what _attn_reduce_kernel computes for one head."""
+    s = tl.arange(0, NUM_SPLITS)
+    at = rows[:, None] + s[None, :]
+    m = tl.load(M_IN + at, mask=gm[:, None], other=float("-inf"), cache_modifier=".cg")  # (GP, NUM_SPLITS)
+    l = tl.load(L_IN + at, mask=gm[:, None], other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=1)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + heads, mask=gm, other=0.0).to(tl.float32)
+        m_max = tl.maximum(m_max, sink)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # padding heads: zeros, not NaNs
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max[:, None]))
+    denom = tl.sum(w * l, axis=1)
+    if HAS_SINKS:
+        denom += tl.exp(sink - m_max)
+    d = tl.arange(0, D)
+    o = tl.zeros((GP, D), tl.float32)
+    for j in tl.static_range(NUM_SPLITS):
+        wj = tl.sum(tl.where(s[None, :] == j, w, 0.0), axis=1)
+        a = tl.load(ACC_IN + (rows + j)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0,
+                    cache_modifier=".cg")
+        o += a * wj[:, None]
+    return o / tl.where(gm, denom, 1.0)[:, None]
 
 
 @triton.jit
@@ -120,8 +162,11 @@ class PagedAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                  seq_lens: torch.Tensor, out: torch.Tensor, num_splits: int = 1,
-                 scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """q: (B, H, D); table: (B, max_pages) int32; seq_lens: (B,) keys per sequence (query at L-1)."""
+                 scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 counter: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (B, H, D); table: (B, max_pages) int32; seq_lens: (B,) keys per sequence (query at L-1).
+        counter: with num_splits > 1, int32 zeros of at least B * n_kv_heads: the last split of each (sequence,
+        kv head) combines the splits (no reduce kernel); the kernel leaves them zero again."""
         B = q.shape[0]
         H, D = self.H, self.D
         if num_splits > 1:
@@ -132,17 +177,21 @@ class PagedAttention:
             m, l, acc = scratch
         else:
             m = l = acc = out
+        fused = num_splits > 1 and counter is not None
+        if fused and (counter.dtype != torch.int32 or counter.numel() < B * self.Hkv):
+            raise ValueError(f"PagedAttention: counter must be int32 with at least {B * self.Hkv} elements, got "
+                             f"{counter.dtype} with {counter.numel()}")
         block_n = max(16, min(64, self.bs * max(1, 64 // self.bs)))
         bias = self.bias_table
         sinks = self.sinks
         _paged_attn_kernel[(B, self.Hkv, num_splits)](
             q, k_cache, v_cache, table, seq_lens, bias if bias is not None else q, m, l, acc, out,
-            sinks if sinks is not None else q, self.scale, float(self.softcap or 1.0), table.stride(0),
-            bias.shape[1] if bias is not None else 1, H=H, HKV=self.Hkv, G=self.G, GP=max(16, _np2(self.G)), D=D,
-            BS=self.bs, BLOCK_N=block_n, WINDOW=self.window, NUM_SPLITS=num_splits,
+            sinks if sinks is not None else q, counter if fused else q, self.scale, float(self.softcap or 1.0),
+            table.stride(0), bias.shape[1] if bias is not None else 1, H=H, HKV=self.Hkv, G=self.G,
+            GP=max(16, _np2(self.G)), D=D, BS=self.bs, BLOCK_N=block_n, WINDOW=self.window, NUM_SPLITS=num_splits,
             HAS_SOFTCAP=self.softcap is not None, HAS_BIAS=bias is not None, HAS_SINKS=sinks is not None,
-            IEEE=q.dtype == torch.float32, num_warps=4, **_pdl())
-        if num_splits > 1:
+            IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, num_warps=4, **_pdl())
+        if num_splits > 1 and not fused:
             _attn_reduce_kernel[(B * H,)](m, l, acc, out, sinks if sinks is not None else q, H=H, D=D,
                                           NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None, **_pdl())
         return out
