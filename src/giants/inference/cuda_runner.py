@@ -127,6 +127,12 @@ class CudaModelRunner(ModelRunner):
         self.fuse_attn_reduce = True
         self.attn_counter = torch.zeros(self.buckets[-1] * cfg.n_kv_heads, dtype=torch.int32, device=self.device)
         self.route_counter = torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device)
+        # cos and sin of every position, from the model's own rotary (the same values): a step gathers its rows
+        # (two index kernels) instead of recomputing them (about nine elementwise kernels before the first layer)
+        self.rope_table = None
+        if model.rotary is not None:
+            cos, sin = model.rotary(torch.arange(max_model_len, device=self.device)[None], model.embed.weight.dtype)
+            self.rope_table = (cos.reshape(max_model_len, -1).contiguous(), sin.reshape(max_model_len, -1).contiguous())
         self.gemv_choice: dict[tuple, str] = {}
         self.gemv_times: dict[tuple, dict[str, float]] = {}
         self.pool = None
@@ -434,8 +440,7 @@ class CudaModelRunner(ModelRunner):
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         cos = sin = None
         if model.rotary is not None:
-            cos, sin = model.rotary(pos[None], x.dtype)
-            cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
+            cos, sin = self.rope_table[0][pos], self.rope_table[1][pos]
         q = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         o = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         residual, delta = x, None
