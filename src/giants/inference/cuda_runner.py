@@ -104,7 +104,6 @@ class CudaModelRunner(ModelRunner):
         # no norm or GLU kernels.
         # None: decided at the first batch-1 capture by timing both graphs; True/False forces it.
         self.chain: bool | None = None
-        self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)  # tickets, reset by the kernel
         # FP8 weights (FP8Linear) chain too: the chain's GEMVs stream them with their scales
         self.chain_layers = [layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
                              and _gemv_weight(qkv[0]) and _gemv_weight(mlp[1])
@@ -297,10 +296,11 @@ class CudaModelRunner(ModelRunner):
         return c if agrees and t_fused < t_unfused else None
 
     def _chain_linear(self, x: torch.Tensor, w, b: torch.Tensor | None, residual: torch.Tensor,
-                      norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(residual + linear(x), that times the weight of `norm` (the next RMSNorm), its rstd): one GEMV."""
-        return tk.gemv(x, w, b, residual=(residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one",
-                                          self.chain_counter), **self._gemv_config(w, b, x))
+                      norm) -> tuple[torch.Tensor, torch.Tensor, tk.ChainNorm]:
+        """(residual + linear(x), that times the weight of `norm` (the next RMSNorm), its ChainNorm (the sums
+        of squares the next GEMV turns into rstd)): one GEMV."""
+        return tk.gemv(x, w, b, residual=(residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one"),
+                       **self._gemv_config(w, b, x))
 
     def _gemv_config(self, w, b: torch.Tensor | None, x: torch.Tensor) -> dict:
         """The one-row GEMV tile for this weight: the fastest Triton config timed for its shape (an FP8Weight's by
@@ -319,9 +319,9 @@ class CudaModelRunner(ModelRunner):
             return configs[0], float("nan")
         return tk.pick_config_timed(fn, configs)
 
-    def _chain_norm_linear(self, pend: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: torch.Tensor,
+    def _chain_norm_linear(self, pend: tuple[torch.Tensor, torch.Tensor, tk.ChainNorm], w: torch.Tensor,
                            b: torch.Tensor | None, glu: bool = False) -> torch.Tensor:
-        """linear(norm(x)) (then the GLU) from _chain_linear's (x, x * norm weight, rstd): the GEMV scales
+        """linear(norm(x)) (then the GLU) from _chain_linear's (x, x * norm weight, ChainNorm): the GEMV scales
         its sums by rstd, so no norm kernel runs."""
         cfg = self.cfg
         _, hx, rstd = pend
@@ -339,7 +339,7 @@ class CudaModelRunner(ModelRunner):
         return tk.gemv(hx, w, b, scale=rstd, glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
                        **self.gemv_choice[key])
 
-    def _qkv_rope(self, hx: torch.Tensor, rstd: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None, cos,
+    def _qkv_rope(self, hx: torch.Tensor, rstd: tk.ChainNorm | None, w: torch.Tensor, b: torch.Tensor | None, cos,
                   sin, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
         """One row: the QKV GEMV (its sums times rstd when given: hx is then the chain's x * norm weight) with
         the rotary and the paged KV write in its epilogue."""
@@ -444,7 +444,7 @@ class CudaModelRunner(ModelRunner):
         q = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         o = torch.empty(B, H, D, dtype=x.dtype, device=x.device)
         residual, delta = x, None
-        pend = None  # after a chained layer: (residual stream, it times the next norm weight, its rstd)
+        pend = None  # after a chained layer: (residual stream, it times the next norm weight, its ChainNorm)
         for i, layer in enumerate(model.layers):
             (w_qkv, b_qkv), mlp_w = self.fused[i]
             gi = kv.group_of_layer[i]

@@ -16,6 +16,7 @@ from giants.inference.kernels.common import ACTS, cold_copies, pick_config_timed
 from giants.inference.kernels.gemv import (
     GEMV_CONFIGS,
     NORM_GEMV_CONFIGS,
+    ChainNorm,
     gemv,
     norm_gemv,
     pick_linear_1row,
@@ -37,7 +38,8 @@ from giants.inference.kernels.moe import (
 from giants.inference.kernels.mxfp4 import mxfp4_gemv
 from giants.inference.kernels.norm_rotary import glu, rmsnorm, rope_kv_write
 
-__all__ = ["ACTS", "EXPERT_GEMV_CONFIGS", "GEMV_CONFIGS", "NORM_GEMV_CONFIGS", "SPLITK_CONFIGS", "PagedAttention",
+__all__ = ["ACTS", "ChainNorm", "EXPERT_GEMV_CONFIGS", "GEMV_CONFIGS", "NORM_GEMV_CONFIGS", "SPLITK_CONFIGS",
+           "PagedAttention",
            "cold_copies", "expert_down_combine", "expert_gemv", "gemv", "glu", "mxfp4_gemv", "norm_gemv", "norm_route",
            "pick_config_timed", "pick_expert_act", "pick_expert_down", "pick_expert_gemv", "pick_gemv_act",
            "pick_linear_1row", "qkv_rope_gemv", "rmsnorm", "rope_kv_write", "route_topk", "set_pdl", "splitk_gemv",

@@ -6,6 +6,7 @@ on FP8 models too."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -98,6 +99,51 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
 
 
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
+class ChainNorm(NamedTuple):
+    """The batch-1 chain's pending RMSNorm: the sums of squares of the new residual stream, one per program of
+    the GEMV that made it, over n values, and the norm's eps. The next GEMV scales its sums by
+    rsqrt(sum(parts) / n + eps), each of its programs summing the parts itself (loaded before its weight
+    stream, summed after), so the producer needs no last-program ticket and no serial tail."""
+
+    parts: torch.Tensor
+    n: int
+    eps: float
+
+    def rstd(self) -> torch.Tensor:
+        """The (1,) fp32 factor the consumer kernels compute (for references and checks)."""
+        return torch.rsqrt(self.parts.sum(0, keepdim=True) / self.n + self.eps)
+
+
+def _scale_args(scale) -> tuple:
+    """(pointer, number of parts, n, eps, SCALED, BLOCK_SP) for a consumer kernel: a (1,) fp32 factor (SCALED
+    1), a ChainNorm (2) or None (0)."""
+    if scale is None:
+        return None, 1, 1, 0.0, 0, 1
+    if isinstance(scale, ChainNorm):
+        return scale.parts, scale.parts.numel(), scale.n, scale.eps, 2, _np2(scale.parts.numel())
+    return scale, 1, 1, 0.0, 1, 1
+
+
+@triton.jit
+def _scale_parts(S_IN, SP, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr):
+    """A ChainNorm's parts, loaded early (the sum waits for them only after the weight stream)."""
+    rp = tl.arange(0, BLOCK_SP)
+    if SCALED == 2:
+        parts = tl.load(S_IN + rp, mask=rp < SP, other=0.0)
+    else:
+        parts = tl.zeros((BLOCK_SP,), tl.float32)
+    return parts
+
+
+@triton.jit
+def _scale_of(S_IN, parts, SN, seps, SCALED: tl.constexpr):
+    if SCALED == 1:
+        f = tl.load(S_IN)
+    else:
+        f = tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
+    return f
+
+
 @triton.jit
 def _row_dots(X, W, rn, nm, N, K, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               EVEN_K: tl.constexpr):
@@ -168,31 +214,33 @@ def _dots(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, FP8: tl.constexpr, ROWWI
 
 
 @triton.jit
-def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, KB, eps, alpha, limit,
+def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, alpha, limit,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, GLU: tl.constexpr,
-                 BLOCK_P: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
+                 HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr,
+                 GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
                  SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr):
     """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
 
-    SCALED: the sum is multiplied by S_IN[0] before the bias, so with X = x * nw and S_IN = rstd(x) this is
-    linear(rmsnorm(x)) without a norm kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up).
-    HAS_RES (the O and down projections of a chained layer): Y = round(round(y) + R), the new residual
-    stream, as the norm kernel would add it; HX = round(Y * NW), the next norm's input times its weight;
-    and the program that finishes last (a ticket from CNT) sums the per-program squares in SS in a fixed
-    order and writes RSTD = 1 / sqrt(mean(Y^2) + eps), so the result is deterministic."""
+    SCALED: the sum is multiplied, before the bias, by S_IN[0] (1) or by rsqrt(sum(S_IN[:SP]) / SN + seps)
+    (2: a ChainNorm), so with X = x * nw and that factor rstd(x) this is linear(rmsnorm(x)) without a norm
+    kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up). HAS_RES (the O and down
+    projections of a chained layer): Y = round(round(y) + R), the new residual stream, as the norm kernel
+    would add it; HX = round(Y * NW), the next norm's input times its weight; SS[pid] the sum of this
+    program's squares of Y, which the next GEMV's programs add up in a fixed order (deterministic)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
     _grid_dep(PDL)
+    parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
     y, u = _dots(X, W, WS, rn, nm, N, K, KB, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
-    if SCALED:
-        y = y * tl.load(S_IN)
+    if SCALED > 0:
+        f = _scale_of(S_IN, parts, SN, seps, SCALED)
+        y = y * f
     if HAS_BIAS:
         y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
     if GLU >= 0:
-        if SCALED:
-            u = u * tl.load(S_IN)
+        if SCALED > 0:
+            u = u * f
         if HAS_BIAS:
             u += tl.load(B + N + rn, mask=nm, other=0.0).to(tl.float32)
         y = _act(y.to(Y.dtype.element_ty).to(tl.float32), u.to(Y.dtype.element_ty).to(tl.float32), alpha, limit,
@@ -207,14 +255,6 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, CNT, RSTD, S_IN, N, K, KB, eps, 
             nw = nw + 1.0
         tl.store(HX + rn, (xf * nw).to(HX.dtype.element_ty), mask=nm)
         tl.store(SS + pid, tl.sum(xf * xf, axis=0))
-        tl.debug_barrier()  # whichever thread stored SS, the ticket's release below orders it
-        # acq_rel: this program's SS store is visible to the program that draws the last ticket
-        ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) - 1:
-            rp = tl.arange(0, BLOCK_P)
-            tot = tl.sum(tl.load(SS + rp, mask=rp < tl.num_programs(0), other=0.0, cache_modifier=".cg"), axis=0)
-            tl.store(RSTD, tl.rsqrt(tot / N + eps))
-            tl.store(CNT, 0)  # ready for the next chained GEMV (the counter is shared)
     else:
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nm)
 
@@ -233,41 +273,42 @@ def _weight_args(w, block_k: int) -> tuple[torch.Tensor, torch.Tensor, int, int,
                                                           ACC_W=block_k if rowwise else block_k // sbk)
 
 
-def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
+def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: torch.Tensor | ChainNorm | None = None,
          glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
-         residual: tuple[torch.Tensor, torch.Tensor, float, bool, torch.Tensor] | None = None, block_n: int = 8,
+         residual: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None, block_n: int = 8,
          block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
     """x: (1, K), w: (N, K) row-major (or an FP8Weight) -> (1, N); F.linear for a single row.
 
-    scale: a (1,) fp32 factor on the product before the bias (the rstd of a chained norm, x its input
-    times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
-    residual = (r (1, N), next norm weight (N,), eps, plus_one, counter (1,) int32 zeros): returns
-    (r + linear, that times the norm weight, its rstd (1,) fp32) for the next chained GEMV."""
+    scale: a factor on the product before the bias, a (1,) fp32 tensor or a ChainNorm (the rstd of a chained
+    norm, x its input times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
+    residual = (r (1, N), next norm weight (N,), eps, plus_one): returns (r + linear, that times the norm
+    weight, its ChainNorm) for the next chained GEMV."""
     N2, K = w.shape
     N = N2 // 2 if glu is not None else N2
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     grid = triton.cdiv(N, block_n)
     if residual is not None:
-        r, nw, eps, plus_one, cnt = residual
+        r, nw, eps, plus_one = residual
         hx = torch.empty_like(y)
         ss = torch.empty(grid, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(1, dtype=torch.float32, device=x.device)
     else:
-        r = nw = hx = ss = cnt = rstd = y
-        eps, plus_one = 0.0, False
+        r = nw = hx = ss = y
+        plus_one = False
+    s_in, sp, sn, seps, scaled, block_sp = _scale_args(scale)
     wq, ws, kb, block_k, wargs = _weight_args(w, block_k)
-    _gemv_kernel[(grid,)](x, wq, ws, bias if bias is not None else wq, y, r, nw, hx, ss, cnt, rstd,
-                          scale if scale is not None else y, N, K, kb, eps, alpha, limit, HAS_BIAS=bias is not None,
-                          BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, HAS_RES=residual is not None,
-                          PLUS_ONE=plus_one, SCALED=scale is not None, GLU=ACTS[glu] if glu is not None else -1,
-                          BLOCK_P=_np2(grid) if residual is not None else 1, num_warps=num_warps,
-                          num_stages=num_stages, **wargs, **_pdl())
-    return (y, hx, rstd) if residual is not None else y
+    _gemv_kernel[(grid,)](x, wq, ws, bias if bias is not None else wq, y, r, nw, hx, ss,
+                          s_in if s_in is not None else y, sp, sn, seps, N, K, kb, alpha, limit,
+                          HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+                          HAS_RES=residual is not None, PLUS_ONE=plus_one, SCALED=scaled, BLOCK_SP=block_sp,
+                          GLU=ACTS[glu] if glu is not None else -1, num_warps=num_warps, num_stages=num_stages,
+                          **wargs, **_pdl())
+    return (y, hx, ChainNorm(ss, N, eps)) if residual is not None else y
 
 
 @triton.jit
-def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, K, KB, H, HKV,
-                          HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
+def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CACHE, V_CACHE, SLOT, K, KB, H, HKV,
+                          HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr,
+                          HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
                           ROWWISE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr,
                           PDL: tl.constexpr):
@@ -283,10 +324,11 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, 
     i = tl.arange(0, BLOCK_N)
     rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
     _grid_dep(PDL)
+    parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
     y, _ = _dots(X, W, WS, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, KB, -1, FP8, ROWWISE, SBN, SBK, ACC_W,
                  BLOCK_N, BLOCK_K, EVEN_K)
-    if SCALED:
-        y = y * tl.load(S_IN)
+    if SCALED > 0:
+        y = y * _scale_of(S_IN, parts, SN, seps, SCALED)
     if HAS_BIAS:
         y += tl.load(B + rn).to(tl.float32)
     y = y.to(Q_OUT.dtype.element_ty).to(tl.float32)
@@ -307,7 +349,7 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, COS, SIN, Q_OUT, K_CACHE, V_CACHE, 
     tl.store(dst + HALF + j, hi.to(Q_OUT.dtype.element_ty))
 
 
-def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: torch.Tensor | None,
+def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: torch.Tensor | ChainNorm | None,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int, *, block_n: int = 8,
                   block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> None:
@@ -321,11 +363,13 @@ def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: torch.Te
                          f"{tuple(w.shape)} must be (({H} + 2 * {Hkv}) * {D}, K), x {tuple(x.shape)} (1, K)")
     grid = (H + 2 * Hkv) * (D // block_n)
     wq, ws, kb, block_k, wargs = _weight_args(w, block_k)
+    s_in, sp, sn, seps, scaled, block_sp = _scale_args(scale)
     _qkv_rope_gemv_kernel[(grid,)](
-        x, wq, ws, bias if bias is not None else wq, scale if scale is not None else x, cos if cos is not None else x,
-        sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, kb, H, Hkv, HAS_BIAS=bias is not None,
-        SCALED=scale is not None, HAS_ROPE=cos is not None, HALF=D // 2, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages, **wargs, **_pdl())
+        x, wq, ws, bias if bias is not None else wq, s_in if s_in is not None else x, sp, sn, seps,
+        cos if cos is not None else x, sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, kb, H, Hkv,
+        HAS_BIAS=bias is not None, SCALED=scaled, BLOCK_SP=block_sp, HAS_ROPE=cos is not None, HALF=D // 2,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages,
+        **wargs, **_pdl())
 
 
 GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
