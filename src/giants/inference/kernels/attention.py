@@ -50,6 +50,8 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
         blk = tl.load(TABLE + b * stride_table + t // BS, mask=valid, other=0).to(tl.int64)
         off = ((blk * BS + t % BS) * HKV + hk) * D
         k = tl.load(K_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        # issued with K: at decode the loop runs once or twice, so the V load's latency would not be hidden
+        v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if IEEE:  # fp32 caches: full-precision products (checks against the eager path)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -66,7 +68,6 @@ def _paged_attn_kernel(Q, K_CACHE, V_CACHE, TABLE, SEQ_LEN, BIAS, M_OUT, L_OUT, 
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V_CACHE + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
