@@ -112,10 +112,6 @@ class CudaModelRunner(ModelRunner):
                              and type(layer.mlp.down_proj) in _CHAIN_LINEARS
                              for (qkv, mlp), layer in zip(self.fused, model.layers)]
         self.chain_possible = any(self.chain_layers) and _gemv_weight(model.output_weight)
-        # In the chain the O GEMV first asks L2 for its weight rows: launched early (PDL) beside batch-1 attention,
-        # which fills a few SMs and leaves the memory idle, it finds its weight in L2 once the attention output is
-        # ready. (Measured 1% slower while a reduce kernel sat between the two: see fuse_attn_reduce.)
-        self.prefetch_o = True
         # Batch-1 and small-batch fusions outside the chain, switchable for same-run measurements:
         # the QKV GEMV with the rotary and KV write in its epilogue (one row), and for MoE layers the norm,
         # router and top-k in one kernel.
@@ -300,11 +296,11 @@ class CudaModelRunner(ModelRunner):
         return c if agrees and t_fused < t_unfused else None
 
     def _chain_linear(self, x: torch.Tensor, w, b: torch.Tensor | None, residual: torch.Tensor,
-                      norm, prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor, tk.ChainNorm]:
+                      norm) -> tuple[torch.Tensor, torch.Tensor, tk.ChainNorm]:
         """(residual + linear(x), that times the weight of `norm` (the next RMSNorm), its ChainNorm (the sums
         of squares the next GEMV turns into rstd)): one GEMV."""
         return tk.gemv(x, w, b, residual=(residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one"),
-                       prefetch=prefetch, **self._gemv_config(w, b, x))
+                       **self._gemv_config(w, b, x))
 
     def _gemv_config(self, w, b: torch.Tensor | None, x: torch.Tensor) -> dict:
         """The one-row GEMV tile for this weight: the fastest Triton config timed for its shape (an FP8Weight's by
@@ -474,8 +470,7 @@ class CudaModelRunner(ModelRunner):
             if chain and self.chain_layers[i]:
                 down = layer.mlp.down_proj
                 pend = self._chain_linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias,
-                                          residual, layer.mlp_norm,
-                                          prefetch=self.prefetch_o and (self.fuse_attn_reduce or num_splits == 1))
+                                          residual, layer.mlp_norm)
                 y = self._chain_norm_linear(pend, mlp_w[1], mlp_w[2], glu=True)
                 nxt = model.layers[i + 1].attn_norm if i + 1 < len(model.layers) else model.norm
                 pend, delta = self._chain_linear(y, down.weight, down.bias, pend[0], nxt), None

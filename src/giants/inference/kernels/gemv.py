@@ -214,24 +214,11 @@ def _dots(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, FP8: tl.constexpr, ROWWI
 
 
 @triton.jit
-def _prefetch_rows(W, rn, N, K, BLOCK_N: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
-    """Ask the L2 cache for weight rows rn (K elements, LINE elements a 128-byte line), LINES lines a row at a time:
-    issued before the wait on the previous kernel, so a GEMV launched early (PDL) behind a kernel that leaves most
-    SMs and the memory idle (batch-1 attention) finds its weight in L2 when its input is ready."""
-    rows = W + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * K
-    rl = tl.arange(0, LINES) * LINE
-    for c0 in range(0, K, LINES * LINE):
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [rows + c0 + rl[None, :]],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, alpha, limit,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr,
                  GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
-                 SBK: tl.constexpr, ACC_W: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
-                 PDL: tl.constexpr):
+                 SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr):
     """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
 
     SCALED: the sum is multiplied, before the bias, by S_IN[0] (1) or by rsqrt(sum(S_IN[:SP]) / SN + seps)
@@ -239,15 +226,10 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, al
     kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up). HAS_RES (the O and down
     projections of a chained layer): Y = round(round(y) + R), the new residual stream, as the norm kernel
     would add it; HX = round(Y * NW), the next norm's input times its weight; SS[pid] the sum of this
-    program's squares of Y, which the next GEMV's programs add up in a fixed order (deterministic).
-    PREFETCH > 0: the program asks L2 for its weight rows before it waits on the previous kernel."""
+    program's squares of Y, which the next GEMV's programs add up in a fixed order (deterministic)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
-    if PREFETCH > 0:
-        _prefetch_rows(W, rn, N, K, BLOCK_N, LINE, PREFETCH)
-        if GLU >= 0:
-            _prefetch_rows(W, rn + N, 2 * N, K, BLOCK_N, LINE, PREFETCH)
     _grid_dep(PDL)
     parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
     y, u = _dots(X, W, WS, rn, nm, N, K, KB, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
@@ -291,25 +273,16 @@ def _weight_args(w, block_k: int) -> tuple[torch.Tensor, torch.Tensor, int, int,
                                                           ACC_W=block_k if rowwise else block_k // sbk)
 
 
-def _prefetch_args(on: bool, wq: torch.Tensor) -> dict:
-    """The L2 prefetch needs the GPU (inline PTX; the interpreter has none), PDL (else nothing runs before the
-    wait) and whole 128-byte lines."""
-    line = 128 // wq.element_size()
-    on = on and wq.is_cuda and _pdl()["PDL"] > 0 and wq.shape[-1] % line == 0
-    return dict(PREFETCH=16 if on else 0, LINE=line)
-
-
 def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: torch.Tensor | ChainNorm | None = None,
          glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
          residual: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None, block_n: int = 8,
-         block_k: int = 512, num_warps: int = 4, num_stages: int = 4, prefetch: bool = False):
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
     """x: (1, K), w: (N, K) row-major (or an FP8Weight) -> (1, N); F.linear for a single row.
 
     scale: a factor on the product before the bias, a (1,) fp32 tensor or a ChainNorm (the rstd of a chained
     norm, x its input times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
     residual = (r (1, N), next norm weight (N,), eps, plus_one): returns (r + linear, that times the norm
-    weight, its ChainNorm) for the next chained GEMV. prefetch: each program first asks L2 for its weight rows
-    (see _prefetch_rows)."""
+    weight, its ChainNorm) for the next chained GEMV."""
     N2, K = w.shape
     N = N2 // 2 if glu is not None else N2
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
@@ -328,7 +301,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: torch.T
                           HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                           HAS_RES=residual is not None, PLUS_ONE=plus_one, SCALED=scaled, BLOCK_SP=block_sp,
                           GLU=ACTS[glu] if glu is not None else -1, num_warps=num_warps, num_stages=num_stages,
-                          **wargs, **_prefetch_args(prefetch, wq), **_pdl())
+                          **wargs, **_pdl())
     return (y, hx, ChainNorm(ss, N, eps)) if residual is not None else y
 
 
