@@ -8,8 +8,8 @@ the bytes a token reads), per-shape GEMV and prefill matmul tables, and with --b
     python benchmarks/bench_fp8.py --modes bf16,fp8-block+head --no-kernels   # the decode ratio alone
     python benchmarks/bench_fp8.py --device cpu --quick    # smoke test of the script (tiny-llama)
 
-On CUDA each decode is rerun in the same process with the batch-1 chain flipped, with 1 and 2 key splits and with
-the splits combined by a reduce kernel (`--no-reruns` skips them).
+On CUDA each decode is rerun in the same process with the batch-1 chain flipped, with 1, 2 and 8 key splits and
+with the splits combined by a reduce kernel (`--no-reruns` skips them).
 
 Reading the numbers: tok/s and fraction of the roofline (copy bandwidth / bytes a token reads); graph_replay_ms is
 the GPU time of one decode step; gemv_us compares the FP8 GEMV with the best bf16 one-row kernel per weight shape (an
@@ -63,7 +63,8 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
         r["chain_times"] = runner.gemv_times.get("chain")
         r["chain_flipped"] = bd.rerun(preset, f"chain={not runner.chain}", llm, prompt, new, roof, g,
                                       lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
-        for n in (1, 2):  # batch-1 attention over fewer key splits: fewer programs, less to combine
+        for n in (1, 2, 8):  # batch-1 attention over fewer (more) key splits: fewer (more) programs, less (more)
+            # to combine
             r[f"short_splits_{n}"] = bd.rerun(preset, f"short_splits={n}", llm, prompt, new, roof, g,
                                               lambda v: setattr(runner, "short_splits", v), n, runner.short_splits)
         # the key splits combined by a reduce kernel instead of by the attention's last split program
