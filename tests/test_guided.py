@@ -53,7 +53,9 @@ def test_sampling_params_name_the_bad_field():
 def smol():
     from giants import LLM
 
-    return LLM(MODEL, max_model_len=512)
+    # 160 blocks: the test's 5 sequences each at max_model_len (no preemption possible, as with the CPU's 1 GiB
+    # default, which took seconds to zero-fill)
+    return LLM(MODEL, max_model_len=512, num_blocks=5 * 512 // 16)
 
 
 def test_engine_constraints_and_a_shared_batch(smol):

@@ -16,17 +16,15 @@ PROMPT = "Write a short poem about the sea."
 NEW = 40
 
 
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
-def test_generate_cli_matches_transformers_greedy_on_the_gguf(capsys, compile_):
+@pytest.fixture(scope="module")
+def hf_greedy():
+    """transformers' greedy tokens on the GGUF file, and the tokenizer: the same for both parametrizations, so
+    loaded and generated once."""
     import transformers
 
     from giants.checkpoint import download
 
     path = str(download("smollm2-135m"))
-    assert cli.main(["generate", "smollm2-135m", PROMPT, "--chat", "--temperature", "0", "--max-tokens", str(NEW),
-                     "--json", *(["--compile"] if compile_ else [])]) == 0
-    got = json.loads(capsys.readouterr().out)
-
     tok = giants.load_tokenizer(path)
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     ids = tok.encode(text)
@@ -35,7 +33,15 @@ def test_generate_cli_matches_transformers_greedy_on_the_gguf(capsys, compile_):
     with torch.inference_mode():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
-    ref = out[0, len(ids):].tolist()
+    return tok, out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_generate_cli_matches_transformers_greedy_on_the_gguf(capsys, hf_greedy, compile_):
+    tok, ref = hf_greedy
+    assert cli.main(["generate", "smollm2-135m", PROMPT, "--chat", "--temperature", "0", "--max-tokens", str(NEW),
+                     "--json", *(["--compile"] if compile_ else [])]) == 0
+    got = json.loads(capsys.readouterr().out)
     assert got["token_ids"] == ref
     assert len(ref) >= 8  # a real answer, not an immediate stop
     assert got["text"] == tok.decode([t for t in ref if t != tok.eos_token_id], skip_special_tokens=True)

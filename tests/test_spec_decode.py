@@ -177,14 +177,16 @@ def test_greedy_identical_with_penalties_and_logprobs() -> None:
 def test_greedy_identical_on_smollm2() -> None:
     text = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday, Monday, Tuesday,"
     sp = SamplingParams(temperature=0, max_tokens=32)
-    plain = LLM(str(SMOLLM2), max_model_len=512, cpu_threads=1)
+    # one sequence at a time: 64 blocks (1024 tokens, two full-length sequences), not the CPU's 1 GiB default
+    # (zero-filling it took seconds for each of the four caches)
+    kw = dict(max_model_len=512, cpu_threads=1, num_blocks=64)
+    plain = LLM(str(SMOLLM2), **kw)
     want = _ids(plain, [text], sp)
-    ngram = LLM(str(SMOLLM2), max_model_len=512, cpu_threads=1, speculative_config=_ngram(4, 1, 4))
+    ngram = LLM(str(SMOLLM2), **kw, speculative_config=_ngram(4, 1, 4))
     assert _ids(ngram, [text], sp) == want
     s = ngram.stats()
     assert s["spec_acceptance_rate"] > 0.5 and s["spec_tokens_per_step"] > 2  # the week repeats itself
-    same = LLM(str(SMOLLM2), max_model_len=512, cpu_threads=1,
-               speculative_config={"model": str(SMOLLM2), "num_speculative_tokens": 3})
+    same = LLM(str(SMOLLM2), **kw, speculative_config={"model": str(SMOLLM2), "num_speculative_tokens": 3})
     assert _ids(same, [text], SamplingParams(temperature=0, max_tokens=12)) == [want[0][:12]]
     assert same.stats()["spec_acceptance_rate"] == 1.0
 

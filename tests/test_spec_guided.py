@@ -243,9 +243,16 @@ def test_guided_speculation_under_preemption_and_prefix_caching(tok) -> None:
 
 
 # ---- SmolLM2 --------------------------------------------------------------------------------------------------
+# KV caches sized for what each test runs, not the CPU's 1 GiB default (zero-filling it took seconds per engine):
+# one sequence at a time (64 blocks: two full-length sequences), or 20 sequences each at max_model_len (640 blocks:
+# no preemption possible, as with the default).
+ONE_SEQ = dict(max_model_len=512, cpu_threads=1, num_blocks=64)
+TWENTY_SEQS = dict(max_model_len=512, cpu_threads=1, num_blocks=20 * 512 // 16)
+
+
 @pytest.fixture(scope="module")
 def smol_plain(tok):
-    return LLM(SMOLLM2, max_model_len=512, cpu_threads=1)
+    return LLM(SMOLLM2, **ONE_SEQ)
 
 
 def test_greedy_identical_on_smollm2(tok, smol_plain) -> None:
@@ -255,7 +262,7 @@ def test_greedy_identical_on_smollm2(tok, smol_plain) -> None:
         _check(p, o.text)
     for label, spec in {"ngram": _ngram(), "draft-equals-target": {"model": SMOLLM2,
                                                                    "num_speculative_tokens": 3}}.items():
-        llm = LLM(SMOLLM2, max_model_len=512, cpu_threads=1, speculative_config=spec)
+        llm = LLM(SMOLLM2, **ONE_SEQ, speculative_config=spec)
         for w, (p, t) in zip(want, CASES):
             o = _run(llm, tok, p, t)
             assert o.token_ids == w.token_ids, (label, p.keys(), o.text, w.text)
@@ -264,7 +271,7 @@ def test_greedy_identical_on_smollm2(tok, smol_plain) -> None:
 
 
 def test_sampled_json_on_smollm2(tok) -> None:
-    llm = LLM(SMOLLM2, max_model_len=512, cpu_threads=1, speculative_config=_ngram())
+    llm = LLM(SMOLLM2, **TWENTY_SEQS, speculative_config=_ngram())
     prompt = _ids(tok, CASES[0][1])
     outs = llm.generate([prompt] * 20, [SamplingParams(temperature=1.0, max_tokens=120, guided_json=SCHEMA, seed=i)
                                         for i in range(20)], use_tqdm=False)

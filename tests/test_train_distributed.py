@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,14 @@ def _train(out: Path, data: Path, *args: str, nproc: int = 1, timeout: float = 2
     return proc
 
 
+def _train_together(*runs: tuple[tuple, dict]) -> list[subprocess.CompletedProcess]:
+    """Independent runs, each (args, kwargs) of _train, at the same time (most of a tiny run is starting Python
+    and torch, which overlaps on two cores); each checked as _train checks it, results in order."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(_train, *args, **kw) for args, kw in runs]
+        return [f.result() for f in futures]
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -61,8 +70,8 @@ def runs(tmp_path_factory, byte_data):
     """One process (the reference) and tensor parallel over 2 processes, 4 steps, checkpoints at 2 and 4."""
     root = tmp_path_factory.mktemp("dist")
     args = ["--steps", "4", "--ckpt-every", "2"]
-    _train(root / "one", byte_data, *args)
-    tp = _train(root / "tp", byte_data, *args, "--tp", "2", nproc=2)
+    _, tp = _train_together(((root / "one", byte_data, *args), {}),
+                            ((root / "tp", byte_data, *args, "--tp", "2"), dict(nproc=2)))
     return root, tp
 
 
@@ -90,13 +99,13 @@ def test_sharded_checkpoint_resumes_on_another_layout_and_in_one_process(runs, b
     assert verify(step2)["sharded"]["tp"] == 2 and (step2 / "dcp" / ".metadata").is_file()
     assert sorted(p.name for p in (step2 / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     args = ["--steps", "4", "--no-final", "--resume", str(step2)]
-    _train(root / "on-fsdp", byte_data, *args, "--dp-shard", "2", nproc=2)
+    _train_together(((root / "on-fsdp", byte_data, *args, "--dp-shard", "2"), dict(nproc=2)),
+                    ((root / "on-one", byte_data, *args), {}),  # one process, no process group: DCP read whole
+                    # and a one-device checkpoint resumes under scale-out
+                    ((root / "from-one", byte_data, *args[:-1], str(root / "one" / "checkpoints" / "step_00000002"),
+                      "--tp", "2"), dict(nproc=2)))
     _assert_losses(root / "on-fsdp", root / "one", [3, 4])
-    _train(root / "on-one", byte_data, *args)  # one process, no process group: DCP read whole
     _assert_losses(root / "on-one", root / "one", [3, 4])
-    # and a one-device checkpoint resumes under scale-out
-    _train(root / "from-one", byte_data, *args[:-1], str(root / "one" / "checkpoints" / "step_00000002"),
-           "--tp", "2", nproc=2)
     # (torch 2.11's tensor-parallel rounding put step 4 at 1.4e-5 relative once)
     _assert_losses(root / "from-one", root / "one", [3, 4], rel=5e-5)
 
@@ -194,8 +203,8 @@ def test_finetuning_over_data_parallel_ranks_matches_one_process(tmp_path, task)
             "--grad-accum", "2", "--steps", "2", "--no-final", "--grad-clip", "0", "--lr", "1e-5"]  # (a small
     # first AdamW update: it is about lr x the sign of each gradient entry, so float rounding of entries near zero
     # would otherwise show in step 2)
-    _train(tmp_path / "one", data, *args)
-    _train(tmp_path / "dp", data, *args, "--dp-shard", "2", nproc=2)
+    _train_together(((tmp_path / "one", data, *args), {}),
+                    ((tmp_path / "dp", data, *args, "--dp-shard", "2"), dict(nproc=2)))
     _assert_losses(tmp_path / "dp", tmp_path / "one", [1, 2])
 
 
@@ -219,31 +228,33 @@ def test_job_killed_mid_save_leaves_the_previous_checkpoint(tmp_path, byte_data)
     from giants.train.checkpoint import PAUSE_ENV, latest_checkpoint, verify
 
     run, marker = tmp_path / "run", tmp_path / "paused"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "giants",
-           "train", *TINY, "--data", str(byte_data), "--out", str(run), "--steps", "6", "--ckpt-every", "2",
-           "--dp-shard", "2", "--no-final"]
-    proc = subprocess.Popen(cmd, env=_env(**{PAUSE_ENV: f"4:{marker}"}), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert proc.poll() is None, "the job ended before its step-4 checkpoint"
-            assert time.monotonic() < deadline, "the job never reached its step-4 checkpoint"
-            time.sleep(0.2)
-        partial = Path(marker.read_text())
-        assert (partial / "dcp" / ".metadata").is_file() and not (partial / "manifest.json").exists()
-    finally:
-        for pid in [proc.pid, *_procs_with(str(run))]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(30)
-    time.sleep(1.0)
-    assert not _procs_with(str(run))
-    assert latest_checkpoint(run).name == "step_00000002" and verify(latest_checkpoint(run))["step"] == 2
-    _train(tmp_path / "ref", byte_data, "--steps", "6", "--no-final")
-    _train(run, byte_data, "--steps", "6", "--no-final", "--resume")
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted reference run, independent of the job: alongside it
+        ref = pool.submit(_train, tmp_path / "ref", byte_data, "--steps", "6", "--no-final")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "giants",
+               "train", *TINY, "--data", str(byte_data), "--out", str(run), "--steps", "6", "--ckpt-every", "2",
+               "--dp-shard", "2", "--no-final"]
+        proc = subprocess.Popen(cmd, env=_env(**{PAUSE_ENV: f"4:{marker}"}), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not marker.exists():
+                assert proc.poll() is None, "the job ended before its step-4 checkpoint"
+                assert time.monotonic() < deadline, "the job never reached its step-4 checkpoint"
+                time.sleep(0.2)
+            partial = Path(marker.read_text())
+            assert (partial / "dcp" / ".metadata").is_file() and not (partial / "manifest.json").exists()
+        finally:
+            for pid in [proc.pid, *_procs_with(str(run))]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(30)
+        time.sleep(1.0)
+        assert not _procs_with(str(run))
+        assert latest_checkpoint(run).name == "step_00000002" and verify(latest_checkpoint(run))["step"] == 2
+        _train(run, byte_data, "--steps", "6", "--no-final", "--resume")
+        ref.result()
     _assert_losses(run, tmp_path / "ref", [1, 2, 3, 4, 5, 6])
     assert not partial.exists()  # the next save cleared the leftover
 
