@@ -47,7 +47,10 @@ def test_the_shipped_record_loads_and_validates():
                    ("9114e6f", "fp8+head"): (262.1, 10.57), ("9114e6f", "fp8-block"): (281.0, 9.61),
                    # the batch-1 chain on FP8 weights (2026-12-06 22:24)
                    ("9f49d2d", None): (180.68, 15.96), ("9f49d2d", "fp8-block+head"): (299.13, 15.52),
-                   ("9f49d2d", "fp8+head"): (279.36, 10.57)}
+                   ("9f49d2d", "fp8+head"): (279.36, 10.57),
+                   # attention splits combined in-kernel, the ticketless chain (2026-12-07 01:57; the FP8 figure is the
+                   # same-run rerun without the O-weight prefetch, the code since)
+                   ("157ff2b", None): (178.81, 15.96), ("157ff2b", "fp8-block+head"): (311.87, 15.52)}
     big = {r.quantization: r for r in runs if r.model == "llama-3-70b"}
     assert big[None].tok_s_batch1 == 0.63 and "streamed" in big[None].offload
     assert (big["fp8+head"].tok_s_batch1, big["fp8+head"].tok_s_concurrent) == (30.8, {"32": 163.5})
