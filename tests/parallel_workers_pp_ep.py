@@ -52,10 +52,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+_REFS: dict[str, dict[str, Any]] = {}  # cases that share a reference (gpipe and 1f1b on one twin) train it once
+
+
 def reference(cfg: giants.ModelConfig, global_batch: int, opt: str, *, router: bool = False,
               micro: int = 1) -> dict[str, Any]:
     """Single process on the global batch: per-step losses and the first and last steps' gradients. micro > 1
-    splits each step into that many equal micro-batches with the loss divided by it (gradient accumulation)."""
+    splits each step into that many equal micro-batches with the loss divided by it (gradient accumulation).
+    Memoized per process (deterministic, and only read afterwards)."""
+    key = repr((cfg, global_batch, opt, router, micro))
+    if key not in _REFS:
+        _REFS[key] = _reference(cfg, global_batch, opt, router, micro)
+    return _REFS[key]
+
+
+def _reference(cfg: giants.ModelConfig, global_batch: int, opt: str, router: bool, micro: int) -> dict[str, Any]:
     model = giants.build(cfg, seed=0)
     optim = make_opt(list(model.parameters()), opt)
     losses: list[float] = []
