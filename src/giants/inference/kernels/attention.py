@@ -129,25 +129,18 @@ def _combine_splits(M_IN, L_IN, ACC_IN, SINKS, rows, heads, gm, GP: tl.constexpr
 
 
 @triton.jit
-def _attn_reduce_kernel(M_IN, L_IN, ACC_IN, OUT, SINKS, H: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                        HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
+def _attn_reduce_kernel(M_IN, L_IN, ACC_IN, OUT, SINKS, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                        D: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
+    """The splits' combine as a kernel of its own (no counter given): one program per (sequence, kv head)."""
     _grid_dep(PDL)
-    bh = tl.program_id(0)
-    s = tl.arange(0, NUM_SPLITS)
+    b = tl.program_id(0)
+    g = tl.arange(0, GP)
+    gm = g < G
+    heads = tl.program_id(1) * G + g
+    o = _combine_splits(M_IN, L_IN, ACC_IN, SINKS, (b * H + heads) * NUM_SPLITS, heads, gm, GP, D, NUM_SPLITS,
+                        HAS_SINKS)
     d = tl.arange(0, D)
-    m = tl.load(M_IN + bh * NUM_SPLITS + s)
-    l = tl.load(L_IN + bh * NUM_SPLITS + s)
-    m_max = tl.max(m, axis=0)
-    if HAS_SINKS:
-        sink = tl.load(SINKS + bh % H).to(tl.float32)
-        m_max = tl.maximum(m_max, sink)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-    denom = tl.sum(w * l, axis=0)
-    if HAS_SINKS:
-        denom += tl.exp(sink - m_max)
-    acc = tl.load(ACC_IN + (bh * NUM_SPLITS + s)[:, None] * D + d[None, :])
-    o = tl.sum(acc * w[:, None], axis=0) / denom
-    tl.store(OUT + bh * D + d, o.to(OUT.dtype.element_ty))
+    tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], o.to(OUT.dtype.element_ty), mask=gm[:, None])
 
 
 class PagedAttention:
@@ -193,6 +186,7 @@ class PagedAttention:
             HAS_SOFTCAP=self.softcap is not None, HAS_BIAS=bias is not None, HAS_SINKS=sinks is not None,
             IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, num_warps=4, **_pdl())
         if num_splits > 1 and not fused:
-            _attn_reduce_kernel[(B * H,)](m, l, acc, out, sinks if sinks is not None else q, H=H, D=D,
-                                          NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None, **_pdl())
+            _attn_reduce_kernel[(B, self.Hkv)](m, l, acc, out, sinks if sinks is not None else q, H=H, G=self.G,
+                                               GP=_np2(self.G), D=D, NUM_SPLITS=num_splits,
+                                               HAS_SINKS=sinks is not None, **_pdl())
         return out
