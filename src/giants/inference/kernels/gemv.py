@@ -114,34 +114,22 @@ class ChainNorm(NamedTuple):
         return torch.rsqrt(self.parts.sum(0, keepdim=True) / self.n + self.eps)
 
 
-def _scale_args(scale) -> tuple:
-    """(pointer, number of parts, n, eps, SCALED, BLOCK_SP) for a consumer kernel: a (1,) fp32 factor (SCALED
-    1), a ChainNorm (2) or None (0)."""
+def _scale_args(scale: ChainNorm | None) -> tuple:
+    """(parts, number of parts, n, eps, SCALED, BLOCK_SP) for a consumer kernel."""
     if scale is None:
-        return None, 1, 1, 0.0, 0, 1
-    if isinstance(scale, ChainNorm):
-        return scale.parts, scale.parts.numel(), scale.n, scale.eps, 2, _np2(scale.parts.numel())
-    return scale, 1, 1, 0.0, 1, 1
+        return None, 1, 1, 0.0, False, 1
+    return scale.parts, scale.parts.numel(), scale.n, scale.eps, True, _np2(scale.parts.numel())
 
 
 @triton.jit
 def _scale_parts(S_IN, SP, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr):
     """A ChainNorm's parts, loaded early (the sum waits for them only after the weight stream)."""
     rp = tl.arange(0, BLOCK_SP)
-    if SCALED == 2:
+    if SCALED:
         parts = tl.load(S_IN + rp, mask=rp < SP, other=0.0)
     else:
         parts = tl.zeros((BLOCK_SP,), tl.float32)
     return parts
-
-
-@triton.jit
-def _scale_of(S_IN, parts, SN, seps, SCALED: tl.constexpr):
-    if SCALED == 1:
-        f = tl.load(S_IN)
-    else:
-        f = tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
-    return f
 
 
 @triton.jit
@@ -221,25 +209,25 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, al
                  SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr):
     """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
 
-    SCALED: the sum is multiplied, before the bias, by S_IN[0] (1) or by rsqrt(sum(S_IN[:SP]) / SN + seps)
-    (2: a ChainNorm), so with X = x * nw and that factor rstd(x) this is linear(rmsnorm(x)) without a norm
-    kernel. GLU >= 0: W holds [gate; up] (2N rows) and Y = act(gate, up). HAS_RES (the O and down
-    projections of a chained layer): Y = round(round(y) + R), the new residual stream, as the norm kernel
-    would add it; HX = round(Y * NW), the next norm's input times its weight; SS[pid] the sum of this
-    program's squares of Y, which the next GEMV's programs add up in a fixed order (deterministic)."""
+    SCALED: the sum is multiplied, before the bias, by rsqrt(sum(S_IN[:SP]) / SN + seps) (a ChainNorm), so
+    with X = x * nw that is rstd(x) and this is linear(rmsnorm(x)) without a norm kernel. GLU >= 0: W holds
+    [gate; up] (2N rows) and Y = act(gate, up). HAS_RES (the O and down projections of a chained layer):
+    Y = round(round(y) + R), the new residual stream, as the norm kernel would add it; HX = round(Y * NW), the
+    next norm's input times its weight; SS[pid] the sum of this program's squares of Y, which the next GEMV's
+    programs add up in a fixed order (deterministic)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
     _grid_dep(PDL)
     parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
     y, u = _dots(X, W, WS, rn, nm, N, K, KB, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
-    if SCALED > 0:
-        f = _scale_of(S_IN, parts, SN, seps, SCALED)
+    if SCALED:
+        f = tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
         y = y * f
     if HAS_BIAS:
         y += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)
     if GLU >= 0:
-        if SCALED > 0:
+        if SCALED:
             u = u * f
         if HAS_BIAS:
             u += tl.load(B + N + rn, mask=nm, other=0.0).to(tl.float32)
@@ -273,14 +261,14 @@ def _weight_args(w, block_k: int) -> tuple[torch.Tensor, torch.Tensor, int, int,
                                                           ACC_W=block_k if rowwise else block_k // sbk)
 
 
-def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: torch.Tensor | ChainNorm | None = None,
+def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: ChainNorm | None = None,
          glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
          residual: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None, block_n: int = 8,
          block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
     """x: (1, K), w: (N, K) row-major (or an FP8Weight) -> (1, N); F.linear for a single row.
 
-    scale: a factor on the product before the bias, a (1,) fp32 tensor or a ChainNorm (the rstd of a chained
-    norm, x its input times the norm weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
+    scale: a ChainNorm, whose rstd multiplies the product before the bias (x is then the chained norm's input
+    times its weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
     residual = (r (1, N), next norm weight (N,), eps, plus_one): returns (r + linear, that times the norm
     weight, its ChainNorm) for the next chained GEMV."""
     N2, K = w.shape
@@ -327,8 +315,8 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
     parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
     y, _ = _dots(X, W, WS, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, KB, -1, FP8, ROWWISE, SBN, SBK, ACC_W,
                  BLOCK_N, BLOCK_K, EVEN_K)
-    if SCALED > 0:
-        y = y * _scale_of(S_IN, parts, SN, seps, SCALED)
+    if SCALED:
+        y = y * tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
     if HAS_BIAS:
         y += tl.load(B + rn).to(tl.float32)
     y = y.to(Q_OUT.dtype.element_ty).to(tl.float32)
@@ -349,7 +337,7 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
     tl.store(dst + HALF + j, hi.to(Q_OUT.dtype.element_ty))
 
 
-def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: torch.Tensor | ChainNorm | None,
+def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: ChainNorm | None,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int, *, block_n: int = 8,
                   block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> None:
