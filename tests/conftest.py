@@ -46,6 +46,20 @@ def byte_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers():
+    """transformers' model loaded from SmolLM2-135M's GGUF (fp32, its default attention), for the tests that compare
+    with it: the load parses and dequantizes the file (over ten seconds), so it happens once a session. A test that
+    needs it otherwise (another attention implementation) takes a copy."""
+    import transformers
+
+    from giants.checkpoint import download
+
+    path = download("smollm2-135m")
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2_server():
     """One real `giants serve smollm2-135m` process (loopback) for the structured-output and tool-call tests, and the
     official openai client on it; it must stop cleanly (exit 0) at the end."""

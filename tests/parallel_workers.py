@@ -38,11 +38,13 @@ def layout_keys(world: int, families: tuple[str, ...] = FAMILIES) -> list[str]:
 
 
 def tiny_config(name: str, tp: int = 1) -> Any:
-    """The tiny twin with a 512-token vocabulary (speed); for tp=4 the twins with 2 KV heads get 8 query / 4 KV
-    heads (GQA kept, every head count divisible by 4)."""
+    """The tiny twin with a 512-token vocabulary and at most 2 layers (speed: tiny-gemma2's 4 alternate a sliding-
+    window and a global layer, which 2 keep); for tp=4 the twins with 2 KV heads get 8 query / 4 KV heads (GQA
+    kept, every head count divisible by 4)."""
     import giants
 
     cfg = giants.get_config(name).replace(vocab_size=VOCAB)
+    cfg = cfg.replace(n_layers=min(cfg.n_layers, 2))
     if cfg.n_kv_heads % tp:
         cfg = cfg.replace(n_heads=2 * tp, n_kv_heads=tp)
     return cfg
@@ -165,9 +167,11 @@ def parallel_run(cfg: Any, data: list, world: int, dims_kw: dict, plan_kw: dict,
 def compare_layouts(rank: int, world: int, families: tuple[str, ...] = FAMILIES) -> dict[str, dict[str, Any]]:
     """For every family and every layout of this world size: the worst relative loss difference over the steps,
     the worst parameter-gradient and parameter differences (with the parameter's name) and placement errors."""
+    import torch.distributed as dist
+
     data = batches()
     out: dict[str, dict[str, Any]] = {}
-    refs: dict[tuple[str, int, bool], Any] = {}
+    runs = []
     for fam in families:
         for layout, (dims_kw, plan_kw) in LAYOUTS[world].items():
             if fam not in EXTRA_LAYOUTS.get(layout, families):
@@ -177,16 +181,22 @@ def compare_layouts(rank: int, world: int, families: tuple[str, ...] = FAMILIES)
             # router losses are a product of two means over tokens: one process's value equals the parallel one only
             # when every rank sees every token (tensor parallel alone)
             aux = cfg.is_moe and world == tp
-            key = (fam, tp, aux)
-            if key not in refs:
-                refs[key] = reference(cfg, data, aux)
-            ref_losses, ref_grads, ref_params = refs[key]
-            losses, grads, params, bad = parallel_run(cfg, data, world, dims_kw, plan_kw, aux)
-            loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-            g_err = max((_rel(grads[n], ref_grads[n]), n) for n in ref_grads)
-            p_err = max((_rel(params[n], ref_params[n]), n) for n in ref_params)
-            out[f"{fam}/{layout}"] = dict(loss=loss_err, grad=g_err, param=p_err, placement=bad,
-                                          losses=losses, ref_losses=ref_losses)
+            runs.append((fam, layout, dims_kw, plan_kw, cfg, aux))
+    # the references are deterministic (one seed, one thread, the same data), so rather than every rank training
+    # each of them, each rank trains every world-th one and all_gather_object hands them to every rank
+    todo = {(repr(cfg), aux): (cfg, aux) for _, _, _, _, cfg, aux in runs}  # each distinct reference once
+    mine = {k: reference(cfg, data, aux) for i, (k, (cfg, aux)) in enumerate(todo.items()) if i % world == rank}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    refs = {k: v for g in gathered for k, v in g.items()}
+    for fam, layout, dims_kw, plan_kw, cfg, aux in runs:
+        ref_losses, ref_grads, ref_params = refs[(repr(cfg), aux)]
+        losses, grads, params, bad = parallel_run(cfg, data, world, dims_kw, plan_kw, aux)
+        loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+        g_err = max((_rel(grads[n], ref_grads[n]), n) for n in ref_grads)
+        p_err = max((_rel(params[n], ref_params[n]), n) for n in ref_params)
+        out[f"{fam}/{layout}"] = dict(loss=loss_err, grad=g_err, param=p_err, placement=bad,
+                                      losses=losses, ref_losses=ref_losses)
     return out
 
 

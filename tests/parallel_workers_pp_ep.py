@@ -55,7 +55,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 _REFS: dict[str, dict[str, Any]] = {}  # cases that share a reference (gpipe and 1f1b on one twin) train it once
 
 
-def reference(cfg: giants.ModelConfig, global_batch: int, opt: str, *, router: bool = False,
+def reference(cfg: giants.ModelConfig, global_batch: int, opt: str, router: bool = False,
               micro: int = 1) -> dict[str, Any]:
     """Single process on the global batch: per-step losses and the first and last steps' gradients. micro > 1
     splits each step into that many equal micro-batches with the loss divided by it (gradient accumulation).
@@ -64,6 +64,17 @@ def reference(cfg: giants.ModelConfig, global_batch: int, opt: str, *, router: b
     if key not in _REFS:
         _REFS[key] = _reference(cfg, global_batch, opt, router, micro)
     return _REFS[key]
+
+
+def share_references(rank: int, world: int, args: list[tuple]) -> None:
+    """Every rank would train the same references (deterministic: one seed, one thread, same data): instead each
+    rank trains every world-th of them and all_gather_object hands each one to every rank, into the memo."""
+    todo = list({repr(a): a for a in args}.items())
+    mine = {key: _reference(*a) for i, (key, a) in enumerate(todo) if i % world == rank and key not in _REFS}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    for refs in gathered:
+        _REFS.update(refs)
 
 
 def _reference(cfg: giants.ModelConfig, global_batch: int, opt: str, router: bool, micro: int) -> dict[str, Any]:
@@ -121,6 +132,19 @@ def _avg_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None
 
 # ---- pipeline parallel ---------------------------------------------------------------------------------------
 
+def _pp_ref_args(case: dict[str, Any], pp: int, world: int) -> dict[str, tuple]:
+    """The references a PP case compares with: name -> reference() arguments."""
+    cfg = twin(case["model"], case.get("n_layers"))
+    dp = world // pp
+    n_mb, opt = case.get("microbatches", 4), case.get("opt", "sgd")
+    global_batch = case.get("local_batch", 4) * dp
+    router = bool(case.get("router"))
+    refs = {"accum": (cfg, global_batch, opt, router, n_mb * dp)}
+    if not router:  # router losses are per micro-batch in a pipeline (as with gradient accumulation)
+        refs["full"] = (cfg, global_batch, opt, False, 1)
+    return refs
+
+
 def _pp_case(case: dict[str, Any], pp: int) -> dict[str, Any]:
     """pp pipeline ranks; the rest of the world is dp_shard, parallelised by the plan (giants.parallel.plan:
     FSDP, and EP over dp_shard when the case says ep) on each stage part."""
@@ -134,9 +158,7 @@ def _pp_case(case: dict[str, Any], pp: int) -> dict[str, Any]:
     n_mb, opt = case.get("microbatches", 4), case.get("opt", "sgd")
     local_batch = case.get("local_batch", 4)
     router = bool(case.get("router"))
-    refs = {"accum": reference(cfg, local_batch * dp, opt, router=router, micro=n_mb * dp)}
-    if not router:  # router losses are per micro-batch in a pipeline (as with gradient accumulation)
-        refs["full"] = reference(cfg, local_batch * dp, opt)
+    refs = {name: reference(*args) for name, args in _pp_ref_args(case, pp, dist.get_world_size()).items()}
 
     model = giants.build(cfg, seed=0)
     parallelize = None
@@ -184,6 +206,11 @@ def pp_worker(rank: int, world: int, pp: int, cases: list[dict[str, Any]]) -> li
 
 # ---- expert parallel -----------------------------------------------------------------------------------------
 
+def _ep_ref_args(case: dict[str, Any], world: int) -> tuple:
+    """The reference an EP case compares with (router losses over the global batch): reference() arguments."""
+    return twin(case["model"]), case.get("local_batch", 2) * world, case.get("opt", "sgd"), True, 1
+
+
 def _ep_case(case: dict[str, Any], mesh: DeviceMesh) -> dict[str, Any]:
     from giants.parallel.expert import apply_ep, router_losses_global
 
@@ -191,7 +218,7 @@ def _ep_case(case: dict[str, Any], mesh: DeviceMesh) -> dict[str, Any]:
     opt = case.get("opt", "sgd")
     world = dist.get_world_size()
     local_batch = case.get("local_batch", 2)
-    ref = reference(cfg, local_batch * world, opt, router=True)
+    ref = reference(*_ep_ref_args(case, world))
 
     model = giants.build(cfg, seed=0)
     plan = bool(case.get("plan"))
@@ -270,5 +297,12 @@ def forward_equal_worker(rank: int, world: int, names: list[str]) -> dict[str, f
 def all_workers(rank: int, world: int, jobs: list[tuple[str, tuple]]) -> list[Any]:
     """Several workers in one spawn (one process group): [(name, args), ...] -> their results, in order."""
     fns = {"pp": pp_worker, "ep": ep_worker, "forward": forward_equal_worker}
+    refs: list[tuple] = []
+    for name, args in jobs:
+        if name == "pp":
+            refs += [a for case in args[1] for a in _pp_ref_args(case, args[0], world).values()]
+        elif name == "ep":
+            refs += [_ep_ref_args(case, world) for case in args[0]]
+    share_references(rank, world, refs)
     return [fns[name](rank, world, *args) for name, args in jobs]
 

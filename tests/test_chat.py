@@ -12,12 +12,19 @@ import pytest
 PROMPT = ">>> "
 
 
-def spawn(*args: str) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "giants.cli", "chat", *args], encoding="utf-8", timeout=120,
-                          dimensions=(40, 200), env={**os.environ, "TERM": "dumb"})
+def start(*args: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "giants.cli", "chat", *args], encoding="utf-8", timeout=120,
+                         dimensions=(40, 200), env={**os.environ, "TERM": "dumb"})
+
+
+def ready(child: pexpect.spawn) -> pexpect.spawn:
     child.expect("/reset clears the conversation")
     child.expect_exact(PROMPT)
     return child
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    return ready(start(*args))
 
 
 def answer(child: pexpect.spawn, line: str) -> str:
@@ -29,6 +36,7 @@ def answer(child: pexpect.spawn, line: str) -> str:
 
 def test_chat_tiny_interrupt_reset_and_ctrl_d():
     child = spawn("tiny-llama", "--max-tokens", "8", "--temperature", "0")
+    second = start("tiny-llama", "--max-tokens", "1900", "--temperature", "0")  # starting while the first is used
     try:
         first = answer(child, "hello there")
         assert first.endswith("[max tokens]") and len(first) > len("[max tokens]")
@@ -44,10 +52,13 @@ def test_chat_tiny_interrupt_reset_and_ctrl_d():
         child.expect(pexpect.EOF)
     finally:
         child.close()
+        if child.exitstatus != 0:
+            second.close()
     assert child.exitstatus == 0
 
-    child = spawn("tiny-llama", "--max-tokens", "1900", "--temperature", "0")
+    child = second
     try:
+        ready(child)
         child.sendline("tell me everything")
         child.expect_exact("tell me everything")
         child.expect(r"\S+ \S+ \S+")  # tokens are streaming
@@ -81,13 +92,22 @@ def test_chat_smollm2_keeps_conversation_and_ctrl_c_exits(model):
 
 
 def test_chat_compiled_answers_like_eager():
+    # the two chats side by side (each starts Python and torch; the compiled one then compiles): asked together,
+    # their answers read one after the other
+    args = ("tiny-llama", "--max-tokens", "12", "--temperature", "0")
+    children = [start(*args, *extra) for extra in ([], ["--compile"])]
     answers = []
-    for extra in ([], ["--compile"]):
-        child = spawn("tiny-llama", "--max-tokens", "12", "--temperature", "0", *extra)
-        try:
-            answers.append(answer(child, "hello there"))
+    try:
+        for child in children:
+            ready(child).sendline("hello there")
+        for child in children:
+            child.expect_exact("hello there")  # the terminal echoes the line
+            child.expect_exact(PROMPT)
+            answers.append(child.before.strip())
             child.sendline("/exit")
+        for child in children:
             child.expect(pexpect.EOF)
-        finally:
+    finally:
+        for child in children:
             child.close()
     assert answers[0] == answers[1] and answers[0].endswith("[max tokens]")

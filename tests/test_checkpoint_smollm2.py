@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -28,11 +30,12 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def ref(gguf_path):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, attn_implementation="eager").eval()
+def ref(smollm2_transformers):
+    """transformers' model from the same GGUF file (conftest's, loaded once a session), with eager attention."""
+    model = copy.deepcopy(smollm2_transformers)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    return model
 
 
 def test_config_is_the_smollm2_preset(ours):

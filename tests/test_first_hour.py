@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -445,14 +446,17 @@ def test_generate_cli_flags(tmp_path):
 
     if _smollm2_tokenizer() is None:
         pytest.skip("needs the SmolLM2 tokenizer (giants download smollm2-135m)")
-    r = giants_cmd("generate", "tiny-llama", "-", "--max-tokens", "4", "-n", "2", "--json", "--seed", "1",
-                   "--threads", "1", stdin="Once upon a time")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    assert len(res["completions"]) == 2 and res["random_weights"] is True
     (tmp_path / "p.txt").write_text("Once upon a time")
-    r = giants_cmd("generate", "tiny-llama", "--prompt-file", str(tmp_path / "p.txt"), "--max-tokens", "30",
-                   "--stop", "e", "--json", "--seed", "1", "--system", "Be brief.")
+    with ThreadPoolExecutor(2) as pool:  # two independent commands, at the same time (each mostly starts Python)
+        first = pool.submit(giants_cmd, "generate", "tiny-llama", "-", "--max-tokens", "4", "-n", "2", "--json",
+                            "--seed", "1", "--threads", "1", stdin="Once upon a time")
+        second = pool.submit(giants_cmd, "generate", "tiny-llama", "--prompt-file", str(tmp_path / "p.txt"),
+                             "--max-tokens", "30", "--stop", "e", "--json", "--seed", "1", "--system", "Be brief.")
+        r = first.result()
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert len(res["completions"]) == 2 and res["random_weights"] is True
+        r = second.result()
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert "e" not in res["text"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 import types
@@ -29,6 +28,7 @@ from giants.inference.fp8 import (
     quantize,
     quantize_model,
 )
+from subprocess_utils import Started
 
 ALIGNED = dict(d_model=256, ffn_dim=512, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=512)  # 128-multiples
 
@@ -374,20 +374,32 @@ _KERNELS = textwrap.dedent("""
 """)
 
 
-def test_triton_kernels_under_the_interpreter():
+@pytest.fixture(scope="module")
+def interpreted():
+    """The interpreter scripts, started together (the interpreter runs on one core): the kernels, the runner's batch-2
+    fused models and its batch-1 chain, each a fresh process, since the interpreter is chosen when the kernels are
+    first imported. Each test waits for its own."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    started = {"kernels": Started([sys.executable, "-c", _KERNELS], env, timeout=900),
+               **{part: Started([sys.executable, "-c", _RUNNER, part], env, timeout=900)
+                  for part in ("fused_models", "chain")}}
+    yield started
+    for s in started.values():  # none left running (a test selected alone needs only its own)
+        s.close()
+
+
+def test_triton_kernels_under_the_interpreter(interpreted):
     """The GEMV (row-wise, 128x128 blocks with partial edges, fused per-row scales; fp32 and bf16 activations), with
     the norm and GLU fused in, the expert-indexed GEMV, the weight-only GEMM, and the batch-1 chain's GEMVs (residual,
-    next norm, rstd; GLU; QKV with rotary and KV write) on FP8 weights against dequantize-then-matmul; a
-    fresh process, since the
-    interpreter is chosen when the kernels are first imported. tests/test_cuda_fp8.py runs them on a GPU."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _KERNELS], capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-2  # bf16 activations round to 3 digits
+    next norm, rstd; GLU; QKV with rotary and KV write) on FP8 weights against dequantize-then-matmul.
+    tests/test_cuda_fp8.py runs them on a GPU."""
+    rc, stdout, stderr = interpreted["kernels"].result()
+    assert rc == 0, stderr[-3000:]
+    assert float(stdout.strip().splitlines()[-1]) < 1e-2  # bf16 activations round to 3 digits
 
 
 _RUNNER = textwrap.dedent("""
-    import os
+    import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch, giants
     from giants.inference.cuda_runner import CudaModelRunner
@@ -400,55 +412,61 @@ _RUNNER = textwrap.dedent("""
         r.fuse_fp8_norm = True  # on by default on CUDA only: the norm + GLU FP8 GEMV
         return r
 
-    for name, q in (("tiny-llama", "fp8-block+head"), ("tiny-gpt-oss", "fp8"), ("tiny-gemma2", "fp8")):
-        cfg = giants.get_config(name).replace(vocab_size=320)
-        outs = []
-        for fused in (False, True):
-            model = quantize_model(giants.build(cfg, seed=0).eval(), q)
-            make = cuda_runner if fused else None
-            eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
-                         make_runner=make, cpu_onednn=False)
-            for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7, 8]]):
-                eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=5))
-            done = {}
-            while eng.has_unfinished_requests():
-                done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
-            if fused:
-                assert eng.runner.fast and {f[1][0] for f in eng.runner.fused} <= {"dense", "fp8moe"}
-            outs.append(done)
-        assert outs[0] == outs[1], (name, outs)
-    # batch 1 as the chain of FP8 GEMVs (chain forced: on the GPU the runner times it against the plain path)
-    for q in ("fp8-block+head",):  # the kernels' per-channel layout: the kernel checks above
-        cfg = giants.get_config("tiny-llama").replace(vocab_size=320)
-        outs = []
-        for chain in (None, True):  # the generic runner, the chain
-            def chained(e, chain=chain):
-                r = cuda_runner(e)
-                r.chain = chain
-                return r
-            model = quantize_model(giants.build(cfg, seed=0).eval(), q)
-            eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
-                         make_runner=chained if chain is not None else None, cpu_onednn=False)
-            done = {}
-            for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7, 8]]):  # one at a time: batch-1 steps
-                eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=5))
+    def fused_models():  # the norm / linear / GLU steps and the FP8 MoE, batch 2
+        for name, q in (("tiny-llama", "fp8-block+head"), ("tiny-gpt-oss", "fp8"), ("tiny-gemma2", "fp8")):
+            cfg = giants.get_config(name).replace(vocab_size=320)
+            outs = []
+            for fused in (False, True):
+                model = quantize_model(giants.build(cfg, seed=0).eval(), q)
+                make = cuda_runner if fused else None
+                eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
+                             make_runner=make, cpu_onednn=False)
+                for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7, 8]]):
+                    eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=5))
+                done = {}
                 while eng.has_unfinished_requests():
                     done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
-            if chain:
-                assert all(eng.runner.chain_layers) and any(k[0] == "chain-qkv" for k in eng.runner.gemv_choice)
-            outs.append(done)
-        assert outs[0] == outs[1], (q, outs)
+                if fused:
+                    assert eng.runner.fast and {f[1][0] for f in eng.runner.fused} <= {"dense", "fp8moe"}
+                outs.append(done)
+            assert outs[0] == outs[1], (name, outs)
+
+    def chain():
+        # batch 1 as the chain of FP8 GEMVs (chain forced: on the GPU the runner times it against the plain path)
+        for q in ("fp8-block+head",):  # the kernels' per-channel layout: the kernel checks above
+            cfg = giants.get_config("tiny-llama").replace(vocab_size=320)
+            outs = []
+            for chain in (None, True):  # the generic runner, the chain
+                def chained(e, chain=chain):
+                    r = cuda_runner(e)
+                    r.chain = chain
+                    return r
+                model = quantize_model(giants.build(cfg, seed=0).eval(), q)
+                eng = Engine(model, None, max_model_len=64, num_blocks=32, max_num_seqs=4, device=torch.device("cpu"),
+                             make_runner=chained if chain is not None else None, cpu_onednn=False)
+                done = {}
+                for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7, 8]]):  # one at a time: batch-1 steps
+                    eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=5))
+                    while eng.has_unfinished_requests():
+                        done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+                if chain:
+                    assert all(eng.runner.chain_layers) and any(k[0] == "chain-qkv" for k in eng.runner.gemv_choice)
+                outs.append(done)
+            assert outs[0] == outs[1], (q, outs)
+
+    for part in sys.argv[1:]:  # one or both parts (a process each runs them at the same time)
+        globals()[part]()
     print("ok")
 """)
 
 
-def test_fused_cuda_decode_of_fp8_models_under_the_interpreter():
+def test_fused_cuda_decode_of_fp8_models_under_the_interpreter(interpreted):
     """CudaModelRunner's fused decode forward (FP8Weights in its norm / linear / GLU steps, the expert-indexed FP8
     GEMV for MoE, and at batch 1 the chain of FP8 GEMVs) run eagerly on the CPU under the Triton interpreter: the
     generic runner's tokens."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _RUNNER], capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    for part in ("fused_models", "chain"):
+        rc, stdout, stderr = interpreted[part].result()
+        assert rc == 0 and stdout.strip().endswith("ok"), (part, stderr[-3000:])
 
 
 # ---- quality on the real SmolLM2-135M ------------------------------------------------------------------

@@ -4,7 +4,6 @@ same GGUF file (SmolLM2-135M-Instruct Q4_1, dequantized to fp32 by both)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -17,19 +16,16 @@ NEW = 40
 
 
 @pytest.fixture(scope="module")
-def hf_greedy():
-    """transformers' greedy tokens on the GGUF file, and the tokenizer: the same for both parametrizations, so
-    loaded and generated once."""
-    import transformers
-
+def hf_greedy(smollm2_transformers):
+    """transformers' greedy tokens on the GGUF file (its model loaded once a session, in conftest), and the
+    tokenizer: the same for both parametrizations, so generated once."""
     from giants.checkpoint import download
 
     path = str(download("smollm2-135m"))
     tok = giants.load_tokenizer(path)
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     ids = tok.encode(text)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
+    hf = smollm2_transformers
     with torch.inference_mode():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)

@@ -1,11 +1,12 @@
 """The word-wise MXFP4 expert GEMV (giants.inference.kernels.mxfp4, impl="bits"): its bit decodes checked over every
-16-bit pattern in numpy, and the kernel under TRITON_INTERPRET on the CPU (a fresh process each: the interpreter is
-chosen when triton is first imported) against dequantize_mxfp4 + a float64 matmul, against the legacy byte-wise
-kernel, and inside MXFP4MoE._forward_packed. tests/test_cuda_mxfp4.py runs the same comparisons on a GPU at
+16-bit pattern in numpy, and the kernel under TRITON_INTERPRET on the CPU (fresh processes, two at once: the
+interpreter is chosen when triton is first imported) against dequantize_mxfp4 + a float64 matmul, against the legacy
+byte-wise kernel, and inside MXFP4MoE._forward_packed. tests/test_cuda_mxfp4.py runs the same comparisons on a GPU at
 gpt-oss-120b shapes, the inline-PTX decodes included."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from giants.inference.mxfp4 import FP4_VALUES
+from subprocess_utils import run_concurrently
 
 FP4 = np.array(FP4_VALUES, dtype=np.float64)
 M16 = 0x0E000E00  # fp16 lanes: exponent bits 1..0 and the top mantissa bit of both halves
@@ -218,12 +220,14 @@ def check(y, ref, mag, what, rtol=2e-6):
 
 
 def case_shapes():
-    """K = 96, 160, 2880 (tails of 1, 3, 10 blocks past the tile), N not a multiple of block_n, several experts and
-    x rows (repeated, out of order), with and without bias, fp32 and bf16 x, several tiles and prefetch."""
+    """K = 96, 160, 832 (tails of 1, 3, 10 blocks past the tile; 832 = 26 blocks leaves the same tails as gpt-oss's
+    2880 = 90 blocks: 10 past 512-wide tiles, 2 past 256-wide ones, at a third of the interpreter's time), N not a
+    multiple of block_n, several experts and x rows (repeated, out of order), with and without bias, fp32 and bf16
+    x, several tiles and prefetch."""
     g = torch.Generator().manual_seed(1)
     for K, N, cfgs in ((96, 20, [dict(block_n=8, block_k=64), dict(block_n=16, block_k=32, prefetch=True)]),
                        (160, 24, [dict(block_n=8, block_k=128), dict(block_n=4, block_k=64, prefetch=True)]),
-                       (2880, 12, [dict(block_n=8, block_k=512), dict(block_n=8, block_k=256, prefetch=True)])):
+                       (832, 12, [dict(block_n=8, block_k=512), dict(block_n=8, block_k=256, prefetch=True)])):
         E = 4
         blocks, scales = packed(E, N, K, g=g)
         rows, ex = torch.tensor([2, 0, 1, 2, 0]), torch.tensor([3, 1, 0, 3, 2])
@@ -299,9 +303,9 @@ def case_glu():
     """glu=...: the gated activation in the epilogue (half the tile gate rows, half the up rows of the same outputs)
     equals the plain GEMV over [gate; up] then the GLU kernel, exactly in fp32 (same per-row sums, same _act), and
     within a bf16 ulp in bf16; F not a multiple of the half tile, K not of the K step, bias, every activation, several
-    tiles."""
+    tiles (F = 9: a partial last tile at half tiles of 4 and 2 rows, and half the interpreted programs of F = 20)."""
     g = torch.Generator().manual_seed(5)
-    E, F, K = 3, 20, 96
+    E, F, K = 3, 9, 96
     blocks, scales = packed(E, 2 * F, K, lo=118, hi=128, g=g)
     rows, ex = torch.tensor([1, 0, 1]), torch.tensor([2, 0, 1])
     b = torch.randn(E, 2 * F, generator=g)
@@ -320,7 +324,7 @@ def case_glu():
                 torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
     for bad, msg in ((dict(glu="relu"), "glu must be"), (dict(glu="silu_glu", block_n=1), "block_n >= 2"),
                      (dict(glu="silu_glu", impl="legacy"), "impl='bits' only"),
-                     (dict(glu="silu_glu", out=torch.empty(3, 2 * F)), "out must be a contiguous (3, 20)")):
+                     (dict(glu="silu_glu", out=torch.empty(3, 2 * F)), "out must be a contiguous (3, 9)")):
         try:
             tk.mxfp4_gemv(x, rows, ex, blocks, scales, None, **bad)
         except ValueError as e:
@@ -332,14 +336,15 @@ def case_glu():
 def case_runner():
     """CudaModelRunner's decode forward (eager, interpreted) on a packed tiny-gpt-oss: the small-batch MXFP4 path
     (GLU GEMV, down GEMV on the static pair tables, combine in the next norm kernel) gives the generic runner's
-    greedy tokens (fp32, batch 1 and 2)."""
+    greedy tokens (fp32, batch 1 and 2). d_model and ffn_dim 32 (one K tile either way, as 64 was; half the
+    interpreted programs a pair)."""
     import giants
     from giants.inference.cuda_runner import CudaModelRunner
     from giants.inference.engine import Engine
     from giants.inference.mxfp4 import pack_experts
     from giants.inference.params import SamplingParams
 
-    cfg = giants.get_config("tiny-gpt-oss").replace(vocab_size=320)
+    cfg = giants.get_config("tiny-gpt-oss").replace(vocab_size=320, d_model=32, ffn_dim=32)
     model = pack_experts(giants.build(cfg, seed=0).eval())
     for i, layer in enumerate(model.layers):
         layer.mlp.randomize(torch.Generator().manual_seed(i))
@@ -452,44 +457,105 @@ def case_bad_arguments():
         raise AssertionError("K mismatch accepted")
 
 
-globals()["case_" + sys.argv[1]]()
-print("ok")
+# one process runs several cases (each import of torch + triton + giants costs seconds); each case from the same
+# seed as in a process of its own, and reported on its own line
+import json, time, traceback
+for name in sys.argv[1:]:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    try:
+        globals()["case_" + name]()
+        tb = None
+    except BaseException:
+        tb = traceback.format_exc()
+    print("@@" + json.dumps(dict(case=name, ok=tb is None, tb=tb, s=round(time.perf_counter() - t0, 1))), flush=True)
 '''
 
 
-@pytest.mark.parametrize("case", ["shapes", "extreme_scales", "bits_equals_legacy", "forward_packed", "glu", "runner",
-                                  "lanes", "bad_arguments"])
-def test_mxfp4_gemv_under_the_interpreter(case):
+_CASES = ("shapes", "extreme_scales", "bits_equals_legacy", "forward_packed", "glu", "runner", "lanes", "bad_arguments")
+# two interpreter processes at once (the interpreter is single-threaded), the cases split to take about as long
+_GROUPS = (("lanes", "runner", "bad_arguments"), ("shapes", "glu", "forward_packed", "extreme_scales",
+                                                  "bits_equals_legacy"))
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, dict]:
+    """Every case under the interpreter: case -> {ok, tb, s}, plus "_log" -> each process's output tails."""
     pytest.importorskip("triton")
+    assert sorted(c for g in _GROUPS for c in g) == sorted(_CASES)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, case], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    runs = run_concurrently([[sys.executable, "-c", _SCRIPT, *g] for g in _GROUPS], env, timeout=600)
+    out: dict[str, dict] = {"_log": {}}
+    for group, (rc, stdout, stderr) in zip(_GROUPS, runs):
+        for line in stdout.splitlines():
+            if line.startswith("@@"):
+                r = json.loads(line[2:])
+                out[r["case"]] = r
+        for case in group:
+            out["_log"][case] = f"exit code {rc}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return out
 
 
-@pytest.mark.parametrize("value, says", [('{"block_n": 8, "decode": "ptx_f16"}', None),
-                                         ('{"blockn": 8}', "unknown keys ['blockn']"),
-                                         ("block_n=8", "not JSON"), ("[8]", "a JSON object")])
-def test_mxfp4_gemv_env_override(value, says):
+@pytest.mark.parametrize("case", _CASES)
+def test_mxfp4_gemv_under_the_interpreter(case, interpreted):
+    r = interpreted.get(case)
+    assert r is not None and r["ok"], (r or {}).get("tb") or interpreted["_log"][case]
+
+
+# GIANTS_MXFP4_GEMV(_GLU) are read when giants.inference.kernels.mxfp4 is imported: one process imports it afresh
+# for each setting (what a process of its own per setting did), and reports what it printed or the traceback
+_ENV_SCRIPT = r'''
+import importlib, json, os, sys, traceback
+import giants.inference.kernels  # noqa: F401 (the package, without either variable set)
+
+for env in json.loads(sys.argv[1]):
+    for var in ("GIANTS_MXFP4_GEMV", "GIANTS_MXFP4_GEMV_GLU"):
+        os.environ.pop(var, None)
+    os.environ.update(env)
+    sys.modules.pop("giants.inference.kernels.mxfp4", None)
+    try:
+        k = importlib.import_module("giants.inference.kernels.mxfp4")
+        r = dict(default=str(k.MXFP4_GEMV_DEFAULT), tiles=" ".join(map(str, (
+            k.MXFP4_GEMV_DEFAULT["block_n"], k.MXFP4_GEMV_DEFAULT["block_k"], k.MXFP4_GEMV_GLU_DEFAULT["block_n"],
+            k.MXFP4_GEMV_GLU_DEFAULT["block_k"]))), err=None)
+    except Exception:
+        r = dict(default=None, tiles=None, err=traceback.format_exc())
+    print("@@" + json.dumps(r), flush=True)
+'''
+_ENV_VALUES = [('{"block_n": 8, "decode": "ptx_f16"}', None), ('{"blockn": 8}', "unknown keys ['blockn']"),
+               ("block_n=8", "not JSON"), ("[8]", "a JSON object")]
+_GLU_ENVS = [dict(GIANTS_MXFP4_GEMV='{"block_k": 256}', GIANTS_MXFP4_GEMV_GLU='{"block_n": 16}'),
+             dict(GIANTS_MXFP4_GEMV='{"block_k": 256}', GIANTS_MXFP4_GEMV_GLU='{"rows": 16}')]
+
+
+@pytest.fixture(scope="module")
+def env_imports() -> list[dict]:
+    envs = [dict(GIANTS_MXFP4_GEMV=v) for v, _ in _ENV_VALUES] + _GLU_ENVS
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for var in ("GIANTS_MXFP4_GEMV", "GIANTS_MXFP4_GEMV_GLU"):
+        env.pop(var, None)
+    r = subprocess.run([sys.executable, "-c", _ENV_SCRIPT, json.dumps(envs)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    out = [json.loads(line[2:]) for line in r.stdout.splitlines() if line.startswith("@@")]
+    assert r.returncode == 0 and len(out) == len(envs), r.stdout + r.stderr
+    return out
+
+
+@pytest.mark.parametrize("value, says", _ENV_VALUES)
+def test_mxfp4_gemv_env_override(value, says, env_imports):
     """GIANTS_MXFP4_GEMV sets the default tile; a bad value fails at import naming the variable."""
-    code = "from giants.inference.kernels import mxfp4 as k; print(k.MXFP4_GEMV_DEFAULT)"
-    env = dict(os.environ, GIANTS_MXFP4_GEMV=value, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    r = env_imports[[v for v, _ in _ENV_VALUES].index(value)]
     if says is None:
-        assert r.returncode == 0, r.stderr
-        assert "'block_n': 8" in r.stdout and "'decode': 'ptx_f16'" in r.stdout and "'block_k': 512" in r.stdout
+        assert r["err"] is None, r["err"]
+        out = r["default"]
+        assert "'block_n': 8" in out and "'decode': 'ptx_f16'" in out and "'block_k': 512" in out
     else:
-        assert r.returncode != 0 and "GIANTS_MXFP4_GEMV" in r.stderr and says in r.stderr, r.stderr
+        assert r["default"] is None and "GIANTS_MXFP4_GEMV" in r["err"] and says in r["err"], r
 
 
-def test_mxfp4_gemv_glu_env_override():
+def test_mxfp4_gemv_glu_env_override(env_imports):
     """GIANTS_MXFP4_GEMV sets both defaults, GIANTS_MXFP4_GEMV_GLU then the GLU GEMV's alone; a bad one names itself."""
-    code = ("from giants.inference.kernels import mxfp4 as k; "
-            "print(k.MXFP4_GEMV_DEFAULT['block_n'], k.MXFP4_GEMV_DEFAULT['block_k'], "
-            "k.MXFP4_GEMV_GLU_DEFAULT['block_n'], k.MXFP4_GEMV_GLU_DEFAULT['block_k'])")
-    env = dict(os.environ, GIANTS_MXFP4_GEMV='{"block_k": 256}', GIANTS_MXFP4_GEMV_GLU='{"block_n": 16}',
-               TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.split() == ["8", "256", "16", "256"], r.stdout + r.stderr
-    env["GIANTS_MXFP4_GEMV_GLU"] = '{"rows": 16}'
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "GIANTS_MXFP4_GEMV_GLU: unknown keys ['rows']" in r.stderr, r.stderr
+    r = env_imports[len(_ENV_VALUES)]
+    assert r["err"] is None and r["tiles"].split() == ["8", "256", "16", "256"], r
+    r = env_imports[len(_ENV_VALUES) + 1]
+    assert r["tiles"] is None and "GIANTS_MXFP4_GEMV_GLU: unknown keys ['rows']" in r["err"], r
