@@ -6,6 +6,9 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 
 class Started:
@@ -48,3 +51,11 @@ def run_concurrently(argvs: list[list[str]], env: dict, timeout: float) -> list[
     """Each argv in its own process, all at once: (exit code, stdout, stderr) of each."""
     started = [Started(a, env, timeout) for a in argvs]
     return [s.result() for s in started]
+
+
+def together(fn: Callable[..., Any], *runs: tuple[tuple, dict]) -> list[Any]:
+    """fn(*args, **kwargs) for each (args, kwargs) at the same time, in threads (for independent command runs: most of
+    a tiny one is starting Python and torch, which overlaps on two cores); results in order, the first error raised."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(fn, *args, **kw) for args, kw in runs]
+        return [f.result() for f in futures]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 import giants
 from dist_utils import run_ranks
 from parallel_init_workers import VOCAB, checkpoint_cases_worker
+from subprocess_utils import together
 
 # name -> (twin, how it is saved, layout)
 CASES = {
@@ -120,13 +120,6 @@ def _train(out: Path, data: Path, init: Path, *args: str, nproc: int = 1) -> sub
     return proc
 
 
-def _train_together(*runs: tuple[tuple, dict]) -> list[subprocess.CompletedProcess]:
-    """Independent runs, each (args, kwargs) of _train, at the same time (as tests/test_train_distributed.py's: most
-    of a tiny run is starting Python and torch, which overlaps on two cores); results in order."""
-    with ThreadPoolExecutor(len(runs)) as pool:
-        futures = [pool.submit(_train, *args, **kw) for args, kw in runs]
-        return [f.result() for f in futures]
-
 
 def test_trainer_init_under_tensor_parallel_matches_one_process(tmp_path, byte_data):
     from test_train_distributed import _assert_losses
@@ -134,7 +127,7 @@ def test_trainer_init_under_tensor_parallel_matches_one_process(tmp_path, byte_d
     cfg = giants.get_config("tiny-llama").replace(vocab_size=320)
     init = tmp_path / "init"
     giants.save(giants.build(cfg, seed=3), init)
-    _, tp = _train_together(((tmp_path / "one", byte_data, init), {}),
+    _, tp = together(_train, ((tmp_path / "one", byte_data, init), {}),
                             ((tmp_path / "tp", byte_data, init, "--tp", "2"), dict(nproc=2)))
     _assert_losses(tmp_path / "tp", tmp_path / "one", [1, 2])
     assert "fills them from the checkpoint" in tp.stderr
@@ -154,6 +147,6 @@ def test_dpo_from_init_over_fsdp_ranks_matches_one_process(tmp_path):
     giants.save(giants.build(giants.get_config("tiny-llama"), seed=3), init)
     args = ["--task", "dpo", "--tokenizer", "smollm2-135m", "--seq-len", "64", "--grad-accum", "2",
             "--grad-clip", "0", "--lr", "1e-5"]
-    _train_together(((tmp_path / "one", data, init, *args), {}),
+    together(_train, ((tmp_path / "one", data, init, *args), {}),
                     ((tmp_path / "dp", data, init, *args, "--dp-shard", "2"), dict(nproc=2)))
     _assert_losses(tmp_path / "dp", tmp_path / "one", [1, 2])

@@ -18,6 +18,7 @@ import torch
 
 from giants.parallel.layout import LayoutError
 from giants.train import TrainConfig
+from subprocess_utils import together
 
 TINY = ["--preset", "tiny-llama", "--tokenizer", "bytes", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
         "--eval-every", "0", "--eval-batches", "1", "--quiet", "--set", "vocab_size=320", "--device", "cpu"]
@@ -43,13 +44,6 @@ def _train(out: Path, data: Path, *args: str, nproc: int = 1, timeout: float = 2
     return proc
 
 
-def _train_together(*runs: tuple[tuple, dict]) -> list[subprocess.CompletedProcess]:
-    """Independent runs, each (args, kwargs) of _train, at the same time (most of a tiny run is starting Python
-    and torch, which overlaps on two cores); each checked as _train checks it, results in order."""
-    with ThreadPoolExecutor(len(runs)) as pool:
-        futures = [pool.submit(_train, *args, **kw) for args, kw in runs]
-        return [f.result() for f in futures]
-
 
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -70,7 +64,7 @@ def runs(tmp_path_factory, byte_data):
     """One process (the reference) and tensor parallel over 2 processes, 4 steps, checkpoints at 2 and 4."""
     root = tmp_path_factory.mktemp("dist")
     args = ["--steps", "4", "--ckpt-every", "2"]
-    _, tp = _train_together(((root / "one", byte_data, *args), {}),
+    _, tp = together(_train, ((root / "one", byte_data, *args), {}),
                             ((root / "tp", byte_data, *args, "--tp", "2"), dict(nproc=2)))
     return root, tp
 
@@ -99,7 +93,7 @@ def test_sharded_checkpoint_resumes_on_another_layout_and_in_one_process(runs, b
     assert verify(step2)["sharded"]["tp"] == 2 and (step2 / "dcp" / ".metadata").is_file()
     assert sorted(p.name for p in (step2 / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     args = ["--steps", "4", "--no-final", "--resume", str(step2)]
-    _train_together(((root / "on-fsdp", byte_data, *args, "--dp-shard", "2"), dict(nproc=2)),
+    together(_train, ((root / "on-fsdp", byte_data, *args, "--dp-shard", "2"), dict(nproc=2)),
                     ((root / "on-one", byte_data, *args), {}),  # one process, no process group: DCP read whole
                     # and a one-device checkpoint resumes under scale-out
                     ((root / "from-one", byte_data, *args[:-1], str(root / "one" / "checkpoints" / "step_00000002"),
@@ -203,7 +197,7 @@ def test_finetuning_over_data_parallel_ranks_matches_one_process(tmp_path, task)
             "--grad-accum", "2", "--steps", "2", "--no-final", "--grad-clip", "0", "--lr", "1e-5"]  # (a small
     # first AdamW update: it is about lr x the sign of each gradient entry, so float rounding of entries near zero
     # would otherwise show in step 2)
-    _train_together(((tmp_path / "one", data, *args), {}),
+    together(_train, ((tmp_path / "one", data, *args), {}),
                     ((tmp_path / "dp", data, *args, "--dp-shard", "2"), dict(nproc=2)))
     _assert_losses(tmp_path / "dp", tmp_path / "one", [1, 2])
 
