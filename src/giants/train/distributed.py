@@ -495,18 +495,10 @@ class Distributed:
         return t.tolist()
 
     def close(self, orderly: bool = False) -> None:
-        """orderly (the run ended normally on every rank): meet at a barrier first, so no rank tears its process
-        group down while another still talks to it (seen once on gloo: a rank aborting in exit with
-        "terminate called without an active exception"). After a failure, no barrier: a dead peer would hold it
-        until the timeout."""
-        if not dist.is_initialized():
-            return
-        if orderly:
-            try:
-                dist.barrier()
-            except Exception:  # noqa: BLE001 - a peer gone at the very end: tear down all the same
-                pass
-        dist.destroy_process_group()
+        """orderly: the run ended normally on every rank (see parallel.mesh.shutdown_distributed)."""
+        from giants.parallel.mesh import shutdown_distributed
+
+        shutdown_distributed(orderly)
 
 
 def _full(logits: torch.Tensor) -> torch.Tensor:
