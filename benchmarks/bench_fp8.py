@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import sys
@@ -33,6 +34,8 @@ import bench_decode as bd  # noqa: E402
 import giants  # noqa: E402
 import record  # noqa: E402
 from giants.inference import LLM, SamplingParams  # noqa: E402
+
+kgemv = importlib.import_module("giants.inference.kernels.gemv")  # (the package re-exports its gemv function)
 
 LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                    "head": (128256, 4096)}
@@ -67,6 +70,9 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
             # to combine
             r[f"short_splits_{n}"] = bd.rerun(preset, f"short_splits={n}", llm, prompt, new, roof, g,
                                               lambda v: setattr(runner, "short_splits", v), n, runner.short_splits)
+        # every batch-1 GEMV waiting for the previous kernel before its first weight tile (no early stream)
+        r["early_tile_off"] = bd.rerun(preset, "EARLY_TILE=False", llm, prompt, new, roof, g,
+                                       lambda v: setattr(kgemv, "EARLY_TILE", v), False, kgemv.EARLY_TILE)
         # the key splits combined by a reduce kernel instead of by the attention's last split program
         r["attn_reduce_kernel"] = bd.rerun(preset, "fuse_attn_reduce=False", llm, prompt, new, roof, g,
                                            lambda v: setattr(runner, "fuse_attn_reduce", v), False,

@@ -37,14 +37,21 @@ def _x_tile(xp, rp, NW, k0, rk, K, rstd, XDT: tl.constexpr, NORM: tl.constexpr, 
 
 
 @triton.jit
-def _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """This K tile's share of the rows' dot products: the (BLOCK_N, BLOCK_K) products when ROWWISE (the row scale
-    is applied to the finished sum), else (BLOCK_N, BLOCK_K / SBK) slice sums already times their block scales."""
+def _w_load(w_rows, k0, rk, nm, K, EVEN_K: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) FP8 weight tile at K offset k0 (rows outside nm, columns past K read as zero)."""
     if EVEN_K:
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None], other=0.0)
     else:
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=nm[:, None] & (k0 + rk < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _w_apply(w, s_rows, x, k0, nm, KB, ROWWISE: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """A loaded weight tile's share of the rows' dot products: the (BLOCK_N, BLOCK_K) products when ROWWISE (the
+    row scale is applied to the finished sum), else (BLOCK_N, BLOCK_K / SBK) slice sums already times their block
+    scales."""
     prod = w.to(tl.float32) * x[None, :]
     if ROWWISE:
         return prod
@@ -54,6 +61,13 @@ def _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE: tl.constexpr, SBK: tl
         kb = k0 // SBK + tl.arange(0, NBK)
         sc = tl.load(s_rows[:, None] + kb[None, :], mask=nm[:, None] & (kb < KB)[None, :], other=0.0)
         return part * sc
+
+
+@triton.jit
+def _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """_w_apply of the tile at k0."""
+    return _w_apply(_w_load(w_rows, k0, rk, nm, K, EVEN_K), s_rows, x, k0, nm, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from giants.inference.kernels.common import ACTS, _act, _grid_dep, _np2, _pdl, cold_copies, time_ms
-from giants.inference.kernels.fp8 import _layout, _w_tile
+from giants.inference.kernels.fp8 import _layout, _w_apply, _w_load, _w_tile
 
 
 # ---- residual add + RMSNorm + one-row GEMV (+ GLU) --------------------------------------------
@@ -99,6 +99,10 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
 
 
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
+# The batch-1 GEMVs load their first weight tile before waiting for the previous kernel (PDL), so a kernel's
+# stream starts while the previous one drains; False waits first (benchmarks/bench_fp8.py reruns with it).
+EARLY_TILE = True
+
 class ChainNorm(NamedTuple):
     """The batch-1 chain's pending RMSNorm: the sums of squares of the new residual stream, one per program of
     the GEMV that made it, over n values, and the norm's eps. The next GEMV scales its sums by
@@ -133,16 +137,32 @@ def _scale_parts(S_IN, SP, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr):
 
 
 @triton.jit
-def _row_dots(X, W, rn, nm, N, K, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN_K: tl.constexpr):
-    """(sum_k W[rn, k] X[k], and with GLU >= 0 the same over rows rn + N, else zeros) in fp32: one stream
-    over the weight rows (rows outside nm read as zero), x loaded once per K tile for both."""
+def _row_dots(X, W, rn, nm, N, K, S_IN, SP, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr,
+              EARLY: tl.constexpr):
+    """(sum_k W[rn, k] X[k], and with GLU >= 0 the same over rows rn + N, else zeros) in fp32, and the ChainNorm
+    parts: one stream over the weight rows (rows outside nm read as zero), x loaded once per K tile for both.
+    EARLY: the first weight tile is loaded before the wait for the previous kernel (see _row_dots_fp8)."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     rk = tl.arange(0, BLOCK_K)
     w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
     u_ptr = W + (rn + N).to(tl.int64)[:, None] * K + rk[None, :]
-    for k0 in range(0, K, BLOCK_K):
+    m0 = nm[:, None] & (rk < K)[None, :]
+    if not EARLY:
+        _grid_dep(PDL)
+    w = tl.load(w_ptr, mask=m0, other=0.0)
+    wu = w
+    if GLU >= 0:
+        wu = tl.load(u_ptr, mask=m0, other=0.0)
+    if EARLY:
+        _grid_dep(PDL)
+    parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
+    x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+    acc += w.to(tl.float32) * x[None, :]
+    if GLU >= 0:
+        acc_u += wu.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(X + k0 + rk)
             w = tl.load(w_ptr + k0, mask=nm[:, None], other=0.0)
@@ -157,23 +177,44 @@ def _row_dots(X, W, rn, nm, N, K, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOC
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         if GLU >= 0:
             acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1), tl.sum(acc_u, axis=1)
+    return tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), parts
 
 
 @triton.jit
-def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
+def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
                   SBK: tl.constexpr, ACC_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_K: tl.constexpr):
+                  EVEN_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr,
+                  EARLY: tl.constexpr):
     """_row_dots for an FP8 (E4M3) weight with scales S (giants.inference.kernels.fp8's layouts): the finished
-    sums times the row scale (ROWWISE), else each SBK-wide slice's sum times its block scale as it is added."""
-    acc = tl.zeros((BLOCK_N, ACC_W), tl.float32)
-    acc_u = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    sums times the row scale (ROWWISE), else each SBK-wide slice's sum times its block scale as it is added.
+    Returns (y, u, the ChainNorm parts).
+
+    EARLY: the first weight tile is loaded before the wait for the previous kernel (_grid_dep): the weights do not
+    depend on it, so under PDL this program's stream starts while the previous kernel drains, instead of every
+    kernel of the batch-1 chain paying its DRAM ramp after the last one's tail."""
     rk = tl.arange(0, BLOCK_K)
     w_rows = W + rn.to(tl.int64)[:, None] * K
     u_rows = W + (rn + N).to(tl.int64)[:, None] * K
     s_rows = S + (rn // SBN).to(tl.int64) * KB
     u_srows = S + ((rn + N) // SBN).to(tl.int64) * KB
-    for k0 in range(0, K, BLOCK_K):
+    if not EARLY:
+        _grid_dep(PDL)
+    w0 = _w_load(w_rows, 0, rk, nm, K, EVEN_K)
+    u0 = w0
+    if GLU >= 0:
+        u0 = _w_load(u_rows, 0, rk, nm, K, EVEN_K)
+    if EARLY:
+        _grid_dep(PDL)
+    parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
+    if EVEN_K:
+        x = tl.load(X + rk).to(tl.float32)
+    else:
+        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+    acc = _w_apply(w0, s_rows, x, 0, nm, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K)
+    acc_u = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    if GLU >= 0:
+        acc_u = _w_apply(u0, u_srows, x, 0, nm, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(X + k0 + rk).to(tl.float32)
         else:
@@ -187,18 +228,23 @@ def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, ROWWISE: tl.cons
         y = y * tl.load(s_rows, mask=nm, other=0.0)
         if GLU >= 0:
             u = u * tl.load(u_srows, mask=nm, other=0.0)
-    return y, u
+    return y, u, parts
 
 
 @triton.jit
-def _dots(X, W, S, rn, nm, N, K, KB, GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr,
+def _dots(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr,
           SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          EVEN_K: tl.constexpr):
+          EVEN_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr,
+          EARLY: tl.constexpr):
+    """(y, u, the ChainNorm parts): the row dots wait for the previous kernel themselves, after loading their
+    first weight tile, then load the parts early (the sum waits for them only after the weight stream)."""
     if FP8:
-        y, u = _row_dots_fp8(X, W, S, rn, nm, N, K, KB, GLU, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
+        y, u, parts = _row_dots_fp8(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU, ROWWISE, SBN, SBK, ACC_W, BLOCK_N,
+                                    BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL, EARLY)
     else:
-        y, u = _row_dots(X, W, rn, nm, N, K, GLU, BLOCK_N, BLOCK_K, EVEN_K)
-    return y, u
+        y, u, parts = _row_dots(X, W, rn, nm, N, K, S_IN, SP, GLU, BLOCK_N, BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL,
+                                EARLY)
+    return y, u, parts
 
 
 @triton.jit
@@ -206,7 +252,7 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, al
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr,
                  GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
-                 SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr):
+                 SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
 
     SCALED: the sum is multiplied, before the bias, by rsqrt(sum(S_IN[:SP]) / SN + seps) (a ChainNorm), so
@@ -218,9 +264,8 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, al
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
-    _grid_dep(PDL)
-    parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
-    y, u = _dots(X, W, WS, rn, nm, N, K, KB, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K)
+    y, u, parts = _dots(X, W, WS, rn, nm, N, K, KB, S_IN, SP, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K,
+                        EVEN_K, SCALED, BLOCK_SP, PDL, EARLY)
     if SCALED:
         f = tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
         y = y * f
@@ -289,7 +334,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: ChainNo
                           HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                           HAS_RES=residual is not None, PLUS_ONE=plus_one, SCALED=scaled, BLOCK_SP=block_sp,
                           GLU=ACTS[glu] if glu is not None else -1, num_warps=num_warps, num_stages=num_stages,
-                          **wargs, **_pdl())
+                          EARLY=EARLY_TILE, **wargs, **_pdl())
     return (y, hx, ChainNorm(ss, N, eps)) if residual is not None else y
 
 
@@ -299,7 +344,7 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
                           HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
                           ROWWISE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, EARLY: tl.constexpr):
     """The one-row QKV projection with the rotary and the KV-cache write in its epilogue (no qkv tensor,
     no rotary kernel). Program p covers BLOCK_N / 2 rows of one head's first half and the matching rows
     of its second half, so each rotation pair meets in one program; rows are ordered lo0, hi0, lo1, ...
@@ -311,10 +356,8 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
     j = (pid % (HALF // BH)) * BH + tl.arange(0, BH)  # (BH,) positions in the half
     i = tl.arange(0, BLOCK_N)
     rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
-    _grid_dep(PDL)
-    parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
-    y, _ = _dots(X, W, WS, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, KB, -1, FP8, ROWWISE, SBN, SBK, ACC_W,
-                 BLOCK_N, BLOCK_K, EVEN_K)
+    y, _, parts = _dots(X, W, WS, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, KB, S_IN, SP, -1, FP8, ROWWISE, SBN,
+                        SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL, EARLY)
     if SCALED:
         y = y * tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
     if HAS_BIAS:
@@ -357,7 +400,7 @@ def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: ChainNor
         cos if cos is not None else x, sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, kb, H, Hkv,
         HAS_BIAS=bias is not None, SCALED=scaled, BLOCK_SP=block_sp, HAS_ROPE=cos is not None, HALF=D // 2,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages,
-        **wargs, **_pdl())
+        EARLY=EARLY_TILE, **wargs, **_pdl())
 
 
 GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
