@@ -207,7 +207,23 @@ def world_checks(rank: int, world: int) -> dict[str, Any]:
         out["mesh"] = mesh_names(rank, world)
     if world == 2:
         out["misc"] = misc_checks(rank, world)
+        out["shutdown"] = shutdown_checks(rank, world)  # last: it ends the process group
     return out
+
+
+def shutdown_checks(rank: int, world: int) -> dict[str, Any]:
+    """The orderly shutdown waits for every rank (rank 1 arrives a second late), then no group is left."""
+    import time
+
+    import torch.distributed as dist
+
+    from giants.parallel.mesh import shutdown_distributed
+
+    if rank == 1:
+        time.sleep(1.0)
+    t0 = time.monotonic()
+    shutdown_distributed(orderly=True)
+    return {"waited_s": time.monotonic() - t0, "initialized_after": dist.is_initialized()}
 
 
 def misc_checks(rank: int, world: int) -> dict[str, Any]:

@@ -82,6 +82,13 @@ def test_init_distributed_and_sequence_length_check(world2):
         assert r["odd_len"] is not None and "divisible by 2, got 15" in r["odd_len"]
 
 
+def test_orderly_shutdown_waits_for_every_rank_then_ends_the_group(world2):
+    """(through the rendezvous store, not a gloo barrier: see giants.parallel.mesh.shutdown_distributed)"""
+    r = [x["shutdown"] for x in world2]
+    assert r[0]["waited_s"] > 0.8  # rank 0 waited for rank 1, a second late
+    assert not r[0]["initialized_after"] and not r[1]["initialized_after"]
+
+
 def test_cross_entropy_plain_matches_trainer_loss():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 7, 33, generator=g)
