@@ -158,10 +158,10 @@ def _row_dots(X, W, rn, nm, N, K, S_IN, SP, GLU: tl.constexpr, BLOCK_N: tl.const
     if EARLY:
         _grid_dep(PDL)
     parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
-    x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-    acc += w.to(tl.float32) * x[None, :]
+    x = tl.load(X + rk, mask=rk < K, other=0.0)
+    acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     if GLU >= 0:
-        acc_u += wu.to(tl.float32) * x[None, :]
+        acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(X + k0 + rk)
