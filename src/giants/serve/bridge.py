@@ -229,6 +229,9 @@ class AsyncEngine:
             now = time.monotonic()
             for r in results:
                 self._deliver(r, now, out)
+            n = sum(1 for r in results for c in r.outputs if c.new_token_ids)
+            if n:
+                self.metrics.step_sequences.observe(n)
         self._update_metrics()
         return engine.has_unfinished_requests()
 

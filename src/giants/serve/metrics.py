@@ -21,6 +21,7 @@ disable_created_metrics()
 # seconds; CPU tiny models answer in milliseconds, big models on slow machines in seconds
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
                     5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -47,6 +48,9 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("giants_request_latency_seconds", "arrival to last token", buckets=_E2E_BUCKETS,
                              registry=r)
+        # per engine step, as vLLM's iteration_tokens_total: a gauge sampled now and then misses short peaks
+        self.step_sequences = Histogram("giants_iteration_sequences", "sequences given a token by one engine step",
+                                        buckets=_BATCH_BUCKETS, registry=r)
         self.aborted = Counter("giants_aborted_requests",
                                "requests cancelled (client gone, drain timeout, request timeout)", registry=r)
         self.timeouts = Counter("giants_request_timeouts", "requests ended by the request timeout (408)",
