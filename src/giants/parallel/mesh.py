@@ -123,7 +123,11 @@ def shutdown_distributed(orderly: bool, timeout_s: float = 60.0) -> None:
 
 
 def _store_barrier(key: str, world: int, timeout_s: float) -> None:
-    store = dist.distributed_c10d._get_default_store()
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)  # private: may go in a later torch
+    if get_store is None:
+        dist.barrier()  # the collective meeting, exit race and all, rather than none
+        return
+    store = get_store()
     store.add(key, 1)
     deadline = time.monotonic() + timeout_s
     while store.add(key, 0) < world:
