@@ -50,7 +50,9 @@ def test_the_shipped_record_loads_and_validates():
                    ("9f49d2d", "fp8+head"): (279.36, 10.57),
                    # attention splits combined in-kernel, the ticketless chain (2026-12-07 01:57; the FP8 figure is the
                    # same-run rerun without the O-weight prefetch, the code since)
-                   ("157ff2b", None): (178.81, 15.96), ("157ff2b", "fp8-block+head"): (311.87, 15.52)}
+                   ("157ff2b", None): (178.81, 15.96), ("157ff2b", "fp8-block+head"): (311.87, 15.52),
+                   # each batch-1 GEMV's first weight tile loaded before the PDL wait (2026-12-07 07:54)
+                   ("5c5ae58", None): (190.93, 15.96), ("5c5ae58", "fp8-block+head"): (329.45, 15.52)}
     big = {r.quantization: r for r in runs if r.model == "llama-3-70b"}
     assert big[None].tok_s_batch1 == 0.63 and "streamed" in big[None].offload
     assert (big["fp8+head"].tok_s_batch1, big["fp8+head"].tok_s_concurrent) == (30.8, {"32": 163.5})
