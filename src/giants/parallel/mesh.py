@@ -105,13 +105,12 @@ def shutdown_distributed(orderly: bool, timeout_s: float = 60.0) -> None:
     its groups while another still talks to them; after a failure, no meeting (a dead peer would hold it until the
     timeout).
 
-    The meeting goes through the rendezvous store, not a collective. A gloo barrier holds the rank's previous
-    collectives (tensors Python made) until its worker thread drops the barrier, which it does just after waking
-    the caller; when that came after the interpreter began to exit, dropping those tensors needed the GIL and the
-    rank aborted ("terminate called without an active exception"; about 1 run in 30 of a 2-rank SFT job on
-    gloo, core dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork -> decref_pyobject).
-    The store's round trips release the GIL, so the worker threads finish dropping the last collective's work
-    meanwhile."""
+    The meeting goes through the rendezvous store, not a collective: a gloo barrier holds the rank's previous
+    collectives (tensors Python made) until its worker thread drops the barrier, just after waking the caller,
+    which widens a race at exit (core dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork
+    -> decref_pyobject, the GIL wanted after the interpreter began to exit: "terminate called without an active
+    exception"). The last collective's work can still be dropped that late, so a process that ends after this
+    should leave without the interpreter's teardown (giants.train.cli._leave)."""
     if not dist.is_initialized():
         return
     if orderly and dist.get_world_size() > 1:

@@ -116,6 +116,32 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if trainer.dist is not None:
             trainer.dist.close(orderly=ended)
+    code = _summary(args, tc, trainer, s)
+    if ended and distributed.world_size() > 1:
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """End a rank of a multi-process run after its orderly shutdown without the interpreter's teardown: gloo's
+    worker threads may still be dropping the last collective's tensors, which needs the GIL, and once the
+    interpreter has begun to exit that aborts the rank ("terminate called without an active exception", seen on
+    CI about one 2-rank run in 30 even with the shutdown meeting through the store). Everything is written and
+    closed by now; the streams and logging are flushed here. giants' tensor-parallel inference workers end
+    the same way (giants.inference.tp_worker)."""
+    import logging
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _summary(args: argparse.Namespace, tc: Any, trainer: Any, s: dict) -> int:
+    """Print how the run ended (the main rank) and return the exit code."""
+    from giants.train import distributed
+
     if s.get("stopped"):
         if trainer.is_main:
             how = ("the same torchrun launch with these arguments" if distributed.world_size() > 1 else "")
