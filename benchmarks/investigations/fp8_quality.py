@@ -12,7 +12,12 @@ over every position, and KL(fp32 || variant) per position, for
     per-row MSE-optimal scale instead of amax / 448, Gaussian noise of the same per-weight relative error as E4M3,
     E4M3's error sizes with random signs, and E4M3 on the attention or on the MLP only.
 
+  * GPTQ's rounding onto the same E4M3 grid and scales (giants.inference.gptq), calibrated on `--calibration`
+    windows: the Shakespeare train split by default (the evaluation reads the validation split), or a text file.
+
     python benchmarks/investigations/fp8_quality.py [--windows 16] [--only fp8,ref-fp8] [--out fp8_quality.json]
+    python benchmarks/investigations/fp8_quality.py --only gptq-fp8,gptq-fp8-block --windows 64 \
+        [--calibration docs/inference.md] [--calibration-samples 64]
     python benchmarks/investigations/fp8_quality.py --structure    # do E4M3's errors cancel along a row?
 """
 
@@ -166,12 +171,35 @@ def evaluate(model: torch.nn.Module, win: torch.Tensor, ref: list[torch.Tensor] 
     return res
 
 
+_HESSIANS: dict = {}
+
+
+def gptq_model(base: torch.nn.Module, q: str, args: argparse.Namespace) -> torch.nn.Module:
+    """A copy of the float model with GPTQ-rounded FP8 block linears (the Hessians collected once a run)."""
+    from giants.inference.gptq import calibration_windows, input_hessians, quantize_model_gptq
+    from giants.train.corpus import corpus_path
+
+    if not _HESSIANS:
+        data = corpus_path("shakespeare") if args.calibration == "shakespeare" else args.calibration
+        tok = None if args.calibration == "shakespeare" else giants.load_tokenizer("smollm2-135m")
+        _HESSIANS.update(input_hessians(base, calibration_windows(data, tok, args.calibration_samples, 256)))
+    m = copy.deepcopy(base)
+    rep = quantize_model_gptq(m, None, q, hessians=_HESSIANS)
+    err = rep["output_error_rel"]
+    print(f"  {q} GPTQ on {args.calibration} ({args.calibration_samples} x 256 tokens): output error "
+          f"{err['gptq']:.4f} vs round to nearest {err['round_to_nearest']:.4f}", flush=True)
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--out", default="")
     ap.add_argument("--structure", action="store_true", help="only the error-structure statistics (no evaluation)")
+    ap.add_argument("--calibration", default="shakespeare",
+                    help="GPTQ calibration data: shakespeare (its train split) or a text file")
+    ap.add_argument("--calibration-samples", type=int, default=64, help="GPTQ calibration windows of 256 tokens")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = giants.load("smollm2-135m")
@@ -198,6 +226,8 @@ def main() -> None:
         "fp8-error-random-sign": lambda: fake_quantized(base, e4m3_error_random_sign),
         "fp8-attn-only": lambda: fake_quantized(base, e4m3_channel, ("attn",)),
         "fp8-mlp-only": lambda: fake_quantized(base, e4m3_channel, ("mlp",)),
+        "gptq-fp8": lambda: gptq_model(base, "fp8", args),
+        "gptq-fp8-block": lambda: gptq_model(base, "fp8-block", args),
     }
     errors = {"fp8": e4m3_channel, "fp8-block": e4m3_block, "bf16": bf16, "int8": int8_channel,
               "fp8-mse-scale": e4m3_mse}

@@ -42,12 +42,22 @@ def _convert(args: argparse.Namespace) -> int:
         check_destination(args.dst)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
+    if args.calibrate and not args.quantization:
+        raise ValueError("--calibrate chooses how --quantization rounds: give --quantization fp8 or fp8-block too")
+    if args.quantization and args.mxfp4:
+        raise ValueError("--quantization (FP8) and --mxfp4 exclude each other")
+    if args.quantization:
+        from giants.inference.fp8 import parse_fp8
+
+        parse_fp8(args.quantization)  # a bad option fails before the load
     src = loading.resolve(args.src)
     model = loading.load(src, dtype=args.dtype)
     tok = None
     has_tok = src.suffix == ".gguf" or (src.is_dir() and (src / "tokenizer.json").is_file())
     if has_tok and not args.no_tokenizer:
         tok = load_tokenizer(src)
+    if args.quantization:
+        _quantize(model, src, args)
     try:
         out = save(model, Path(args.dst), tokenizer=tok, max_shard_size=args.max_shard_size,
                    quantize="mxfp4" if args.mxfp4 else None, format="giants" if args.giants else "hf")
@@ -57,6 +67,34 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({n:,} parameters, {next(model.parameters()).dtype}"
           f"{', tokenizer' if tok is not None else ''})")
     return 0
+
+
+def _quantize(model, src, args: argparse.Namespace) -> None:
+    """FP8 in place: rounded to nearest, or with --calibrate by GPTQ on windows of the calibration data."""
+    from giants.inference.fp8 import quantize_model
+
+    if not args.calibrate:
+        quantize_model(model, args.quantization)
+        print(f"quantized to {args.quantization} (round to nearest)")
+        return
+    from pathlib import Path
+
+    from giants.inference.gptq import calibration_windows, quantize_model_gptq
+    from giants.tokenizer import load_tokenizer
+    from giants.train.corpus import CORPORA, corpus_path
+
+    data, tok = args.calibrate, None
+    if data in CORPORA:  # a built-in corpus, prepared with this model's tokenizer
+        data = corpus_path(data, args.src, progress=True)
+    elif not Path(data).expanduser().is_dir():  # a text file: this model's tokenizer encodes it
+        tok = load_tokenizer(src)
+    tokens = calibration_windows(data, tok, args.calibration_samples, args.calibration_length)
+    rep = quantize_model_gptq(model, tokens, args.quantization, progress=True)
+    err = rep["output_error_rel"]
+    print(f"quantized to {args.quantization} by GPTQ: {rep['calibrated_linears']} linears on {rep['tokens']:,} "
+          f"calibration tokens; relative output error {err['gptq']:.4f} (round to nearest: "
+          f"{err['round_to_nearest']:.4f})" + (f"; rounded to nearest: {', '.join(rep['round_to_nearest'])}"
+                                               if rep["round_to_nearest"] else ""))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +116,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep; GGUF -> float32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--mxfp4", action="store_true", help="store gpt-oss experts as MXFP4 blocks + scales")
+    p.add_argument("--quantization", default=None, metavar="fp8|fp8-block[+head]",
+                   help="write an FP8 checkpoint (E4M3, per-channel or 128x128 block scales)")
+    p.add_argument("--calibrate", default=None, metavar="DATA",
+                   help="round the FP8 weights by GPTQ on this data: a UTF-8 text file, a `giants prepare` dataset "
+                        "directory, or a built-in corpus name (shakespeare); default: round to nearest")
+    p.add_argument("--calibration-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--calibration-length", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--giants", action="store_true", help="giants tensor names + giants_config.json (any config)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
     p.set_defaults(func=_convert)
