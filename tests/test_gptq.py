@@ -134,3 +134,20 @@ def test_convert_writes_a_calibrated_fp8_checkpoint(tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "x"), "--calibrate", str(text)]) == 2
     assert "--quantization" in capsys.readouterr().err
     assert main(["convert", str(src), str(tmp_path / "y"), "--quantization", "fp9"]) == 2
+
+
+def test_transformers_reads_a_calibrated_checkpoint(tmp_path):
+    """A GPTQ-rounded model is an ordinary FP8 checkpoint: transformers loads it to giants' logits."""
+    import transformers
+
+    from giants.checkpoint import save
+    from test_fp8 import ALIGNED, _twin
+
+    model = _twin("tiny-llama", **ALIGNED)
+    tokens = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
+    quantize_model_gptq(model, tokens, "fp8-block")
+    save(model, tmp_path / "c")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=2e-5)
