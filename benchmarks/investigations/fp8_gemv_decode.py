@@ -123,27 +123,15 @@ def main() -> None:
         fp8_bytes = N * K + w8.scale.numel() * 4
         copies8 = [w8] + [FP8Weight(w8.q.clone(), w8.scale.clone(), (128, 128))
                           for _ in range(256 // (N * K >> 20) + 1)]
-        best = None
-        for c in FP8_GEMV_CONFIGS:
-            try:
-                t = tk.time_ms(lambda i, c=c, x=x, cs=copies8: tk.gemv(x, cs[i % len(cs)], **c), 20)
-            except Exception:  # noqa: BLE001
-                torch.cuda.synchronize()
-                continue
-            best = min(best or (t, c), (t, c), key=lambda v: v[0])
-        y = tk.gemv(x, w8, **best[1]).float().squeeze(0)
-        row["giants_fp8"] = dict(us=round(best[0] * 1e3, 2), gbs=gbs(best[0], fp8_bytes),
-                                 tile=best[1], err=float((y - ref).abs().max() / ref.abs().max()))
+        c8, t8 = tk.pick_config_timed(lambda i, x=x, cs=copies8, **c: tk.gemv(x, cs[i % len(cs)], **c),
+                                      FP8_GEMV_CONFIGS)
+        y = tk.gemv(x, w8, **c8).float().squeeze(0)
+        row["giants_fp8"] = dict(us=round(t8 * 1e3, 2), gbs=gbs(t8, fp8_bytes), tile=c8,
+                                 err=float((y - ref).abs().max() / ref.abs().max()))
         copies16 = tk.cold_copies(w)
-        bbest = None
-        for c in tk.GEMV_CONFIGS:
-            try:
-                t = tk.time_ms(lambda i, c=c, x=x, cs=copies16: tk.gemv(x, cs[i % len(cs)], **c), 20)
-            except Exception:  # noqa: BLE001
-                torch.cuda.synchronize()
-                continue
-            bbest = min(bbest or (t, c), (t, c), key=lambda v: v[0])
-        row["giants_bf16"] = dict(us=round(bbest[0] * 1e3, 2), gbs=gbs(bbest[0], 2 * N * K), tile=bbest[1])
+        c16, t16 = tk.pick_config_timed(lambda i, x=x, cs=copies16, **c: tk.gemv(x, cs[i % len(cs)], **c),
+                                        tk.GEMV_CONFIGS)
+        row["giants_bf16"] = dict(us=round(t16 * 1e3, 2), gbs=gbs(t16, 2 * N * K), tile=c16)
         words = [c.q.view(torch.int32) for c in copies8]
         scales = [c.scale for c in copies8]
         x32 = x.float().squeeze(0).contiguous()
