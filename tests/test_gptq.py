@@ -120,7 +120,7 @@ def test_convert_writes_a_calibrated_fp8_checkpoint(tmp_path, capsys):
     assert main(["convert", str(src), str(dst), "--quantization", "fp8-block", "--calibrate", str(text),
                  "--calibration-samples", "6", "--calibration-length", "48"]) == 0
     out = capsys.readouterr().out
-    assert "by GPTQ" in out and "288 calibration tokens" in out
+    assert "by GPTQ" in out and "288 calibration tokens" in out and "of them FP8" in out
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
     ours, ref = load(dst, quantization="auto"), load(src)
     assert any(isinstance(m, FP8Linear) for m in ours.modules())

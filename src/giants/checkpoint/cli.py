@@ -34,6 +34,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from giants.checkpoint import loading
     from giants.checkpoint.saving import check_destination, save
     from giants.tokenizer import load_tokenizer
@@ -64,8 +66,9 @@ def _convert(args: argparse.Namespace) -> int:
     except FileExistsError as e:  # the destination changed while the source was loaded
         raise ValueError(str(e)) from None
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({n:,} parameters, {next(model.parameters()).dtype}"
-          f"{', tokenizer' if tok is not None else ''})")
+    n8 = sum(b.numel() for b in model.buffers() if b.dtype == torch.float8_e4m3fn)
+    print(f"wrote {out} ({n + n8:,} parameters, " + (f"{n8:,} of them FP8, the rest " if n8 else "")
+          + f"{next(model.parameters()).dtype}{', tokenizer' if tok is not None else ''})")
     return 0
 
 
