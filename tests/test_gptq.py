@@ -151,3 +151,18 @@ def test_transformers_reads_a_calibrated_checkpoint(tmp_path):
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=2e-5)
+
+
+def test_a_failed_quantization_leaves_the_model_as_it_was():
+    model = giants.build(giants.get_config("tiny-llama"), seed=0).eval()
+    tokens = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(3))
+    H = input_hessians(model, tokens)
+    last = f"layers.{model.config.n_layers - 1}.mlp.down_proj"
+    H[last] = torch.eye(3)  # the last layer's fails, after every other layer was rounded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Hessian"):
+        quantize_model_gptq(model, None, "fp8", hessians=H)
+    assert not any(isinstance(m, FP8Linear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="no Hessian for layers.0.attn.q_proj"):
+        quantize_model_gptq(model, None, "fp8", hessians={})

@@ -106,15 +106,15 @@ def input_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 4,
     handles = [mod.register_forward_hook(hook(name)) for name, _, _, mod in lins]
     was_training = model.training
     model.eval()
+    steps = range(0, len(tokens), batch)
+    bar = _bar(progress, "calibrating", len(steps))
     try:
-        steps = range(0, len(tokens), batch)
-        bar = _bar(progress, "calibrating", len(steps))
         for i in steps:
             seen["owner"], seen["items"] = None, []
             model(tokens[i:i + batch].to(next(model.parameters()).device))
             bar.advance(1)
-        bar.stop()
     finally:
+        bar.stop()
         for h in handles:
             h.remove()
         model.train(was_training)
@@ -175,7 +175,7 @@ def quantize_model_gptq(model: nn.Module, tokens: torch.Tensor | None, options: 
     several layouts); MoE experts and, with "+head", the head rounded to nearest. Returns a report: layers
     calibrated, what was rounded to nearest, and the rms relative output error on the calibration inputs
     (tr(E H E^T) / tr(W H W^T), E the weight error) of GPTQ and of round to nearest."""
-    from giants.inference.fp8 import quantize, quantize_model
+    from giants.inference.fp8 import quantize_model
 
     opts = parse_fp8(options) if isinstance(options, str) else options
     if hessians is None:
@@ -186,28 +186,22 @@ def quantize_model_gptq(model: nn.Module, tokens: torch.Tensor | None, options: 
     lins = _linears(model)
     block = opts.block
     err_gptq = err_rtn = 0.0
-    bar = _bar(progress, "GPTQ", len(lins))
     missing = [name for name, *_ in lins if name not in hess]
     if missing:
         raise ValueError(f"quantize_model_gptq: no Hessian for {', '.join(missing[:3])}"
                          f"{' ...' if len(missing) > 3 else ''} (collected from another model?)")
-    for name, owner, attr, mod in lins:
-        w, H = mod.weight.detach().float().cpu(), hess[name].cpu()
-        q, scale = gptq_fp8(w, H, block, damp)
-        layer = FP8Linear(w.shape[1], w.shape[0], mod.bias is not None, block, device=mod.weight.device,
-                          dtype=mod.weight.dtype)
-        layer.qweight.copy_(q)
-        layer.weight_scale.copy_(scale)
-        if mod.bias is not None:
-            layer.bias.data.copy_(mod.bias.detach())
-        deq, rtn = layer.weight.dequantize(torch.float32).cpu(), quantize(w, block)
-        e_g, e_r = deq - w, _dequant(rtn, block) - w
-        ref = _quad(w, H)
-        err_gptq += _quad(e_g, H) / ref
-        err_rtn += _quad(e_r, H) / ref
+    done = []  # the model changes only once every layer is rounded: an error leaves it as it was
+    bar = _bar(progress, "GPTQ", len(lins))
+    try:
+        for name, owner, attr, mod in lins:
+            done.append((owner, attr, _gptq_layer(mod, hess[name], block, damp)))
+            err_gptq += done[-1][2][1]
+            err_rtn += done[-1][2][2]
+            bar.advance(1)
+    finally:
+        bar.stop()
+    for owner, attr, (layer, _, _) in done:
         setattr(owner, attr, layer)
-        bar.advance(1)
-    bar.stop()
     rtn = ["MoE experts"] if any(isinstance(layer.mlp, MoE) for layer in model.layers) else []
     quantize_model(model, opts)  # what is left: experts, the head with +head (round to nearest)
     if opts.head:
@@ -217,6 +211,24 @@ def quantize_model_gptq(model: nn.Module, tokens: torch.Tensor | None, options: 
             "windows": int(tokens.shape[0]) if tokens is not None else None,
             "tokens": int(tokens.numel()) if tokens is not None else None, "damp": damp,
             "output_error_rel": {"gptq": math.sqrt(err_gptq / n), "round_to_nearest": math.sqrt(err_rtn / n)}}
+
+
+def _gptq_layer(mod: nn.Linear, H: torch.Tensor, block: tuple[int, int] | None,
+                damp: float) -> tuple[FP8Linear, float, float]:
+    """(the FP8Linear GPTQ makes of mod, its relative output error on H's inputs, round to nearest's)."""
+    from giants.inference.fp8 import quantize
+
+    w, H = mod.weight.detach().float().cpu(), H.cpu()
+    q, scale = gptq_fp8(w, H, block, damp)
+    layer = FP8Linear(w.shape[1], w.shape[0], mod.bias is not None, block, device=mod.weight.device,
+                      dtype=mod.weight.dtype)
+    layer.qweight.copy_(q)
+    layer.weight_scale.copy_(scale)
+    if mod.bias is not None:
+        layer.bias.data.copy_(mod.bias.detach())
+    deq = layer.weight.dequantize(torch.float32).cpu()
+    ref = max(_quad(w, H), 1e-30)  # an all-zero weight: both errors are zero
+    return layer, _quad(deq - w, H) / ref, _quad(_dequant(quantize(w, block), block) - w, H) / ref
 
 
 def _dequant(qs: tuple[torch.Tensor, torch.Tensor], block: tuple[int, int] | None) -> torch.Tensor:
