@@ -82,7 +82,9 @@ def test_input_hessians_are_the_inputs_products():
     H = input_hessians(model, tokens, batch=2)
     h0.remove()
     h1.remove()
-    assert len(H) == 7 * model.config.n_layers
+    assert len(H) == 7 * model.config.n_layers + 1  # and the head's input, the final norm's output
+    hidden = model(tokens, return_hidden=True).reshape(-1, model.config.d_model).double()
+    assert torch.allclose(H["head"].double(), hidden.t() @ hidden, rtol=1e-5, atol=1e-6)
     for key, name in (("q", "layers.0.attn.q_proj"), ("d", "layers.0.mlp.down_proj")):
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[key]]).double()
         assert torch.allclose(H[name].double(), x.t() @ x, rtol=1e-5, atol=1e-6)
@@ -105,7 +107,8 @@ def test_quantize_model_gptq(name, q):
     assert lins and all(isinstance(m, FP8Linear) for m in lins)
     assert rep["calibrated_linears"] == len(lins) and rep["tokens"] == 128
     assert rep["output_error_rel"]["gptq"] < rep["output_error_rel"]["round_to_nearest"]
-    assert rep["round_to_nearest"] == (["MoE experts", "output head"] if name == "tiny-mixtral" else [])
+    assert rep["round_to_nearest"] == (["MoE experts"] if name == "tiny-mixtral" else [])
+    assert rep["calibrated_head"] == q.endswith("+head") and isinstance(model.lm_head, FP8Linear) == q.endswith("+head")
     out = model(tokens[:1]).detach()
     assert torch.isfinite(out).all() and (out - ref).norm() < 0.1 * ref.norm()
 

@@ -228,6 +228,8 @@ def main() -> None:
         "fp8-mlp-only": lambda: fake_quantized(base, e4m3_channel, ("mlp",)),
         "gptq-fp8": lambda: gptq_model(base, "fp8", args),
         "gptq-fp8-block": lambda: gptq_model(base, "fp8-block", args),
+        "gptq-fp8+head": lambda: gptq_model(base, "fp8+head", args),
+        "gptq-fp8-block+head": lambda: gptq_model(base, "fp8-block+head", args),
     }
     errors = {"fp8": e4m3_channel, "fp8-block": e4m3_block, "bf16": bf16, "int8": int8_channel,
               "fp8-mse-scale": e4m3_mse}

@@ -8,14 +8,15 @@ changes least. The scales and the stored format are the round-to-nearest ones (p
 blocks, amax / 448 of the float weight): only which E4M3 value each weight gets differs, so the result is an
 ordinary FP8 checkpoint that every FP8 loader reads, transformers included.
 
-What is calibrated: every linear of every block (q, k, v, o, gate, up, down), from one pass of the float model
-over the calibration windows (each layer's inputs come from the float layers before it; the sequential variant,
-which feeds each layer the already-quantized layers' outputs, is not implemented). MoE experts and the output head
-(with "+head") are rounded to nearest, and the report says so.
+What is calibrated: every linear of every block (q, k, v, o, gate, up, down) and, with "+head", the output head,
+from one pass of the float model over the calibration windows (each layer's inputs come from the float layers
+before it; the sequential variant, which feeds each layer the already-quantized layers' outputs, is not
+implemented). MoE experts are rounded to nearest, and the report says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -75,7 +76,8 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
 @torch.no_grad()
 def input_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 4,
                    progress: bool = False) -> dict[str, torch.Tensor]:
-    """X^T X (float64 sums, returned float32) of every block linear's inputs over the windows, by qualified name."""
+    """X^T X (float64 sums, returned float32) of every block linear's inputs over the windows, by qualified name,
+    and of the output head's (the final norm's output) as "head"."""
     lins = _linears(model)
     if not lins:
         raise ValueError("GPTQ: the model has no float block linears to calibrate (already quantized?)")
@@ -104,6 +106,12 @@ def input_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 4,
         return fn
 
     handles = [mod.register_forward_hook(hook(name)) for name, _, _, mod in lins]
+
+    def head_hook(mod, inp, out):
+        x2 = out.detach().reshape(-1, out.shape[-1]).double()
+        sums["head"] = sums["head"] + x2.t() @ x2 if "head" in sums else x2.t() @ x2
+
+    handles.append(model.norm.register_forward_hook(head_hook))
     was_training = model.training
     model.eval()
     steps = range(0, len(tokens), batch)
@@ -172,9 +180,10 @@ def quantize_model_gptq(model: nn.Module, tokens: torch.Tensor | None, options: 
                         hessians: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Every block linear of `model` (float, in place) to an FP8Linear whose values GPTQ chose on `tokens`
     ((samples, length) windows) or on `hessians` already collected from them (input_hessians: one pass serves
-    several layouts); MoE experts and, with "+head", the head rounded to nearest. Returns a report: layers
-    calibrated, what was rounded to nearest, and the rms relative output error on the calibration inputs
-    (tr(E H E^T) / tr(W H W^T), E the weight error) of GPTQ and of round to nearest."""
+    several layouts); with "+head" the output head too (by GPTQ on the final norm's outputs); MoE experts rounded
+    to nearest. Returns a report: layers calibrated, whether the head was, what was rounded to nearest, and the
+    rms relative output error of the block linears on the calibration inputs (tr(E H E^T) / tr(W H W^T), E the
+    weight error) with GPTQ and with round to nearest."""
     from giants.inference.fp8 import quantize_model
 
     opts = parse_fp8(options) if isinstance(options, str) else options
@@ -200,20 +209,33 @@ def quantize_model_gptq(model: nn.Module, tokens: torch.Tensor | None, options: 
             bar.advance(1)
     finally:
         bar.stop()
+    head = None
+    if opts.head and isinstance(model.output_weight, torch.Tensor) and "head" in hess:
+        head = _gptq_layer(_HeadView(model.output_weight), hess["head"], block, damp)[0]
     for owner, attr, (layer, _, _) in done:
         setattr(owner, attr, layer)
+    if head is not None:
+        model.lm_head = head  # a tied head becomes an FP8 copy of the embedding, as quantize_head makes it
     rtn = ["MoE experts"] if any(isinstance(layer.mlp, MoE) for layer in model.layers) else []
-    quantize_model(model, opts)  # what is left: experts, the head with +head (round to nearest)
-    if opts.head:
+    # what is left, rounded to nearest: MoE experts, the head with +head when it was not calibrated
+    quantize_model(model, dataclasses.replace(opts, head=opts.head and head is None))
+    if opts.head and head is None:
         rtn.append("output head")
     n = len(lins)
-    return {"calibrated_linears": n, "round_to_nearest": rtn,
+    return {"calibrated_linears": n, "calibrated_head": head is not None, "round_to_nearest": rtn,
             "windows": int(tokens.shape[0]) if tokens is not None else None,
             "tokens": int(tokens.numel()) if tokens is not None else None, "damp": damp,
             "output_error_rel": {"gptq": math.sqrt(err_gptq / n), "round_to_nearest": math.sqrt(err_rtn / n)}}
 
 
-def _gptq_layer(mod: nn.Linear, H: torch.Tensor, block: tuple[int, int] | None,
+class _HeadView:
+    """The output head's weight as _gptq_layer reads a linear (no bias)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.bias = weight, None
+
+
+def _gptq_layer(mod: nn.Linear | _HeadView, H: torch.Tensor, block: tuple[int, int] | None,
                 damp: float) -> tuple[FP8Linear, float, float]:
     """(the FP8Linear GPTQ makes of mod, its relative output error on H's inputs, round to nearest's)."""
     from giants.inference.fp8 import quantize
