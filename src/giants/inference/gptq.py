@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress
 from torch import nn
 
-from giants.inference.fp8 import FP8_DTYPE, FP8_MAX, LINEARS, FP8Linear, FP8Options, expand_rows, parse_fp8
+from giants.inference import fp8
+from giants.inference.fp8 import FP8_DTYPE, FP8_MAX, LINEARS, FP8Linear, FP8Options
 from giants.model.mlp import MoE
 
 
@@ -115,14 +117,14 @@ def input_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 4,
     was_training = model.training
     model.eval()
     steps = range(0, len(tokens), batch)
-    bar = _bar(progress, "calibrating", len(steps))
     try:
-        for i in steps:
-            seen["owner"], seen["items"] = None, []
-            model(tokens[i:i + batch].to(next(model.parameters()).device))
-            bar.advance(1)
+        with Progress(transient=True, disable=not progress) as bar:
+            task = bar.add_task("calibrating", total=len(steps))
+            for i in steps:
+                seen["owner"], seen["items"] = None, []
+                model(tokens[i:i + batch].to(next(model.parameters()).device))
+                bar.advance(task)
     finally:
-        bar.stop()
         for h in handles:
             h.remove()
         model.train(was_training)
@@ -134,13 +136,11 @@ def gptq_fp8(w: torch.Tensor, hessian: torch.Tensor, block: tuple[int, int] | No
     """(q float8_e4m3fn (N, K), scale) of the float weight w (N, K) in quantize()'s layout (block None: per output
     channel), q chosen by GPTQ against the input Hessian (K, K). damp: the fraction of the mean diagonal added to
     H's diagonal (GPTQ's percdamp); cols: columns rounded between two full error updates (GPTQ's lazy batch)."""
-    from giants.inference.fp8 import quantize
-
     N, K = w.shape
     if hessian.shape != (K, K):
         raise ValueError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match the weight's {K} inputs")
     w = w.detach().float().clone()
-    _, scale = quantize(w, block)  # the round-to-nearest scales: amax / 448 of the float weight
+    _, scale = fp8.quantize(w, block)  # the round-to-nearest scales: amax / 448 of the float weight
     s = _expand(scale, (N, K), block)
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter; keep H invertible
@@ -171,7 +171,7 @@ def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] 
     N, K = shape
     if block is None:
         return scale.reshape(N, 1).expand(N, K)
-    rows = expand_rows(scale, N, block)  # (N, ceil(K / bk))
+    rows = fp8.expand_rows(scale, N, block)  # (N, ceil(K / bk))
     return rows.repeat_interleave(block[1], dim=1)[:, :K]
 
 
@@ -184,41 +184,36 @@ def quantize_model_gptq(model: nn.Module, tokens: torch.Tensor | None, options: 
     to nearest. Returns a report: layers calibrated, whether the head was, what was rounded to nearest, and the
     rms relative output error of the block linears on the calibration inputs (tr(E H E^T) / tr(W H W^T), E the
     weight error) with GPTQ and with round to nearest."""
-    from giants.inference.fp8 import quantize_model
-
-    opts = parse_fp8(options) if isinstance(options, str) else options
+    opts = fp8.parse_fp8(options) if isinstance(options, str) else options
     if hessians is None:
         if tokens is None:
             raise ValueError("quantize_model_gptq: give calibration tokens or their hessians")
         hessians = input_hessians(model, tokens, batch=batch, progress=progress)
-    hess = hessians
     lins = _linears(model)
     block = opts.block
     err_gptq = err_rtn = 0.0
-    missing = [name for name, *_ in lins if name not in hess]
+    missing = [name for name, *_ in lins if name not in hessians]
     if missing:
         raise ValueError(f"quantize_model_gptq: no Hessian for {', '.join(missing[:3])}"
                          f"{' ...' if len(missing) > 3 else ''} (collected from another model?)")
     done = []  # the model changes only once every layer is rounded: an error leaves it as it was
-    bar = _bar(progress, "GPTQ", len(lins))
-    try:
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("GPTQ", total=len(lins))
         for name, owner, attr, mod in lins:
-            done.append((owner, attr, _gptq_layer(mod, hess[name], block, damp)))
+            done.append((owner, attr, _gptq_layer(mod, hessians[name], block, damp)))
             err_gptq += done[-1][2][1]
             err_rtn += done[-1][2][2]
-            bar.advance(1)
-    finally:
-        bar.stop()
+            bar.advance(task)
     head = None
-    if opts.head and isinstance(model.output_weight, torch.Tensor) and "head" in hess:
-        head = _gptq_layer(_HeadView(model.output_weight), hess["head"], block, damp)[0]
+    if opts.head and isinstance(model.output_weight, torch.Tensor) and "head" in hessians:
+        head = _gptq_layer(_HeadView(model.output_weight), hessians["head"], block, damp)[0]
     for owner, attr, (layer, _, _) in done:
         setattr(owner, attr, layer)
     if head is not None:
         model.lm_head = head  # a tied head becomes an FP8 copy of the embedding, as quantize_head makes it
     rtn = ["MoE experts"] if any(isinstance(layer.mlp, MoE) for layer in model.layers) else []
     # what is left, rounded to nearest: MoE experts, the head with +head when it was not calibrated
-    quantize_model(model, dataclasses.replace(opts, head=opts.head and head is None))
+    fp8.quantize_model(model, dataclasses.replace(opts, head=opts.head and head is None))
     if opts.head and head is None:
         rtn.append("output head")
     n = len(lins)
@@ -238,8 +233,6 @@ class _HeadView:
 def _gptq_layer(mod: nn.Linear | _HeadView, H: torch.Tensor, block: tuple[int, int] | None,
                 damp: float) -> tuple[FP8Linear, float, float]:
     """(the FP8Linear GPTQ makes of mod, its relative output error on H's inputs, round to nearest's)."""
-    from giants.inference.fp8 import quantize
-
     w, H = mod.weight.detach().float().cpu(), H.cpu()
     q, scale = gptq_fp8(w, H, block, damp)
     layer = FP8Linear(w.shape[1], w.shape[0], mod.bias is not None, block, device=mod.weight.device,
@@ -250,42 +243,9 @@ def _gptq_layer(mod: nn.Linear | _HeadView, H: torch.Tensor, block: tuple[int, i
         layer.bias.data.copy_(mod.bias.detach())
     deq = layer.weight.dequantize(torch.float32).cpu()
     ref = max(_quad(w, H), 1e-30)  # an all-zero weight: both errors are zero
-    return layer, _quad(deq - w, H) / ref, _quad(_dequant(quantize(w, block), block) - w, H) / ref
-
-
-def _dequant(qs: tuple[torch.Tensor, torch.Tensor], block: tuple[int, int] | None) -> torch.Tensor:
-    from giants.inference.fp8 import dequantize
-
-    return dequantize(qs[0], qs[1], block, torch.float32)
+    return layer, _quad(deq - w, H) / ref, _quad(fp8.dequantize(*fp8.quantize(w, block), block) - w, H) / ref
 
 
 def _quad(e: torch.Tensor, H: torch.Tensor) -> float:
     """tr(E H E^T): the squared output error of weight error E summed over the calibration inputs."""
     return float(((e @ H) * e).sum())
-
-
-class _NoBar:
-    def advance(self, n: int) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-class _Bar:
-    def __init__(self, label: str, total: int) -> None:
-        from rich.progress import Progress
-
-        self.p = Progress(transient=True)
-        self.p.start()
-        self.t = self.p.add_task(label, total=total)
-
-    def advance(self, n: int) -> None:
-        self.p.advance(self.t, n)
-
-    def stop(self) -> None:
-        self.p.stop()
-
-
-def _bar(progress: bool, label: str, total: int) -> _Bar | _NoBar:
-    return _Bar(label, total) if progress else _NoBar()
