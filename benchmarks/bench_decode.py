@@ -134,6 +134,9 @@ def rerun(name: str, label: str, llm: LLM, prompt: list[int], new: int, roof: fl
     graphs.clear()
     try:
         m = giants_decode(llm, prompt, new)
+    except Exception as e:  # noqa: BLE001 - a variant that fails (e.g. does not compile) must not lose the run
+        print(f"{name}: {label}: failed: {e!r}"[:2000], flush=True)
+        return {"error": repr(e)[:2000]}
     finally:
         switch(default)
         graphs.clear()
