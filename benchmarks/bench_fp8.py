@@ -45,7 +45,7 @@ LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 40
 
 def decode(preset: str, quantization: str | None, device: torch.device, bw: float, new: int, util: float,
            check_tokens: int = 0, concurrent: int = 0, reruns: frozenset[str] = RERUNS,
-           early_tiles: tuple[str, ...] = ("0",)) -> tuple[dict, list[int]]:
+           early_tiles: tuple[int, ...] = (0,)) -> tuple[dict, list[int]]:
     cfg = giants.get_config(preset)
     prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -75,17 +75,10 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
                 # to combine
                 r[f"short_splits_{n}"] = bd.rerun(preset, f"short_splits={n}", llm, prompt, new, roof, g,
                                                   lambda v: setattr(runner, "short_splits", v), n, runner.short_splits)
-        # every batch-1 GEMV loading n K tiles before waiting for the previous kernel (0: none, no early stream),
-        # or "role=n[+role=n]": only those chain GEMVs (qkv, o, gate_up, down, head)
+        # every batch-1 GEMV loading n K tiles before waiting for the previous kernel (0: none, no early stream)
         for n in (early_tiles if "early" in reruns else ()):
-            if "=" in n:
-                roles = {k: int(v) for k, v in (item.split("=") for item in n.split("+"))}
-                r[f"early_tiles_{n}"] = bd.rerun(preset, f"early_tiles={roles}", llm, prompt, new, roof, g,
-                                                 lambda v: setattr(runner, "early_tiles", v), roles,
-                                                 dict(runner.early_tiles))
-            else:
-                r[f"early_tile_{n}"] = bd.rerun(preset, f"EARLY_TILE={n}", llm, prompt, new, roof, g,
-                                                lambda v: setattr(kgemv, "EARLY_TILE", v), int(n), kgemv.EARLY_TILE)
+            r[f"early_tile_{n}"] = bd.rerun(preset, f"EARLY_TILE={n}", llm, prompt, new, roof, g,
+                                            lambda v: setattr(kgemv, "EARLY_TILE", v), n, kgemv.EARLY_TILE)
         if "reduce" in reruns:
             # the key splits combined by a reduce kernel instead of by the attention's last split program
             r["attn_reduce_kernel"] = bd.rerun(preset, "fuse_attn_reduce=False", llm, prompt, new, roof, g,
@@ -237,8 +230,7 @@ def main() -> None:
     ap.add_argument("--reruns", default=",".join(sorted(RERUNS)),
                     help="which same-run decodes: chain, splits, early (EARLY_TILE), reduce")
     ap.add_argument("--early-tiles", default="0",
-                    help="the 'early' reruns: EARLY_TILE values (K tiles loaded before the PDL wait), or "
-                         "role=n[+role=n] for some chain GEMVs only (roles qkv, o, gate_up, down, head)")
+                    help="EARLY_TILE values the 'early' reruns try (K tiles loaded before the PDL wait)")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, few tokens: a smoke test of the script")
     ap.add_argument("--out", default=None)
     record.add_argument(ap)
@@ -247,7 +239,7 @@ def main() -> None:
     reruns = frozenset(args.reruns.split(",")) - {""}
     if reruns - RERUNS:
         ap.error(f"--reruns: unknown {sorted(reruns - RERUNS)}; choose from {sorted(RERUNS)}")
-    early_tiles = tuple(args.early_tiles.split(","))
+    early_tiles = tuple(int(n) for n in args.early_tiles.split(","))
     torch.manual_seed(0)
     res: dict = {"env": bd.env(device)}
     bw = bd.copy_bandwidth(device)

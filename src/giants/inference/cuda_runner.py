@@ -104,9 +104,6 @@ class CudaModelRunner(ModelRunner):
         # no norm or GLU kernels.
         # None: decided at the first batch-1 capture by timing both graphs; True/False forces it.
         self.chain: bool | None = None
-        # K tiles each chain GEMV loads before its PDL wait, by role (qkv, o, gate_up, down, head); a role not
-        # given takes kernels.gemv.EARLY_TILE
-        self.early_tiles: dict[str, int] = {}
         # FP8 weights (FP8Linear) chain too: the chain's GEMVs stream them with their scales
         self.chain_layers = [layer.attn_post_norm is None and layer.mlp_post_norm is None and mlp[0] == "dense"
                              and _gemv_weight(qkv[0]) and _gemv_weight(mlp[1])
@@ -299,11 +296,11 @@ class CudaModelRunner(ModelRunner):
         return c if agrees and t_fused < t_unfused else None
 
     def _chain_linear(self, x: torch.Tensor, w, b: torch.Tensor | None, residual: torch.Tensor,
-                      norm, role: str) -> tuple[torch.Tensor, torch.Tensor, tk.ChainNorm]:
+                      norm) -> tuple[torch.Tensor, torch.Tensor, tk.ChainNorm]:
         """(residual + linear(x), that times the weight of `norm` (the next RMSNorm), its ChainNorm (the sums
         of squares the next GEMV turns into rstd)): one GEMV."""
         return tk.gemv(x, w, b, residual=(residual, norm.weight, norm.eps, norm.kind == "rmsnorm_plus_one"),
-                       early=self.early_tiles.get(role), **self._gemv_config(w, b, x))
+                       **self._gemv_config(w, b, x))
 
     def _gemv_config(self, w, b: torch.Tensor | None, x: torch.Tensor) -> dict:
         """The one-row GEMV tile for this weight: the fastest Triton config timed for its shape (an FP8Weight's by
@@ -329,7 +326,7 @@ class CudaModelRunner(ModelRunner):
         cfg = self.cfg
         _, hx, rstd = pend
         if not glu:
-            return tk.gemv(hx, w, b, scale=rstd, early=self.early_tiles.get("head"), **self._gemv_config(w, b, hx))
+            return tk.gemv(hx, w, b, scale=rstd, **self._gemv_config(w, b, hx))
         key = ("chain-glu", tuple(w.shape), b is not None)
         if key not in self.gemv_choice:
             copies = _cold(w)
@@ -340,7 +337,7 @@ class CudaModelRunner(ModelRunner):
             self.gemv_choice[key] = c
             self.gemv_times[key] = {"gemv+glu": round(t * 1e3, 1)}
         return tk.gemv(hx, w, b, scale=rstd, glu=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
-                       early=self.early_tiles.get("gate_up"), **self.gemv_choice[key])
+                       **self.gemv_choice[key])
 
     def _qkv_rope(self, hx: torch.Tensor, rstd: tk.ChainNorm | None, w: torch.Tensor, b: torch.Tensor | None, cos,
                   sin, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -359,8 +356,7 @@ class CudaModelRunner(ModelRunner):
                                                 H, Hkv, **c), ok)
             self.gemv_choice[key] = c
             self.gemv_times[key] = {"qkv+rotary+kv": round(t * 1e3, 1)}
-        tk.qkv_rope_gemv(hx, w, b, rstd, cos, sin, q, k_cache, v_cache, slots, H, Hkv,
-                         early=self.early_tiles.get("qkv"), **self.gemv_choice[key])
+        tk.qkv_rope_gemv(hx, w, b, rstd, cos, sin, q, k_cache, v_cache, slots, H, Hkv, **self.gemv_choice[key])
 
     def _norm(self, mod, x, residual: torch.Tensor | None = None):
         combine = None
@@ -474,10 +470,10 @@ class CudaModelRunner(ModelRunner):
             if chain and self.chain_layers[i]:
                 down = layer.mlp.down_proj
                 pend = self._chain_linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias,
-                                          residual, layer.mlp_norm, "o")
+                                          residual, layer.mlp_norm)
                 y = self._chain_norm_linear(pend, mlp_w[1], mlp_w[2], glu=True)
                 nxt = model.layers[i + 1].attn_norm if i + 1 < len(model.layers) else model.norm
-                pend, delta = self._chain_linear(y, down.weight, down.bias, pend[0], nxt, "down"), None
+                pend, delta = self._chain_linear(y, down.weight, down.bias, pend[0], nxt), None
                 continue
             a = self._reduce(self._linear(o.view(B, H * D), layer.attn.o_proj.weight, layer.attn.o_proj.bias))
             if layer.attn_post_norm is not None:

@@ -106,15 +106,14 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
 EARLY_TILE = 1
 
 
-def _early_args(K: int, block_k: int, early: int | None = None) -> dict:
-    """A kernel's EARLY (is the first tile loaded before the wait) and EARLY_K (that tile's width in K), for `early`
-    tiles (None: EARLY_TILE)."""
-    want = int(EARLY_TILE if early is None else early)
-    if want < 0:
-        raise ValueError(f"early tiles must be >= 0, got {want}")
-    n = max(1, min(want, K // block_k))
+def _early_args(K: int, block_k: int) -> dict:
+    """A kernel's EARLY (is the first tile loaded before the wait) and EARLY_K (that tile's width in K)."""
+    n = int(EARLY_TILE)
+    if n < 0:
+        raise ValueError(f"EARLY_TILE must be >= 0, got {EARLY_TILE}")
+    n = max(1, min(n, K // block_k))
     n = 1 << (n.bit_length() - 1)  # a power of two: the wide tile is one tl.arange
-    return dict(EARLY=int(want > 0), EARLY_K=n * block_k)
+    return dict(EARLY=int(EARLY_TILE > 0), EARLY_K=n * block_k)
 
 class ChainNorm(NamedTuple):
     """The batch-1 chain's pending RMSNorm: the sums of squares of the new residual stream, one per program of
@@ -327,13 +326,13 @@ def _weight_args(w, block_k: int) -> tuple[torch.Tensor, torch.Tensor, int, int,
 def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: ChainNorm | None = None,
          glu: str | None = None, alpha: float = 1.702, limit: float = 7.0,
          residual: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None, block_n: int = 8,
-         block_k: int = 512, num_warps: int = 4, num_stages: int = 4, early: int | None = None):
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 4):
     """x: (1, K), w: (N, K) row-major (or an FP8Weight) -> (1, N); F.linear for a single row.
 
     scale: a ChainNorm, whose rstd multiplies the product before the bias (x is then the chained norm's input
     times its weight); glu: w is [gate; up] (2N, K) and the result act(gate, up) (1, N).
     residual = (r (1, N), next norm weight (N,), eps, plus_one): returns (r + linear, that times the norm
-    weight, its ChainNorm) for the next chained GEMV. early: K tiles loaded before the PDL wait (None: EARLY_TILE)."""
+    weight, its ChainNorm) for the next chained GEMV."""
     N2, K = w.shape
     N = N2 // 2 if glu is not None else N2
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
@@ -352,7 +351,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: ChainNo
                           HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                           HAS_RES=residual is not None, PLUS_ONE=plus_one, SCALED=scaled, BLOCK_SP=block_sp,
                           GLU=ACTS[glu] if glu is not None else -1, num_warps=num_warps, num_stages=num_stages,
-                          **_early_args(K, block_k, early), **wargs, **_pdl())
+                          **_early_args(K, block_k), **wargs, **_pdl())
     return (y, hx, ChainNorm(ss, N, eps)) if residual is not None else y
 
 
@@ -401,7 +400,7 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
 def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: ChainNorm | None,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, q_out: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slots: torch.Tensor, H: int, Hkv: int, *, block_n: int = 8,
-                  block_k: int = 512, num_warps: int = 4, num_stages: int = 4, early: int | None = None) -> None:
+                  block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> None:
     """One row: qkv = x @ w.T (* scale) (+ bias), then what rope_kv_write does with it, in one kernel.
     x: (1, K); w: ((H + 2 Hkv) D, K), a tensor or an FP8Weight; cos/sin (1, D/2) or None; q_out (1, H, D);
     caches (blocks, bs, Hkv, D)."""
@@ -418,7 +417,7 @@ def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: ChainNor
         cos if cos is not None else x, sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, kb, H, Hkv,
         HAS_BIAS=bias is not None, SCALED=scaled, BLOCK_SP=block_sp, HAS_ROPE=cos is not None, HALF=D // 2,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages,
-        **_early_args(K, block_k, early), **wargs, **_pdl())
+        **_early_args(K, block_k), **wargs, **_pdl())
 
 
 GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
