@@ -8,9 +8,8 @@ the bytes a token reads), per-shape GEMV and prefill matmul tables, and with --b
     python benchmarks/bench_fp8.py --modes bf16,fp8-block+head --no-kernels   # the decode ratio alone
     python benchmarks/bench_fp8.py --device cpu --quick    # smoke test of the script (tiny-llama)
 
-On CUDA each decode is rerun in the same process with the batch-1 chain flipped, with 1, 2 and 8 key splits, with
-other counts of weight tiles loaded before each GEMV's PDL wait (`--early-tiles 0,2,4`) and with the splits combined
-by a reduce kernel (`--reruns` picks among them, `--no-reruns` skips them).
+On CUDA each decode is rerun in the same process with the batch-1 chain flipped, with 1, 2 and 8 key splits and
+with the splits combined by a reduce kernel (`--no-reruns` skips them).
 
 Reading the numbers: tok/s and fraction of the roofline (copy bandwidth / bytes a token reads); graph_replay_ms is
 the GPU time of one decode step; gemv_us compares the FP8 GEMV with the best bf16 one-row kernel per weight shape (an
@@ -38,14 +37,12 @@ from giants.inference import LLM, SamplingParams  # noqa: E402
 
 kgemv = importlib.import_module("giants.inference.kernels.gemv")  # (the package re-exports its gemv function)
 
-RERUNS = frozenset({"chain", "splits", "early", "reduce"})
 LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                    "head": (128256, 4096)}
 
 
 def decode(preset: str, quantization: str | None, device: torch.device, bw: float, new: int, util: float,
-           check_tokens: int = 0, concurrent: int = 0, reruns: frozenset[str] = RERUNS,
-           early_tiles: tuple[int, ...] = (0,)) -> tuple[dict, list[int]]:
+           check_tokens: int = 0, concurrent: int = 0, reruns: bool = True) -> tuple[dict, list[int]]:
     cfg = giants.get_config(preset)
     prompt = torch.randint(3, min(cfg.vocab_size, 32000), (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -67,23 +64,19 @@ def decode(preset: str, quantization: str | None, device: torch.device, bw: floa
         # the same model and kernel picks, the batch-1 graph captured again with one switch flipped
         r["chain"] = runner.chain
         r["chain_times"] = runner.gemv_times.get("chain")
-        if "chain" in reruns:
-            r["chain_flipped"] = bd.rerun(preset, f"chain={not runner.chain}", llm, prompt, new, roof, g,
-                                          lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
-        if "splits" in reruns:
-            for n in (1, 2, 8):  # batch-1 attention over fewer (more) key splits: fewer (more) programs, less (more)
-                # to combine
-                r[f"short_splits_{n}"] = bd.rerun(preset, f"short_splits={n}", llm, prompt, new, roof, g,
-                                                  lambda v: setattr(runner, "short_splits", v), n, runner.short_splits)
-        # every batch-1 GEMV loading n K tiles before waiting for the previous kernel (0: none, no early stream)
-        for n in (early_tiles if "early" in reruns else ()):
-            r[f"early_tile_{n}"] = bd.rerun(preset, f"EARLY_TILE={n}", llm, prompt, new, roof, g,
-                                            lambda v: setattr(kgemv, "EARLY_TILE", v), n, kgemv.EARLY_TILE)
-        if "reduce" in reruns:
-            # the key splits combined by a reduce kernel instead of by the attention's last split program
-            r["attn_reduce_kernel"] = bd.rerun(preset, "fuse_attn_reduce=False", llm, prompt, new, roof, g,
-                                               lambda v: setattr(runner, "fuse_attn_reduce", v), False,
-                                               runner.fuse_attn_reduce)
+        r["chain_flipped"] = bd.rerun(preset, f"chain={not runner.chain}", llm, prompt, new, roof, g,
+                                      lambda v: setattr(runner, "chain", v), not runner.chain, runner.chain)
+        for n in (1, 2, 8):  # batch-1 attention over fewer (more) key splits: fewer (more) programs, less (more)
+            # to combine
+            r[f"short_splits_{n}"] = bd.rerun(preset, f"short_splits={n}", llm, prompt, new, roof, g,
+                                              lambda v: setattr(runner, "short_splits", v), n, runner.short_splits)
+        # every batch-1 GEMV waiting for the previous kernel before its first weight tile (no early stream)
+        r["early_tile_off"] = bd.rerun(preset, "EARLY_TILE=False", llm, prompt, new, roof, g,
+                                       lambda v: setattr(kgemv, "EARLY_TILE", v), False, kgemv.EARLY_TILE)
+        # the key splits combined by a reduce kernel instead of by the attention's last split program
+        r["attn_reduce_kernel"] = bd.rerun(preset, "fuse_attn_reduce=False", llm, prompt, new, roof, g,
+                                           lambda v: setattr(runner, "fuse_attn_reduce", v), False,
+                                           runner.fuse_attn_reduce)
     if check_tokens and getattr(runner, "fast", False):  # the fused graph decode against the generic path
         sp = SamplingParams(temperature=0, max_tokens=check_tokens, ignore_eos=True)
         fused = llm.generate([prompt], sp)[0].outputs[0].token_ids
@@ -227,19 +220,11 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true", help="skip the GEMV and prefill tables")
     ap.add_argument("--no-reruns", action="store_true",
                     help="skip the same-run decodes with the batch-1 chain flipped and 1 or 2 key splits")
-    ap.add_argument("--reruns", default=",".join(sorted(RERUNS)),
-                    help="which same-run decodes: chain, splits, early (EARLY_TILE), reduce")
-    ap.add_argument("--early-tiles", default="0",
-                    help="EARLY_TILE values the 'early' reruns try (K tiles loaded before the PDL wait)")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, few tokens: a smoke test of the script")
     ap.add_argument("--out", default=None)
     record.add_argument(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
-    reruns = frozenset(args.reruns.split(",")) - {""}
-    if reruns - RERUNS:
-        ap.error(f"--reruns: unknown {sorted(reruns - RERUNS)}; choose from {sorted(RERUNS)}")
-    early_tiles = tuple(int(n) for n in args.early_tiles.split(","))
     torch.manual_seed(0)
     res: dict = {"env": bd.env(device)}
     bw = bd.copy_bandwidth(device)
@@ -251,8 +236,7 @@ def main() -> None:
         q = None if mode == "bf16" else mode
         try:
             runs[mode], tokens[mode] = decode(preset, q, device, bw, new, 0.45, check_tokens=0 if q is None else 32,
-                                              reruns=frozenset() if args.no_reruns else reruns,
-                                              early_tiles=early_tiles)
+                                              reruns=not args.no_reruns)
         except Exception as e:  # noqa: BLE001 - one failing run must not hide the others' numbers
             import traceback
 
@@ -280,7 +264,7 @@ def main() -> None:
     if args.big:
         try:
             res["llama-3-70b"], _ = decode("llama-3-70b", args.big_mode, device, bw, args.new, 0.95, check_tokens=16,
-                                        concurrent=32, reruns=frozenset())
+                                        concurrent=32, reruns=False)
         except Exception as e:  # noqa: BLE001
             import traceback
 

@@ -32,16 +32,7 @@ gu = torch.randn(2, 96)
 close(tk.glu(gu, "silu_glu"), F.silu(gu[:, :48]) * gu[:, 48:])
 # gemv: batch-1 GEMV, norm + GEMV
 W, nw = torch.randn(32, 64), torch.randn(64)
-from giants.inference.kernels import gemv as kgemv
-for early in (0, 1, 2):  # K tiles loaded before the wait for the previous kernel, as one wide tile
-    kgemv.EARLY_TILE = early
-    close(tk.gemv(x[:1].contiguous(), W, block_n=8, block_k=32), x[:1] @ W.T)
-    y, hx, cn = tk.gemv(x[:1].contiguous(), W, None, residual=(r[:1, :32].contiguous(), nw[:32], 1e-5, False),
-                        block_n=8, block_k=16)
-    close(y, x[:1] @ W.T + r[:1, :32])
-    close(tk.gemv(hx, W[:, :32].contiguous(), None, scale=cn, block_n=8, block_k=16),
-          tk.rmsnorm(y, nw[:32], 1e-5, False) @ W[:, :32].T)
-kgemv.EARLY_TILE = 1
+close(tk.gemv(x[:1].contiguous(), W, block_n=8, block_k=32), x[:1] @ W.T)
 h, _ = tk.norm_gemv(x[:1].contiguous(), r[:1].contiguous(), nw, 1e-5, False, W, None, block_n=8, block_k=64)
 s1 = x[:1] + r[:1]
 close(h, (s1 * torch.rsqrt(s1.pow(2).mean(-1, keepdim=True) + 1e-5) * nw) @ W.T)

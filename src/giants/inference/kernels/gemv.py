@@ -99,21 +99,9 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
 
 
 # ---- batch-1 GEMV ---------------------------------------------------------------------------
-# The batch-1 GEMVs load their first EARLY_TILE weight tiles (as one wide tile, a power of two of them, at most
-# what K holds) before waiting for the previous kernel (PDL), so a kernel's stream starts while the previous one
-# drains (or while attention, which streams no weights, runs); 0 waits first (benchmarks/bench_fp8.py reruns
-# with other counts).
-EARLY_TILE = 1
-
-
-def _early_args(K: int, block_k: int) -> dict:
-    """A kernel's EARLY (is the first tile loaded before the wait) and EARLY_K (that tile's width in K)."""
-    n = int(EARLY_TILE)
-    if n < 0:
-        raise ValueError(f"EARLY_TILE must be >= 0, got {EARLY_TILE}")
-    n = max(1, min(n, K // block_k))
-    n = 1 << (n.bit_length() - 1)  # a power of two: the wide tile is one tl.arange
-    return dict(EARLY=int(EARLY_TILE > 0), EARLY_K=n * block_k)
+# The batch-1 GEMVs load their first weight tile before waiting for the previous kernel (PDL), so a kernel's
+# stream starts while the previous one drains; False waits first (benchmarks/bench_fp8.py reruns with it).
+EARLY_TILE = True
 
 class ChainNorm(NamedTuple):
     """The batch-1 chain's pending RMSNorm: the sums of squares of the new residual stream, one per program of
@@ -151,34 +139,30 @@ def _scale_parts(S_IN, SP, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr):
 @triton.jit
 def _row_dots(X, W, rn, nm, N, K, S_IN, SP, GLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               EVEN_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr,
-              EARLY: tl.constexpr, EARLY_K: tl.constexpr):
+              EARLY: tl.constexpr):
     """(sum_k W[rn, k] X[k], and with GLU >= 0 the same over rows rn + N, else zeros) in fp32, and the ChainNorm
     parts: one stream over the weight rows (rows outside nm read as zero), x loaded once per K tile for both.
-    The first EARLY_K columns are one wide tile, loaded before the wait for the previous kernel when EARLY (see
-    _row_dots_fp8); the loop takes BLOCK_K-wide tiles from there."""
+    EARLY: the first weight tile is loaded before the wait for the previous kernel (see _row_dots_fp8)."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     rk = tl.arange(0, BLOCK_K)
-    re = tl.arange(0, EARLY_K)
     w_ptr = W + rn.to(tl.int64)[:, None] * K + rk[None, :]
     u_ptr = W + (rn + N).to(tl.int64)[:, None] * K + rk[None, :]
-    m0 = nm[:, None] & (re < K)[None, :]
+    m0 = nm[:, None] & (rk < K)[None, :]
     if not EARLY:
         _grid_dep(PDL)
-    # (names apart from the loop's: a loop-carried variable may not change shape)
-    w0 = tl.load(W + rn.to(tl.int64)[:, None] * K + re[None, :], mask=m0, other=0.0)
-    wu0 = w0
+    w = tl.load(w_ptr, mask=m0, other=0.0)
+    wu = w
     if GLU >= 0:
-        wu0 = tl.load(W + (rn + N).to(tl.int64)[:, None] * K + re[None, :], mask=m0, other=0.0)
+        wu = tl.load(u_ptr, mask=m0, other=0.0)
     if EARLY:
         _grid_dep(PDL)
     parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
-    x0 = tl.load(X + re, mask=re < K, other=0.0).to(tl.float32)
-    y0 = tl.sum(w0.to(tl.float32) * x0[None, :], axis=1)
-    u0 = tl.zeros((BLOCK_N,), tl.float32)
+    x = tl.load(X + rk, mask=rk < K, other=0.0)
+    acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     if GLU >= 0:
-        u0 = tl.sum(wu0.to(tl.float32) * x0[None, :], axis=1)
-    for k0 in range(EARLY_K, K, BLOCK_K):
+        acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(X + k0 + rk)
             w = tl.load(w_ptr + k0, mask=nm[:, None], other=0.0)
@@ -193,44 +177,44 @@ def _row_dots(X, W, rn, nm, N, K, S_IN, SP, GLU: tl.constexpr, BLOCK_N: tl.const
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         if GLU >= 0:
             acc_u += wu.to(tl.float32) * x.to(tl.float32)[None, :]
-    return y0 + tl.sum(acc, axis=1), u0 + tl.sum(acc_u, axis=1), parts
+    return tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), parts
 
 
 @triton.jit
 def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
                   SBK: tl.constexpr, ACC_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr,
-                  EARLY: tl.constexpr, EARLY_K: tl.constexpr):
+                  EARLY: tl.constexpr):
     """_row_dots for an FP8 (E4M3) weight with scales S (giants.inference.kernels.fp8's layouts): the finished
     sums times the row scale (ROWWISE), else each SBK-wide slice's sum times its block scale as it is added.
     Returns (y, u, the ChainNorm parts).
 
-    EARLY: the first EARLY_K columns (one wide tile) are loaded before the wait for the previous kernel
-    (_grid_dep): the weights do not depend on it, so under PDL this program's stream starts while the previous
-    kernel drains, instead of every kernel of the batch-1 chain paying its DRAM ramp after the last one's tail."""
+    EARLY: the first weight tile is loaded before the wait for the previous kernel (_grid_dep): the weights do not
+    depend on it, so under PDL this program's stream starts while the previous kernel drains, instead of every
+    kernel of the batch-1 chain paying its DRAM ramp after the last one's tail."""
     rk = tl.arange(0, BLOCK_K)
-    re = tl.arange(0, EARLY_K)
     w_rows = W + rn.to(tl.int64)[:, None] * K
     u_rows = W + (rn + N).to(tl.int64)[:, None] * K
     s_rows = S + (rn // SBN).to(tl.int64) * KB
     u_srows = S + ((rn + N) // SBN).to(tl.int64) * KB
     if not EARLY:
         _grid_dep(PDL)
-    w0 = _w_load(w_rows, 0, re, nm, K, EVEN_K)
+    w0 = _w_load(w_rows, 0, rk, nm, K, EVEN_K)
     u0 = w0
     if GLU >= 0:
-        u0 = _w_load(u_rows, 0, re, nm, K, EVEN_K)
+        u0 = _w_load(u_rows, 0, rk, nm, K, EVEN_K)
     if EARLY:
         _grid_dep(PDL)
     parts = _scale_parts(S_IN, SP, SCALED, BLOCK_SP)
-    x0 = tl.load(X + re, mask=re < K, other=0.0).to(tl.float32)
-    y0 = tl.sum(_w_apply(w0, s_rows, x0, 0, nm, KB, ROWWISE, SBK, BLOCK_N, EARLY_K), axis=1)
-    v0 = tl.zeros((BLOCK_N,), tl.float32)
-    if GLU >= 0:
-        v0 = tl.sum(_w_apply(u0, u_srows, x0, 0, nm, KB, ROWWISE, SBK, BLOCK_N, EARLY_K), axis=1)
-    acc = tl.zeros((BLOCK_N, ACC_W), tl.float32)
+    if EVEN_K:
+        x = tl.load(X + rk).to(tl.float32)
+    else:
+        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+    acc = _w_apply(w0, s_rows, x, 0, nm, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K)
     acc_u = tl.zeros((BLOCK_N, ACC_W), tl.float32)
-    for k0 in range(EARLY_K, K, BLOCK_K):
+    if GLU >= 0:
+        acc_u = _w_apply(u0, u_srows, x, 0, nm, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(X + k0 + rk).to(tl.float32)
         else:
@@ -238,8 +222,8 @@ def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU: tl.constexpr, ROWWIS
         acc += _w_tile(w_rows, s_rows, x, k0, rk, nm, K, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K, EVEN_K)
         if GLU >= 0:
             acc_u += _w_tile(u_rows, u_srows, x, k0, rk, nm, K, KB, ROWWISE, SBK, BLOCK_N, BLOCK_K, EVEN_K)
-    y = y0 + tl.sum(acc, axis=1)
-    u = v0 + tl.sum(acc_u, axis=1)
+    y = tl.sum(acc, axis=1)
+    u = tl.sum(acc_u, axis=1)
     if ROWWISE:
         y = y * tl.load(s_rows, mask=nm, other=0.0)
         if GLU >= 0:
@@ -251,15 +235,15 @@ def _row_dots_fp8(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU: tl.constexpr, ROWWIS
 def _dots(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr,
           SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           EVEN_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr,
-          EARLY: tl.constexpr, EARLY_K: tl.constexpr):
+          EARLY: tl.constexpr):
     """(y, u, the ChainNorm parts): the row dots wait for the previous kernel themselves, after loading their
     first weight tile, then load the parts early (the sum waits for them only after the weight stream)."""
     if FP8:
         y, u, parts = _row_dots_fp8(X, W, S, rn, nm, N, K, KB, S_IN, SP, GLU, ROWWISE, SBN, SBK, ACC_W, BLOCK_N,
-                                    BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL, EARLY, EARLY_K)
+                                    BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL, EARLY)
     else:
         y, u, parts = _row_dots(X, W, rn, nm, N, K, S_IN, SP, GLU, BLOCK_N, BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL,
-                                EARLY, EARLY_K)
+                                EARLY)
     return y, u, parts
 
 
@@ -268,8 +252,7 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, al
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  HAS_RES: tl.constexpr, PLUS_ONE: tl.constexpr, SCALED: tl.constexpr, BLOCK_SP: tl.constexpr,
                  GLU: tl.constexpr, FP8: tl.constexpr, ROWWISE: tl.constexpr, SBN: tl.constexpr,
-                 SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                 EARLY_K: tl.constexpr):
+                 SBK: tl.constexpr, ACC_W: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """Y[n] = sum_k X[k] W[n, k] (+ B[n]) for one row x: a pure stream over W.
 
     SCALED: the sum is multiplied, before the bias, by rsqrt(sum(S_IN[:SP]) / SN + seps) (a ChainNorm), so
@@ -282,7 +265,7 @@ def _gemv_kernel(X, W, WS, B, Y, R, NW, HX, SS, S_IN, SP, SN, seps, N, K, KB, al
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
     y, u, parts = _dots(X, W, WS, rn, nm, N, K, KB, S_IN, SP, GLU, FP8, ROWWISE, SBN, SBK, ACC_W, BLOCK_N, BLOCK_K,
-                        EVEN_K, SCALED, BLOCK_SP, PDL, EARLY, EARLY_K)
+                        EVEN_K, SCALED, BLOCK_SP, PDL, EARLY)
     if SCALED:
         f = tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
         y = y * f
@@ -351,7 +334,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, scale: ChainNo
                           HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                           HAS_RES=residual is not None, PLUS_ONE=plus_one, SCALED=scaled, BLOCK_SP=block_sp,
                           GLU=ACTS[glu] if glu is not None else -1, num_warps=num_warps, num_stages=num_stages,
-                          **_early_args(K, block_k), **wargs, **_pdl())
+                          EARLY=EARLY_TILE, **wargs, **_pdl())
     return (y, hx, ChainNorm(ss, N, eps)) if residual is not None else y
 
 
@@ -361,7 +344,7 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
                           HAS_ROPE: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
                           ROWWISE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, ACC_W: tl.constexpr,
-                          PDL: tl.constexpr, EARLY: tl.constexpr, EARLY_K: tl.constexpr):
+                          PDL: tl.constexpr, EARLY: tl.constexpr):
     """The one-row QKV projection with the rotary and the KV-cache write in its epilogue (no qkv tensor,
     no rotary kernel). Program p covers BLOCK_N / 2 rows of one head's first half and the matching rows
     of its second half, so each rotation pair meets in one program; rows are ordered lo0, hi0, lo1, ...
@@ -374,7 +357,7 @@ def _qkv_rope_gemv_kernel(X, W, WS, B, S_IN, SP, SN, seps, COS, SIN, Q_OUT, K_CA
     i = tl.arange(0, BLOCK_N)
     rn = head * D + (pid % (HALF // BH)) * BH + i // 2 + (i % 2) * HALF
     y, _, parts = _dots(X, W, WS, rn, tl.full((BLOCK_N,), 1, tl.int1), 0, K, KB, S_IN, SP, -1, FP8, ROWWISE, SBN,
-                        SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL, EARLY, EARLY_K)
+                        SBK, ACC_W, BLOCK_N, BLOCK_K, EVEN_K, SCALED, BLOCK_SP, PDL, EARLY)
     if SCALED:
         y = y * tl.rsqrt(tl.sum(parts, axis=0) / SN + seps)
     if HAS_BIAS:
@@ -417,7 +400,7 @@ def qkv_rope_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, scale: ChainNor
         cos if cos is not None else x, sin if sin is not None else x, q_out, k_cache, v_cache, slots, K, kb, H, Hkv,
         HAS_BIAS=bias is not None, SCALED=scaled, BLOCK_SP=block_sp, HAS_ROPE=cos is not None, HALF=D // 2,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages,
-        **_early_args(K, block_k), **wargs, **_pdl())
+        EARLY=EARLY_TILE, **wargs, **_pdl())
 
 
 GEMV_CONFIGS = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
