@@ -3,7 +3,8 @@
 GPU (bf16): Llama-3.1-8B shape (giants vs transformers eager and static cache + torch.compile),
 gpt-oss-20b shape (giants vs transformers eager), gpt-oss-120b shape with MXFP4 experts (giants only:
 in bf16 it does not fit one GPU); on request Gemma-2-27B in bf16 (`--models gemma-2-27b`) and the
-Mixtral-8x22B shape with MXFP4 experts (`--models mixtral-8x22b`: one H200). Roofline = measured
+Mixtral-8x22B shape with MXFP4 experts (`--models mixtral-8x22b`: one H200; `mixtral-8x22b-fp8`: the linears FP8
+too, one H100). Roofline = measured
 device-to-device copy bandwidth / bytes read per token (non-embedding weights the token touches + its KV
 reads). A correctness check of the fused GPU path against the generic path on every tiny twin runs first.
 
@@ -359,6 +360,9 @@ def main() -> None:
         # 141B parameters: MXFP4 experts (~82 GB) fit one H200, not an 80 GB H100 (`giants fit`)
         "mixtral-8x22b": ("mixtral-8x22b-mxfp4", lambda: section("mixtral-8x22b-mxfp4", "mixtral-8x22b", device, bw,
                                                                  args.new, (), quantization="mxfp4")),
+        # the same with the attention in FP8 too (~78 GB): one 80 GB H100
+        "mixtral-8x22b-fp8": ("mixtral-8x22b-fp8-mxfp4", lambda: section(
+            "mixtral-8x22b-fp8-mxfp4", "mixtral-8x22b", device, bw, args.new, (), quantization="fp8+head+mxfp4")),
     }
     for t in todo:
         key, fn = jobs[t]

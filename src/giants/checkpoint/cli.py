@@ -51,7 +51,10 @@ def _convert(args: argparse.Namespace) -> int:
     if args.quantization:
         from giants.inference.fp8 import parse_fp8
 
-        parse_fp8(args.quantization)  # a bad option fails before the load
+        if parse_fp8(args.quantization).mxfp4_experts:  # a bad option fails before the load
+            raise ValueError("--quantization: '+mxfp4' (FP8 linears, MXFP4 experts) is a load-time option: an HF "
+                             "checkpoint holds one quantization_config. Write FP8 here, or --mxfp4 for gpt-oss "
+                             "experts, and load with quantization='fp8+mxfp4'")
     src = loading.resolve(args.src)
     model = loading.load(src, dtype=args.dtype)
     tok = None

@@ -7,7 +7,8 @@ quantization:
               `*_scales` (or a GGUF's MXFP4 tensors, repacked) without a float copy; float experts quantized.
   "fp8", "fp8-block" (+"+head")  every linear and every expert FP8 (giants.inference.fp8): an FP8 checkpoint's
               weights and scales are read as stored (its linears stored in float stay float); float weights are
-              quantized one tensor at a time as they are read. MXFP4 experts stay packed MXFP4 (4.25 bits).
+              quantized one tensor at a time as they are read. MXFP4 experts stay packed MXFP4 (4.25 bits);
+              with "+mxfp4" float (or FP8) experts are packed MXFP4 too.
 Every check of giants.load runs before allocation; the model is built on the meta device with the quantized
 modules in place, materialised once, and filled tensor by tensor.
 """
@@ -42,10 +43,13 @@ def _check_quantization(q: str | None) -> None:
     if is_fp8(q):
         parse_fp8(q)
         return
-    raise ValueError(f"quantization: one of None, 'auto', 'mxfp4', 'fp8', 'fp8-block' (+'+head') (got {q!r})")
+    raise ValueError(f"quantization: one of None, 'auto', 'mxfp4', 'fp8', 'fp8-block' (+'+head', +'+mxfp4') "
+                     f"(got {q!r})")
 
 
 def load_quantized(path: Path, dtype: torch.dtype | None, device, quantization: str | None) -> nn.Module:
+    from giants.inference.fp8 import check_experts, is_fp8, parse_fp8
+
     _check_quantization(quantization)
     if not isinstance(device, (str, torch.device)):
         raise ValueError("device_map: not combined with quantization= or quantized (FP8) checkpoints yet")
@@ -67,6 +71,8 @@ def load_quantized(path: Path, dtype: torch.dtype | None, device, quantization: 
     if q == "mxfp4" and not cfg.is_moe:
         raise ValueError(f"quantization: 'mxfp4' quantizes mixture-of-experts layers, and this model has none "
                          f"(n_experts={cfg.n_experts}) (got {quantization!r})")
+    if is_fp8(q):
+        check_experts(parse_fp8(q), cfg, q)
     if naming == "giants":  # our own tensor names (no HF family): load as floats, then quantize in memory
         if stored_fp8:
             raise CheckpointError("an FP8 quantization_config with giants tensor names", file=d)
@@ -153,13 +159,14 @@ class _Filler:
         self.dtype, self.device = dtype, device
         self.opts = parse_fp8(q) if is_fp8(q) else None
         if self.opts is not None and layout is not None:  # an FP8 checkpoint's layout wins
-            self.opts = FP8Options(layout[1], self.opts.head)
+            self.opts = FP8Options(layout[1], self.opts.head, self.opts.mxfp4_experts)
         self.rules = hf_map.family_rules(cfg)
         packed = any(n.endswith("_blocks") for n in st.keys())
         # an FP8 checkpoint's experts stored in float (e.g. gpt-oss' fused ones) stay float, as its linears do
         exp_hf = [n for r in self.rules if r.ours[0].endswith(("mlp.w_gate", "mlp.w_up", "mlp.w_down")) for n in r.hf]
         fp8_experts = self.opts is not None and (layout is None or any(n in stored_fp8 for n in exp_hf))
-        self.experts = "mxfp4" if (q == "mxfp4" or (self.opts and packed)) else "fp8" if fp8_experts else "float"
+        self.experts = "mxfp4" if (q == "mxfp4" or (self.opts and (packed or self.opts.mxfp4_experts))) \
+            else "fp8" if fp8_experts else "float"
 
     def _fp8_target(self, hf: str) -> bool:
         """An FP8 module for this linear? As stored in an FP8 checkpoint; else every linear when asked."""
@@ -342,7 +349,7 @@ def gguf_mxfp4_packed(t, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device, quantization: str | None) -> nn.Module:
     from giants.checkpoint.gguf_io import GGUFFile
-    from giants.inference.fp8 import FP8Linear, FP8MoE, is_fp8, meta_fp8, parse_fp8
+    from giants.inference.fp8 import FP8Linear, FP8MoE, check_experts, is_fp8, meta_fp8, parse_fp8
     from giants.inference.mxfp4 import MXFP4MoE, quantize_mxfp4
 
     g = GGUFFile(path)
@@ -363,7 +370,9 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device, quantization: str 
     if unfilled:
         raise CheckpointError(f"no tensor of this {g.arch} file fills the model's {unfilled[0]!r}", file=path)
     opts = parse_fp8(q) if is_fp8(q) else None
-    packed = q == "mxfp4" or (opts is not None and has_mx)
+    if opts is not None:
+        check_experts(opts, cfg, q)
+    packed = q == "mxfp4" or (opts is not None and (has_mx or opts.mxfp4_experts))
     model = meta_fp8(cfg, opts, experts=not packed) if opts is not None else loading.meta_model(cfg)
     if packed:
         for layer in model.layers:

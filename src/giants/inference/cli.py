@@ -188,7 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="CPU: decode through torch.compile'd layers (~2x faster; the first use compiles for 10-30 s)")
     p.add_argument("--quantization", default=None,
-                   help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as the "
+                   help="fp8 | fp8-block (+head): FP8 linears and experts (+mxfp4: the experts packed MXFP4 instead); "
+                        "mxfp4: packed MoE experts (default: as the "
                         "checkpoint stores them; presets: none)")
     add_threads_arg(p)
     add_speculative_arg(p)

@@ -52,6 +52,9 @@ class FP8Options:
 
     block: tuple[int, int] | None = None  # None: per output channel; (128, 128): block scales
     head: bool = False
+    # "+mxfp4": the MoE experts packed MXFP4 (4.25 bits, giants.inference.mxfp4) instead of FP8, the linears FP8:
+    # Mixtral-8x22B in ~78 GB, one 80 GB card
+    mxfp4_experts: bool = False
 
 
 def is_fp8(quantization: str | None) -> bool:
@@ -60,10 +63,19 @@ def is_fp8(quantization: str | None) -> bool:
 
 def parse_fp8(quantization: str) -> FP8Options:
     base, *extra = quantization.split("+")
-    if base not in ("fp8", "fp8-block", "fp8-channel") or any(e != "head" for e in extra):
+    if base not in ("fp8", "fp8-block", "fp8-channel") or any(e not in ("head", "mxfp4") for e in extra) \
+            or len(set(extra)) != len(extra):
         raise ValueError(f"quantization: FP8 is 'fp8' (per-channel scales), 'fp8-block' (128x128 block scales), "
-                         f"either with '+head' to quantize the output head (got {quantization!r})")
-    return FP8Options(BLOCK if base == "fp8-block" else None, "head" in extra)
+                         f"either with '+head' to quantize the output head and '+mxfp4' to pack the MoE experts "
+                         f"MXFP4 instead (got {quantization!r})")
+    return FP8Options(BLOCK if base == "fp8-block" else None, "head" in extra, "mxfp4" in extra)
+
+
+def check_experts(opts: FP8Options, cfg: ModelConfig, quantization: str) -> None:
+    """'+mxfp4' packs experts: a model without MoE layers has none, which is an error, not a no-op."""
+    if opts.mxfp4_experts and not cfg.is_moe:
+        raise ValueError(f"quantization: '+mxfp4' packs mixture-of-experts layers, and this model has none "
+                         f"(n_experts={cfg.n_experts}) (got {quantization!r})")
 
 
 # ---- quantize / dequantize ---------------------------------------------------------------------
@@ -419,9 +431,11 @@ LINEARS = (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_pr
 
 
 def quantize_model(model: nn.Module, options: FP8Options | str = FP8Options()) -> nn.Module:
-    """Every linear of every block and every dense MoE layer's experts to FP8 (in place); the head too with
-    options.head (a tied head becomes an FP8 copy of the embedding). Embeddings, norms, routers unchanged."""
+    """Every linear of every block and every dense MoE layer's experts to FP8 (in place; the experts packed MXFP4
+    with options.mxfp4_experts); the head too with options.head (a tied head becomes an FP8 copy of the
+    embedding). Embeddings, norms, routers unchanged."""
     opts = parse_fp8(options) if isinstance(options, str) else options
+    check_experts(opts, model.config, str(options))
     for layer in model.layers:
         for owner_name, names in LINEARS:
             owner = getattr(layer, owner_name)
@@ -430,7 +444,12 @@ def quantize_model(model: nn.Module, options: FP8Options | str = FP8Options()) -
                 if type(mod) is nn.Linear:
                     setattr(owner, name, FP8Linear.from_float(mod.weight.detach(), mod.bias, opts.block))
         if isinstance(layer.mlp, MoE):
-            layer.mlp = FP8MoE.from_moe(layer.mlp, opts.block)
+            if opts.mxfp4_experts:
+                from giants.inference.mxfp4 import MXFP4MoE
+
+                layer.mlp = MXFP4MoE.from_moe(layer.mlp)
+            else:
+                layer.mlp = FP8MoE.from_moe(layer.mlp, opts.block)
     if opts.head:
         quantize_head(model, opts.block)
     return model
@@ -474,8 +493,10 @@ def fp8_bytes(model: nn.Module) -> int:
 
 
 def meta_fp8(cfg: ModelConfig, opts: FP8Options, experts: bool = True) -> nn.Module:
-    """The model on the meta device with FP8 modules in place of every linear (and the experts)."""
+    """The model on the meta device with FP8 modules in place of every linear and, with `experts`, FP8 experts, or
+    packed MXFP4 ones with opts.mxfp4_experts."""
     from giants.checkpoint.loading import meta_model
+    from giants.inference.mxfp4 import MXFP4MoE
 
     model = meta_model(cfg)
     for layer in model.layers:
@@ -487,7 +508,7 @@ def meta_fp8(cfg: ModelConfig, opts: FP8Options, experts: bool = True) -> nn.Mod
                     setattr(owner, name, FP8Linear(mod.in_features, mod.out_features, mod.bias is not None,
                                                    opts.block, device="meta"))
         if experts and isinstance(layer.mlp, MoE):
-            layer.mlp = FP8MoE(cfg, opts.block, device="meta")
+            layer.mlp = MXFP4MoE(cfg, device="meta") if opts.mxfp4_experts else FP8MoE(cfg, opts.block, device="meta")
     if opts.head:
         model.lm_head = FP8Linear(cfg.d_model, cfg.vocab_size, False, opts.block, device="meta")
     return model
@@ -501,15 +522,19 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     and device), then quantized, so the result is quantize_model(LLM's float preset of the same seed) while
     Llama-3-70B (~70 GB in FP8) builds on one 80 GB GPU."""
     from giants.checkpoint.loading import meta_model
+    from giants.inference.mxfp4 import MXFP4MoE
     from giants.model.transformer import init_parameter
 
     opts = parse_fp8(options) if isinstance(options, str) else options
+    check_experts(opts, cfg, str(options))
     model = meta_fp8(cfg, opts).to(dtype).materialize(device, dtype)
     mods, params = dict(model.named_modules()), dict(model.named_parameters())
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in meta_model(cfg).named_parameters():  # Transformer.init_weights, on the float model's names
         owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         mod = mods.get(owner)
+        if isinstance(mod, MXFP4MoE):  # packed experts (and their biases, zero): random blocks and scales below
+            continue
         if isinstance(mod, FP8Linear) and leaf == "weight" or isinstance(mod, FP8MoE) and leaf in FP8MoE.NAMES:
             t = torch.empty(p.shape, dtype=dtype, device=device)  # drawn as the float weight, then quantized
             init_parameter(name, t, cfg, gen)
@@ -520,6 +545,9 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
                     mod.set_expert(leaf, e, t[e])
         else:  # kept as they are: norms, biases, sinks, embeddings, the router, a float head
             init_parameter(name, params[name], cfg, gen)
+    for layer in model.layers:
+        if isinstance(layer.mlp, MXFP4MoE):
+            layer.mlp.randomize(gen)
     if opts.head and cfg.tie_embeddings:
         model.lm_head.set_float(model.embed.weight)
     return model.eval()

@@ -59,13 +59,13 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype, seed: int)
 def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: torch.device,
                   seed: int, quantization: str | None = None) -> tuple[Transformer, Any]:
     """(model, tokenizer or None) for a Transformer, a path (HF dir / .gguf), a known name or a preset.
-    quantization: "mxfp4" (MoE experts packed), "fp8" / "fp8-block" with "+head" (giants.inference.fp8); a
+    quantization: "mxfp4" (MoE experts packed), "fp8" / "fp8-block" with "+head", "+mxfp4" (giants.inference.fp8); a
     checkpoint loads as it is stored when None (FP8 stays FP8, MXFP4 experts stay packed)."""
     from giants.inference.fp8 import is_fp8
 
     if quantization not in (None, "mxfp4") and not is_fp8(quantization):
         raise ValueError(f"quantization: one of 'mxfp4' (MoE experts), 'fp8', 'fp8-block' (+'+head' for the output "
-                         f"head) (got {quantization!r})")
+                         f"head, +'+mxfp4' for MXFP4 experts) (got {quantization!r})")
     if isinstance(model, Transformer):
         if quantization == "mxfp4":
             from giants.inference.mxfp4 import pack_experts

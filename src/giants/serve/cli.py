@@ -134,7 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds the model's chat template may take to render a request (in a worker process); "
                         f"then 400 (default: {DEFAULT_TEMPLATE_TIMEOUT:g})")
     p.add_argument("--quantization", default=None,
-                   help="fp8 | fp8-block (+head): FP8 linears and experts; mxfp4: packed MoE experts (default: as "
+                   help="fp8 | fp8-block (+head): FP8 linears and experts (+mxfp4: the experts packed MXFP4 instead); "
+                        "mxfp4: packed MoE experts (default: as "
                         "the checkpoint stores them; presets: none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--log-interval", type=_positive(float, 0), default=10.0, metavar="S",
