@@ -56,8 +56,10 @@ def _cpu_name() -> str:
 
 
 def precision(quantization: str | None, dtype: torch.dtype) -> str:
-    if quantization:
-        return "fp8" if quantization.startswith("fp8") else quantization
+    if quantization:  # in `giants fit --dtype` terms
+        if quantization.startswith("fp8"):
+            return "fp8+mxfp4" if "+mxfp4" in quantization else "fp8"
+        return quantization
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))
 
 

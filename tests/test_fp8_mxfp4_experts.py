@@ -124,3 +124,31 @@ def test_convert_refuses_the_mix(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "f"), str(tmp_path / "o"), "--quantization", "fp8+mxfp4"]) != 0
     assert "load-time option" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_analysis_sizes_the_mix_and_plans_its_serve_command():
+    """`giants fit --dtype fp8+mxfp4`: the experts at 4.25 bits, the attention at one byte plus a bf16 scale per row,
+    the rest bf16: Mixtral-8x22B's 77.6 GB fit one 80 GB H100 at a short context, where mxfp4 alone (82.5 GB) does
+    not; the plan is the `giants serve --quantization fp8+mxfp4` line, on one GPU."""
+    import argparse
+
+    from giants.analysis import cli as acli
+    from giants.analysis.hardware import get_gpu
+    from giants.analysis.memory import _block_matrices, weight_bytes, weight_bytes_breakdown
+    from giants.analysis.perf import fit
+
+    cfg = giants.get_config("mixtral-8x22b")
+    attn = sum(o * i * n for k, o, i, n in _block_matrices(cfg) if k == "attn")
+    attn_rows = sum(o * n for k, o, i, n in _block_matrices(cfg) if k == "attn")
+    assert weight_bytes(cfg, "fp8+mxfp4") == weight_bytes(cfg, "mxfp4") - 2 * attn + attn + 2 * attn_rows
+    b = weight_bytes_breakdown(cfg, "fp8+mxfp4")
+    assert b.quantized_params == weight_bytes_breakdown(cfg, "fp8").quantized_params  # every block matrix
+    h100 = get_gpu("h100-80gb")
+    assert fit(cfg, h100, 1024, 1, "fp8+mxfp4").gpus == 1 and fit(cfg, h100, 1024, 1, "mxfp4").gpus > 1
+    args = argparse.Namespace(dtype="fp8+mxfp4", model="mixtral-8x22b", context=1024, batch=1, kv_dtype=None,
+                              num_gpus=None, max_gpus=8)
+    plan = acli._serve_plan(args, cfg, h100)
+    assert plan.command == "giants serve mixtral-8x22b --quantization fp8+mxfp4 --max-model-len 1024"
+    args.model, dense = "llama-3.1-8b", giants.get_config("llama-3.1-8b")
+    acli._serve_plan(args, dense, h100)
+    assert args.serve_dtype == "bf16" and any("has none" in n for n in acli._serve_notes(args, plan))

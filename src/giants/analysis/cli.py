@@ -114,8 +114,10 @@ def _serve_plan(args: argparse.Namespace, cfg, gpu):
     from giants.analysis.serve_plan import propose, propose_fp8, serve_dtype
 
     args.serve_dtype = serve_dtype(cfg, args.dtype)
-    if args.dtype == "fp8" and (plan := propose_fp8(cfg, args.model, gpu, args.context, args.batch, args.kv_dtype)):
-        args.serve_dtype = "fp8"
+    args.is_moe = cfg.is_moe
+    if args.dtype in ("fp8", "fp8+mxfp4") and (plan := propose_fp8(cfg, args.model, gpu, args.context, args.batch,
+                                                                   args.kv_dtype, args.dtype)):
+        args.serve_dtype = args.dtype
         return plan
     kv = args.kv_dtype if args.serve_dtype == args.dtype else None
     return propose(cfg, args.model, gpu, args.num_gpus or args.max_gpus, args.context, args.batch, args.serve_dtype,
@@ -126,7 +128,9 @@ def _serve_notes(args: argparse.Namespace, plan) -> list[str]:
     notes = [f"giants serve tensor parallel size {tp} refused: {why}" for tp, why in plan.skipped.items()]
     if args.serve_dtype != args.dtype:
         why = ("its FP8 weights run on one GPU only, not under tensor parallelism or layer placement"
-               if args.dtype == "fp8" else f"no flag for {args.dtype}")
+               if args.dtype == "fp8" or (args.dtype == "fp8+mxfp4" and args.is_moe) else
+               "+mxfp4 packs MoE experts, and this model has none" if args.dtype == "fp8+mxfp4"
+               else f"no flag for {args.dtype}")
         notes.append(f"giants serve runs {args.serve_dtype} weights here ({why}): planned in bf16")
     return notes + [f"serve with: {plan.command}"]
 

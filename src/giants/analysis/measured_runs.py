@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 RUNS_PATH = Path(__file__).with_name("measured_runs.json")
-PRECISIONS = ("fp32", "bf16", "fp8", "int8", "int4", "mxfp4")
+PRECISIONS = ("fp32", "bf16", "fp8", "int8", "int4", "mxfp4", "fp8+mxfp4")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}( \d{2}:\d{2})?")
 
 

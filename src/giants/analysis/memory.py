@@ -8,6 +8,7 @@ Weight formats (what is quantised follows common practice; everything not quanti
 - int4: the same matrices at 4 bits plus one bf16 scale per group of 128 inputs (GPTQ/AWQ default).
 - mxfp4: only the MLP matrices (the experts of an MoE) at 4-bit e2m1 plus one 8-bit e8m0 scale per
   block of 32 (4.25 bits), the rest bf16, as gpt-oss ships.
+- fp8+mxfp4: the MLP matrices as mxfp4, the attention matrices as fp8 (giants' quantization="fp8+mxfp4").
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import asdict, dataclass
 from giants.analysis.params import count_params
 from giants.config import ModelConfig
 
-WEIGHT_FORMATS = ("bf16", "fp8", "int8", "int4", "mxfp4")
+WEIGHT_FORMATS = ("bf16", "fp8", "int8", "int4", "mxfp4", "fp8+mxfp4")
+# the format each kind of block matrix is stored in, where a weight format mixes two
+MIXED_FORMATS = {"fp8+mxfp4": {"attn": "fp8", "mlp": "mxfp4"}}
 # Bytes per stored element; 4-bit formats carry their scales inside this figure for KV use only.
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5, "mxfp4": 17 / 32}
 INT4_GROUP = 128
@@ -36,7 +39,7 @@ def dtype_bytes(dtype: str) -> float:
 def default_kv_dtype(weight_dtype: str) -> str:
     """The KV-cache dtype a deployment pairs with a weight format: weight-only 4-bit formats (int4
     GPTQ/AWQ, gpt-oss MXFP4) keep a bf16 cache; 8-bit ones run an 8-bit cache."""
-    return "bf16" if weight_dtype in ("int4", "mxfp4") else weight_dtype
+    return "bf16" if weight_dtype in ("int4", "mxfp4", "fp8+mxfp4") else weight_dtype
 
 
 # ---- KV cache --------------------------------------------------------------------------------
@@ -102,14 +105,18 @@ def _quantized_kinds(fmt: str) -> tuple[str, ...]:
     return {"bf16": (), "mxfp4": ("mlp",)}.get(fmt, ("attn", "mlp"))
 
 
+def _kind_format(fmt: str, kind: str) -> str:
+    return MIXED_FORMATS.get(fmt, {}).get(kind, fmt)
+
+
 def weight_bytes_breakdown(cfg: ModelConfig, fmt: str = "bf16") -> WeightBytes:
     kinds = _quantized_kinds(fmt)
     total = count_params(cfg).total
-    mats = [(o, i, n) for kind, o, i, n in _block_matrices(cfg) if kind in kinds]
-    if not mats:
-        return WeightBytes(fmt, 0, 0, 0, 2 * total)
-    qparams = sum(o * i * n for o, i, n in mats)
-    values, scales = _quantized_bytes(mats, fmt)
+    qparams = values = scales = 0
+    for kind in kinds:
+        mats = [(o, i, n) for k, o, i, n in _block_matrices(cfg) if k == kind]
+        v, s = _quantized_bytes(mats, _kind_format(fmt, kind))
+        qparams, values, scales = qparams + sum(o * i * n for o, i, n in mats), values + v, scales + s
     return WeightBytes(fmt, qparams, values, scales, 2 * (total - qparams))
 
 
@@ -119,7 +126,7 @@ def mlp_weight_bytes(cfg: ModelConfig, fmt: str = "bf16") -> int:
     mats = [(o, i, n) for kind, o, i, n in _block_matrices(cfg) if kind == "mlp"]
     if "mlp" not in _quantized_kinds(fmt):
         return 2 * mlp_params
-    values, scales = _quantized_bytes(mats, fmt)
+    values, scales = _quantized_bytes(mats, _kind_format(fmt, "mlp"))
     return values + scales + 2 * (mlp_params - sum(o * i * n for o, i, n in mats))
 
 

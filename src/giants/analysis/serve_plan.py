@@ -86,14 +86,16 @@ def serve_dtype(cfg: ModelConfig, weight_dtype: str) -> str:
 
 
 def propose_fp8(cfg: ModelConfig, model: str, gpu: GPU, context: int, batch: int = 1,
-                kv_dtype: str | None = None) -> ServePlan | None:
-    """`giants serve --quantization fp8` runs FP8 weights on one GPU only (not under tensor parallelism or layer
-    placement): its plan where one GPU holds the model, else None."""
-    mem = serving_memory(cfg, context, batch, "fp8", kv_dtype, tp=1)
+                kv_dtype: str | None = None, weight_dtype: str = "fp8") -> ServePlan | None:
+    """`giants serve --quantization fp8` (or fp8+mxfp4, for MoE models) runs FP8 weights on one GPU only (not under
+    tensor parallelism or layer placement): its plan where one GPU holds the model, else None."""
+    if weight_dtype == "fp8+mxfp4" and not cfg.is_moe:
+        return None
+    mem = serving_memory(cfg, context, batch, weight_dtype, kv_dtype, tp=1)
     if mem.total > gpu.memory_bytes:
         return None
-    return ServePlan("tp", f"giants serve {serve_target(model)}{_flags('fp8')} --max-model-len {context}", tp=1,
-                     memory=mem, skipped={})
+    return ServePlan("tp", f"giants serve {serve_target(model)}{_flags(weight_dtype)} --max-model-len {context}",
+                     tp=1, memory=mem, skipped={})
 
 
 def max_memory_arg(max_memory: dict[str, int]) -> str:
