@@ -168,12 +168,10 @@ def _greedy_agrees(a: list[list[int]], b: list[list[int]], first: int) -> bool:
     return all(x[:first] == y[:first] for x, y in zip(a, b))
 
 
-@cuda
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2", "tiny-mixtral", "tiny-gpt-oss"])
-@pytest.mark.parametrize("q", ["fp8", "fp8-block+head"])
-def test_fused_decode_of_fp8_models_equals_the_generic_path(name, q):
-    """The CUDA-graph decode (FP8 GEMVs in the fused forward, expert-indexed FP8 GEMVs for MoE) against the generic
-    path (the model's modules, one step at a time) on the same FP8 weights, fp32 activations: the same tokens."""
+def _fused_against_generic(name: str, q: str, experts=None) -> None:
+    """The CUDA-graph decode against the generic path (the model's modules, one step at a time) on the same quantized
+    weights, fp32 activations, batched and batch-1 steps: the same greedy tokens. experts: the MoE module type
+    every layer must hold."""
     from giants.inference import LLM, SamplingParams
     from giants.inference.fp8 import FP8Weight
 
@@ -185,6 +183,7 @@ def test_fused_decode_of_fp8_models_equals_the_generic_path(name, q):
         llm = LLM(name, device="cuda", dtype="float32", seed=0, num_blocks=256, max_model_len=128, max_num_seqs=8,
                   use_cuda_graphs=graphs, quantization=q)
         assert isinstance(llm.engine.runner.fused[0][0][0], FP8Weight)
+        assert experts is None or all(isinstance(layer.mlp, experts) for layer in llm.model.layers)
         assert getattr(llm.engine.runner, "fast", not graphs)  # the fused decode runs (graphs) / generic runner
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
         outs.append([llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts])  # batch-1 steps
@@ -192,27 +191,20 @@ def test_fused_decode_of_fp8_models_equals_the_generic_path(name, q):
 
 
 @cuda
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma2", "tiny-mixtral", "tiny-gpt-oss"])
+@pytest.mark.parametrize("q", ["fp8", "fp8-block+head"])
+def test_fused_decode_of_fp8_models_equals_the_generic_path(name, q):
+    """FP8 GEMVs in the fused forward, expert-indexed FP8 GEMVs for MoE, against the generic path."""
+    _fused_against_generic(name, q)
+
+
+@cuda
 @pytest.mark.parametrize("name,q", [("tiny-mixtral", "fp8+mxfp4"), ("tiny-gpt-oss", "fp8-block+head+mxfp4")])
 def test_fused_decode_of_fp8_linears_with_mxfp4_experts_equals_the_generic_path(name, q):
-    """'+mxfp4' (FP8 linears, packed MXFP4 experts: Mixtral-8x22B on one 80 GB card): the CUDA-graph decode against
-    the generic path on the same weights, fp32 activations, batched and batch-1 steps: the same tokens."""
-    from giants.inference import LLM, SamplingParams
-    from giants.inference.fp8 import FP8Weight
+    """'+mxfp4' (FP8 linears, packed MXFP4 experts: Mixtral-8x22B on one 80 GB card) against the generic path."""
     from giants.inference.mxfp4 import MXFP4MoE
 
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in (3, 17, 40, 5)]
-    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    outs = []
-    for graphs in (True, False):
-        llm = LLM(name, device="cuda", dtype="float32", seed=0, num_blocks=256, max_model_len=128, max_num_seqs=8,
-                  use_cuda_graphs=graphs, quantization=q)
-        assert isinstance(llm.engine.runner.fused[0][0][0], FP8Weight)
-        assert all(isinstance(layer.mlp, MXFP4MoE) for layer in llm.model.layers)
-        assert getattr(llm.engine.runner, "fast", not graphs)
-        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp)])
-        outs.append([llm.generate([p], sp)[0].outputs[0].token_ids for p in prompts])
-    assert _greedy_agrees(outs[0], outs[2], 6) and _greedy_agrees(outs[1], outs[3], 6), outs
+    _fused_against_generic(name, q, MXFP4MoE)
 
 
 @cuda
