@@ -79,6 +79,13 @@ def test_preset_builds_packed_and_decodes():
     assert len(out) == 4
     llm2 = LLM(_twin(), quantization="fp8+mxfp4", device="cpu", num_blocks=32, max_model_len=64)
     assert _kinds(llm2.model) == ({MXFP4MoE}, {FP8Linear}, False)
+    # experts with biases (gpt-oss): every tensor set, the biases zero as init_weights starts them (uninitialised
+    # memory once made the CUDA graph and generic decodes disagree)
+    oss = LLM("tiny-gpt-oss", quantization="fp8-block+head+mxfp4", device="cpu", num_blocks=32, max_model_len=64)
+    assert _kinds(oss.model) == ({MXFP4MoE}, {FP8Linear}, True)
+    for layer in oss.model.layers:
+        assert not layer.mlp.b_gate_up.any() and not layer.mlp.b_down.any()
+    assert all(torch.isfinite(t.float()).all() for t in oss.model.state_dict().values() if t.is_floating_point())
 
 
 def test_checkpoints_load_into_the_mix(tmp_path):

@@ -533,7 +533,7 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     for name, p in meta_model(cfg).named_parameters():  # Transformer.init_weights, on the float model's names
         owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         mod = mods.get(owner)
-        if isinstance(mod, MXFP4MoE):  # packed experts (and their biases, zero): random blocks and scales below
+        if isinstance(mod, MXFP4MoE):  # packed experts: random blocks and scales, zero biases, below
             continue
         if isinstance(mod, FP8Linear) and leaf == "weight" or isinstance(mod, FP8MoE) and leaf in FP8MoE.NAMES:
             t = torch.empty(p.shape, dtype=dtype, device=device)  # drawn as the float weight, then quantized
@@ -548,6 +548,9 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     for layer in model.layers:
         if isinstance(layer.mlp, MXFP4MoE):
             layer.mlp.randomize(gen)
+            for b in (layer.mlp.b_gate_up, layer.mlp.b_down):  # materialize leaves them uninitialised
+                if b is not None:
+                    b.data.zero_()  # as init_weights starts every bias
     if opts.head and cfg.tie_embeddings:
         model.lm_head.set_float(model.embed.weight)
     return model.eval()
