@@ -58,6 +58,10 @@ def test_the_shipped_record_loads_and_validates():
     assert (big["fp8+head"].tok_s_batch1, big["fp8+head"].tok_s_concurrent) == (30.8, {"32": 163.5})
     later = {r.model: r for r in runs if r.commit == "94c5a3e"}  # the H100 runs of 2026-12-06 afternoon
     assert (later["gpt-oss-120b"].tok_s_batch1, later["gemma-2-27b"].tok_s_batch1) == (264.6, 53.7)
+    # Mixtral-8x22B on one 80 GB H100: FP8 linears and head, MXFP4 experts (2026-12-07 13:03)
+    mix = [r for r in runs if r.model == "mixtral-8x22b"]
+    assert [(r.gpu, r.precision, r.quantization, r.tok_s_batch1, r.memory_gib, r.commit) for r in mix] == [
+        ("h100-80gb", "fp8+mxfp4", "fp8+head+mxfp4", 85.9, 76.21, "2706444")]
     assert all(r.random_weights for r in runs)  # every GPU run so far: random weights
 
 
