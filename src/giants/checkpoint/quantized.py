@@ -48,7 +48,7 @@ def _check_quantization(q: str | None) -> None:
 
 
 def load_quantized(path: Path, dtype: torch.dtype | None, device, quantization: str | None) -> nn.Module:
-    from giants.inference.fp8 import check_experts, is_fp8, parse_fp8
+    from giants.inference.fp8 import check_experts
 
     _check_quantization(quantization)
     if not isinstance(device, (str, torch.device)):
@@ -68,11 +68,7 @@ def load_quantized(path: Path, dtype: torch.dtype | None, device, quantization: 
         q = "fp8" if stored_fp8 else "mxfp4" if method == "mxfp4" else None
     if q is None and not stored_fp8:
         return loading._load_dir(d, dtype, device)
-    if q == "mxfp4" and not cfg.is_moe:
-        raise ValueError(f"quantization: 'mxfp4' quantizes mixture-of-experts layers, and this model has none "
-                         f"(n_experts={cfg.n_experts}) (got {quantization!r})")
-    if is_fp8(q):
-        check_experts(parse_fp8(q), cfg, q)
+    check_experts(q, cfg)
     if naming == "giants":  # our own tensor names (no HF family): load as floats, then quantize in memory
         if stored_fp8:
             raise CheckpointError("an FP8 quantization_config with giants tensor names", file=d)
@@ -361,17 +357,13 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, device, quantization: str 
         q = "mxfp4" if has_mx else None
     if q is None:
         return loading._load_gguf(path, dtype, device)
-    if q == "mxfp4" and not cfg.is_moe:
-        raise ValueError(f"quantization: 'mxfp4' quantizes mixture-of-experts layers, and this model has none "
-                         f"(n_experts={cfg.n_experts}) (got {quantization!r})")
+    check_experts(q, cfg)
     params = dict(loading.meta_model(cfg).named_parameters())
     g.check({n: tuple(t.shape) for n, t in params.items()})
     unfilled = sorted(set(params) - {r.ours for r in g.rules})
     if unfilled:
         raise CheckpointError(f"no tensor of this {g.arch} file fills the model's {unfilled[0]!r}", file=path)
     opts = parse_fp8(q) if is_fp8(q) else None
-    if opts is not None:
-        check_experts(opts, cfg, q)
     packed = q == "mxfp4" or (opts is not None and (has_mx or opts.mxfp4_experts))
     model = meta_fp8(cfg, opts, experts=not packed) if opts is not None else loading.meta_model(cfg)
     if packed:

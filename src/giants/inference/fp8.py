@@ -71,11 +71,19 @@ def parse_fp8(quantization: str) -> FP8Options:
     return FP8Options(BLOCK if base == "fp8-block" else None, "head" in extra, "mxfp4" in extra)
 
 
-def check_experts(opts: FP8Options, cfg: ModelConfig, quantization: str) -> None:
-    """'+mxfp4' packs experts: a model without MoE layers has none, which is an error, not a no-op."""
-    if opts.mxfp4_experts and not cfg.is_moe:
-        raise ValueError(f"quantization: '+mxfp4' packs mixture-of-experts layers, and this model has none "
-                         f"(n_experts={cfg.n_experts}) (got {quantization!r})")
+def check_experts(quantization: str | FP8Options | None, cfg: ModelConfig) -> None:
+    """'mxfp4' and FP8's '+mxfp4' pack MoE experts: on a model without experts that is an error, not a no-op."""
+    if cfg.is_moe or quantization is None:
+        return
+    if quantization == "mxfp4":
+        what = "'mxfp4' quantizes"
+    elif isinstance(quantization, FP8Options) and quantization.mxfp4_experts or \
+            is_fp8(quantization) and parse_fp8(quantization).mxfp4_experts:
+        what = "'+mxfp4' packs"
+    else:
+        return
+    raise ValueError(f"quantization: {what} mixture-of-experts layers, and this model has none "
+                     f"(n_experts={cfg.n_experts}) (got {quantization!r})")
 
 
 # ---- quantize / dequantize ---------------------------------------------------------------------
@@ -435,7 +443,7 @@ def quantize_model(model: nn.Module, options: FP8Options | str = FP8Options()) -
     with options.mxfp4_experts); the head too with options.head (a tied head becomes an FP8 copy of the
     embedding). Embeddings, norms, routers unchanged."""
     opts = parse_fp8(options) if isinstance(options, str) else options
-    check_experts(opts, model.config, str(options))
+    check_experts(options, model.config)
     for layer in model.layers:
         for owner_name, names in LINEARS:
             owner = getattr(layer, owner_name)
@@ -526,7 +534,7 @@ def build_fp8(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, 
     from giants.model.transformer import init_parameter
 
     opts = parse_fp8(options) if isinstance(options, str) else options
-    check_experts(opts, cfg, str(options))
+    check_experts(options, cfg)
     model = meta_fp8(cfg, opts).to(dtype).materialize(device, dtype)
     mods, params = dict(model.named_modules()), dict(model.named_parameters())
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -68,12 +68,10 @@ def resolve_model(model: str | Transformer, dtype: torch.dtype | None, device: t
                          f"head, +'+mxfp4' for MXFP4 experts) (got {quantization!r})")
     if isinstance(model, Transformer):
         if quantization == "mxfp4":
+            from giants.inference.fp8 import check_experts
             from giants.inference.mxfp4 import pack_experts
 
-            if not model.config.is_moe:
-                raise ValueError("quantization: 'mxfp4' quantizes mixture-of-experts layers, and this model has none "
-                                 f"(n_experts={model.config.n_experts}) (got {quantization!r})")
-
+            check_experts(quantization, model.config)
             model = pack_experts(model)
         if dtype is not None or next(model.parameters()).device != device:
             model = model.to(device=device, dtype=dtype)
