@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path
+from bench_decode import copy_bandwidth
 from giants.inference.kernels.common import _grid_dep, _pdl
 
 SHAPE = (4096, 14336, 6144)  # Llama-3.1-8B: hidden, intermediate, q|k|v rows
@@ -226,13 +228,6 @@ def max_resident(kernel, warps: int) -> int | None:
     return min(fits)
 
 
-def copy_gbs() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = replay_ms(lambda: b.copy_(a))
-    return 2 * a.numel() / ms / 1e6
-
-
 def smoke() -> None:
     """CPU check under the Triton interpreter (TRITON_INTERPRET=1): small shapes, the persistent kernel with one
     program (more would spin forever: the interpreter runs programs one after another)."""
@@ -252,7 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--per-sm", default="4,8", help="programs a multiprocessor for launch-P and persistent")
-    ap.add_argument("--tiles", default="2x2048x4,1x4096x8,4x1024x4", help="BLOCK_NxBLOCK_Kxwarps, comma-separated")
+    ap.add_argument("--tiles", default="2x2048x4,4x1024x4,1x2048x8", help="BLOCK_NxBLOCK_Kxwarps, comma-separated")
     ap.add_argument("--smoke", action="store_true", help="CPU check (run with TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -264,13 +259,16 @@ def main() -> None:
     rows: list[dict] = []
     small = Chain(1, "cuda")
     chain = Chain(args.layers, "cuda")
-    gbs = copy_gbs()
+    gbs = copy_bandwidth(torch.device("cuda")) / 1e9
     ideal_ms = chain.bytes() / gbs / 1e6
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, copy {gbs:.0f} GB/s; {args.layers} layers, "
           f"{chain.bytes() / 1e9:.2f} GB of weights: {ideal_ms:.3f} ms at the copy bandwidth; "
           f"{4 * args.layers} GEMVs")
     for spec in args.tiles.split(","):
         bn, bk, warps = (int(v) for v in spec.split("x"))
+        if any(k % bk for k in (chain.d, chain.f)) or any(n % bn for n in (chain.d, chain.qkv)):
+            raise SystemExit(f"tile {spec}: BLOCK_K must divide {chain.d} and {chain.f}, BLOCK_N {chain.d} and "
+                             f"{chain.qkv} (the kernels have no masks)")
         tile = dict(block_n=bn, block_k=bk, warps=warps)
         modes = [("launch", None, lambda c, g, t=tile: c.launches(None, **t))]
         for m in (int(v) for v in args.per_sm.split(",")):
