@@ -31,6 +31,7 @@ import triton.language as tl
 
 import _benchmarks_dir  # noqa: F401 - puts benchmarks/ on sys.path
 from bench_decode import copy_bandwidth
+from giants.inference.cuda_runner import replay_ms
 from giants.inference.kernels.common import _grid_dep, _pdl
 
 SHAPE = (4096, 14336, 6144)  # Llama-3.1-8B: hidden, intermediate, q|k|v rows
@@ -103,32 +104,31 @@ def _barrier(C, ERR, target):
 
 
 @triton.jit
+def _synced_phase(X, W, S, Y, N, K, pid, P, C, ERR, target, GLU_IN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """One GEMV of the persistent kernel: its first tile loaded, then the grid barrier that ends at `target`
+    arrivals (0: none, the very first GEMV), then its rows."""
+    w0 = _tile(W, K, pid, 0, BLOCK_N, BLOCK_K)
+    if target > 0:
+        _barrier(C, ERR, target)
+    _phase(X, W, S, Y, N, K, pid, P, w0, GLU_IN, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def _persistent_kernel(WO, SO, WGU, SGU, WD, SD, WQ, SQ, YO, YGU, YD, YQ, C, ERR, L, D, F, QKV,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
-    b = 0
     for layer in range(L):
         li = tl.cast(layer, tl.int64)
-        wo, wgu = WO + li * D * D, WGU + li * 2 * F * D
-        wd, wq = WD + li * D * F, WQ + li * QKV * D
-        w0 = _tile(wo, D, pid, 0, BLOCK_N, BLOCK_K)
-        if layer > 0:
-            b += 1
-            _barrier(C, ERR, P * b)
-        _phase(YQ, wo, SO + layer * D, YO, D, D, pid, P, w0, False, BLOCK_N, BLOCK_K)
-        w0 = _tile(wgu, D, pid, 0, BLOCK_N, BLOCK_K)
-        b += 1
-        _barrier(C, ERR, P * b)
-        _phase(YO, wgu, SGU + layer * 2 * F, YGU, 2 * F, D, pid, P, w0, False, BLOCK_N, BLOCK_K)
-        w0 = _tile(wd, F, pid, 0, BLOCK_N, BLOCK_K)
-        b += 1
-        _barrier(C, ERR, P * b)
-        _phase(YGU, wd, SD + layer * D, YD, D, F, pid, P, w0, True, BLOCK_N, BLOCK_K)
-        w0 = _tile(wq, D, pid, 0, BLOCK_N, BLOCK_K)
-        b += 1
-        _barrier(C, ERR, P * b)
-        _phase(YD, wq, SQ + layer * QKV, YQ, QKV, D, pid, P, w0, False, BLOCK_N, BLOCK_K)
+        b = 4 * layer  # barriers passed before this layer's first GEMV
+        _synced_phase(YQ, WO + li * D * D, SO + layer * D, YO, D, D, pid, P, C, ERR, P * b, False, BLOCK_N, BLOCK_K)
+        _synced_phase(YO, WGU + li * 2 * F * D, SGU + layer * 2 * F, YGU, 2 * F, D, pid, P, C, ERR, P * (b + 1),
+                      False, BLOCK_N, BLOCK_K)
+        _synced_phase(YGU, WD + li * D * F, SD + layer * D, YD, D, F, pid, P, C, ERR, P * (b + 2), True, BLOCK_N,
+                      BLOCK_K)
+        _synced_phase(YD, WQ + li * QKV * D, SQ + layer * QKV, YQ, QKV, D, pid, P, C, ERR, P * (b + 3), False,
+                      BLOCK_N, BLOCK_K)
 
 
 class Chain:
@@ -198,21 +198,14 @@ class Chain:
         return max(errs)
 
 
-def replay_ms(fn, reps: int = 10) -> float:
+def captured_ms(fn, reps: int = 10) -> float:
+    """GPU ms of one call of fn, captured in a CUDA graph after one eager call (which compiles)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        graph.replay()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
+    return replay_ms(graph, reps)
 
 
 def max_resident(kernel, warps: int) -> int | None:
@@ -290,7 +283,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 err = small.check()
                 chain.err.zero_()
-                ms = replay_ms(lambda f=fn, g=grid: f(chain, g))
+                ms = captured_ms(lambda f=fn, g=grid: f(chain, g))
                 out = chain.yq.float().clone()
                 base = out if base is None else base
                 row.update(ms=round(ms, 4), over_ideal_us=round((ms - ideal_ms) * 1e3, 1),
